@@ -1,0 +1,53 @@
+//! `exit-with --code N` / `exit-with --signal N`: ends with a chosen status, for exit-code
+//! pass-through tests (SPEC §3.3).
+//!
+//! `--code N` exits with status N. `--signal N` restores the default disposition of signal N,
+//! unblocks it and raises it on itself, so the process dies *by* that signal (the parent sees
+//! WIFSIGNALED, and tether must report 128+N). If the signal's default action does not kill
+//! (e.g. SIGCHLD), it exits 1 with a message. Exit status 2 on bad usage.
+
+use std::process::exit;
+
+fn usage(msg: &str) -> ! {
+    eprintln!("exit-with: {msg}");
+    eprintln!("usage: exit-with --code N | exit-with --signal N");
+    exit(2)
+}
+
+fn number(v: Option<std::ffi::OsString>, flag: &str) -> i32 {
+    v.as_ref()
+        .and_then(|v| v.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage(&format!("{flag} takes a number")))
+}
+
+fn main() {
+    let mut it = std::env::args_os().skip(1);
+    let flag = it.next().unwrap_or_else(|| usage("missing --code or --signal"));
+    let flag = flag.to_str().unwrap_or("");
+    let n = number(it.next(), flag);
+    if let Some(extra) = it.next() {
+        usage(&format!("unexpected argument {extra:?}"));
+    }
+    match flag {
+        "--code" => exit(n),
+        "--signal" => {
+            // SAFETY: plain libc calls on a signal number; an invalid number makes them fail,
+            // which is reported below.
+            unsafe {
+                libc::signal(n, libc::SIG_DFL);
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, n);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                if libc::raise(n) != 0 {
+                    eprintln!("exit-with: raise({n}): {}", std::io::Error::last_os_error());
+                    exit(1);
+                }
+            }
+            eprintln!("exit-with: signal {n} did not terminate the process");
+            exit(1)
+        }
+        _ => usage(&format!("unexpected argument {flag:?}")),
+    }
+}

@@ -1,0 +1,201 @@
+//! A cgroup v2 per run, when one can be created: the only container a process cannot leave by
+//! `setsid()`, double-forking or re-parenting, and the only atomic way to kill a whole tree
+//! (`cgroup.kill`, Linux ≥ 5.14).
+//!
+//! The cgroup2 mount is found in `/proc/self/mountinfo` (it may be `/sys/fs/cgroup` on a
+//! unified host or `/sys/fs/cgroup/unified` on a hybrid one). Where no cgroup can be created
+//! (no v2 mount, read-only, not delegated to us) tether falls back to process groups,
+//! re-parented descendants and an environment marker (see `tree`), and says so at debug level.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where cgroup2 is mounted, if anywhere.
+pub fn mount_point() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text)
+}
+
+fn parse_mountinfo(text: &str) -> Option<PathBuf> {
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        if post.split_whitespace().next() == Some("cgroup2") {
+            let mount = pre.split_whitespace().nth(4)?;
+            return Some(PathBuf::from(unescape_octal(mount)));
+        }
+    }
+    None
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Our own cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
+pub fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// A run's cgroup directory.
+#[derive(Debug, Clone)]
+pub struct RunCgroup {
+    path: PathBuf,
+}
+
+impl RunCgroup {
+    /// Create a cgroup for `run_id`: first `<mount>/tether/<run-id>` (where a root operator
+    /// can later enable controllers), then `<mount><own cgroup>/tether-<run-id>` (a delegated
+    /// subtree). `Err` carries why none could be made.
+    pub fn create(run_id: &str) -> Result<RunCgroup, String> {
+        let mount = mount_point().ok_or("no cgroup2 mount in /proc/self/mountinfo")?;
+        let mut tried = Vec::new();
+        let mut candidates = vec![mount.join("tether").join(run_id)];
+        if let Some(own) = own_cgroup() {
+            let own = own.trim_start_matches('/');
+            candidates.push(mount.join(own).join(format!("tether-{run_id}")));
+        }
+        for path in candidates {
+            match create_dir(&path) {
+                Ok(()) => return Ok(RunCgroup { path }),
+                Err(e) => tried.push(format!("{}: {e}", path.display())),
+            }
+        }
+        Err(tried.join("; "))
+    }
+
+    /// A cgroup recorded by a (possibly dead) run.
+    pub fn at(path: impl Into<PathBuf>) -> RunCgroup {
+        RunCgroup { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `cgroup.procs` opened for writing, to be handed to the child before fork: the child
+    /// writes "0" to move itself in before it execs (async-signal-safe: one `write`).
+    pub fn procs_writer(&self) -> io::Result<OwnedFd> {
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(self.path.join("cgroup.procs"))?;
+        Ok(f.into())
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.is_dir()
+    }
+
+    /// Is any process left in it?
+    pub fn is_populated(&self) -> bool {
+        if let Ok(ev) = std::fs::read_to_string(self.path.join("cgroup.events")) {
+            if let Some(v) = ev.lines().find_map(|l| l.strip_prefix("populated ")) {
+                return v.trim() == "1";
+            }
+        }
+        !self.pids().is_empty()
+    }
+
+    /// Send `sig` to every member.
+    pub fn signal(&self, sig: i32) {
+        for pid in self.pids() {
+            // SAFETY: kill(2) with a pid read from the cgroup; ESRCH is fine.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// SIGKILL every member: `cgroup.kill` where the kernel has it, else one by one.
+    pub fn kill_all(&self) {
+        let killed = OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.kill"))
+            .and_then(|mut f| f.write_all(b"1"))
+            .is_ok();
+        if !killed {
+            self.signal(libc::SIGKILL);
+        }
+    }
+
+    /// Remove the (empty) cgroup; a missing one is fine.
+    pub fn remove(&self) -> io::Result<()> {
+        match std::fs::remove_dir(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+fn create_dir(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        match std::fs::create_dir(parent) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match std::fs::create_dir(path) {
+        Ok(()) => {}
+        // A dead run of the same id left it: reuse it (reconcile emptied it first).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    // Writable cgroup.procs is what we actually need.
+    OpenOptions::new()
+        .write(true)
+        .open(path.join("cgroup.procs"))
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_mountinfo() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+        assert_eq!(unescape_octal("/a\\040b"), "/a b");
+    }
+}

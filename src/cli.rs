@@ -1,0 +1,118 @@
+//! The command line: parse (pure, touches nothing), then hand over to the mechanism.
+//! Every clap error is a usage error, exit 125 (clap's own default, 2, would collide with a
+//! command's status); `--help` and `--version` exit 0.
+
+use crate::output::LogFormat;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "CI harness runner: one app lock, one teardown, nothing outlives a dead run"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command under the per-app lock with lifetime guards and one teardown.
+    Run(RunArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    crate::duration::parse(text)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnBusy {
+    Wait,
+    Fail,
+    CancelOlder,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// App domain this run deploys (lock key), e.g. immi-ad3e33.ci.example.org.
+    #[arg(long, env = "TETHER_APP")]
+    pub app: String,
+    /// Run id (default: derived from the CI environment, else local-<time>-<pid>).
+    #[arg(long, env = "TETHER_RUN_ID")]
+    pub run_id: Option<String>,
+    /// Tear down when this much time has passed since tether started (0 = never).
+    #[arg(long, default_value = "60m", value_parser = duration)]
+    pub deadline: Duration,
+    /// SIGTERM→SIGKILL grace for the command's process tree.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub grace: Duration,
+    /// Give up waiting for the app lock after this long (exit 75).
+    #[arg(long, value_parser = duration)]
+    pub lock_timeout: Option<Duration>,
+    /// What to do when another run holds the app lock.
+    #[arg(long, value_enum, default_value = "wait")]
+    pub on_busy: OnBusy,
+    /// Group key for --on-busy cancel-older (default: CI repo + PR, else repo + branch).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Cap on concurrently running commands on this host, across apps.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Shell command run (by sh -c) after the lock is taken, before the command.
+    #[arg(long)]
+    pub setup: Option<String>,
+    /// Shell command run (by sh -c) after the command's tree is gone.
+    #[arg(long)]
+    pub teardown: Option<String>,
+    /// Bound on the teardown command.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub teardown_timeout: Duration,
+    /// Keep the run dir after a successful teardown (for inspection).
+    #[arg(long)]
+    pub keep_run_dir: bool,
+    #[arg(long, env = "TETHER_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_RUNS_DIR")]
+    pub runs_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Only warnings, errors and the summary.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Debug lines too.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// How often the waiting line repeats.
+    #[arg(long, hide = true, env = "TETHER_WAIT_PROGRESS_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub wait_progress_interval: Duration,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Parse argv and run; returns the process exit code.
+pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => crate::exit::TETHER_FAILURE,
+            };
+        }
+    };
+    match cli.command {
+        Command::Run(args) => crate::run::run(args),
+    }
+}

@@ -1,0 +1,140 @@
+//! The funnel's decisions, separated from the waiting: a pure function from (phase, event) to
+//! action, so every escalation (first signal tears down, a second one never starts another
+//! teardown) is unit-tested without a kernel; the real-kernel suite proves the wiring.
+
+use crate::exit;
+use crate::lifetime::{Event, Sig};
+
+/// Where the run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before the command started (claiming, waiting for the lock, reconciling, setup).
+    Preparing,
+    /// The command (or setup) runs.
+    Running,
+    /// Teardown has begun: nothing may start it again.
+    TearingDown,
+}
+
+/// Why the run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The command exited by itself with this status (128+N when killed by a signal N).
+    Exited(i32),
+    Signal(Sig),
+    Deadline,
+    ParentDied,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to decide (a child changed state, a fd became readable).
+    Continue,
+    /// Begin the one teardown.
+    TearDown(Cause),
+    /// A funnel event during teardown: log it, change nothing.
+    LogIgnored,
+}
+
+pub fn next_action(phase: Phase, event: Event) -> Action {
+    let cause = match event {
+        Event::Signal(s) => Cause::Signal(s),
+        Event::Deadline => Cause::Deadline,
+        Event::ParentDied => Cause::ParentDied,
+        Event::Child | Event::Ready => return Action::Continue,
+    };
+    match phase {
+        Phase::Preparing | Phase::Running => Action::TearDown(cause),
+        Phase::TearingDown => Action::LogIgnored,
+    }
+}
+
+impl Cause {
+    /// `TETHER_REASON` for the teardown command.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cause::Exited(_) => "exited",
+            Cause::Signal(_) => "signal",
+            Cause::Deadline => "deadline",
+            Cause::ParentDied => "parent-died",
+        }
+    }
+
+    /// The exit code before teardown's verdict.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Cause::Exited(code) => code,
+            Cause::Signal(Sig::Term) | Cause::ParentDied => exit::TERMINATED,
+            Cause::Signal(Sig::Int) => exit::INTERRUPTED,
+            Cause::Signal(Sig::Hup) => exit::HUNG_UP,
+            Cause::Deadline => exit::DEADLINE,
+        }
+    }
+
+    /// The final exit code: a teardown failure after a passing command must not look green.
+    pub fn final_exit_code(self, teardown_ok: bool) -> i32 {
+        match self {
+            Cause::Exited(0) if !teardown_ok => exit::TETHER_FAILURE,
+            other => other.exit_code(),
+        }
+    }
+
+    /// The summary's `result=`.
+    pub fn result(self, teardown_ok: bool) -> &'static str {
+        match self {
+            Cause::Exited(0) if teardown_ok => "passed",
+            Cause::Exited(_) => "failed",
+            Cause::Signal(_) | Cause::ParentDied => "cancelled",
+            Cause::Deadline => "deadline",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_signal_tears_down_second_is_only_logged() {
+        let first = next_action(Phase::Running, Event::Signal(Sig::Term));
+        assert_eq!(first, Action::TearDown(Cause::Signal(Sig::Term)));
+        for ev in [
+            Event::Signal(Sig::Term),
+            Event::Signal(Sig::Int),
+            Event::Signal(Sig::Hup),
+            Event::Deadline,
+            Event::ParentDied,
+        ] {
+            assert_eq!(next_action(Phase::TearingDown, ev), Action::LogIgnored);
+        }
+    }
+
+    #[test]
+    fn every_funnel_source_tears_down_while_preparing() {
+        assert_eq!(
+            next_action(Phase::Preparing, Event::Deadline),
+            Action::TearDown(Cause::Deadline)
+        );
+        assert_eq!(
+            next_action(Phase::Preparing, Event::ParentDied),
+            Action::TearDown(Cause::ParentDied)
+        );
+        assert_eq!(next_action(Phase::Running, Event::Child), Action::Continue);
+        assert_eq!(next_action(Phase::TearingDown, Event::Ready), Action::Continue);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_spec_table() {
+        assert_eq!(Cause::Signal(Sig::Term).exit_code(), 143);
+        assert_eq!(Cause::Signal(Sig::Int).exit_code(), 130);
+        assert_eq!(Cause::Signal(Sig::Hup).exit_code(), 129);
+        assert_eq!(Cause::ParentDied.exit_code(), 143);
+        assert_eq!(Cause::Deadline.exit_code(), 142);
+        assert_eq!(Cause::Exited(7).exit_code(), 7);
+        assert_eq!(Cause::Exited(0).final_exit_code(false), 125);
+        assert_eq!(Cause::Exited(3).final_exit_code(false), 3);
+        assert_eq!(Cause::Exited(0).result(false), "failed");
+        assert_eq!(Cause::Exited(0).result(true), "passed");
+        assert_eq!(Cause::ParentDied.reason(), "parent-died");
+    }
+}

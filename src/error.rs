@@ -1,0 +1,73 @@
+//! tether's own failures, mapped exhaustively onto the exit codes of SPEC §3.3.
+//!
+//! Everything that can go wrong *before* the command starts is one of these, carries a
+//! lowercase sentence naming the culprit (path, value, pid, errno), and leaves nothing
+//! behind. After the command starts tether no longer fails fast: it logs and tears down.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// The class of a failure: decides the exit code, nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Bad arguments, config, directories, run id in use, teardown failed after a pass.
+    Tether,
+    /// The app was busy and the policy said not to wait (`--on-busy fail`, `--lock-timeout`).
+    Busy,
+    /// The command exists but cannot be executed.
+    NotExecutable,
+    /// The command was not found.
+    NotFound,
+}
+
+impl Failure {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Failure::Tether => crate::exit::TETHER_FAILURE,
+            Failure::Busy => crate::exit::BUSY,
+            Failure::NotExecutable => crate::exit::NOT_EXECUTABLE,
+            Failure::NotFound => crate::exit::NOT_FOUND,
+        }
+    }
+}
+
+/// One failure with its message. `Display` is the message alone.
+#[derive(Debug)]
+pub struct Error {
+    pub failure: Failure,
+    pub message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+        Error {
+            failure,
+            message: message.into(),
+        }
+    }
+
+    /// A tether failure (exit 125).
+    pub fn tether(message: impl Into<String>) -> Self {
+        Error::new(Failure::Tether, message)
+    }
+
+    /// An OS call failed on a path: `<what> <path>: <errno text>`.
+    pub fn path(what: &str, path: &Path, err: io::Error) -> Self {
+        Error::tether(format!("{what} {}: {err}", path.display()))
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.failure.exit_code()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}

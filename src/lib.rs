@@ -1,0 +1,25 @@
+//! tether — a CI harness runner. One module per mechanism; `run` reads the life cycle of a
+//! run top to bottom; `cli` is thin glue on top.
+
+pub mod cgroup;
+pub mod ci_env;
+pub mod cli;
+pub mod decide;
+pub mod dirs;
+pub mod duration;
+pub mod error;
+pub mod exit;
+pub mod lifetime;
+pub mod lock;
+pub mod names;
+pub mod output;
+pub mod proc_locks;
+pub mod procfs;
+pub mod reconcile;
+pub mod record;
+pub mod run;
+pub mod rundir;
+pub mod spawn;
+pub mod summary;
+pub mod teardown;
+pub mod tree;

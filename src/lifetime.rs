@@ -1,0 +1,325 @@
+//! Lifetime guards (SPEC §3.1 step 1): the front/core split, PDEATHSIG with the `getppid()`
+//! re-check, the deadline alarm, and the signal funnel.
+//!
+//! CI agents end a step in different ways: SIGKILL to the step shell only (Drone exec), SIGKILL
+//! to the step's whole process group (Woodpecker local), TERM-then-KILL to the group (GitLab
+//! shell), INT/TERM/KILL to the top process only (GitHub). With two processes every one of
+//! them reaches the core's teardown:
+//! - the **front** stays in the agent's process group; PDEATHSIG=SIGTERM towards the step
+//!   shell; it forwards TERM/INT/HUP to the core and exits with the core's code;
+//! - the **core** runs in its own session (a group kill cannot reach it), with
+//!   PDEATHSIG=SIGTERM towards the front, so the front's death (even by SIGKILL) reaches it.
+//!
+//! All asynchronous signals are blocked and read from one `signalfd`, so they become [`Event`]s
+//! in exactly one place ([`Funnel::wait`]) and no handler ever runs concurrently with teardown.
+//! The split happens before any thread or runtime exists.
+
+use crate::duration;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, getpid, getppid, setsid, ForkResult, Pid};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Marker the front puts in `sigqueue` data when it forwards its own parent's death.
+const PARENT_DIED_TOKEN: u64 = 0x7e7e_0001;
+
+/// The three external signals tether funnels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    Term,
+    Int,
+    Hup,
+}
+
+impl Sig {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sig::Term => "SIGTERM",
+            Sig::Int => "SIGINT",
+            Sig::Hup => "SIGHUP",
+        }
+    }
+}
+
+/// Everything that can wake the core. Raw signal numbers never leave this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// TERM/INT/HUP from the outside (forwarded by the front or sent to the core directly).
+    Signal(Sig),
+    /// The deadline alarm fired.
+    Deadline,
+    /// The front (or the front's parent) died.
+    ParentDied,
+    /// Some child changed state: the caller reaps.
+    Child,
+    /// The extra fd passed to [`Funnel::wait`] became readable.
+    Ready,
+}
+
+/// The core's signal funnel.
+pub struct Funnel {
+    sfd: SignalFd,
+    front: Pid,
+    /// Events noticed outside `wait` (a parent already dead at start-up).
+    pending: Vec<Event>,
+}
+
+fn funnel_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGALRM,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Undo an agent's `SIG_IGN` (an ignored signal is discarded even while blocked, so the
+/// funnel would never see it), then block the set so only the signalfd receives them.
+fn take_over_signals() -> nix::Result<()> {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGALRM,
+        Signal::SIGCHLD,
+    ] {
+        // SAFETY: installing SIG_DFL is always sound; no handler code runs.
+        unsafe { signal::signal(s, SigHandler::SigDfl)? };
+    }
+    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&funnel_set()), None)
+}
+
+fn set_pdeathsig(sig: Signal) -> nix::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Some(sig))
+}
+
+/// Test-only pause points (cargo feature `fault-injection`): create `<path>.waiting`, then
+/// poll until `<path>` exists. Compiled out of release builds.
+#[cfg(feature = "fault-injection")]
+pub fn fault_pause(var: &str) {
+    let Some(path) = std::env::var_os(var) else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let mut waiting = path.clone().into_os_string();
+    waiting.push(".waiting");
+    let _ = std::fs::write(&waiting, std::process::id().to_string());
+    let until = Instant::now() + Duration::from_secs(60);
+    while !path.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2)); // polling a marker file, bounded
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fault_pause(_var: &str) {}
+
+/// Split into front and core. Returns only in the core; the front forwards signals and
+/// exits with the core's status.
+pub fn split() -> nix::Result<Funnel> {
+    take_over_signals()?;
+    let original_parent = getppid();
+    fault_pause("TETHER_FAULT_PAUSE_BEFORE_GUARD");
+    set_pdeathsig(Signal::SIGTERM)?;
+    // The parent may have died before PDEATHSIG was armed: then no signal will ever come.
+    let parent_already_gone = getppid() != original_parent;
+    let front = getpid();
+
+    // SAFETY: single-threaded at this point (nothing has spawned a thread yet), so the child
+    // may keep running ordinary Rust code.
+    match unsafe { fork() }? {
+        ForkResult::Child => core_guards(front),
+        ForkResult::Parent { child } => {
+            front_loop(child, original_parent, parent_already_gone);
+        }
+    }
+}
+
+fn core_guards(front: Pid) -> nix::Result<Funnel> {
+    setsid()?;
+    set_pdeathsig(Signal::SIGTERM)?;
+    let mut pending = Vec::new();
+    if getppid() != front {
+        pending.push(Event::ParentDied);
+    }
+    // Orphaned descendants (setsid, double fork) are re-parented to us, not to init.
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let sfd = SignalFd::with_flags(&funnel_set(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    Ok(Funnel {
+        sfd,
+        front,
+        pending,
+    })
+}
+
+/// The front: forward, wait, mirror the core's status. Never returns.
+fn front_loop(core: Pid, original_parent: Pid, parent_already_gone: bool) -> ! {
+    let forward_parent_death = || {
+        let value = libc::sigval {
+            sival_ptr: PARENT_DIED_TOKEN as usize as *mut libc::c_void,
+        };
+        // SAFETY: sigqueue(2) to our own child with a plain value.
+        unsafe { libc::sigqueue(core.as_raw(), libc::SIGTERM, value) };
+    };
+    if parent_already_gone {
+        forward_parent_death();
+    }
+    let set = funnel_set();
+    loop {
+        let sig = match set.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        match sig {
+            Signal::SIGCHLD => loop {
+                match waitpid(core, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(_, s, _)) => {
+                        std::process::exit(crate::exit::from_signal(s as i32))
+                    }
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => std::process::exit(crate::exit::TETHER_FAILURE),
+                }
+            },
+            Signal::SIGTERM if getppid() != original_parent => forward_parent_death(),
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP => {
+                let _ = signal::kill(core, sig);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Funnel {
+    /// Arm the deadline (SIGALRM through the funnel). Zero disables it.
+    pub fn arm_deadline(&self, deadline: Duration) {
+        if deadline.is_zero() {
+            return;
+        }
+        let tv = libc::timeval {
+            tv_sec: deadline.as_secs() as libc::time_t,
+            tv_usec: deadline.subsec_micros() as libc::suseconds_t,
+        };
+        let it = libc::itimerval {
+            it_interval: libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            it_value: tv,
+        };
+        // SAFETY: setitimer with a valid struct; ITIMER_REAL is not inherited across fork.
+        unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
+    }
+
+    pub fn front_pid(&self) -> Pid {
+        self.front
+    }
+
+    /// Wait up to `timeout` (None = forever) for signals or for `extra` to become readable.
+    /// Returns every event that is ready (possibly none, on timeout).
+    pub fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
+        let mut events = std::mem::take(&mut self.pending);
+        if !events.is_empty() {
+            self.drain(&mut events);
+            return events;
+        }
+        let mut fds = vec![libc::pollfd {
+            fd: self.sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = extra {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms: libc::c_int = match timeout {
+            None => -1,
+            Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
+        };
+        // SAFETY: poll(2) on a valid array of pollfds we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n > 0 {
+            if fds.len() > 1 && fds[1].revents != 0 {
+                events.push(Event::Ready);
+            }
+            self.drain(&mut events);
+        }
+        events
+    }
+
+    /// Non-blocking check for anything already pending.
+    pub fn poll_now(&mut self) -> Vec<Event> {
+        self.wait(Some(Duration::ZERO), None)
+    }
+
+    fn drain(&mut self, events: &mut Vec<Event>) {
+        while let Ok(Some(info)) = self.sfd.read_signal() {
+            let ev = self.classify(&info);
+            // SIGCHLDs merge anyway; keep one.
+            if ev == Event::Child && events.contains(&Event::Child) {
+                continue;
+            }
+            events.push(ev);
+        }
+    }
+
+    fn classify(&self, info: &libc::signalfd_siginfo) -> Event {
+        match info.ssi_signo as i32 {
+            libc::SIGCHLD => Event::Child,
+            libc::SIGALRM => Event::Deadline,
+            libc::SIGINT => Event::Signal(Sig::Int),
+            libc::SIGHUP => Event::Signal(Sig::Hup),
+            _ => {
+                let queued_by_front = info.ssi_code == libc::SI_QUEUE
+                    && info.ssi_pid as i32 == self.front.as_raw()
+                    && info.ssi_ptr == PARENT_DIED_TOKEN;
+                if queued_by_front || getppid() != self.front {
+                    Event::ParentDied
+                } else {
+                    Event::Signal(Sig::Term)
+                }
+            }
+        }
+    }
+}
+
+/// Human text for the deadline line.
+pub fn deadline_text(d: Duration) -> String {
+    duration::canonical(d)
+}
+
+/// Reap every child that has exited, without blocking. Returns (pid, exit code as the shell
+/// reports it) pairs. Treats a timeout or spurious wake-up like any other: just look again.
+pub fn reap_children() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push((pid.as_raw(), code)),
+            Ok(WaitStatus::Signaled(pid, s, _)) => {
+                out.push((pid.as_raw(), crate::exit::from_signal(s as i32)))
+            }
+            Ok(WaitStatus::StillAlive) => break,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break, // ECHILD: nothing left
+        }
+    }
+    out
+}
+
+/// How long until `deadline`, for poll timeouts.
+pub fn until(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}

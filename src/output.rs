@@ -1,0 +1,118 @@
+//! Human (and machine) lines on stderr: every line starts `tether: `, or with
+//! `--log-format json` is one JSON object per line (SPEC §7).
+//!
+//! Each line is formatted whole and written with one `write` so lines of concurrent runs
+//! sharing a CI log never interleave mid-line. A failed write to stderr is ignored: losing a
+//! log line must never stop a teardown.
+
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    format: LogFormat,
+    /// Lines below this level are dropped.
+    threshold: Level,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Configure once, as soon as the flags are parsed. Later calls are ignored.
+pub fn init(format: LogFormat, quiet: bool, verbose: bool) {
+    let threshold = if quiet {
+        Level::Warn
+    } else if verbose {
+        Level::Debug
+    } else {
+        Level::Info
+    };
+    let _ = SETTINGS.set(Settings { format, threshold });
+}
+
+fn settings() -> Settings {
+    SETTINGS.get().copied().unwrap_or(Settings {
+        format: LogFormat::Text,
+        threshold: Level::Info,
+    })
+}
+
+/// Emit one line. `event` names the moment for JSON readers; `fields` add machine data.
+pub fn emit(level: Level, event: &str, msg: &str, fields: &[(&str, Value)]) {
+    emit_forced(level, event, msg, fields, false)
+}
+
+/// The summary is printed even under `--quiet`: it is the one line a CI log must end with.
+pub fn emit_forced(level: Level, event: &str, msg: &str, fields: &[(&str, Value)], force: bool) {
+    let s = settings();
+    if level < s.threshold && !force {
+        return;
+    }
+    let line = match s.format {
+        LogFormat::Text => {
+            if level == Level::Error {
+                format!("tether: error: {msg}\n")
+            } else if level == Level::Warn {
+                format!("tether: warning: {msg}\n")
+            } else {
+                format!("tether: {msg}\n")
+            }
+        }
+        LogFormat::Json => {
+            let mut obj = Map::new();
+            obj.insert("level".into(), Value::from(level.name()));
+            obj.insert("event".into(), Value::from(event));
+            obj.insert("msg".into(), Value::from(msg));
+            for (k, v) in fields {
+                obj.insert((*k).to_string(), v.clone());
+            }
+            let mut text = Value::Object(obj).to_string();
+            text.push('\n');
+            text
+        }
+    };
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+pub fn info(event: &str, msg: &str) {
+    emit(Level::Info, event, msg, &[]);
+}
+
+pub fn warn(event: &str, msg: &str) {
+    emit(Level::Warn, event, msg, &[]);
+}
+
+pub fn error(msg: &str) {
+    emit(Level::Error, "error", msg, &[]);
+}
+
+pub fn debug(event: &str, msg: &str) {
+    emit(Level::Debug, event, msg, &[]);
+}

@@ -1,0 +1,143 @@
+//! Small readers of `/proc`: a pid's start time and parent, the process table as a parent map,
+//! and environment markers. Every reader tolerates processes vanishing mid-read.
+
+use std::collections::HashMap;
+
+/// `/proc/<pid>/stat` fields after the command name (which may contain spaces and parens).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    Some(
+        text[close + 1..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22), to tell a recycled pid apart.
+pub fn start_time(pid: i32) -> Option<u64> {
+    // After ")" the fields start at field 3 (state), so field 22 is index 19.
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Is `pid` a live process (not a zombie, not gone)?
+pub fn is_alive(pid: i32) -> bool {
+    match stat_fields(pid) {
+        Some(f) => f.first().map(String::as_str) != Some("Z"),
+        None => false,
+    }
+}
+
+/// Every process's parent: pid → ppid.
+pub fn parent_map() -> HashMap<i32, i32> {
+    let mut map = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return map;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
+            map.insert(pid, ppid);
+        }
+    }
+    map
+}
+
+/// All descendants of `root` (not `root` itself), from one snapshot of the table.
+pub fn descendants(root: i32) -> Vec<i32> {
+    descendants_in(&parent_map(), root)
+}
+
+pub fn descendants_in(parents: &HashMap<i32, i32>, root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for (&pid, &ppid) in parents {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        if let Some(kids) = children.get(&p) {
+            for &k in kids {
+                if k != root && !out.contains(&k) {
+                    out.push(k);
+                    stack.push(k);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Our own ancestors (parent, grandparent, … up to pid 1), which a marker scan must never kill.
+pub fn ancestors_of_self() -> Vec<i32> {
+    let parents = parent_map();
+    let mut out = Vec::new();
+    let mut p = std::process::id() as i32;
+    while let Some(&pp) = parents.get(&p) {
+        if pp <= 1 || out.contains(&pp) {
+            break;
+        }
+        out.push(pp);
+        p = pp;
+    }
+    out
+}
+
+/// Processes whose environment contains every `NAME=value` of `markers`.
+pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
+    let mut out = Vec::new();
+    if markers.is_empty() {
+        return out;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if markers
+            .iter()
+            .all(|m| vars.iter().any(|v| *v == m.as_bytes()))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// This host's name, for records.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_follow_the_tree() {
+        let parents: HashMap<i32, i32> =
+            [(10, 1), (11, 10), (12, 11), (13, 10), (20, 1)].into_iter().collect();
+        let mut d = descendants_in(&parents, 10);
+        d.sort();
+        assert_eq!(d, vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn reads_own_start_time() {
+        let me = std::process::id() as i32;
+        assert!(start_time(me).is_some());
+        assert!(is_alive(me));
+    }
+}

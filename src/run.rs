@@ -1,0 +1,858 @@
+//! `tether run`: the life of one run, top to bottom (SPEC §3.1).
+//!
+//! guards → validate → claim run dir → app lock → reconcile → running → setup/command →
+//! event loop → teardown (exactly once) → summary → exit.
+//!
+//! Up to the moment the app is touched (lock metadata written, setup or command started) any
+//! failure exits fast with a typed error and leaves nothing behind. After it, tether "must
+//! finish": it never bails out, it logs, tears down, and reports.
+
+use crate::cgroup::RunCgroup;
+use crate::ci_env::{self, CiInfo};
+use crate::cli::{OnBusy, RunArgs};
+use crate::decide::{next_action, Action, Cause, Phase};
+use crate::dirs;
+use crate::duration::{self, human};
+use crate::error::{Error, Failure, Result};
+use crate::lifetime::{self, Event, Funnel};
+use crate::lock::{self, HeldLock, TryLock, Waiter};
+use crate::names::{Domain, RunId};
+use crate::output;
+use crate::record::{self, LockMeta, RunRecord, State};
+use crate::reconcile::{DeadRun, Reaper};
+use crate::rundir::{self, RunDir};
+use crate::spawn::{self, Resolved, SpawnSpec};
+use crate::summary::Summary;
+use crate::teardown;
+use crate::tree::{self, Members};
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Everything resolved and validated before anything is created.
+struct Plan {
+    app: Domain,
+    run_id: RunId,
+    lock_dir: PathBuf,
+    runs_dir: PathBuf,
+    deadline: Duration,
+    grace: Duration,
+    lock_timeout: Option<Duration>,
+    on_busy: OnBusy,
+    group: Option<String>,
+    setup: Option<String>,
+    teardown: Option<String>,
+    teardown_timeout: Duration,
+    keep_run_dir: bool,
+    summary_json: Option<PathBuf>,
+    program: PathBuf,
+    command: Vec<OsString>,
+    ci: Option<CiInfo>,
+    wait_progress: Duration,
+    cwd: Option<PathBuf>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Plan {
+    fn resolve(args: RunArgs) -> Result<Plan> {
+        if args.config.is_some() {
+            return Err(Error::tether(
+                "--config: configuration files are not supported by this version yet",
+            ));
+        }
+        if args.slots.is_some() {
+            return Err(Error::tether(
+                "--slots: host slots are not supported by this version yet",
+            ));
+        }
+        if args.on_busy == OnBusy::CancelOlder {
+            return Err(Error::tether(
+                "--on-busy cancel-older is not supported by this version yet",
+            ));
+        }
+        let app = Domain::parse(&args.app).map_err(Error::tether)?;
+        let ci = CiInfo::from_process_env();
+        let run_id_text = match (&args.run_id, &ci) {
+            (Some(id), _) => id.clone(),
+            (None, Some(ci)) => ci.default_run_id(),
+            (None, None) => ci_env::local_run_id(unix_now(), std::process::id()),
+        };
+        let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
+        let lock_dir = args.lock_dir.unwrap_or_else(dirs::default_lock_dir);
+        let runs_dir = args.runs_dir.unwrap_or_else(dirs::default_runs_dir);
+        let Some((program, rest)) = args.command.split_first() else {
+            return Err(Error::tether("missing command after `--`"));
+        };
+        let path_var = std::env::var_os("PATH");
+        let program = match spawn::resolve(program, path_var.as_ref()) {
+            Resolved::Found(p) => p,
+            Resolved::NotFound(m) => return Err(Error::new(Failure::NotFound, m)),
+            Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),
+        };
+        // Directories: check both before creating either, so a bad one leaves nothing.
+        dirs::check_dir("lock dir", &lock_dir)?;
+        dirs::check_dir("runs dir", &runs_dir)?;
+        let lock_path = app_lock_path(&lock_dir, &app);
+        if let Ok(md) = std::fs::symlink_metadata(&lock_path) {
+            if !md.file_type().is_file() {
+                let what = if md.file_type().is_symlink() {
+                    "a symlink"
+                } else if md.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                return Err(Error::tether(format!(
+                    "lockfile {} is {what}; refusing to use it",
+                    lock_path.display()
+                )));
+            }
+        }
+        dirs::ensure_dir("lock dir", &lock_dir, 0o755)?;
+        dirs::ensure_dir("runs dir", &runs_dir, 0o700)?;
+        dirs::check_writable("lock dir", &lock_dir)?;
+        dirs::check_writable("runs dir", &runs_dir)?;
+        // Absolute from here on: the command and teardown may run elsewhere.
+        let lock_dir = std::path::absolute(&lock_dir)
+            .map_err(|e| Error::path("cannot resolve lock dir", &lock_dir, e))?;
+        let runs_dir = std::path::absolute(&runs_dir)
+            .map_err(|e| Error::path("cannot resolve runs dir", &runs_dir, e))?;
+        let group = args
+            .group
+            .or_else(|| ci.as_ref().and_then(CiInfo::default_group));
+        Ok(Plan {
+            app,
+            run_id,
+            lock_dir,
+            runs_dir,
+            deadline: args.deadline,
+            grace: args.grace,
+            lock_timeout: args.lock_timeout,
+            on_busy: args.on_busy,
+            group,
+            setup: args.setup,
+            teardown: args.teardown,
+            teardown_timeout: args.teardown_timeout,
+            keep_run_dir: args.keep_run_dir,
+            summary_json: args.summary_json,
+            program,
+            command: rest.to_vec(),
+            ci,
+            wait_progress: args.wait_progress_interval.max(Duration::from_millis(100)),
+            cwd: std::env::current_dir().ok(),
+        })
+    }
+}
+
+pub fn app_lock_path(lock_dir: &Path, app: &Domain) -> PathBuf {
+    lock_dir.join(format!("app-{app}.lock"))
+}
+
+/// `tether run`. Returns the exit code.
+pub fn run(args: RunArgs) -> i32 {
+    output::init(args.log_format, args.quiet, args.verbose);
+    let app_text = args.app.clone();
+    let summary_json = args.summary_json.clone();
+    let deadline = args.deadline;
+
+    // 1. Lifetime guards, before anything else is done.
+    let funnel = match lifetime::split() {
+        Ok(f) => f,
+        Err(e) => {
+            output::error(&format!("cannot install lifetime guards: {e}"));
+            return crate::exit::TETHER_FAILURE;
+        }
+    };
+    let started = Instant::now();
+    funnel.arm_deadline(deadline);
+
+    // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
+    let plan = match Plan::resolve(args) {
+        Ok(p) => p,
+        Err(e) => {
+            output::error(&e.message);
+            let s = Summary {
+                run_id: "-".into(),
+                app: app_text,
+                result: "failed".into(),
+                exit: e.exit_code(),
+                lock_wait_ms: 0,
+                runtime_ms: 0,
+                teardown: "none".into(),
+                reason: "error".into(),
+                ci: None,
+            };
+            if let Some(path) = summary_json {
+                let _ = serde_json::to_vec_pretty(&s).map(|t| std::fs::write(path, t));
+            }
+            return e.exit_code();
+        }
+    };
+    Run::new(plan, funnel, started).execute()
+}
+
+/// How a phase before the command ended early.
+enum Stop {
+    /// A funnel event: tear down (nothing of the app touched yet unless `touched`).
+    Event(Cause),
+    /// The app was busy under `--on-busy fail` / `--lock-timeout`.
+    Busy(String),
+    /// tether's own failure.
+    Fail(Error),
+}
+
+struct Run {
+    plan: Plan,
+    funnel: Funnel,
+    started: Instant,
+    phase: Phase,
+    dir: Option<RunDir>,
+    /// A dead run's unclean record found in our run dir (same run id reused).
+    own_dead: Option<RunRecord>,
+    app_lock: Option<HeldLock>,
+    record: RunRecord,
+    lock_wait: Duration,
+    command_started: Option<Instant>,
+    command_ended: Option<Instant>,
+    cgroup: Option<RunCgroup>,
+    /// Set once lock metadata is written: from here on, teardown is owed to the app.
+    touched: bool,
+    child_pid: Option<i32>,
+}
+
+impl Run {
+    fn new(plan: Plan, funnel: Funnel, started: Instant) -> Run {
+        let pid = std::process::id() as i32;
+        let pid_start = crate::procfs::start_time(pid).unwrap_or(0);
+        let run_dir = rundir::path_of(&plan.runs_dir, &plan.run_id);
+        let record = RunRecord {
+            meta: LockMeta {
+                version: record::VERSION,
+                app: plan.app.to_string(),
+                run_id: plan.run_id.to_string(),
+                pid,
+                pid_start,
+                host: crate::procfs::hostname(),
+                started_at: unix_now(),
+                state: State::Queued,
+                run_dir: run_dir.display().to_string(),
+                cgroup: None,
+                ci: plan.ci.clone(),
+                token: Some(format!("{}.{pid}.{pid_start}", plan.run_id)),
+            },
+            command: std::iter::once(plan.program.as_os_str())
+                .chain(plan.command.iter().map(OsString::as_os_str))
+                .map(|s| s.to_string_lossy().into_owned())
+                .collect(),
+            setup: plan.setup.clone(),
+            teardown: plan.teardown.clone(),
+            cwd: plan.cwd.as_ref().map(|p| p.display().to_string()),
+            group: plan.group.clone(),
+            deadline_ms: plan.deadline.as_millis() as u64,
+            grace_ms: plan.grace.as_millis() as u64,
+            teardown_timeout_ms: plan.teardown_timeout.as_millis() as u64,
+            exit_code: None,
+            reason: None,
+            lock_wait_ms: None,
+            runtime_ms: None,
+        };
+        Run {
+            plan,
+            funnel,
+            started,
+            phase: Phase::Preparing,
+            dir: None,
+            own_dead: None,
+            app_lock: None,
+            record,
+            lock_wait: Duration::ZERO,
+            command_started: None,
+            command_ended: None,
+            cgroup: None,
+            touched: false,
+            child_pid: None,
+        }
+    }
+
+    fn execute(mut self) -> i32 {
+        match self.prepare() {
+            Ok(()) => {}
+            Err(Stop::Event(cause)) => return self.end_before_start(cause),
+            Err(Stop::Busy(msg)) => {
+                output::emit(output::Level::Warn, "busy", &msg, &[]);
+                return self.give_up(crate::exit::BUSY, "cancelled", "busy");
+            }
+            Err(Stop::Fail(e)) => {
+                output::error(&e.message);
+                return self.give_up(e.exit_code(), "failed", "error");
+            }
+        }
+        // From here on the app is touched: must finish.
+        self.phase = Phase::Running;
+        let cause = self.supervise();
+        self.command_ended = Some(Instant::now());
+        let teardown_ok = self.teardown(cause);
+        self.finish(cause, teardown_ok)
+    }
+
+    /// Steps 3–7: claim, lock, reconcile, write `running`.
+    fn prepare(&mut self) -> Result<(), Stop> {
+        self.check_funnel()?;
+        // 3. Claim the run dir.
+        let claim = rundir::claim(&self.plan.runs_dir, &self.plan.run_id).map_err(Stop::Fail)?;
+        self.dir = Some(claim.dir);
+        lifetime::fault_pause("TETHER_FAULT_PAUSE_AFTER_CLAIM");
+        if let Some(dead) = claim.dead {
+            if dead.meta.app == self.plan.app.as_str() {
+                // Reaped under our own app lock in step 5.
+                self.own_dead = Some(dead);
+            } else {
+                self.reap_own_dead_of_other_app(dead)?;
+            }
+        }
+        if self.own_dead.is_none() {
+            self.prepare_dir(!claim.existed)?;
+        }
+        self.check_funnel()?;
+
+        // 4. The app lock.
+        let lock_path = app_lock_path(&self.plan.lock_dir, &self.plan.app);
+        let t0 = Instant::now();
+        let held = self.acquire(&lock_path, true)?;
+        self.lock_wait = t0.elapsed();
+        self.app_lock = Some(held);
+
+        // 5. Reconcile.
+        self.reconcile()?;
+        if self.own_dead.take().is_some() {
+            self.prepare_dir(false)?;
+        }
+        self.check_funnel()?;
+
+        // 7. Running: the app is ours.
+        match RunCgroup::create(self.plan.run_id.as_str()) {
+            Ok(cg) => {
+                output::debug("cgroup", &format!("run cgroup {}", cg.path().display()));
+                self.record.meta.cgroup = Some(cg.path().display().to_string());
+                self.cgroup = Some(cg);
+            }
+            Err(why) => output::debug(
+                "cgroup",
+                &format!("no cgroup for this run ({why}); using process group + descendants"),
+            ),
+        }
+        self.record.lock_wait_ms = Some(self.lock_wait.as_millis() as u64);
+        self.set_state(State::Running);
+        self.touched = true;
+        Ok(())
+    }
+
+    fn prepare_dir(&mut self, fresh: bool) -> Result<(), Stop> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        dir.prepare(fresh)
+            .and_then(|()| dir.write_record(&self.record))
+            .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", dir.path(), e)))
+    }
+
+    /// Act on funnel events that arrived while we were busy.
+    fn check_funnel(&mut self) -> Result<(), Stop> {
+        let events = self.funnel.poll_now();
+        self.act_on(events)
+    }
+
+    fn act_on(&mut self, events: Vec<Event>) -> Result<(), Stop> {
+        for ev in events {
+            if let Action::TearDown(cause) = next_action(self.phase, ev) {
+                announce(cause, self.plan.deadline);
+                return Err(Stop::Event(cause));
+            }
+        }
+        Ok(())
+    }
+
+    /// Take a lock at `path`, waiting visibly (and interruptibly) while it is busy.
+    fn acquire(&mut self, path: &Path, is_our_app: bool) -> Result<HeldLock, Stop> {
+        let app = self.plan.app.clone();
+        let started = Instant::now();
+        let mut announced = false;
+        loop {
+            let file = match lock::try_acquire(path) {
+                Ok(TryLock::Held(h)) => {
+                    if announced {
+                        output::emit(
+                            output::Level::Info,
+                            "acquired",
+                            &format!(
+                                "app lock {app}: acquired after {}",
+                                human(started.elapsed())
+                            ),
+                            &[("app", app.as_str().into())],
+                        );
+                    }
+                    return Ok(h);
+                }
+                Ok(TryLock::Busy(file)) => file,
+                Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
+            };
+            let holder = describe_holder(&file);
+            if is_our_app && self.plan.on_busy == OnBusy::Fail {
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: held by {holder} — --on-busy fail, giving up"
+                )));
+            }
+            announce_waiting(&app, &holder);
+            announced = true;
+            let reader = file.try_clone().ok();
+            let waiter = Waiter::start(file)
+                .map_err(|e| Stop::Fail(Error::tether(format!("cannot wait for lock: {e}"))))?;
+            let mut next_progress = Instant::now() + self.plan.wait_progress;
+            let give_up = self.plan.lock_timeout.map(|t| started + t);
+            loop {
+                let mut timeout = lifetime::until(next_progress);
+                if let Some(g) = give_up {
+                    timeout = timeout.min(lifetime::until(g));
+                }
+                let events = self.funnel.wait(Some(timeout), Some(waiter.raw_fd()));
+                if events.contains(&Event::Ready) {
+                    break;
+                }
+                self.act_on(events)?;
+                if give_up.is_some_and(|g| Instant::now() >= g) {
+                    return Err(Stop::Busy(format!(
+                        "app lock {app}: still held after --lock-timeout {} — giving up",
+                        duration::canonical(self.plan.lock_timeout.unwrap_or_default())
+                    )));
+                }
+                if Instant::now() >= next_progress {
+                    if let Some(r) = &reader {
+                        announce_waiting(&app, &describe_holder(r));
+                    }
+                    next_progress = Instant::now() + self.plan.wait_progress;
+                }
+            }
+            let file = waiter
+                .finish()
+                .map_err(|e| Stop::Fail(Error::tether(format!("app lock: {e}"))))?;
+            if let Some(held) = lock::confirm(file, path) {
+                output::emit(
+                    output::Level::Info,
+                    "acquired",
+                    &format!(
+                        "app lock {app}: acquired after {}",
+                        human(started.elapsed())
+                    ),
+                    &[("app", app.as_str().into())],
+                );
+                return Ok(held);
+            }
+            // The janitor unlinked the file we waited on: start over on the new inode.
+            output::debug("lock", "lockfile was replaced while waiting; retrying");
+        }
+    }
+
+    fn reaper(&mut self) -> Reaper<'_> {
+        Reaper {
+            funnel: &mut self.funnel,
+            fallback_teardown: self.plan.teardown.clone(),
+            teardown_timeout: self.plan.teardown_timeout,
+            grace: self.plan.grace,
+            deferred: Vec::new(),
+            reaped: HashSet::new(),
+        }
+    }
+
+    /// Step 5: reap dead unclean runs of our app (ours first, when we reuse a dead run's id).
+    fn reconcile(&mut self) -> Result<(), Stop> {
+        let Some(app_lock) = self.app_lock.take() else {
+            return Ok(());
+        };
+        let own_dead = self.own_dead.clone();
+        let app = self.plan.app.clone();
+        let runs_dir = self.plan.runs_dir.clone();
+        let own_id = self.plan.run_id.to_string();
+        let mut reaper = self.reaper();
+        let mut result = Ok(());
+        if let Some(dead) = own_dead {
+            result = reaper.reap(DeadRun {
+                meta: dead.meta.clone(),
+                record: Some(dead),
+                dir: None,
+                remove_dir: false,
+            });
+        }
+        if result.is_ok() {
+            result = reaper
+                .reconcile(&app, &app_lock, &runs_dir, Some(&own_id))
+                .map(|_| ());
+        }
+        let deferred = std::mem::take(&mut reaper.deferred);
+        drop(reaper);
+        self.app_lock = Some(app_lock);
+        if let Err(e) = result {
+            return Err(Stop::Fail(Error::tether(format!(
+                "cannot start: {}",
+                e.0
+            ))));
+        }
+        self.act_on(deferred)
+    }
+
+    /// §3.4: our run id belonged to a dead run of another app. Reap it under that app's lock.
+    fn reap_own_dead_of_other_app(&mut self, dead: RunRecord) -> Result<(), Stop> {
+        let other = Domain::parse(&dead.meta.app)
+            .map_err(|e| Stop::Fail(Error::tether(format!("dead run record: {e}"))))?;
+        let path = app_lock_path(&self.plan.lock_dir, &other);
+        let held = self.acquire(&path, false)?;
+        let runs_dir = self.plan.runs_dir.clone();
+        let mut reaper = self.reaper();
+        let mut result = reaper.reap(DeadRun {
+            meta: dead.meta.clone(),
+            record: Some(dead),
+            dir: None,
+            remove_dir: false,
+        });
+        if result.is_ok() {
+            result = reaper.reconcile(&other, &held, &runs_dir, None).map(|_| ());
+        }
+        let deferred = std::mem::take(&mut reaper.deferred);
+        drop(reaper);
+        held.release();
+        if let Err(e) = result {
+            return Err(Stop::Fail(Error::tether(format!("cannot start: {}", e.0))));
+        }
+        self.prepare_dir(false)?;
+        self.act_on(deferred)
+    }
+
+    fn set_state(&mut self, state: State) {
+        self.record.meta.state = state;
+        if let Some(dir) = &self.dir {
+            if let Err(e) = dir.write_record(&self.record) {
+                output::warn(
+                    "record",
+                    &format!("cannot write {}: {e}", dir.record_path().display()),
+                );
+            }
+        }
+        if let Some(lock) = &self.app_lock {
+            if let Err(e) = record::write_meta(lock.file(), &self.record.meta) {
+                output::warn(
+                    "record",
+                    &format!("cannot write lock metadata {}: {e}", lock.path().display()),
+                );
+            }
+        }
+    }
+
+    /// The command's environment (SPEC §6.1).
+    fn command_env(&self) -> Vec<(OsString, OsString)> {
+        let dir = rundir::path_of(&self.plan.runs_dir, &self.plan.run_id);
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.to_str(),
+                    Some(
+                        "TETHER_APP"
+                            | "TETHER_RUN_ID"
+                            | "TETHER_RUN_DIR"
+                            | "TETHER_RUN_TOKEN"
+                            | "TETHER_REASON"
+                            | "TETHER_EXIT_CODE"
+                            | "TMPDIR"
+                    )
+                )
+            })
+            .collect();
+        env.push(("TETHER_APP".into(), self.plan.app.as_str().into()));
+        env.push(("TETHER_RUN_ID".into(), self.plan.run_id.as_str().into()));
+        env.push(("TETHER_RUN_DIR".into(), dir.clone().into_os_string()));
+        env.push(("TMPDIR".into(), dir.join(rundir::TMP_DIR).into_os_string()));
+        env
+    }
+
+    /// Steps 8–9: setup, then the command; wait for it or for the funnel.
+    fn supervise(&mut self) -> Cause {
+        self.command_started = Some(Instant::now());
+        let mut env = self.command_env();
+        if let Some(token) = &self.record.meta.token {
+            env.push(("TETHER_RUN_TOKEN".into(), token.into()));
+        }
+        if let Some(setup) = self.plan.setup.clone() {
+            let sh = PathBuf::from("/bin/sh");
+            let args = [OsString::from("-c"), OsString::from(setup)];
+            match self.supervise_one(&sh, &args, &env) {
+                Cause::Exited(0) => {}
+                Cause::Exited(code) => {
+                    output::warn(
+                        "setup",
+                        &format!("setup command failed with status {code}; not running the command"),
+                    );
+                    return Cause::Exited(code);
+                }
+                other => return other,
+            }
+        }
+        let program = self.plan.program.clone();
+        let args = self.plan.command.clone();
+        self.supervise_one(&program, &args, &env)
+    }
+
+    fn supervise_one(&mut self, program: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> Cause {
+        let procs_fd = self.cgroup.as_ref().and_then(|c| c.procs_writer().ok());
+        let spec = SpawnSpec {
+            program,
+            args,
+            env,
+            cwd: None,
+            cgroup_procs: procs_fd.as_ref().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)),
+            core_pid: std::process::id() as i32,
+        };
+        let child = match spawn::spawn(&spec) {
+            Ok(c) => c,
+            Err(e) => {
+                let code = match e.kind() {
+                    std::io::ErrorKind::NotFound => crate::exit::NOT_FOUND,
+                    _ => crate::exit::NOT_EXECUTABLE,
+                };
+                output::error(&format!("cannot start {}: {e}", program.display()));
+                return Cause::Exited(code);
+            }
+        };
+        drop(procs_fd);
+        let pid = child.id() as i32;
+        self.child_pid = Some(pid);
+        output::debug("spawn", &format!("started {} as pid {pid}", program.display()));
+        loop {
+            for (p, code) in lifetime::reap_children() {
+                if p == pid {
+                    return Cause::Exited(code);
+                }
+            }
+            let events = self.funnel.wait(None, None);
+            for ev in events {
+                if let Action::TearDown(cause) = next_action(self.phase, ev) {
+                    announce(cause, self.plan.deadline);
+                    return cause;
+                }
+            }
+        }
+    }
+
+    /// Step 10 / SPEC §5: the one teardown. Returns whether the teardown command succeeded.
+    fn teardown(&mut self, cause: Cause) -> bool {
+        self.phase = Phase::TearingDown;
+        self.record.exit_code = Some(cause.exit_code());
+        self.record.reason = Some(cause.reason().into());
+        self.set_state(State::TearingDown);
+
+        // Kill the whole tree before anything else (nothing may sit in the run dir).
+        let members = Members {
+            pgid: self.child_pid,
+            descendants_of: Some(std::process::id() as i32),
+            cgroup: self.cgroup.clone(),
+            env_markers: Vec::new(),
+        };
+        let killed = tree::terminate(&members, self.plan.grace, &mut self.funnel);
+        self.log_ignored(&killed.events);
+        if killed.killed_after_grace > 0 {
+            output::info(
+                "killed",
+                &format!(
+                    "{} process(es) still alive after {} grace — killed",
+                    killed.killed_after_grace,
+                    duration::canonical(self.plan.grace)
+                ),
+            );
+        }
+        if !killed.survivors.is_empty() {
+            output::warn(
+                "killed",
+                &format!("processes survived SIGKILL: {:?}", killed.survivors),
+            );
+        }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove() {
+                output::debug("cgroup", &format!("cannot remove {}: {e}", cg.path().display()));
+            }
+        }
+
+        let outcome = self.plan.teardown.clone().map(|script| {
+            let mut env = self.command_env();
+            env.push(("TETHER_REASON".into(), cause.reason().into()));
+            env.push(("TETHER_EXIT_CODE".into(), cause.exit_code().to_string().into()));
+            let mut events = Vec::new();
+            let o = teardown::run_shell(
+                &script,
+                &env,
+                self.plan.cwd.as_deref().filter(|p| p.is_dir()),
+                self.plan.teardown_timeout,
+                &mut self.funnel,
+                &mut events,
+            );
+            self.log_ignored(&events);
+            o
+        });
+        let teardown_ok = outcome.as_ref().is_none_or(teardown::Outcome::ok);
+        if let Some(o) = outcome.as_ref().filter(|o| !o.ok()) {
+            output::error(&format!(
+                "teardown command {}; run dir and lock state kept for the janitor",
+                o.describe()
+            ));
+        }
+        self.record.runtime_ms = Some(self.runtime().as_millis() as u64);
+        if teardown_ok {
+            self.set_state(State::Clean);
+            if let Some(dir) = self.dir.take() {
+                if self.plan.keep_run_dir {
+                    output::info("kept", &format!("run dir kept: {}", dir.path().display()));
+                    dir.release();
+                } else {
+                    let path = dir.path().to_owned();
+                    if let Err(e) = dir.remove() {
+                        output::warn("cleanup", &format!("cannot remove run dir {}: {e}", path.display()));
+                    }
+                }
+            }
+        } else {
+            // Record the verdict but stay `tearing-down`: the next holder or janitor reaps.
+            self.set_state(State::TearingDown);
+            if let Some(dir) = self.dir.take() {
+                dir.release();
+            }
+        }
+        if let Some(lock) = self.app_lock.take() {
+            lock.release();
+        }
+        teardown_ok
+    }
+
+    fn log_ignored(&self, events: &[Event]) {
+        for ev in events {
+            let what = match ev {
+                Event::Signal(s) => format!("received {} during teardown — ignored", s.name()),
+                Event::Deadline => "deadline reached during teardown — ignored".into(),
+                Event::ParentDied => "parent died during teardown — ignored".into(),
+                _ => continue,
+            };
+            output::info("ignored", &what);
+        }
+    }
+
+    fn runtime(&self) -> Duration {
+        match (self.command_started, self.command_ended) {
+            (Some(a), Some(b)) => b.duration_since(a),
+            (Some(a), None) => a.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn finish(&self, cause: Cause, teardown_ok: bool) -> i32 {
+        let exit = cause.final_exit_code(teardown_ok);
+        let summary = Summary {
+            run_id: self.plan.run_id.to_string(),
+            app: self.plan.app.to_string(),
+            result: cause.result(teardown_ok).into(),
+            exit,
+            lock_wait_ms: self.lock_wait.as_millis() as u64,
+            runtime_ms: self.runtime().as_millis() as u64,
+            teardown: match (&self.plan.teardown, teardown_ok) {
+                (None, _) => "none",
+                (Some(_), true) => "ok",
+                (Some(_), false) => "failed",
+            }
+            .into(),
+            reason: cause.reason().into(),
+            ci: self.plan.ci.clone(),
+        };
+        summary.publish(self.plan.summary_json.as_deref());
+        let _ = self.started;
+        exit
+    }
+
+    /// A funnel event before the app was touched: nothing to tear down but our own claim.
+    fn end_before_start(mut self, cause: Cause) -> i32 {
+        self.phase = Phase::TearingDown;
+        self.release_claim();
+        self.finish(cause, true)
+    }
+
+    /// Busy or failed before the app was touched: leave nothing behind.
+    fn give_up(mut self, code: i32, result: &str, reason: &str) -> i32 {
+        self.release_claim();
+        let summary = Summary {
+            run_id: self.plan.run_id.to_string(),
+            app: self.plan.app.to_string(),
+            result: result.into(),
+            exit: code,
+            lock_wait_ms: self.lock_wait.as_millis() as u64,
+            runtime_ms: 0,
+            teardown: "none".into(),
+            reason: reason.into(),
+            ci: self.plan.ci.clone(),
+        };
+        summary.publish(self.plan.summary_json.as_deref());
+        code
+    }
+
+    fn release_claim(&mut self) {
+        if let Some(lock) = self.app_lock.take() {
+            lock.release();
+        }
+        if let Some(dir) = self.dir.take() {
+            if self.own_dead.is_some() {
+                // The dead run's record must survive for the next reaper.
+                dir.release();
+            } else if let Err(e) = dir.remove() {
+                output::warn("cleanup", &format!("cannot remove run dir: {e}"));
+            }
+        }
+    }
+}
+
+/// The funnel's line for the cause (SPEC §7).
+fn announce(cause: Cause, deadline: Duration) {
+    let (event, msg) = match cause {
+        Cause::Signal(s) => ("received", format!("received {} — tearing down", s.name())),
+        Cause::Deadline => (
+            "deadline",
+            format!(
+                "deadline {} reached — tearing down",
+                lifetime::deadline_text(deadline)
+            ),
+        ),
+        Cause::ParentDied => ("parent-died", "parent died — tearing down".to_string()),
+        Cause::Exited(_) => return,
+    };
+    output::info(event, &msg);
+}
+
+fn describe_holder(file: &std::fs::File) -> String {
+    match record::read_meta(file) {
+        Some(m) => {
+            let age = Duration::from_secs(unix_now().saturating_sub(m.started_at));
+            format!("run {} (pid {}, {})", m.run_id, m.pid, human(age))
+        }
+        None => match crate::proc_locks::holder_of(file) {
+            Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
+            None => "an unknown run (pid unknown, age unknown)".into(),
+        },
+    }
+}
+
+fn announce_waiting(app: &Domain, holder: &str) {
+    output::emit(
+        output::Level::Info,
+        "waiting",
+        &format!("app lock {app}: held by {holder} — waiting"),
+        &[("app", app.as_str().into())],
+    );
+}

@@ -1,0 +1,120 @@
+//! Starting a child the way a supervisor must (SPEC §3.1 step 8; tini, process-wrap):
+//! its own process group, PDEATHSIG=SIGKILL towards the core (re-checked), every signal
+//! disposition back to default (an agent may have started us with SIGINT ignored; std
+//! already empties the signal mask), stdin `/dev/null`, and — when the run has a cgroup —
+//! moved into it before `exec`, so not even its first instruction runs outside.
+//!
+//! The pre-exec hook only makes async-signal-safe calls (prctl, getppid, sigaction, write).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct SpawnSpec<'a> {
+    pub program: &'a Path,
+    pub args: &'a [OsString],
+    /// The complete environment (the child gets exactly this).
+    pub env: &'a [(OsString, OsString)],
+    pub cwd: Option<&'a Path>,
+    /// `cgroup.procs` of the run's cgroup, opened before fork.
+    pub cgroup_procs: Option<RawFd>,
+    /// The core's pid: if the child's parent is no longer this, the core died mid-fork.
+    pub core_pid: i32,
+}
+
+pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
+    let mut cmd = Command::new(spec.program);
+    cmd.args(spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .process_group(0);
+    if let Some(dir) = spec.cwd {
+        cmd.current_dir(dir);
+    }
+    let core_pid = spec.core_pid;
+    let cgroup = spec.cgroup_procs;
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+    // functions on values captured by copy.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = cgroup {
+                // Best effort: the process-group/descendant fallback still covers us.
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != core_pid {
+                libc::_exit(crate::exit::from_signal(libc::SIGKILL));
+            }
+            for sig in 1..libc::SIGRTMIN() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// How a command name resolves, checked before anything is created (SPEC §12).
+pub enum Resolved {
+    Found(PathBuf),
+    NotFound(String),
+    NotExecutable(String),
+}
+
+/// Resolve `program` the way `execvp` will: a name with a `/` is taken as a path, anything
+/// else is searched in `path_var`.
+pub fn resolve(program: &OsString, path_var: Option<&OsString>) -> Resolved {
+    let name = Path::new(program);
+    if program.is_empty() {
+        return Resolved::NotFound("empty command".into());
+    }
+    if program.as_encoded_bytes().contains(&b'/') {
+        return check_candidate(name).unwrap_or_else(|| {
+            Resolved::NotFound(format!("command not found: {}", name.display()))
+        });
+    }
+    let default_path = OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let search = path_var.unwrap_or(&default_path);
+    let mut not_exec = None;
+    for dir in std::env::split_paths(search) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        match check_candidate(&dir.join(name)) {
+            Some(Resolved::Found(p)) => return Resolved::Found(p),
+            Some(Resolved::NotExecutable(m)) => not_exec = not_exec.or(Some(m)),
+            _ => {}
+        }
+    }
+    not_exec.map(Resolved::NotExecutable).unwrap_or_else(|| {
+        Resolved::NotFound(format!("command not found: {}", name.display()))
+    })
+}
+
+fn check_candidate(path: &Path) -> Option<Resolved> {
+    let md = std::fs::metadata(path).ok()?;
+    if md.is_dir() {
+        return Some(Resolved::NotExecutable(format!(
+            "command is a directory: {}",
+            path.display()
+        )));
+    }
+    use nix::unistd::{access, AccessFlags};
+    if access(path, AccessFlags::X_OK).is_err() {
+        return Some(Resolved::NotExecutable(format!(
+            "command is not executable: {}",
+            path.display()
+        )));
+    }
+    Some(Resolved::Found(path.to_owned()))
+}

@@ -1,0 +1,142 @@
+//! Killing a run's whole process tree, and nothing else (SPEC §5 step 2).
+//!
+//! The failure this closes: a cleanup that unmounts or deletes while `make` children still
+//! run ("device busy"), or a daemon the command double-forked outliving the run. A run's
+//! processes are found three ways, because each alone has a hole:
+//! - its cgroup, when it has one (nothing escapes it);
+//! - its process group and every descendant of the core — the core is a child subreaper, so
+//!   processes that `setsid()` or double-fork are re-parented to it and stay descendants;
+//! - for a *dead* run (its core gone, so no descendants): processes carrying its
+//!   `TETHER_RUN_ID` and unique `TETHER_RUN_TOKEN` in their environment.
+//!
+//! Termination is TERM (+CONT for stopped ones), a grace period, then KILL, repeated until a
+//! fresh look finds nothing: a process forked between two looks is caught by the next.
+
+use crate::cgroup::RunCgroup;
+use crate::lifetime::{self, Event, Funnel};
+use crate::procfs;
+use std::time::{Duration, Instant};
+
+/// What belongs to a run.
+#[derive(Debug, Default, Clone)]
+pub struct Members {
+    /// The command's process group id (= its pid).
+    pub pgid: Option<i32>,
+    /// Descendants of this pid (the live core) belong to the run.
+    pub descendants_of: Option<i32>,
+    pub cgroup: Option<RunCgroup>,
+    /// `NAME=value` markers that must all be in a process's environment.
+    pub env_markers: Vec<String>,
+}
+
+impl Members {
+    /// The live processes of the run right now (never ourselves or our ancestors).
+    pub fn list(&self) -> Vec<i32> {
+        let me = std::process::id() as i32;
+        let mut pids = Vec::new();
+        if let Some(root) = self.descendants_of {
+            pids.extend(procfs::descendants(root));
+        }
+        if let Some(cg) = &self.cgroup {
+            pids.extend(cg.pids());
+        }
+        if !self.env_markers.is_empty() {
+            let ancestors = procfs::ancestors_of_self();
+            pids.extend(
+                procfs::pids_with_env(&self.env_markers)
+                    .into_iter()
+                    .filter(|p| !ancestors.contains(p)),
+            );
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|&p| p != me && procfs::is_alive(p));
+        pids
+    }
+
+    fn signal(&self, sig: i32, pids: &[i32]) {
+        // SAFETY: kill(2) with plain integers; ESRCH for vanished processes is fine.
+        unsafe {
+            if let Some(pg) = self.pgid {
+                libc::kill(-pg, sig);
+            }
+            for &p in pids {
+                libc::kill(p, sig);
+                if sig == libc::SIGTERM {
+                    libc::kill(p, libc::SIGCONT);
+                }
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            if sig == libc::SIGKILL {
+                cg.kill_all();
+            } else {
+                cg.signal(sig);
+            }
+        }
+    }
+}
+
+/// Outcome of a termination.
+#[derive(Debug, Default)]
+pub struct Terminated {
+    /// Processes that needed SIGKILL after the grace period.
+    pub killed_after_grace: usize,
+    /// Exit statuses of our own children reaped meanwhile.
+    pub reaped: Vec<(i32, i32)>,
+    /// Funnel events that arrived meanwhile (the caller logs or defers them).
+    pub events: Vec<Event>,
+    /// Processes still alive after the KILL phase gave up (should be empty).
+    pub survivors: Vec<i32>,
+}
+
+/// TERM the run's processes, wait up to `grace`, KILL what remains, and return when nothing
+/// remains. Our own children are reaped along the way.
+pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Terminated {
+    let mut out = Terminated::default();
+    let mut remaining = members.list();
+    out.reaped.extend(lifetime::reap_children());
+    if remaining.is_empty() && members.pgid.is_none() {
+        return out;
+    }
+    members.signal(libc::SIGTERM, &remaining);
+    let grace_end = Instant::now() + grace;
+    loop {
+        out.reaped.extend(lifetime::reap_children());
+        remaining = members.list();
+        if remaining.is_empty() || Instant::now() >= grace_end {
+            break;
+        }
+        // Woken early by SIGCHLD; otherwise look again soon (exits of non-children do not
+        // signal us).
+        let step = lifetime::until(grace_end).min(Duration::from_millis(10));
+        out.events.extend(
+            funnel
+                .wait(Some(step), None)
+                .into_iter()
+                .filter(|e| *e != Event::Child),
+        );
+    }
+    if remaining.is_empty() {
+        return out;
+    }
+    out.killed_after_grace = remaining.len();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        members.signal(libc::SIGKILL, &remaining);
+        out.reaped.extend(lifetime::reap_children());
+        remaining = members.list();
+        if remaining.is_empty() || Instant::now() >= give_up {
+            break;
+        }
+        out.events.extend(
+            funnel
+                .wait(Some(Duration::from_millis(5)), None)
+                .into_iter()
+                .filter(|e| *e != Event::Child),
+        );
+    }
+    out.reaped.extend(lifetime::reap_children());
+    out.survivors = remaining;
+    out
+}
