@@ -664,6 +664,7 @@ impl Run {
         let killed = tree::terminate(&members, self.plan.grace, &mut self.funnel);
         self.log_ignored(&killed.events);
         if killed.killed_after_grace > 0 {
+            output::debug("killed", &format!("still alive after grace: {:?}", killed.late));
             output::info(
                 "killed",
                 &format!(

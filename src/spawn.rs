@@ -1,7 +1,7 @@
 //! Starting a child the way a supervisor must (SPEC §3.1 step 8; tini, process-wrap):
 //! its own process group, PDEATHSIG=SIGKILL towards the core (re-checked), every signal
-//! disposition back to default (an agent may have started us with SIGINT ignored; std
-//! already empties the signal mask), stdin `/dev/null`, and — when the run has a cgroup —
+//! disposition back to default (an agent may have started us with SIGINT ignored) and the
+//! signal mask emptied (the core blocks its funnel signals), stdin `/dev/null`, and — when the run has a cgroup —
 //! moved into it before `exec`, so not even its first instruction runs outside.
 //!
 //! The pre-exec hook only makes async-signal-safe calls (prctl, getppid, sigaction, write).
@@ -56,6 +56,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
                     libc::signal(sig, libc::SIG_DFL);
                 }
             }
+            // The core blocks its funnel signals; a child that inherited that mask would
+            // ignore SIGTERM forever (and pass the mask on to everything it forks).
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             Ok(())
         });
     }

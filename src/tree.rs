@@ -82,6 +82,8 @@ impl Members {
 pub struct Terminated {
     /// Processes that needed SIGKILL after the grace period.
     pub killed_after_grace: usize,
+    /// Which processes those were (for the debug line).
+    pub late: Vec<i32>,
     /// Exit statuses of our own children reaped meanwhile.
     pub reaped: Vec<(i32, i32)>,
     /// Funnel events that arrived meanwhile (the caller logs or defers them).
@@ -121,6 +123,7 @@ pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Ter
         return out;
     }
     out.killed_after_grace = remaining.len();
+    out.late = remaining.clone();
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         members.signal(libc::SIGKILL, &remaining);

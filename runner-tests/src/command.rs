@@ -193,9 +193,8 @@ impl<'a> TetherCmd<'a> {
             .envs
             .iter()
             .filter_map(|(k, v)| {
-                v.as_ref().map(|v| {
-                    format!("{}={}", k.to_string_lossy(), shell_quote(v))
-                })
+                v.as_ref()
+                    .map(|v| format!("{}={}", k.to_string_lossy(), shell_quote(v)))
             })
             .collect();
         words.push(shell_quote(self.program()));
@@ -276,8 +275,7 @@ impl RunningTether {
 
     /// Everything tether printed on stderr so far.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default())
-            .into_owned()
+        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
     }
 
     /// Whether the front has not exited yet (reaps it if it has).
@@ -308,7 +306,10 @@ impl RunningTether {
             return line;
         }
         let why = match exited {
-            Some(status) => format!("tether exited ({}) without printing it", status_text(status)),
+            Some(status) => format!(
+                "tether exited ({}) without printing it",
+                status_text(status)
+            ),
             None => format!("timed out after {timeout:?}; {}", describe_pid(self.pid())),
         };
         panic!(
@@ -448,10 +449,7 @@ impl Finished {
     /// Asserts the exit code is `code`.
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Self {
-        assert!(
-            self.code == Some(code),
-            "expected exit code {code}\n{self}"
-        );
+        assert!(self.code == Some(code), "expected exit code {code}\n{self}");
         self
     }
 
@@ -487,7 +485,10 @@ impl Finished {
 
     /// Stderr lines containing `pattern`.
     pub fn stderr_lines(&self, pattern: &str) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.contains(pattern)).collect()
+        self.stderr
+            .lines()
+            .filter(|l| l.contains(pattern))
+            .collect()
     }
 
     /// The summary line (`tether: run <id> summary: …`), the last such line of stderr.

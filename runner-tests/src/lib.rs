@@ -77,10 +77,7 @@ pub const POLL: Duration = Duration::from_millis(5);
 pub fn tether_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let bin = BIN.get_or_init(|| {
-        let bin = resolve_tether_bin(
-            std::env::var_os("TETHER_BIN"),
-            std::env::current_exe().ok(),
-        )?;
+        let bin = resolve_tether_bin(std::env::var_os("TETHER_BIN"), std::env::current_exe().ok())?;
         warn_if_stale(&bin);
         Ok(bin)
     });
@@ -212,6 +209,43 @@ pub fn start_lock_holder(sb: &Sandbox, path: impl AsRef<Path>) -> KillOnDrop {
     holder
 }
 
+/// The fds of the test process itself that a child would inherit (no `FD_CLOEXEC`): whatever
+/// the environment that started the test leaked into it. These pass through tether to its
+/// command too, so fd assertions must allow them (or, better, look for specific targets).
+pub fn inheritable_fds() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut inheritable: Vec<i32> = fds
+        .into_iter()
+        .filter(|&fd| {
+            // SAFETY: F_GETFD only reads the descriptor's flags; a closed fd gives EBADF.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            flags >= 0 && flags & libc::FD_CLOEXEC == 0
+        })
+        .collect();
+    inheritable.sort_unstable();
+    inheritable
+}
+
+/// Parses an `fd-lister` output file into `(fd, target)` pairs.
+pub fn read_fd_listing(file: impl AsRef<Path>) -> Vec<(i32, String)> {
+    let file = file.as_ref();
+    let text = std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("reading fd listing {}: {e}", file.display()));
+    text.lines()
+        .map(|l| {
+            l.split_once(" -> ")
+                .and_then(|(fd, target)| Some((fd.parse().ok()?, target.to_owned())))
+                .unwrap_or_else(|| panic!("{}: not an fd line: {l:?}", file.display()))
+        })
+        .collect()
+}
+
 /// Quotes `s` for a POSIX shell (single quotes unless it is made of safe characters only).
 pub fn shell_quote(s: impl AsRef<std::ffi::OsStr>) -> String {
     let s = s.as_ref().to_string_lossy();
@@ -228,9 +262,16 @@ pub fn shell_quote(s: impl AsRef<std::ffi::OsStr>) -> String {
 pub(crate) fn scrub_env(cmd: &mut std::process::Command) {
     for (key, _) in std::env::vars_os() {
         let Some(k) = key.to_str() else { continue };
-        let ci = ["TETHER_", "DRONE", "CI_", "GITHUB_", "GITLAB_", "WOODPECKER"]
-            .iter()
-            .any(|p| k.starts_with(p))
+        let ci = [
+            "TETHER_",
+            "DRONE",
+            "CI_",
+            "GITHUB_",
+            "GITLAB_",
+            "WOODPECKER",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
             || k == "CI";
         if ci {
             cmd.env_remove(&key);

@@ -58,8 +58,7 @@ impl Sandbox {
             ("logs", 0o755),
         ] {
             let path = root.join(sub);
-            fs::create_dir(&path)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+            fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
         }
@@ -190,7 +189,11 @@ impl Sandbox {
             return found;
         };
         for entry in procs.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
                 continue;
             };
             if pid == me || proc_info(pid).is_none_or(|i| matches!(i.state, 'Z' | 'X')) {
@@ -201,7 +204,8 @@ impl Sandbox {
                 fs::read(dir.join(name))
                     .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
             };
-            let cwd_inside = fs::read_link(dir.join("cwd")).is_ok_and(|c| c.starts_with(&self.root));
+            let cwd_inside =
+                fs::read_link(dir.join("cwd")).is_ok_and(|c| c.starts_with(&self.root));
             if cwd_inside || mentions("cmdline") || mentions("environ") {
                 found.push(pid);
             }
@@ -224,7 +228,10 @@ impl Sandbox {
                 eprintln!(
                     "sandbox {}: could not kill {}",
                     self.root.display(),
-                    pids.iter().map(|&p| describe_pid(p)).collect::<Vec<_>>().join("; ")
+                    pids.iter()
+                        .map(|&p| describe_pid(p))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 );
                 return;
             }

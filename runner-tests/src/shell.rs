@@ -128,8 +128,7 @@ impl StepShell {
 
     /// Everything written to the step's stderr so far (the shell's and tether's).
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default())
-            .into_owned()
+        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
     }
 
     /// Waits for a stderr line containing `pattern`; returns it. Panics with the stderr so far

@@ -35,7 +35,7 @@ pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
 pub fn wait_file(path: impl AsRef<Path>, timeout: Duration) {
     let path = path.as_ref();
     if !poll_until(timeout, || path.exists()) {
-        let dir = path.parent().map(|d| listing(d)).unwrap_or_default();
+        let dir = path.parent().map(listing).unwrap_or_default();
         panic!(
             "timed out after {timeout:?} waiting for file {}\nits directory holds: {dir}",
             path.display()

@@ -23,7 +23,9 @@ fn number(v: Option<std::ffi::OsString>, flag: &str) -> i32 {
 
 fn main() {
     let mut it = std::env::args_os().skip(1);
-    let flag = it.next().unwrap_or_else(|| usage("missing --code or --signal"));
+    let flag = it
+        .next()
+        .unwrap_or_else(|| usage("missing --code or --signal"));
     let flag = flag.to_str().unwrap_or("");
     let n = number(it.next(), flag);
     if let Some(extra) = it.next() {

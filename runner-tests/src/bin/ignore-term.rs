@@ -33,7 +33,10 @@ fn main() {
 
     // SAFETY: setting a disposition to SIG_IGN is always sound.
     if unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) } == libc::SIG_ERR {
-        eprintln!("ignore-term: signal(SIGTERM, SIG_IGN): {}", std::io::Error::last_os_error());
+        eprintln!(
+            "ignore-term: signal(SIGTERM, SIG_IGN): {}",
+            std::io::Error::last_os_error()
+        );
         exit(1);
     }
 

@@ -27,7 +27,10 @@ fn main() {
     let (mut path, mut ready, mut content) = (None, None, None);
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| usage(&format!("{arg:?} needs a value")));
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{arg:?} needs a value")))
+        };
         match arg.to_str() {
             Some("--path") => path = Some(PathBuf::from(value())),
             Some("--ready") => ready = Some(PathBuf::from(value())),

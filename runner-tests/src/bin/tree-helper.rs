@@ -49,11 +49,14 @@ fn parse_args() -> Args {
         match arg.to_str() {
             Some("--pids-file") => {
                 pids_file = Some(PathBuf::from(
-                    it.next().unwrap_or_else(|| usage("--pids-file needs a value")),
+                    it.next()
+                        .unwrap_or_else(|| usage("--pids-file needs a value")),
                 ))
             }
             Some("--children") => {
-                let v: OsString = it.next().unwrap_or_else(|| usage("--children needs a value"));
+                let v: OsString = it
+                    .next()
+                    .unwrap_or_else(|| usage("--children needs a value"));
                 children = v
                     .to_str()
                     .and_then(|s| s.parse().ok())
@@ -122,7 +125,10 @@ fn main() {
     if args.ignore_term {
         // SAFETY: setting a disposition to SIG_IGN is always sound; inherited by forks.
         if unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) } == libc::SIG_ERR {
-            eprintln!("tree-helper: signal(SIGTERM, SIG_IGN): {}", std::io::Error::last_os_error());
+            eprintln!(
+                "tree-helper: signal(SIGTERM, SIG_IGN): {}",
+                std::io::Error::last_os_error()
+            );
             exit(1);
         }
     }
