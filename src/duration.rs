@@ -65,13 +65,13 @@ pub fn canonical(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1_000 != 0 {
+    if !ms.is_multiple_of(1_000) {
         return format!("{ms}ms");
     }
     let s = d.as_secs();
-    if s % 3_600 == 0 {
+    if s.is_multiple_of(3_600) {
         format!("{}h", s / 3_600)
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")

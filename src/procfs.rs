@@ -105,7 +105,7 @@ pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
         if markers
             .iter()
-            .all(|m| vars.iter().any(|v| *v == m.as_bytes()))
+            .all(|m| vars.contains(&m.as_bytes()))
         {
             out.push(pid);
         }

@@ -337,7 +337,12 @@ impl Run {
         self.check_funnel()?;
 
         // 7. Running: the app is ours.
-        match RunCgroup::create(self.plan.run_id.as_str()) {
+        let cgroup = if std::env::var_os("TETHER_NO_CGROUP").is_some_and(|v| v == "1") {
+            Err("TETHER_NO_CGROUP=1".to_string())
+        } else {
+            RunCgroup::create(self.plan.run_id.as_str())
+        };
+        match cgroup {
             Ok(cg) => {
                 output::debug("cgroup", &format!("run cgroup {}", cg.path().display()));
                 self.record.meta.cgroup = Some(cg.path().display().to_string());
@@ -613,7 +618,7 @@ impl Run {
             args,
             env,
             cwd: None,
-            cgroup_procs: procs_fd.as_ref().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)),
+            cgroup_procs: procs_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             core_pid: std::process::id() as i32,
         };
         let child = match spawn::spawn(&spec) {

@@ -13,7 +13,9 @@
 //!   flock waiter against a deadline and panic with context on timeout; `poll_*` helpers return
 //!   `bool` instead. Nothing here sleeps to hope for an ordering: every remaining sleep is a
 //!   poll step inside a loop with a deadline;
-//! - no leaks: [`ProcessGuard`], [`KillOnDrop`], and the sandbox's sweep.
+//! - no leaks: [`ProcessGuard`], [`KillOnDrop`], and the sandbox's sweep;
+//! - probes: [`lock_is_free`], [`flock_holders`]/[`flock_waiters`] (`/proc/locks`),
+//!   [`proc_info`], [`sig_ignored`], [`children_of`], [`inheritable_fds`].
 //!
 //! Invariants the tests can rely on:
 //! - every helper binary announces readiness by creating a file atomically (write `F.tmp`,
@@ -22,7 +24,14 @@
 //! - commands started here never inherit the test's CI environment (`TETHER_*`, Drone,
 //!   Woodpecker, GitHub, GitLab variables are removed) unless a test sets them.
 //!
-//! One kernel subtlety to keep in mind: tether's front sets `PR_SET_PDEATHSIG` towards its
+//! Environment facts to keep in mind:
+//! - fds the test process itself inherited without `FD_CLOEXEC` (from whatever started
+//!   `cargo test`) pass through tether to its command; assert on fd *targets*, or allow
+//!   [`inheritable_fds`];
+//! - where PID 1 does not reap (some containers), orphans killed by a test stay zombies
+//!   forever; [`pid_alive`] counts them as dead.
+//!
+//! One kernel subtlety: tether's front sets `PR_SET_PDEATHSIG` towards its
 //! parent, and the kernel fires it when the parent *thread* exits. Spawn tether from the test's
 //! own thread (not from a short-lived helper thread), or it gets SIGTERM when that thread ends.
 //!

@@ -4,7 +4,8 @@
 //! the shell leads its own process group, so a test can play each agent — SIGKILL the shell
 //! only (Drone exec), SIGKILL the whole group (Woodpecker local), SIGTERM then SIGKILL the group
 //! (GitLab shell), or signal the top process only (GitHub). The group is set up with
-//! `process_group(0)` before exec, so its pgid equals the shell's pid. stdout/stderr go to files
+//! `process_group(0)` before exec, so its pgid equals the shell's pid. A no-op line is appended
+//! to the script so the shell cannot exec its last command (tether stays the shell's child). stdout/stderr go to files
 //! in the sandbox's `logs/` (tether, inheriting them, writes there too).
 //!
 //! Dropping a `StepShell` SIGKILLs its process group and reaps the shell.
