@@ -194,7 +194,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);
         assert_eq!(unescape_octal("/a\\040b"), "/a b");
     }

@@ -23,6 +23,55 @@ pub struct Cli {
 pub enum Command {
     /// Run a command under the per-app lock with lifetime guards and one teardown.
     Run(RunArgs),
+    /// Reap what dead runs left (leftover processes, the app, run dirs); never a live run.
+    Janitor(JanitorArgs),
+    /// Show app locks (holders and waiters from the kernel), slots and run dirs.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JanitorArgs {
+    /// Fallback teardown for dead runs without a readable run record (run by sh -c).
+    #[arg(long)]
+    pub teardown: Option<String>,
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub teardown_timeout: Duration,
+    /// SIGTERM→SIGKILL grace for a dead run's leftover processes.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub grace: Duration,
+    /// Sweep this app only.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Say what would be done; take no lock and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep clean (--keep-run-dir) run dirs this long before removing them.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub retain_failed: Duration,
+    #[arg(long, env = "TETHER_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_RUNS_DIR")]
+    pub runs_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, env = "TETHER_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_RUNS_DIR")]
+    pub runs_dir: Option<PathBuf>,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -114,5 +163,77 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     match cli.command {
         Command::Run(args) => crate::run::run(args),
+        Command::Janitor(args) => janitor(args),
+        Command::Status(args) => status(args),
     }
+}
+
+fn janitor(args: JanitorArgs) -> i32 {
+    crate::output::init(args.log_format, args.quiet, args.verbose);
+    let app = match args.app.as_deref().map(crate::names::Domain::parse) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            crate::output::error(&e);
+            return crate::exit::TETHER_FAILURE;
+        }
+    };
+    let opts = crate::janitor::Options {
+        lock_dir: args.lock_dir.unwrap_or_else(crate::dirs::default_lock_dir),
+        runs_dir: args.runs_dir.unwrap_or_else(crate::dirs::default_runs_dir),
+        teardown: args.teardown,
+        teardown_timeout: args.teardown_timeout,
+        grace: args.grace,
+        app,
+        dry_run: args.dry_run,
+        retain: args.retain_failed,
+    };
+    match crate::janitor::sweep(&opts) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => crate::output::error(&format!("cannot encode report: {e}")),
+                }
+            }
+            crate::output::emit_forced(
+                crate::output::Level::Info,
+                "janitor-summary",
+                &format!(
+                    "janitor summary: live={} reaped={} removed={} skipped={} failed={}{}",
+                    report.live,
+                    report.reaped,
+                    report.removed,
+                    report.skipped,
+                    report.failed,
+                    if report.dry_run { " (dry run)" } else { "" }
+                ),
+                &[],
+                true,
+            );
+            i32::from(report.failed > 0)
+        }
+        Err(e) => {
+            crate::output::error(&e.message);
+            e.exit_code()
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> i32 {
+    let lock_dir = args.lock_dir.unwrap_or_else(crate::dirs::default_lock_dir);
+    let runs_dir = args.runs_dir.unwrap_or_else(crate::dirs::default_runs_dir);
+    let st = crate::status::collect(&lock_dir, &runs_dir);
+    if args.json {
+        match serde_json::to_string_pretty(&st) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                crate::output::error(&format!("cannot encode status: {e}"));
+                return crate::exit::TETHER_FAILURE;
+            }
+        }
+    } else {
+        print!("{}", st.to_text());
+    }
+    0
 }

@@ -120,7 +120,10 @@ mod tests {
             Action::TearDown(Cause::ParentDied)
         );
         assert_eq!(next_action(Phase::Running, Event::Child), Action::Continue);
-        assert_eq!(next_action(Phase::TearingDown, Event::Ready), Action::Continue);
+        assert_eq!(
+            next_action(Phase::TearingDown, Event::Ready),
+            Action::Continue
+        );
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub fn ensure_dir(what: &str, path: &Path, mode: u32) -> Result<()> {
 pub fn check_writable(what: &str, path: &Path) -> Result<()> {
     use nix::unistd::{access, AccessFlags};
     access(path, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
-        Error::tether(format!("{what} {} is not writable: {}", path.display(), e.desc()))
+        Error::tether(format!(
+            "{what} {} is not writable: {}",
+            path.display(),
+            e.desc()
+        ))
     })
 }

@@ -94,7 +94,16 @@ mod tests {
 
     #[test]
     fn refuses_garbage_naming_it() {
-        for bad in ["", "10", "x", "10x", "m5", "1h-3m", "5 m", "99999999999999999999999h"] {
+        for bad in [
+            "",
+            "10",
+            "x",
+            "10x",
+            "m5",
+            "1h-3m",
+            "5 m",
+            "99999999999999999999999h",
+        ] {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains("duration"), "{bad}: {err}");
         }

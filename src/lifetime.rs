@@ -142,6 +142,23 @@ pub fn split() -> nix::Result<Funnel> {
     }
 }
 
+/// A funnel without the front/core split, for `tether janitor` (run from cron or a timer, it
+/// has no CI agent to outlive). It is still a child subreaper, so whatever a reaped run's
+/// teardown command leaves behind is re-parented to it and killed.
+pub fn standalone() -> nix::Result<Funnel> {
+    take_over_signals()?;
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let sfd = SignalFd::with_flags(
+        &funnel_set(),
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?;
+    Ok(Funnel {
+        sfd,
+        front: getppid(),
+        pending: Vec::new(),
+    })
+}
+
 fn core_guards(front: Pid) -> nix::Result<Funnel> {
     setsid()?;
     set_pdeathsig(Signal::SIGTERM)?;
@@ -151,7 +168,10 @@ fn core_guards(front: Pid) -> nix::Result<Funnel> {
     }
     // Orphaned descendants (setsid, double fork) are re-parented to us, not to init.
     nix::sys::prctl::set_child_subreaper(true)?;
-    let sfd = SignalFd::with_flags(&funnel_set(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    let sfd = SignalFd::with_flags(
+        &funnel_set(),
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?;
     Ok(Funnel {
         sfd,
         front,

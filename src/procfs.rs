@@ -36,7 +36,11 @@ pub fn parent_map() -> HashMap<i32, i32> {
         return map;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
@@ -96,17 +100,18 @@ pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-        if markers
-            .iter()
-            .all(|m| vars.contains(&m.as_bytes()))
-        {
+        if markers.iter().all(|m| vars.contains(&m.as_bytes())) {
             out.push(pid);
         }
     }
@@ -127,8 +132,9 @@ mod tests {
 
     #[test]
     fn descendants_follow_the_tree() {
-        let parents: HashMap<i32, i32> =
-            [(10, 1), (11, 10), (12, 11), (13, 10), (20, 1)].into_iter().collect();
+        let parents: HashMap<i32, i32> = [(10, 1), (11, 10), (12, 11), (13, 10), (20, 1)]
+            .into_iter()
+            .collect();
         let mut d = descendants_in(&parents, 10);
         d.sort();
         assert_eq!(d, vec![11, 12, 13]);

@@ -87,6 +87,9 @@ pub struct RunRecord {
     pub lock_wait_ms: Option<u64>,
     #[serde(default)]
     pub runtime_ms: Option<u64>,
+    /// How many janitor sweeps failed to reap this run (its teardown failed).
+    #[serde(default)]
+    pub reap_failures: u32,
 }
 
 /// Parse the first JSON value of `bytes`; trailing bytes (a torn rewrite) are ignored.

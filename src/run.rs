@@ -18,8 +18,8 @@ use crate::lifetime::{self, Event, Funnel};
 use crate::lock::{self, HeldLock, TryLock, Waiter};
 use crate::names::{Domain, RunId};
 use crate::output;
-use crate::record::{self, LockMeta, RunRecord, State};
 use crate::reconcile::{DeadRun, Reaper};
+use crate::record::{self, LockMeta, RunRecord, State};
 use crate::rundir::{self, RunDir};
 use crate::spawn::{self, Resolved, SpawnSpec};
 use crate::summary::Summary;
@@ -262,6 +262,7 @@ impl Run {
             reason: None,
             lock_wait_ms: None,
             runtime_ms: None,
+            reap_failures: 0,
         };
         Run {
             plan,
@@ -503,10 +504,7 @@ impl Run {
         drop(reaper);
         self.app_lock = Some(app_lock);
         if let Err(e) = result {
-            return Err(Stop::Fail(Error::tether(format!(
-                "cannot start: {}",
-                e.0
-            ))));
+            return Err(Stop::Fail(Error::tether(format!("cannot start: {}", e.0))));
         }
         self.act_on(deferred)
     }
@@ -599,7 +597,9 @@ impl Run {
                 Cause::Exited(code) => {
                     output::warn(
                         "setup",
-                        &format!("setup command failed with status {code}; not running the command"),
+                        &format!(
+                            "setup command failed with status {code}; not running the command"
+                        ),
                     );
                     return Cause::Exited(code);
                 }
@@ -611,7 +611,12 @@ impl Run {
         self.supervise_one(&program, &args, &env)
     }
 
-    fn supervise_one(&mut self, program: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> Cause {
+    fn supervise_one(
+        &mut self,
+        program: &Path,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+    ) -> Cause {
         let procs_fd = self.cgroup.as_ref().and_then(|c| c.procs_writer().ok());
         let spec = SpawnSpec {
             program,
@@ -635,7 +640,10 @@ impl Run {
         drop(procs_fd);
         let pid = child.id() as i32;
         self.child_pid = Some(pid);
-        output::debug("spawn", &format!("started {} as pid {pid}", program.display()));
+        output::debug(
+            "spawn",
+            &format!("started {} as pid {pid}", program.display()),
+        );
         loop {
             for (p, code) in lifetime::reap_children() {
                 if p == pid {
@@ -669,7 +677,10 @@ impl Run {
         let killed = tree::terminate(&members, self.plan.grace, &mut self.funnel);
         self.log_ignored(&killed.events);
         if killed.killed_after_grace > 0 {
-            output::debug("killed", &format!("still alive after grace: {:?}", killed.late));
+            output::debug(
+                "killed",
+                &format!("still alive after grace: {:?}", killed.late),
+            );
             output::info(
                 "killed",
                 &format!(
@@ -687,14 +698,20 @@ impl Run {
         }
         if let Some(cg) = &self.cgroup {
             if let Err(e) = cg.remove() {
-                output::debug("cgroup", &format!("cannot remove {}: {e}", cg.path().display()));
+                output::debug(
+                    "cgroup",
+                    &format!("cannot remove {}: {e}", cg.path().display()),
+                );
             }
         }
 
         let outcome = self.plan.teardown.clone().map(|script| {
             let mut env = self.command_env();
             env.push(("TETHER_REASON".into(), cause.reason().into()));
-            env.push(("TETHER_EXIT_CODE".into(), cause.exit_code().to_string().into()));
+            env.push((
+                "TETHER_EXIT_CODE".into(),
+                cause.exit_code().to_string().into(),
+            ));
             let mut events = Vec::new();
             let o = teardown::run_shell(
                 &script,
@@ -724,7 +741,10 @@ impl Run {
                 } else {
                     let path = dir.path().to_owned();
                     if let Err(e) = dir.remove() {
-                        output::warn("cleanup", &format!("cannot remove run dir {}: {e}", path.display()));
+                        output::warn(
+                            "cleanup",
+                            &format!("cannot remove run dir {}: {e}", path.display()),
+                        );
                     }
                 }
             }

@@ -45,7 +45,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
                 // Best effort: the process-group/descendant fallback still covers us.
                 libc::write(fd, b"0".as_ptr().cast(), 1);
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if libc::getppid() != core_pid {
@@ -101,9 +108,9 @@ pub fn resolve(program: &OsString, path_var: Option<&OsString>) -> Resolved {
             _ => {}
         }
     }
-    not_exec.map(Resolved::NotExecutable).unwrap_or_else(|| {
-        Resolved::NotFound(format!("command not found: {}", name.display()))
-    })
+    not_exec
+        .map(Resolved::NotExecutable)
+        .unwrap_or_else(|| Resolved::NotFound(format!("command not found: {}", name.display())))
 }
 
 fn check_candidate(path: &Path) -> Option<Resolved> {

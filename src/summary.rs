@@ -43,8 +43,10 @@ impl Summary {
             .ok()
             .and_then(|v| v.as_object().cloned())
             .unwrap_or_default();
-        let fields: Vec<(&str, serde_json::Value)> =
-            fields.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let fields: Vec<(&str, serde_json::Value)> = fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
         output::emit_forced(output::Level::Info, "summary", &self.line(), &fields, true);
         if let Some(path) = json_file {
             let write = serde_json::to_vec_pretty(self)

@@ -1,0 +1,194 @@
+//! `tether status` (SPEC §9): what the kernel says, read without taking a single lock.
+//!
+//! Holders and waiters come from `/proc/locks`, matched by device and inode — a pid in a
+//! lockfile can be stale, the kernel's lock table cannot. Run ids and states come from the
+//! records. Reading never disturbs a run: no lock is taken, nothing is written.
+
+use crate::duration;
+use crate::proc_locks::{self, LockEntry};
+use crate::record::{self, State};
+use crate::rundir;
+use serde::Serialize;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Serialize)]
+pub struct AppLock {
+    pub app: String,
+    pub held: bool,
+    /// Holder pid from the kernel's lock table.
+    pub pid: Option<i32>,
+    pub run_id: Option<String>,
+    pub waiters: usize,
+    pub age_s: Option<u64>,
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Slot {
+    pub slot: String,
+    pub pid: i32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunDirStatus {
+    pub run_id: String,
+    /// live | dead-unclean | kept | unknown
+    pub status: String,
+    pub app: Option<String>,
+    pub state: Option<String>,
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub apps: Vec<AppLock>,
+    pub slots: Vec<Slot>,
+    pub runs: Vec<RunDirStatus>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn entries_of(table: &[LockEntry], path: &Path) -> Vec<LockEntry> {
+    std::fs::symlink_metadata(path)
+        .map(|md| proc_locks::entries_for(table, md.dev(), md.ino()))
+        .unwrap_or_default()
+}
+
+fn read_meta_at(path: &Path) -> Option<record::LockMeta> {
+    let f = crate::lock::open_existing(path).ok()?;
+    record::read_meta(&f)
+}
+
+pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
+    let table = proc_locks::read();
+    let mut apps = Vec::new();
+    let mut slots = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(lock_dir)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    names.sort();
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
+        let path = lock_dir.join(&name);
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let entries = entries_of(&table, &path);
+        let holder = entries.iter().find(|e| !e.waiting).map(|e| e.pid);
+        if let Some(slot) = name
+            .strip_prefix("slot-")
+            .and_then(|n| n.strip_suffix(".lock"))
+        {
+            if let Some(pid) = holder {
+                slots.push(Slot {
+                    slot: slot.to_owned(),
+                    pid,
+                });
+            }
+            continue;
+        }
+        let Some(app) = name
+            .strip_prefix("app-")
+            .and_then(|n| n.strip_suffix(".lock"))
+        else {
+            continue;
+        };
+        let meta = read_meta_at(&path);
+        apps.push(AppLock {
+            app: app.to_owned(),
+            held: holder.is_some(),
+            pid: holder,
+            run_id: meta.as_ref().map(|m| m.run_id.clone()),
+            waiters: entries.iter().filter(|e| e.waiting).count(),
+            age_s: meta
+                .as_ref()
+                .filter(|_| holder.is_some())
+                .map(|m| unix_now().saturating_sub(m.started_at)),
+            state: meta.as_ref().map(|m| m.state.as_str().to_owned()),
+        });
+    }
+    let mut runs = Vec::new();
+    let mut dirs: Vec<_> = std::fs::read_dir(runs_dir)
+        .map(|r| r.flatten().collect::<Vec<_>>())
+        .unwrap_or_default();
+    dirs.sort_by_key(|e| e.file_name());
+    for de in dirs {
+        if !de.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = de.path();
+        let holder = entries_of(&table, &path.join(rundir::LOCK_FILE))
+            .into_iter()
+            .find(|e| !e.waiting)
+            .map(|e| e.pid);
+        let rec = record::read_record(&path.join(rundir::RECORD_FILE));
+        let status = match (&holder, &rec) {
+            (Some(_), _) => "live",
+            (None, Some(r)) if r.meta.state == State::Clean => "kept",
+            (None, Some(_)) => "dead-unclean",
+            (None, None) => "unknown",
+        };
+        runs.push(RunDirStatus {
+            run_id: de.file_name().to_string_lossy().into_owned(),
+            status: status.into(),
+            app: rec.as_ref().map(|r| r.meta.app.clone()),
+            state: rec.as_ref().map(|r| r.meta.state.as_str().to_owned()),
+            pid: holder,
+        });
+    }
+    Status { apps, slots, runs }
+}
+
+impl Status {
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        out.push_str("APP LOCKS\n");
+        if self.apps.is_empty() {
+            out.push_str("  (none)\n");
+        }
+        for a in &self.apps {
+            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "  {:<40} {:<5} run={} pid={} waiters={} age={} state={}\n",
+                a.app,
+                if a.held { "held" } else { "free" },
+                opt(&a.run_id),
+                a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                a.waiters,
+                a.age_s
+                    .map(|s| duration::human(Duration::from_secs(s)))
+                    .unwrap_or_else(|| "-".into()),
+                opt(&a.state),
+            ));
+        }
+        out.push_str("SLOTS\n");
+        if self.slots.is_empty() {
+            out.push_str("  (none in use)\n");
+        }
+        for s in &self.slots {
+            out.push_str(&format!("  slot-{} pid={}\n", s.slot, s.pid));
+        }
+        out.push_str("RUN DIRS\n");
+        if self.runs.is_empty() {
+            out.push_str("  (none)\n");
+        }
+        for r in &self.runs {
+            out.push_str(&format!(
+                "  {:<40} {:<12} app={} state={}{}\n",
+                r.run_id,
+                r.status,
+                r.app.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone().unwrap_or_else(|| "-".into()),
+                r.pid.map(|p| format!(" pid={p}")).unwrap_or_default(),
+            ));
+        }
+        out
+    }
+}
