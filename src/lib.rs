@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod record;
 pub mod run;
 pub mod rundir;
+pub mod slots;
 pub mod spawn;
 pub mod status;
 pub mod summary;

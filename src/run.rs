@@ -30,6 +30,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// How often `--on-busy cancel-older` looks at who holds the lock while waiting.
+const CANCEL_RECHECK: Duration = Duration::from_millis(200);
+
+/// How often a run waiting for a host slot looks again.
+const SLOT_POLL: Duration = Duration::from_millis(20);
+
 /// Everything resolved and validated before anything is created.
 struct Plan {
     app: Domain,
@@ -45,6 +51,7 @@ struct Plan {
     teardown: Option<String>,
     teardown_timeout: Duration,
     keep_run_dir: bool,
+    slots: Option<u32>,
     summary_json: Option<PathBuf>,
     program: PathBuf,
     command: Vec<OsString>,
@@ -67,15 +74,8 @@ impl Plan {
                 "--config: configuration files are not supported by this version yet",
             ));
         }
-        if args.slots.is_some() {
-            return Err(Error::tether(
-                "--slots: host slots are not supported by this version yet",
-            ));
-        }
-        if args.on_busy == OnBusy::CancelOlder {
-            return Err(Error::tether(
-                "--on-busy cancel-older is not supported by this version yet",
-            ));
+        if args.slots == Some(0) {
+            return Err(Error::tether("--slots must be at least 1"));
         }
         let app = Domain::parse(&args.app).map_err(Error::tether)?;
         let ci = CiInfo::from_process_env();
@@ -141,6 +141,7 @@ impl Plan {
             teardown: args.teardown,
             teardown_timeout: args.teardown_timeout,
             keep_run_dir: args.keep_run_dir,
+            slots: args.slots,
             summary_json: args.summary_json,
             program,
             command: rest.to_vec(),
@@ -217,6 +218,9 @@ struct Run {
     /// A dead run's unclean record found in our run dir (same run id reused).
     own_dead: Option<RunRecord>,
     app_lock: Option<HeldLock>,
+    slot: Option<crate::slots::Slot>,
+    /// Run ids this run has already asked to cancel (signal each once).
+    cancelled: HashSet<String>,
     record: RunRecord,
     lock_wait: Duration,
     command_started: Option<Instant>,
@@ -272,6 +276,8 @@ impl Run {
             dir: None,
             own_dead: None,
             app_lock: None,
+            slot: None,
+            cancelled: HashSet::new(),
             record,
             lock_wait: Duration::ZERO,
             command_started: None,
@@ -326,7 +332,8 @@ impl Run {
         // 4. The app lock.
         let lock_path = app_lock_path(&self.plan.lock_dir, &self.plan.app);
         let t0 = Instant::now();
-        let held = self.acquire(&lock_path, true)?;
+        let app = self.plan.app.clone();
+        let held = self.acquire(&lock_path, &app, true)?;
         self.lock_wait = t0.elapsed();
         self.app_lock = Some(held);
 
@@ -336,6 +343,11 @@ impl Run {
             self.prepare_dir(false)?;
         }
         self.check_funnel()?;
+
+        // 6. A host slot, if slots are configured.
+        if let Some(count) = self.plan.slots {
+            self.take_slot(count)?;
+        }
 
         // 7. Running: the app is ours.
         let cgroup = if std::env::var_os("TETHER_NO_CGROUP").is_some_and(|v| v == "1") {
@@ -386,8 +398,8 @@ impl Run {
     }
 
     /// Take a lock at `path`, waiting visibly (and interruptibly) while it is busy.
-    fn acquire(&mut self, path: &Path, is_our_app: bool) -> Result<HeldLock, Stop> {
-        let app = self.plan.app.clone();
+    fn acquire(&mut self, path: &Path, app: &Domain, is_our_app: bool) -> Result<HeldLock, Stop> {
+        let app = app.clone();
         let started = Instant::now();
         let mut announced = false;
         loop {
@@ -415,8 +427,12 @@ impl Run {
                     "app lock {app}: held by {holder} — --on-busy fail, giving up"
                 )));
             }
+            let cancel_older = is_our_app && self.plan.on_busy == OnBusy::CancelOlder;
             announce_waiting(&app, &holder);
             announced = true;
+            if cancel_older {
+                self.cancel_holder_if_same_group(&file);
+            }
             let reader = file.try_clone().ok();
             let waiter = Waiter::start(file)
                 .map_err(|e| Stop::Fail(Error::tether(format!("cannot wait for lock: {e}"))))?;
@@ -426,6 +442,13 @@ impl Run {
                 let mut timeout = lifetime::until(next_progress);
                 if let Some(g) = give_up {
                     timeout = timeout.min(lifetime::until(g));
+                }
+                if cancel_older {
+                    // The holder may change while we wait (another queued run of the group).
+                    timeout = timeout.min(CANCEL_RECHECK);
+                    if let Some(r) = &reader {
+                        self.cancel_holder_if_same_group(r);
+                    }
                 }
                 let events = self.funnel.wait(Some(timeout), Some(waiter.raw_fd()));
                 if events.contains(&Event::Ready) {
@@ -463,6 +486,81 @@ impl Run {
             // The janitor unlinked the file we waited on: start over on the new inode.
             output::debug("lock", "lockfile was replaced while waiting; retrying");
         }
+    }
+
+    /// Step 6: the lowest free slot below `count`, waiting (visibly, interruptibly) while all
+    /// are busy. Free slots are found by polling: a flock cannot wait for "any of N".
+    fn take_slot(&mut self, count: u32) -> Result<(), Stop> {
+        let mut next_progress = Instant::now();
+        loop {
+            match crate::slots::try_take(&self.plan.lock_dir, count) {
+                Ok(Some(slot)) => {
+                    output::debug("slot", &format!("took slot {}", slot.label()));
+                    let meta = &self.record.meta;
+                    let _ = record::write_meta(slot.lock.file(), meta);
+                    self.slot = Some(slot);
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Stop::Fail(Error::tether(format!("slot lock: {e}")))),
+            }
+            if Instant::now() >= next_progress {
+                output::emit(
+                    output::Level::Info,
+                    "slots-busy",
+                    &format!("all {count} slots busy — waiting"),
+                    &[("slots", count.into())],
+                );
+                next_progress = Instant::now() + self.plan.wait_progress;
+            }
+            let events = self.funnel.wait(Some(SLOT_POLL), None);
+            self.act_on(events)?;
+        }
+    }
+
+    /// `--on-busy cancel-older` (SPEC §3.6): SIGTERM the holder when its record has our group
+    /// key and its pid still is the process that wrote the record (start time matches). A
+    /// holder of another group, or one we cannot identify, is never signalled.
+    fn cancel_holder_if_same_group(&mut self, file: &std::fs::File) {
+        let Some(group) = self.plan.group.clone() else {
+            return;
+        };
+        let Some(meta) = record::read_meta(file) else {
+            return;
+        };
+        if meta.run_id == self.plan.run_id.as_str()
+            || self.cancelled.contains(&meta.run_id)
+            || meta.started_at > self.record.meta.started_at
+        {
+            return;
+        }
+        let run_dir = PathBuf::from(&meta.run_dir);
+        if run_dir.parent() != Some(self.plan.runs_dir.as_path()) {
+            return;
+        }
+        let Some(rec) = record::read_record(&run_dir.join(rundir::RECORD_FILE)) else {
+            return;
+        };
+        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
+            return;
+        }
+        if crate::procfs::start_time(meta.pid) != Some(meta.pid_start) {
+            return;
+        }
+        output::emit(
+            output::Level::Info,
+            "cancelling",
+            &format!("cancelling older run {} of group {group}", meta.run_id),
+            &[
+                ("run_id", meta.run_id.clone().into()),
+                ("group", group.clone().into()),
+            ],
+        );
+        // SAFETY: kill(2) on the verified holder pid.
+        unsafe {
+            libc::kill(meta.pid, libc::SIGTERM);
+        }
+        self.cancelled.insert(meta.run_id);
     }
 
     fn reaper(&mut self) -> Reaper<'_> {
@@ -514,7 +612,7 @@ impl Run {
         let other = Domain::parse(&dead.meta.app)
             .map_err(|e| Stop::Fail(Error::tether(format!("dead run record: {e}"))))?;
         let path = app_lock_path(&self.plan.lock_dir, &other);
-        let held = self.acquire(&path, false)?;
+        let held = self.acquire(&path, &other, false)?;
         let runs_dir = self.plan.runs_dir.clone();
         let mut reaper = self.reaper();
         let mut result = reaper.reap(DeadRun {
@@ -570,6 +668,7 @@ impl Run {
                             | "TETHER_RUN_TOKEN"
                             | "TETHER_REASON"
                             | "TETHER_EXIT_CODE"
+                            | "TETHER_SLOT"
                             | "TMPDIR"
                     )
                 )
@@ -579,6 +678,9 @@ impl Run {
         env.push(("TETHER_RUN_ID".into(), self.plan.run_id.as_str().into()));
         env.push(("TETHER_RUN_DIR".into(), dir.clone().into_os_string()));
         env.push(("TMPDIR".into(), dir.join(rundir::TMP_DIR).into_os_string()));
+        if let Some(slot) = &self.slot {
+            env.push(("TETHER_SLOT".into(), slot.label().into()));
+        }
         env
     }
 
@@ -755,6 +857,9 @@ impl Run {
                 dir.release();
             }
         }
+        if let Some(slot) = self.slot.take() {
+            slot.lock.release();
+        }
         if let Some(lock) = self.app_lock.take() {
             lock.release();
         }
@@ -830,6 +935,9 @@ impl Run {
     }
 
     fn release_claim(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.lock.release();
+        }
         if let Some(lock) = self.app_lock.take() {
             lock.release();
         }
