@@ -150,6 +150,70 @@ impl RunCgroup {
         }
     }
 
+    /// Apply `limits.memory`/`pids`/`cpu` through the controllers. Returns one warning per
+    /// limit that could not be applied, naming it and why (never silently ignored).
+    pub fn apply_limits(&self, limits: &crate::config::Limits) -> Vec<String> {
+        let mut wanted: Vec<(&str, &str, String)> = Vec::new();
+        if let Some(m) = limits.memory {
+            wanted.push(("memory", "memory.max", m.to_string()));
+        }
+        if let Some(p) = limits.pids {
+            wanted.push(("pids", "pids.max", p.to_string()));
+        }
+        if let Some(c) = limits.cpu {
+            let period = 100_000u64;
+            wanted.push((
+                "cpu",
+                "cpu.max",
+                format!("{} {period}", (c * period as f64) as u64),
+            ));
+        }
+        let mut warnings = Vec::new();
+        for (controller, file, value) in wanted {
+            if let Err(why) = self.enable_controller(controller) {
+                warnings.push(format!(
+                    "limits.{controller} not applied: the {controller} controller is not available ({why})"
+                ));
+                continue;
+            }
+            if let Err(e) = std::fs::write(self.path.join(file), &value) {
+                warnings.push(format!(
+                    "limits.{controller} not applied: cannot write {file}: {e}"
+                ));
+            }
+        }
+        warnings
+    }
+
+    /// Enable `controller` in every ancestor's `cgroup.subtree_control` down to ours.
+    fn enable_controller(&self, controller: &str) -> Result<(), String> {
+        let mount = mount_point().ok_or("no cgroup2 mount")?;
+        let rel = self
+            .path
+            .strip_prefix(&mount)
+            .map_err(|_| "cgroup outside the mount")?;
+        let mut dir = mount.clone();
+        let mut parents = vec![dir.clone()];
+        for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
+            dir = dir.join(comp);
+            parents.push(dir.clone());
+        }
+        for p in parents {
+            let available =
+                std::fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default();
+            if !available.split_whitespace().any(|c| c == controller) {
+                return Err(format!("not in {}", p.join("cgroup.controllers").display()));
+            }
+            let enabled =
+                std::fs::read_to_string(p.join("cgroup.subtree_control")).unwrap_or_default();
+            if !enabled.split_whitespace().any(|c| c == controller) {
+                std::fs::write(p.join("cgroup.subtree_control"), format!("+{controller}"))
+                    .map_err(|e| format!("cannot enable it in {}: {e}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Remove the (empty) cgroup; a missing one is fine.
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_dir(&self.path) {

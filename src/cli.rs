@@ -27,6 +27,8 @@ pub enum Command {
     Janitor(JanitorArgs),
     /// Show app locks (holders and waiters from the kernel), slots and run dirs.
     Status(StatusArgs),
+    /// Validate or show the configuration.
+    Config(ConfigArgs),
 }
 
 #[derive(Debug, Args)]
@@ -34,11 +36,12 @@ pub struct JanitorArgs {
     /// Fallback teardown for dead runs without a readable run record (run by sh -c).
     #[arg(long)]
     pub teardown: Option<String>,
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    pub teardown_timeout: Duration,
-    /// SIGTERM→SIGKILL grace for a dead run's leftover processes.
-    #[arg(long, default_value = "10s", value_parser = duration)]
-    pub grace: Duration,
+    /// [default: 5m]
+    #[arg(long, value_parser = duration)]
+    pub teardown_timeout: Option<Duration>,
+    /// SIGTERM→SIGKILL grace for a dead run's leftover processes [default: 10s].
+    #[arg(long, value_parser = duration)]
+    pub grace: Option<Duration>,
     /// Sweep this app only.
     #[arg(long)]
     pub app: Option<String>,
@@ -48,15 +51,18 @@ pub struct JanitorArgs {
     /// Print one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Keep clean (--keep-run-dir) run dirs this long before removing them.
-    #[arg(long, default_value = "24h", value_parser = duration)]
-    pub retain_failed: Duration,
+    /// Keep clean (--keep-run-dir) run dirs this long before removing them [default: 24h].
+    #[arg(long, value_parser = duration)]
+    pub retain_failed: Option<Duration>,
     #[arg(long, env = "TETHER_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
     #[arg(long, env = "TETHER_RUNS_DIR")]
     pub runs_dir: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
     #[arg(short, long)]
@@ -72,6 +78,29 @@ pub struct StatusArgs {
     pub lock_dir: Option<PathBuf>,
     #[arg(long, env = "TETHER_RUNS_DIR")]
     pub runs_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate a config file (default: --config / TETHER_CONFIG / the default path).
+    Check {
+        file: Option<PathBuf>,
+        #[arg(long, env = "TETHER_CONFIG", hide = true)]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration and where each value comes from.
+    Show {
+        #[arg(long, env = "TETHER_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -93,18 +122,18 @@ pub struct RunArgs {
     /// Run id (default: derived from the CI environment, else local-<time>-<pid>).
     #[arg(long, env = "TETHER_RUN_ID")]
     pub run_id: Option<String>,
-    /// Tear down when this much time has passed since tether started (0 = never).
-    #[arg(long, default_value = "60m", value_parser = duration)]
-    pub deadline: Duration,
-    /// SIGTERM→SIGKILL grace for the command's process tree.
-    #[arg(long, default_value = "10s", value_parser = duration)]
-    pub grace: Duration,
+    /// Tear down when this much time has passed since tether started (0 = never) [default: 60m].
+    #[arg(long, value_parser = duration)]
+    pub deadline: Option<Duration>,
+    /// SIGTERM→SIGKILL grace for the command's process tree [default: 10s].
+    #[arg(long, value_parser = duration)]
+    pub grace: Option<Duration>,
     /// Give up waiting for the app lock after this long (exit 75).
     #[arg(long, value_parser = duration)]
     pub lock_timeout: Option<Duration>,
-    /// What to do when another run holds the app lock.
-    #[arg(long, value_enum, default_value = "wait")]
-    pub on_busy: OnBusy,
+    /// What to do when another run holds the app lock [default: wait].
+    #[arg(long, value_enum)]
+    pub on_busy: Option<OnBusy>,
     /// Group key for --on-busy cancel-older (default: CI repo + PR, else repo + branch).
     #[arg(long)]
     pub group: Option<String>,
@@ -117,9 +146,9 @@ pub struct RunArgs {
     /// Shell command run (by sh -c) after the command's tree is gone.
     #[arg(long)]
     pub teardown: Option<String>,
-    /// Bound on the teardown command.
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    pub teardown_timeout: Duration,
+    /// Bound on the teardown command [default: 5m].
+    #[arg(long, value_parser = duration)]
+    pub teardown_timeout: Option<Duration>,
     /// Keep the run dir after a successful teardown (for inspection).
     #[arg(long)]
     pub keep_run_dir: bool,
@@ -132,8 +161,9 @@ pub struct RunArgs {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    /// [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Only warnings, errors and the summary.
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -165,11 +195,61 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Run(args) => crate::run::run(args),
         Command::Janitor(args) => janitor(args),
         Command::Status(args) => status(args),
+        Command::Config(args) => config_command(args),
+    }
+}
+
+fn config_command(args: ConfigArgs) -> i32 {
+    match args.action {
+        ConfigAction::Check { file, config } => {
+            let path = file.or(config);
+            match crate::config::load(path.as_deref()) {
+                Ok(c) => {
+                    match &c.path {
+                        Some(p) => println!("config {}: ok", p.display()),
+                        None => println!(
+                            "no config file (looked for {}): built-in defaults",
+                            crate::config::default_path().display()
+                        ),
+                    }
+                    0
+                }
+                Err(e) => {
+                    crate::output::error(&e.message);
+                    e.exit_code()
+                }
+            }
+        }
+        ConfigAction::Show { config } => match crate::config::load(config.as_deref()) {
+            Ok(c) => {
+                print!("{}", crate::settings::show(&c));
+                0
+            }
+            Err(e) => {
+                crate::output::error(&e.message);
+                e.exit_code()
+            }
+        },
     }
 }
 
 fn janitor(args: JanitorArgs) -> i32 {
-    crate::output::init(args.log_format, args.quiet, args.verbose);
+    crate::output::init(
+        args.log_format.unwrap_or_default(),
+        args.quiet,
+        args.verbose,
+    );
+    let cfg = match crate::config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
+    if let (None, Some(f)) = (args.log_format, cfg.log_format) {
+        crate::output::set_format(f);
+    }
+    let s = crate::settings::Settings::new(&cfg);
     let app = match args.app.as_deref().map(crate::names::Domain::parse) {
         None => None,
         Some(Ok(d)) => Some(d),
@@ -179,14 +259,14 @@ fn janitor(args: JanitorArgs) -> i32 {
         }
     };
     let opts = crate::janitor::Options {
-        lock_dir: args.lock_dir.unwrap_or_else(crate::dirs::default_lock_dir),
-        runs_dir: args.runs_dir.unwrap_or_else(crate::dirs::default_runs_dir),
-        teardown: args.teardown,
-        teardown_timeout: args.teardown_timeout,
-        grace: args.grace,
+        lock_dir: s.lock_dir(args.lock_dir),
+        runs_dir: s.runs_dir(args.runs_dir),
+        teardown: args.teardown.or(cfg.teardown.clone()),
+        teardown_timeout: s.teardown_timeout(args.teardown_timeout),
+        grace: s.grace(args.grace),
         app,
         dry_run: args.dry_run,
-        retain: args.retain_failed,
+        retain: s.retain_failed(args.retain_failed),
     };
     match crate::janitor::sweep(&opts) {
         Ok(report) => {
@@ -221,8 +301,16 @@ fn janitor(args: JanitorArgs) -> i32 {
 }
 
 fn status(args: StatusArgs) -> i32 {
-    let lock_dir = args.lock_dir.unwrap_or_else(crate::dirs::default_lock_dir);
-    let runs_dir = args.runs_dir.unwrap_or_else(crate::dirs::default_runs_dir);
+    let cfg = match crate::config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
+    let s = crate::settings::Settings::new(&cfg);
+    let lock_dir = s.lock_dir(args.lock_dir);
+    let runs_dir = s.runs_dir(args.runs_dir);
     let st = crate::status::collect(&lock_dir, &runs_dir);
     if args.json {
         match serde_json::to_string_pretty(&st) {

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,9 +43,11 @@ struct Settings {
     threshold: Level,
 }
 
-static SETTINGS: OnceLock<Settings> = OnceLock::new();
+// Process-wide and set from the single main thread; atomics keep it free of locks.
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+static THRESHOLD: AtomicU8 = AtomicU8::new(1);
 
-/// Configure once, as soon as the flags are parsed. Later calls are ignored.
+/// Configure as soon as the flags are parsed.
 pub fn init(format: LogFormat, quiet: bool, verbose: bool) {
     let threshold = if quiet {
         Level::Warn
@@ -54,14 +56,28 @@ pub fn init(format: LogFormat, quiet: bool, verbose: bool) {
     } else {
         Level::Info
     };
-    let _ = SETTINGS.set(Settings { format, threshold });
+    set_format(format);
+    THRESHOLD.store(threshold as u8, Ordering::Relaxed);
+}
+
+/// The format may come from the config file, read after the flags.
+pub fn set_format(format: LogFormat) {
+    FORMAT.store(u8::from(format == LogFormat::Json), Ordering::Relaxed);
 }
 
 fn settings() -> Settings {
-    SETTINGS.get().copied().unwrap_or(Settings {
-        format: LogFormat::Text,
-        threshold: Level::Info,
-    })
+    let format = if FORMAT.load(Ordering::Relaxed) == 1 {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let threshold = match THRESHOLD.load(Ordering::Relaxed) {
+        0 => Level::Debug,
+        1 => Level::Info,
+        2 => Level::Warn,
+        _ => Level::Error,
+    };
+    Settings { format, threshold }
 }
 
 /// Emit one line. `event` names the moment for JSON readers; `fields` add machine data.

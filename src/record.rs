@@ -143,10 +143,21 @@ pub fn read_record(path: &Path) -> Option<RunRecord> {
 /// Replace `run.json` atomically (write a sibling, rename over), so a reader sees the old or
 /// the new record, never half of one.
 pub fn write_record(path: &Path, record: &RunRecord) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
     let mut text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
     text.push(b'\n');
-    std::fs::write(&tmp, &text)?;
+    // Owner-only: the teardown command in it is what a root reaper executes.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(&text)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 

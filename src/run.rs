@@ -10,9 +10,11 @@
 use crate::cgroup::RunCgroup;
 use crate::ci_env::{self, CiInfo};
 use crate::cli::{OnBusy, RunArgs};
+use crate::config::Config;
 use crate::decide::{next_action, Action, Cause, Phase};
 use crate::dirs;
 use crate::duration::{self, human};
+use crate::environment::{self, EnvPolicy, RunVars};
 use crate::error::{Error, Failure, Result};
 use crate::lifetime::{self, Event, Funnel};
 use crate::lock::{self, HeldLock, TryLock, Waiter};
@@ -21,6 +23,7 @@ use crate::output;
 use crate::reconcile::{DeadRun, Reaper};
 use crate::record::{self, LockMeta, RunRecord, State};
 use crate::rundir::{self, RunDir};
+use crate::settings::Settings;
 use crate::spawn::{self, Resolved, SpawnSpec};
 use crate::summary::Summary;
 use crate::teardown;
@@ -52,6 +55,9 @@ struct Plan {
     teardown_timeout: Duration,
     keep_run_dir: bool,
     slots: Option<u32>,
+    env_policy: EnvPolicy,
+    run_as: Option<crate::identity::Identity>,
+    limits: crate::config::Limits,
     summary_json: Option<PathBuf>,
     program: PathBuf,
     command: Vec<OsString>,
@@ -68,12 +74,8 @@ fn unix_now() -> u64 {
 }
 
 impl Plan {
-    fn resolve(args: RunArgs) -> Result<Plan> {
-        if args.config.is_some() {
-            return Err(Error::tether(
-                "--config: configuration files are not supported by this version yet",
-            ));
-        }
+    fn resolve(args: RunArgs, cfg: &Config) -> Result<Plan> {
+        let settings = Settings::new(cfg);
         if args.slots == Some(0) {
             return Err(Error::tether("--slots must be at least 1"));
         }
@@ -85,8 +87,12 @@ impl Plan {
             (None, None) => ci_env::local_run_id(unix_now(), std::process::id()),
         };
         let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
-        let lock_dir = args.lock_dir.unwrap_or_else(dirs::default_lock_dir);
-        let runs_dir = args.runs_dir.unwrap_or_else(dirs::default_runs_dir);
+        let lock_dir = settings.lock_dir(args.lock_dir);
+        let runs_dir = settings.runs_dir(args.runs_dir);
+        let run_as = match &cfg.run_as {
+            Some(ra) => Some(crate::identity::resolve(ra)?),
+            None => None,
+        };
         let Some((program, rest)) = args.command.split_first() else {
             return Err(Error::tether("missing command after `--`"));
         };
@@ -117,6 +123,12 @@ impl Plan {
         }
         dirs::ensure_dir("lock dir", &lock_dir, 0o755)?;
         dirs::ensure_dir("runs dir", &runs_dir, 0o700)?;
+        if run_as.is_some() {
+            // The run_as user must traverse to its tmp/ (never list or write).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| Error::path("cannot chmod runs dir", &runs_dir, e))?;
+        }
         dirs::check_writable("lock dir", &lock_dir)?;
         dirs::check_writable("runs dir", &runs_dir)?;
         // Absolute from here on: the command and teardown may run elsewhere.
@@ -132,16 +144,19 @@ impl Plan {
             run_id,
             lock_dir,
             runs_dir,
-            deadline: args.deadline,
-            grace: args.grace,
+            deadline: settings.deadline(args.deadline),
+            grace: settings.grace(args.grace),
             lock_timeout: args.lock_timeout,
-            on_busy: args.on_busy,
+            on_busy: settings.on_busy(args.on_busy),
             group,
-            setup: args.setup,
-            teardown: args.teardown,
-            teardown_timeout: args.teardown_timeout,
+            setup: args.setup.or(cfg.setup.clone()),
+            teardown: args.teardown.or(cfg.teardown.clone()),
+            teardown_timeout: settings.teardown_timeout(args.teardown_timeout),
             keep_run_dir: args.keep_run_dir,
-            slots: args.slots,
+            slots: args.slots.or(cfg.slots),
+            env_policy: EnvPolicy::from_config(cfg),
+            run_as,
+            limits: cfg.limits.clone(),
             summary_json: args.summary_json,
             program,
             command: rest.to_vec(),
@@ -158,10 +173,13 @@ pub fn app_lock_path(lock_dir: &Path, app: &Domain) -> PathBuf {
 
 /// `tether run`. Returns the exit code.
 pub fn run(args: RunArgs) -> i32 {
-    output::init(args.log_format, args.quiet, args.verbose);
+    output::init(
+        args.log_format.unwrap_or_default(),
+        args.quiet,
+        args.verbose,
+    );
     let app_text = args.app.clone();
     let summary_json = args.summary_json.clone();
-    let deadline = args.deadline;
 
     // 1. Lifetime guards, before anything else is done.
     let funnel = match lifetime::split() {
@@ -172,10 +190,17 @@ pub fn run(args: RunArgs) -> i32 {
         }
     };
     let started = Instant::now();
-    funnel.arm_deadline(deadline);
 
     // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
-    let plan = match Plan::resolve(args) {
+    let resolved = crate::config::load(args.config.as_deref()).and_then(|cfg| {
+        if let (None, Some(f)) = (args.log_format, cfg.log_format) {
+            output::set_format(f);
+        }
+        let deadline = Settings::new(&cfg).deadline(args.deadline);
+        funnel.arm_deadline(deadline);
+        Plan::resolve(args, &cfg)
+    });
+    let plan = match resolved {
         Ok(p) => p,
         Err(e) => {
             output::error(&e.message);
@@ -366,9 +391,78 @@ impl Run {
                 &format!("no cgroup for this run ({why}); using process group + descendants"),
             ),
         }
+        self.apply_limits();
+        self.prepare_run_as_dirs()?;
         self.record.lock_wait_ms = Some(self.lock_wait.as_millis() as u64);
         self.set_state(State::Running);
         self.touched = true;
+        Ok(())
+    }
+
+    /// `limits` (SPEC §10, issue 5): cgroup controllers where available, rlimits for nofile and
+    /// nproc (set in the child). Each limit that cannot be applied gets one warning.
+    fn apply_limits(&self) {
+        let l = &self.plan.limits;
+        let wants_cgroup = l.memory.is_some() || l.pids.is_some() || l.cpu.is_some();
+        if !wants_cgroup {
+            return;
+        }
+        let warnings = match &self.cgroup {
+            Some(cg) => cg.apply_limits(l),
+            None => [
+                ("memory", l.memory.is_some()),
+                ("pids", l.pids.is_some()),
+                ("cpu", l.cpu.is_some()),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| format!("limits.{name} not applied: this run has no cgroup"))
+            .collect(),
+        };
+        for w in warnings {
+            output::warn("limits", &w);
+        }
+    }
+
+    /// `run_env` dirs under the run dir are created (and, with `run_as`, owned by that user,
+    /// like `tmp/`); the run dir becomes traversable (0711) so the user can reach them, while
+    /// `run.json` stays owner-only.
+    fn prepare_run_as_dirs(&self) -> Result<(), Stop> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let base = dir.path().to_owned();
+        let slot = self.slot.as_ref().map(|s| s.label()).unwrap_or_default();
+        let base_text = base.display().to_string();
+        let vars = RunVars {
+            run_dir: &base_text,
+            run_id: self.plan.run_id.as_str(),
+            app: self.plan.app.as_str(),
+            slot: &slot,
+        };
+        let mut dirs_for_user = vec![dir.tmp_path()];
+        for (_, value) in self.plan.env_policy.expanded_run_env(&vars) {
+            let p = PathBuf::from(&value);
+            if p.starts_with(&base) && p != base {
+                std::fs::create_dir_all(&p)
+                    .map_err(|e| Stop::Fail(Error::path("cannot create run_env dir", &p, e)))?;
+                dirs_for_user.push(p);
+            }
+        }
+        if let Some(id) = &self.plan.run_as {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| Stop::Fail(Error::path("cannot chmod run dir", &base, e)))?;
+            for p in dirs_for_user {
+                nix::unistd::chown(&p, Some(id.uid), Some(id.gid)).map_err(|e| {
+                    Stop::Fail(Error::tether(format!(
+                        "cannot chown {} to {}: {e}",
+                        p.display(),
+                        id.user
+                    )))
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -654,32 +748,34 @@ impl Run {
         }
     }
 
-    /// The command's environment (SPEC §6.1).
-    fn command_env(&self) -> Vec<(OsString, OsString)> {
+    /// The run's environment (SPEC §6.1). `for_command` applies `env.allow` and, under
+    /// `run_as`, the target user's HOME/USER/LOGNAME; setup and teardown get tether's side.
+    fn run_env(&self, for_command: bool) -> Vec<(OsString, OsString)> {
         let dir = rundir::path_of(&self.plan.runs_dir, &self.plan.run_id);
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| {
-                !matches!(
-                    k.to_str(),
-                    Some(
-                        "TETHER_APP"
-                            | "TETHER_RUN_ID"
-                            | "TETHER_RUN_DIR"
-                            | "TETHER_RUN_TOKEN"
-                            | "TETHER_REASON"
-                            | "TETHER_EXIT_CODE"
-                            | "TETHER_SLOT"
-                            | "TMPDIR"
-                    )
-                )
-            })
-            .collect();
-        env.push(("TETHER_APP".into(), self.plan.app.as_str().into()));
-        env.push(("TETHER_RUN_ID".into(), self.plan.run_id.as_str().into()));
-        env.push(("TETHER_RUN_DIR".into(), dir.clone().into_os_string()));
-        env.push(("TMPDIR".into(), dir.join(rundir::TMP_DIR).into_os_string()));
-        if let Some(slot) = &self.slot {
-            env.push(("TETHER_SLOT".into(), slot.label().into()));
+        let dir_text = dir.display().to_string();
+        let slot = self.slot.as_ref().map(|s| s.label()).unwrap_or_default();
+        let vars = RunVars {
+            run_dir: &dir_text,
+            run_id: self.plan.run_id.as_str(),
+            app: self.plan.app.as_str(),
+            slot: &slot,
+        };
+        let mut env = self.plan.env_policy.build(for_command, &vars);
+        environment::set(&mut env, "TETHER_APP", self.plan.app.as_str().into());
+        environment::set(&mut env, "TETHER_RUN_ID", self.plan.run_id.as_str().into());
+        environment::set(&mut env, "TETHER_RUN_DIR", dir.clone().into_os_string());
+        environment::set(
+            &mut env,
+            "TMPDIR",
+            dir.join(rundir::TMP_DIR).into_os_string(),
+        );
+        if self.slot.is_some() {
+            environment::set(&mut env, "TETHER_SLOT", slot.clone().into());
+        }
+        if let (true, Some(id)) = (for_command, &self.plan.run_as) {
+            environment::set(&mut env, "HOME", id.home.clone().into_os_string());
+            environment::set(&mut env, "USER", id.user.clone().into());
+            environment::set(&mut env, "LOGNAME", id.user.clone().into());
         }
         env
     }
@@ -687,14 +783,14 @@ impl Run {
     /// Steps 8–9: setup, then the command; wait for it or for the funnel.
     fn supervise(&mut self) -> Cause {
         self.command_started = Some(Instant::now());
-        let mut env = self.command_env();
-        if let Some(token) = &self.record.meta.token {
-            env.push(("TETHER_RUN_TOKEN".into(), token.into()));
-        }
+        let token = self.record.meta.token.clone().unwrap_or_default();
         if let Some(setup) = self.plan.setup.clone() {
+            // Setup is tether's side: the invoking user, the full environment.
+            let mut env = self.run_env(false);
+            environment::set(&mut env, "TETHER_RUN_TOKEN", token.clone().into());
             let sh = PathBuf::from("/bin/sh");
             let args = [OsString::from("-c"), OsString::from(setup)];
-            match self.supervise_one(&sh, &args, &env) {
+            match self.supervise_one(&sh, &args, &env, false) {
                 Cause::Exited(0) => {}
                 Cause::Exited(code) => {
                     output::warn(
@@ -708,9 +804,11 @@ impl Run {
                 other => return other,
             }
         }
+        let mut env = self.run_env(true);
+        environment::set(&mut env, "TETHER_RUN_TOKEN", token.into());
         let program = self.plan.program.clone();
         let args = self.plan.command.clone();
-        self.supervise_one(&program, &args, &env)
+        self.supervise_one(&program, &args, &env, true)
     }
 
     fn supervise_one(
@@ -718,8 +816,19 @@ impl Run {
         program: &Path,
         args: &[OsString],
         env: &[(OsString, OsString)],
+        is_command: bool,
     ) -> Cause {
         let procs_fd = self.cgroup.as_ref().and_then(|c| c.procs_writer().ok());
+        let rlimits = if is_command {
+            rlimits_of(&self.plan.limits)
+        } else {
+            Vec::new()
+        };
+        let identity = if is_command {
+            self.plan.run_as.as_ref()
+        } else {
+            None
+        };
         let spec = SpawnSpec {
             program,
             args,
@@ -727,6 +836,8 @@ impl Run {
             cwd: None,
             cgroup_procs: procs_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             core_pid: std::process::id() as i32,
+            identity,
+            rlimits: &rlimits,
         };
         let child = match spawn::spawn(&spec) {
             Ok(c) => c,
@@ -808,7 +919,7 @@ impl Run {
         }
 
         let outcome = self.plan.teardown.clone().map(|script| {
-            let mut env = self.command_env();
+            let mut env = self.run_env(false);
             env.push(("TETHER_REASON".into(), cause.reason().into()));
             env.push((
                 "TETHER_EXIT_CODE".into(),
@@ -950,6 +1061,18 @@ impl Run {
             }
         }
     }
+}
+
+/// `limits.nofile` / `limits.nproc` as setrlimit pairs for the command.
+fn rlimits_of(limits: &crate::config::Limits) -> Vec<(libc::__rlimit_resource_t, u64)> {
+    let mut out = Vec::new();
+    if let Some(n) = limits.nofile {
+        out.push((libc::RLIMIT_NOFILE, n));
+    }
+    if let Some(n) = limits.nproc {
+        out.push((libc::RLIMIT_NPROC, n));
+    }
+    out
 }
 
 /// The funnel's line for the cause (SPEC §7).

@@ -23,6 +23,10 @@ pub struct SpawnSpec<'a> {
     pub cgroup_procs: Option<RawFd>,
     /// The core's pid: if the child's parent is no longer this, the core died mid-fork.
     pub core_pid: i32,
+    /// Drop to this user (run_as) before exec.
+    pub identity: Option<&'a crate::identity::Identity>,
+    /// `(resource, limit)` pairs set with setrlimit before exec.
+    pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
 }
 
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
@@ -37,6 +41,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     }
     let core_pid = spec.core_pid;
     let cgroup = spec.cgroup_procs;
+    // Everything the child needs is allocated here, before fork.
+    let creds = spec.identity.map(|id| {
+        let groups: Vec<libc::gid_t> = id.groups.iter().map(|g| g.as_raw()).collect();
+        (groups, id.gid.as_raw(), id.uid.as_raw())
+    });
+    let rlimits: Vec<(libc::__rlimit_resource_t, u64)> = spec.rlimits.to_vec();
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
     // functions on values captured by copy.
     unsafe {
@@ -45,6 +55,24 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
                 // Best effort: the process-group/descendant fallback still covers us.
                 libc::write(fd, b"0".as_ptr().cast(), 1);
             }
+            for &(resource, value) in &rlimits {
+                let lim = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::setrlimit(resource, &lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((groups, gid, uid)) = &creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // After any credential change: changing credentials clears PDEATHSIG.
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,

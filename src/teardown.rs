@@ -55,6 +55,8 @@ pub fn run_shell(
         cwd,
         cgroup_procs: None,
         core_pid: std::process::id() as i32,
+        identity: None,
+        rlimits: &[],
     };
     let child = match spawn::spawn(&spec) {
         Ok(c) => c,

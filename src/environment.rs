@@ -1,0 +1,101 @@
+//! What the command's environment is (SPEC §6.1): the parent's (or only the names `env.allow`
+//! lets through), plus tether's own variables, `env.set`, and `run_env` templated per run.
+//!
+//! The failure this closes: a secret meant for the teardown or the PR-comment reporter (a
+//! forge token) leaking into a test command that prints its environment. With `env.allow`
+//! only listed names pass; the report token's variable never passes unless allowed by name.
+
+use crate::config::{self, Config};
+use std::ffi::OsString;
+
+/// Names tether itself sets; an inherited value must never shadow them.
+const OWN: &[&str] = &[
+    "TETHER_APP",
+    "TETHER_RUN_ID",
+    "TETHER_RUN_DIR",
+    "TETHER_RUN_TOKEN",
+    "TETHER_REASON",
+    "TETHER_EXIT_CODE",
+    "TETHER_SLOT",
+    "TMPDIR",
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct EnvPolicy {
+    pub allow: Option<Vec<String>>,
+    pub set: Vec<(String, String)>,
+    pub run_env: Vec<(String, String)>,
+    /// Variables only tether's own side may see (the report token).
+    pub secrets: Vec<String>,
+}
+
+/// The values `run_env` templates expand to.
+pub struct RunVars<'a> {
+    pub run_dir: &'a str,
+    pub run_id: &'a str,
+    pub app: &'a str,
+    pub slot: &'a str,
+}
+
+impl EnvPolicy {
+    pub fn from_config(cfg: &Config) -> EnvPolicy {
+        EnvPolicy {
+            allow: cfg.env_allow.clone(),
+            set: cfg.env_set.clone(),
+            run_env: cfg.run_env.clone(),
+            secrets: cfg
+                .report
+                .as_ref()
+                .and_then(|r| r.comment.as_ref())
+                .map(|c| vec![c.token_env.clone()])
+                .unwrap_or_default(),
+        }
+    }
+
+    fn passes(&self, name: &str, for_command: bool) -> bool {
+        if OWN.contains(&name) {
+            return false;
+        }
+        if !for_command {
+            return true;
+        }
+        match &self.allow {
+            Some(globs) => globs.iter().any(|g| config::glob_match(g, name)),
+            None => !self.secrets.iter().any(|s| s == name),
+        }
+    }
+
+    /// The environment before tether's own variables: filtered parent env, `env.set` and the
+    /// expanded `run_env`. `for_command` applies the allow-list (setup and teardown are
+    /// tether's side and see everything).
+    pub fn build(&self, for_command: bool, vars: &RunVars<'_>) -> Vec<(OsString, OsString)> {
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| k.to_str().is_some_and(|k| self.passes(k, for_command)))
+            .collect();
+        for (k, v) in &self.set {
+            set(&mut env, k, v.into());
+        }
+        for (k, v) in self.expanded_run_env(vars) {
+            set(&mut env, &k, v.into());
+        }
+        env
+    }
+
+    pub fn expanded_run_env(&self, vars: &RunVars<'_>) -> Vec<(String, String)> {
+        self.run_env
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    config::expand(v, vars.run_dir, vars.run_id, vars.app, vars.slot),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Set or replace `name`.
+pub fn set(env: &mut Vec<(OsString, OsString)>, name: &str, value: OsString) {
+    env.retain(|(k, _)| k != name);
+    env.push((name.into(), value));
+}
