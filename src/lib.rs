@@ -21,6 +21,7 @@ pub mod proc_locks;
 pub mod procfs;
 pub mod reconcile;
 pub mod record;
+pub mod report;
 pub mod run;
 pub mod rundir;
 pub mod settings;

@@ -58,6 +58,7 @@ struct Plan {
     env_policy: EnvPolicy,
     run_as: Option<crate::identity::Identity>,
     limits: crate::config::Limits,
+    report: Option<crate::config::Report>,
     summary_json: Option<PathBuf>,
     program: PathBuf,
     command: Vec<OsString>,
@@ -157,6 +158,7 @@ impl Plan {
             env_policy: EnvPolicy::from_config(cfg),
             run_as,
             limits: cfg.limits.clone(),
+            report: cfg.report.clone(),
             summary_json: args.summary_json,
             program,
             command: rest.to_vec(),
@@ -1016,6 +1018,10 @@ impl Run {
             ci: self.plan.ci.clone(),
         };
         summary.publish(self.plan.summary_json.as_deref());
+        // After teardown and after the exit code is fixed: reporting cannot change either.
+        if let Some(r) = &self.plan.report {
+            crate::report::publish(r, &summary);
+        }
         let _ = self.started;
         exit
     }

@@ -23,6 +23,8 @@ pub struct AppLock {
     pub waiters: usize,
     pub age_s: Option<u64>,
     pub state: Option<String>,
+    /// The holder's CI origin (system, repo, PR, commit, link).
+    pub ci: Option<crate::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +41,7 @@ pub struct RunDirStatus {
     pub app: Option<String>,
     pub state: Option<String>,
     pub pid: Option<i32>,
+    pub ci: Option<crate::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +115,7 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
                 .filter(|_| holder.is_some())
                 .map(|m| unix_now().saturating_sub(m.started_at)),
             state: meta.as_ref().map(|m| m.state.as_str().to_owned()),
+            ci: meta.as_ref().and_then(|m| m.ci.clone()),
         });
     }
     let mut runs = Vec::new();
@@ -141,6 +145,7 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
             app: rec.as_ref().map(|r| r.meta.app.clone()),
             state: rec.as_ref().map(|r| r.meta.state.as_str().to_owned()),
             pid: holder,
+            ci: rec.as_ref().and_then(|r| r.meta.ci.clone()),
         });
     }
     Status { apps, slots, runs }
@@ -180,13 +185,27 @@ impl Status {
             out.push_str("  (none)\n");
         }
         for r in &self.runs {
+            let ci =
+                r.ci.as_ref()
+                    .map(|c| {
+                        format!(
+                            " ci={}:{}{}",
+                            c.system,
+                            c.repo.clone().unwrap_or_else(|| "-".into()),
+                            c.pr.as_ref()
+                                .map(|p| format!("#pr-{p}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .unwrap_or_default();
             out.push_str(&format!(
-                "  {:<40} {:<12} app={} state={}{}\n",
+                "  {:<40} {:<12} app={} state={}{}{}\n",
                 r.run_id,
                 r.status,
                 r.app.clone().unwrap_or_else(|| "-".into()),
                 r.state.clone().unwrap_or_else(|| "-".into()),
                 r.pid.map(|p| format!(" pid={p}")).unwrap_or_default(),
+                ci,
             ));
         }
         out
