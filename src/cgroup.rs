@@ -69,9 +69,11 @@ pub struct RunCgroup {
 }
 
 impl RunCgroup {
-    /// Create a cgroup for `run_id`: first `<mount>/tether/<run-id>` (where a root operator
-    /// can later enable controllers), then `<mount><own cgroup>/tether-<run-id>` (a delegated
-    /// subtree). `Err` carries why none could be made.
+    /// Create a cgroup named `name` (the run's token `<run-id>.<pid>.<start>`: run ids are
+    /// only unique within one runs dir, so two live runs must never share a cgroup): first
+    /// `<mount>/tether/<name>` (where a root operator can enable controllers), then
+    /// `<mount><own cgroup>/tether-<name>` (a delegated subtree). `Err` says why none could
+    /// be made.
     pub fn create(run_id: &str) -> Result<RunCgroup, String> {
         let mount = mount_point().ok_or("no cgroup2 mount in /proc/self/mountinfo")?;
         let mut tried = Vec::new();
@@ -231,12 +233,8 @@ fn create_dir(path: &Path) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    match std::fs::create_dir(path) {
-        Ok(()) => {}
-        // A dead run of the same id left it: reuse it (reconcile emptied it first).
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
+    // Never adopt an existing cgroup: it belongs to another run instance.
+    std::fs::create_dir(path)?;
     // Writable cgroup.procs is what we actually need.
     OpenOptions::new()
         .write(true)

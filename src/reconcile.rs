@@ -63,9 +63,13 @@ impl Reaper<'_> {
         let raw_len = file.metadata().map(|m| m.len()).unwrap_or(0);
         match record::read_meta(file) {
             Some(meta) if meta.state != State::Clean && Some(meta.run_id.as_str()) != own => {
-                let dead = self.dead_from_meta(meta, runs_dir);
-                self.reap(dead)?;
-                count += 1;
+                // Already reaped in this pass (e.g. through its run dir when its id was reused):
+                // only the stale metadata is left to mark.
+                if !self.reaped.contains(&meta.run_id) {
+                    let dead = self.dead_from_meta(meta, runs_dir);
+                    self.reap(dead)?;
+                    count += 1;
+                }
                 mark_meta_clean(app_lock);
             }
             Some(_) => {}

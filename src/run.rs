@@ -380,7 +380,8 @@ impl Run {
         let cgroup = if std::env::var_os("TETHER_NO_CGROUP").is_some_and(|v| v == "1") {
             Err("TETHER_NO_CGROUP=1".to_string())
         } else {
-            RunCgroup::create(self.plan.run_id.as_str())
+            let name = self.record.meta.token.clone().unwrap_or_default();
+            RunCgroup::create(&name)
         };
         match cgroup {
             Ok(cg) => {

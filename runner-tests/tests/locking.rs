@@ -1,0 +1,812 @@
+//! Per-app serialization, lock hygiene and reconcile, against the real kernel (SPEC §2–§4, §3.6).
+//!
+//! Every test drives the real `tether` binary with real flocks. Orderings are never hoped for:
+//! a waiter is proven blocked in the kernel (`/proc/locks`) before its holder is released, a
+//! holder's command waits for a release marker the test creates, and commands announce what
+//! they did in marker files or an `O_APPEND` log. Shell-side waits are bounded loops (they give
+//! up with status 99), so a broken tether fails a test instead of hanging it.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use runner_tests::{
+    flock_waiters, helper_bin, lock_is_free, pid_alive, pid_comm, proc_info, read_fd_listing,
+    shell_quote, wait_all_gone, wait_file, wait_flock_waiters, wait_line, wait_pids, wait_until,
+    Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+};
+
+/// Shell snippet: wait (polling, bounded to ~30 s) until the file named by the shell word `word`
+/// exists; `exit 99` if it never does.
+fn sh_wait_for(word: &str) -> String {
+    format!(
+        "i=0; while [ ! -e {word} ]; do i=$((i+1)); \
+         if [ $i -gt 3000 ]; then exit 99; fi; sleep 0.01; done"
+    )
+}
+
+/// A run id unique to this sandbox: `<name>-<sandbox suffix>`. Run ids must not collide with
+/// those of tests running at the same time in other sandboxes (see
+/// `tree_and_exit::same_run_id_in_two_runs_dirs_is_isolated`).
+fn rid(sb: &Sandbox, name: &str) -> String {
+    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
+    let suffix = root.rsplit('-').next().unwrap_or_default();
+    format!("{name}-{suffix}")
+}
+
+fn touch(path: &Path) {
+    fs::write(path, b"").unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+}
+
+/// Complete lines of a log file written by commands.
+fn log_lines(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..end].lines().map(str::to_owned).collect()
+}
+
+/// Waits until the app lock of `domain` carries the metadata of run `id` in state `running`;
+/// returns the holder's pid from it (the core's pid, CLI-CONTRACT).
+fn wait_holder_pid(sb: &Sandbox, domain: &str, id: &str) -> i32 {
+    let mut pid = None;
+    wait_until(
+        &format!("lock metadata of {domain} naming run {id} as running"),
+        TIMEOUT,
+        || {
+            pid = sb.lock_metadata(domain).and_then(|m| {
+                (m["run_id"] == id && m["state"] == "running").then(|| m["pid"].as_i64())?
+            });
+            pid.is_some()
+        },
+    );
+    pid.unwrap_or_default() as i32
+}
+
+/// The `pid` of run `id`'s record once its state is `state`.
+fn wait_record_pid(sb: &Sandbox, id: &str, state: &str) -> i32 {
+    let mut pid = None;
+    wait_until(
+        &format!("run.json of {id} in state {state}"),
+        TIMEOUT,
+        || {
+            pid = sb
+                .run_record(id)
+                .and_then(|r| (r["state"] == state).then(|| r["pid"].as_i64())?);
+            pid.is_some()
+        },
+    );
+    pid.unwrap_or_default() as i32
+}
+
+/// A recursive description of everything under `root` (names, kinds, modes, sizes, inodes,
+/// mtimes, symlink targets and the content of small files): equal snapshots mean nothing was
+/// created, removed or written.
+fn snapshot(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                out.push(format!("{rel} (vanished)"));
+                continue;
+            };
+            let mut line = format!(
+                "{rel} mode={:o} len={} ino={} mtime={}.{}",
+                meta.mode(),
+                meta.len(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            );
+            if meta.file_type().is_symlink() {
+                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+            } else if meta.len() < 65536 {
+                line.push_str(&format!(
+                    " content={:?}",
+                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default())
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Names in a directory, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Index of the first stderr line containing every one of `parts`.
+fn line_index(f: &Finished, parts: &[&str]) -> Option<usize> {
+    f.stderr
+        .lines()
+        .position(|l| parts.iter().all(|p| l.contains(p)))
+}
+
+/// SPEC §1.1, §3.1 step 4: four runs of one app take turns; each waiter is proven blocked in
+/// `flock` before the holder is let go, says whom it waits for, and says when it got the lock.
+#[test]
+fn same_app_runs_never_overlap() {
+    let sb = Sandbox::new();
+    let app = "serial.example.org";
+    let lock = sb.lock_path(app);
+    let log = sb.mark("turns.log");
+    let release = sb.mark("release");
+    fs::create_dir(&release).expect("creating the release dir");
+    let wait = sh_wait_for(&format!("{}/\"$TETHER_RUN_ID\"", shell_quote(&release)));
+    let log_q = shell_quote(&log);
+    let script = format!(
+        r#"echo "start $TETHER_RUN_ID" >> {log_q}; {wait}; echo "end $TETHER_RUN_ID" >> {log_q}"#
+    );
+    let run = |id: &str| {
+        sb.tether_run()
+            .app(app)
+            .run_id(id)
+            .command(["sh", "-c", &script])
+            .spawn()
+    };
+
+    let ids: Vec<String> = (0..4).map(|n| rid(&sb, &format!("r{n}"))).collect();
+    let r0 = ids[0].as_str();
+    let mut first = run(r0);
+    wait_line(&log, &format!("start {r0}"), TIMEOUT);
+    let core0 = wait_holder_pid(&sb, app, r0);
+    assert_eq!(
+        core0,
+        first.wait_core_pid(TIMEOUT),
+        "the lock metadata's pid is r0's core"
+    );
+    let mut waiters: Vec<(String, RunningTether)> = ids[1..]
+        .iter()
+        .map(|id| (id.to_string(), run(id)))
+        .collect();
+    wait_flock_waiters(&lock, 3, TIMEOUT);
+
+    let mut order: Vec<String> = Vec::new();
+    for k in 0..4 {
+        runner_tests::wait_count(&log, "start ", k + 1, TIMEOUT);
+        let lines = log_lines(&log);
+        let holder = lines
+            .last()
+            .and_then(|l| l.strip_prefix("start "))
+            .unwrap_or_else(|| panic!("turn {k}: the log does not end in a start: {lines:?}"))
+            .to_owned();
+        assert_eq!(
+            lines.len(),
+            2 * k + 1,
+            "turn {k}: runs overlap (log {lines:?})"
+        );
+        assert!(
+            !order.contains(&holder),
+            "{holder} ran twice (log {lines:?})"
+        );
+        // Everyone else is blocked in the kernel while `holder` runs, and nobody started.
+        if k < 3 {
+            wait_flock_waiters(&lock, 3 - k, TIMEOUT);
+        }
+        assert_eq!(
+            log_lines(&log),
+            lines,
+            "a run started while {holder} held the app"
+        );
+        touch(&release.join(&holder));
+        wait_line(&log, &format!("end {holder}"), TIMEOUT);
+        order.push(holder);
+    }
+    assert_eq!(order[0], r0, "the first holder goes first");
+
+    first.wait_exit(TIMEOUT).assert_code(0);
+    let mut finished = Vec::new();
+    for (id, waiter) in &mut waiters {
+        let f = waiter.wait_exit(TIMEOUT);
+        f.assert_code(0);
+        finished.push((id.clone(), f));
+    }
+
+    let expected: Vec<String> = order
+        .iter()
+        .flat_map(|id| [format!("start {id}"), format!("end {id}")])
+        .collect();
+    assert_eq!(
+        log_lines(&log),
+        expected,
+        "strictly alternating start/end pairs"
+    );
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids);
+
+    for (id, f) in &finished {
+        let held_by = format!("tether: app lock {app}: held by run {r0} (pid {core0}, ");
+        let waiting = line_index(f, &[&held_by, "— waiting"])
+            .unwrap_or_else(|| panic!("{id}: no waiting line naming {r0} and pid {core0}\n{f}"));
+        let acquired = line_index(f, &[&format!("tether: app lock {app}: acquired after ")])
+            .unwrap_or_else(|| panic!("{id}: no acquired line\n{f}"));
+        assert!(waiting < acquired, "{id}: waiting before acquired\n{f}");
+    }
+    assert!(lock_is_free(&lock));
+}
+
+/// SPEC §1.1: runs of different apps proceed in parallel — each command waits for the other's
+/// marker, so both can only succeed if they run at the same time.
+#[test]
+fn different_apps_overlap() {
+    let sb = Sandbox::new();
+    let (mark_a, mark_b) = (sb.mark("a.started"), sb.mark("b.started"));
+    let cmd = |mine: &Path, other: &Path| {
+        format!(
+            "touch {}; {}",
+            shell_quote(mine),
+            sh_wait_for(&shell_quote(other))
+        )
+    };
+    let script_a = cmd(&mark_a, &mark_b);
+    let script_b = cmd(&mark_b, &mark_a);
+    let mut a = sb
+        .tether_run()
+        .app("a.example.org")
+        .run_id(rid(&sb, "run-a"))
+        .command(["sh", "-c", &script_a])
+        .spawn();
+    let mut b = sb
+        .tether_run()
+        .app("b.example.org")
+        .run_id(rid(&sb, "run-b"))
+        .command(["sh", "-c", &script_b])
+        .spawn();
+    let fa = a.wait_exit(TIMEOUT);
+    let fb = b.wait_exit(TIMEOUT);
+    for f in [&fa, &fb] {
+        f.assert_code(0)
+            .assert_stderr_lacks("held by")
+            .assert_stderr_contains("result=passed");
+    }
+}
+
+/// Starts a holder run of `app` whose command touches `started` and then waits for `release`;
+/// returns it once it holds the app, with its core pid (from the lock metadata).
+fn start_holder(
+    sb: &Sandbox,
+    app: &str,
+    id: &str,
+    release: &Path,
+    extra: &[&str],
+) -> (RunningTether, i32) {
+    let started = sb.fresh_mark("holder.started");
+    let script = format!(
+        "touch {}; {}",
+        shell_quote(&started),
+        sh_wait_for(&shell_quote(release))
+    );
+    let holder = sb
+        .tether_run()
+        .app(app)
+        .run_id(id)
+        .args(extra)
+        .command(["sh", "-c", &script])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    let core = wait_holder_pid(sb, app, id);
+    assert_eq!(
+        core,
+        holder.wait_core_pid(TIMEOUT),
+        "metadata pid is the core's"
+    );
+    assert_ne!(core, holder.pid(), "the core is not the front");
+    (holder, core)
+}
+
+/// SPEC §7, CLI-CONTRACT: the waiting line names the holder's run id and core pid, and is
+/// repeated every `--wait-progress-interval`.
+#[test]
+fn waiting_line_names_holder_and_repeats() {
+    let sb = Sandbox::new();
+    let app = "progress.example.org";
+    let release = sb.mark("release");
+    let holder_id = rid(&sb, "holder");
+    let (mut holder, core) = start_holder(&sb, app, &holder_id, &release, &[]);
+
+    let mut waiter = sb
+        .tether_run()
+        .app(app)
+        .run_id(rid(&sb, "waiter"))
+        .args(["--wait-progress-interval", "300ms"])
+        .command(["true"])
+        .spawn();
+    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    // With the default 60 s interval a second line could not come this soon.
+    waiter.wait_count("— waiting", 2, Duration::from_secs(10));
+    assert!(
+        !flock_waiters(sb.lock_path(app)).is_empty(),
+        "still blocked in the kernel"
+    );
+
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    let f = waiter.wait_exit(TIMEOUT);
+    f.assert_code(0);
+    let lines = f.stderr_lines("— waiting");
+    assert!(lines.len() >= 2, "at least two waiting lines\n{f}");
+    let held_by = format!("tether: app lock {app}: held by run {holder_id} (pid {core}, ");
+    for line in &lines {
+        assert!(
+            line.starts_with(&held_by) && line.ends_with(") — waiting"),
+            "waiting line {line:?} should start with {held_by:?}\n{f}"
+        );
+    }
+    f.assert_stderr_contains(&format!("tether: app lock {app}: acquired after "));
+}
+
+/// SPEC §2, §4.1: two runs of one app have distinct run dirs; the waiting run is `queued` in
+/// its own run dir and touches neither the holder's run dir nor the holder's lock metadata.
+#[test]
+fn waiting_run_never_touches_the_holders_run_dir() {
+    let sb = Sandbox::new();
+    let app = "dirs.example.org";
+    let release = sb.mark("release");
+    let (holder_id, waiter_id) = (rid(&sb, "holder"), rid(&sb, "waiter"));
+    let (mut holder, _core) = start_holder(&sb, app, &holder_id, &release, &[]);
+    let holder_dir = sb.run_dir(&holder_id);
+    let before = snapshot(&holder_dir);
+    assert!(
+        before.iter().any(|l| l.starts_with("run.json ")),
+        "holder run dir has run.json: {before:#?}"
+    );
+    let meta_before = fs::read(sb.lock_path(app)).expect("reading the lock metadata");
+
+    let mut waiter = sb
+        .tether_run()
+        .app(app)
+        .run_id(&waiter_id)
+        .command(["true"])
+        .spawn();
+    let waiters = wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    waiter.wait_line("— waiting", TIMEOUT);
+    let waiter_core = waiter.wait_core_pid(TIMEOUT);
+    assert_eq!(
+        waiters,
+        vec![waiter_core],
+        "the waiter's core is the one blocked"
+    );
+
+    let record = sb
+        .run_record(&waiter_id)
+        .expect("the waiter's run.json exists while it waits");
+    assert_eq!(record["state"], "queued", "waiter record: {record}");
+    assert_eq!(record["pid"], waiter_core, "waiter record: {record}");
+    assert_ne!(sb.run_dir(&waiter_id), holder_dir);
+    assert_eq!(
+        snapshot(&holder_dir),
+        before,
+        "the waiter changed the holder's run dir"
+    );
+    assert_eq!(
+        fs::read(sb.lock_path(app)).expect("reading the lock metadata"),
+        meta_before,
+        "the waiter changed the holder's lock metadata"
+    );
+
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    waiter.wait_exit(TIMEOUT).assert_code(0);
+    assert_eq!(names(&sb.runs_dir()), Vec::<String>::new());
+}
+
+/// SPEC §3.1 step 3, §3.4: a second run with the id of a live run is refused with the first's
+/// core pid, exit 125, runs nothing and leaves the first alone; the first finishes normally.
+#[test]
+fn same_run_id_twice_is_refused() {
+    let sb = Sandbox::new();
+    let app = "first.example.org";
+    let release = sb.mark("release");
+    let dup = rid(&sb, "dup");
+    let (mut first, core) = start_holder(&sb, app, &dup, &release, &[]);
+    let dir = sb.run_dir(&dup);
+    let before = snapshot(&dir);
+
+    let marker = sb.mark("second.ran");
+    let second_app = "second.example.org";
+    let f = sb
+        .tether_run()
+        .app(second_app)
+        .run_id(&dup)
+        .command(["touch", marker.to_str().unwrap()])
+        .timeout(Duration::from_secs(20))
+        .run();
+    f.assert_code(125)
+        .assert_stderr_contains(&format!("run id {dup} is in use by pid {core}"));
+    assert!(!marker.exists(), "the second run ran its command\n{f}");
+    assert!(
+        !sb.lock_path(second_app).exists(),
+        "the refused run created a lockfile\n{f}"
+    );
+    assert_eq!(
+        snapshot(&dir),
+        before,
+        "the refused run touched the run dir"
+    );
+    assert!(first.is_running(), "the first run is still running");
+
+    touch(&release);
+    let ff = first.wait_exit(TIMEOUT);
+    ff.assert_code(0).assert_stderr_contains("result=passed");
+    assert!(!dir.exists(), "the first run removed its run dir");
+}
+
+fn assert_no_lock_fds(listing: &[(i32, String)], sb: &Sandbox, whose: &str) {
+    let locks = sb.lock_dir();
+    for (fd, target) in listing {
+        assert!(
+            !Path::new(target).starts_with(&locks) && !target.ends_with("/run.lock"),
+            "{whose} inherited fd {fd} -> {target}: {listing:?}"
+        );
+    }
+}
+
+/// SPEC §3.1: neither the app lock fd nor the run.lock fd reach the command or the teardown
+/// command, so a daemon the command leaves behind cannot keep the app locked (and it is killed
+/// at teardown anyway).
+#[test]
+fn lock_fds_are_not_inherited_and_a_daemon_does_not_keep_the_lock() {
+    let sb = Sandbox::new();
+    let app = "fds.example.org";
+    let fdl = helper_bin!("fd-lister");
+    let (cmd_fds, td_fds) = (sb.mark("command.fds"), sb.mark("teardown.fds"));
+    let daemon_file = sb.mark("daemon.pid");
+    let release = sb.mark("release");
+    let script = format!(
+        "{} --out {}; \
+         DP={} setsid sh -c 'echo $$ > \"$DP.tmp\" && mv \"$DP.tmp\" \"$DP\" && exec sleep 1000' \
+         </dev/null >/dev/null 2>&1 & {}",
+        shell_quote(&fdl),
+        shell_quote(&cmd_fds),
+        shell_quote(&daemon_file),
+        sh_wait_for(&shell_quote(&release))
+    );
+    let mut run = sb
+        .tether_run()
+        .app(app)
+        .run_id(rid(&sb, "fds"))
+        .teardown(format!(
+            "{} --out {}",
+            shell_quote(&fdl),
+            shell_quote(&td_fds)
+        ))
+        .command(["sh", "-c", &script])
+        .spawn();
+
+    let daemon = wait_pids(&daemon_file, TIMEOUT)[0];
+    sb.guard().pid(daemon);
+    wait_until("the daemon to exec sleep", TIMEOUT, || {
+        pid_comm(daemon).as_deref() == Some("sleep")
+    });
+    let info = proc_info(daemon).expect("the daemon exists");
+    assert_eq!(
+        info.sid, daemon,
+        "the daemon leads its own session: {info:?}"
+    );
+    let daemon_fds: Vec<(i32, String)> = fs::read_dir(format!("/proc/{daemon}/fd"))
+        .expect("listing the daemon's fds")
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, fs::read_link(e.path()).ok()?.display().to_string()))
+        })
+        .collect();
+    assert_no_lock_fds(&daemon_fds, &sb, "the daemon");
+    wait_file(&cmd_fds, TIMEOUT);
+
+    touch(&release);
+    let f = run.wait_exit(TIMEOUT);
+    f.assert_code(0);
+    assert!(
+        lock_is_free(sb.lock_path(app)),
+        "the app lock is free after tether exited\n{f}"
+    );
+    assert!(
+        !pid_alive(daemon),
+        "the daemon outlived the run: {:?}\n{f}",
+        proc_info(daemon)
+    );
+
+    let cmd_listing = read_fd_listing(&cmd_fds);
+    assert!(!cmd_listing.is_empty(), "fd-lister saw its stdio");
+    assert_no_lock_fds(&cmd_listing, &sb, "the command");
+    let td_listing = read_fd_listing(&td_fds);
+    assert_no_lock_fds(&td_listing, &sb, "the teardown command");
+}
+
+/// SPEC §3.3, §3.6: with the app busy, `--on-busy fail` exits 75 at once and `--lock-timeout
+/// 500ms` exits 75 after at least 500 ms; neither runs its command nor leaves a run dir.
+#[test]
+fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
+    let sb = Sandbox::new();
+    let app = "busy.example.org";
+    let release = sb.mark("release");
+    let holder_id = rid(&sb, "holder");
+    let (fail_id, timeout_id) = (rid(&sb, "busy-fail"), rid(&sb, "busy-timeout"));
+    let (mut holder, _core) = start_holder(&sb, app, &holder_id, &release, &[]);
+
+    let marker = sb.mark("fail.ran");
+    let t0 = Instant::now();
+    let f = sb
+        .tether_run()
+        .app(app)
+        .run_id(&fail_id)
+        .args(["--on-busy", "fail"])
+        .command(["touch", marker.to_str().unwrap()])
+        .timeout(Duration::from_secs(20))
+        .run();
+    let took = t0.elapsed();
+    f.assert_code(75);
+    assert!(
+        took < Duration::from_secs(5),
+        "--on-busy fail took {took:?}\n{f}"
+    );
+    assert!(!marker.exists(), "--on-busy fail ran the command\n{f}");
+    assert!(
+        !sb.run_dir(&fail_id).exists(),
+        "--on-busy fail left its run dir\n{f}"
+    );
+
+    let marker = sb.mark("timeout.ran");
+    let t0 = Instant::now();
+    let f = sb
+        .tether_run()
+        .app(app)
+        .run_id(&timeout_id)
+        .args(["--lock-timeout", "500ms"])
+        .command(["touch", marker.to_str().unwrap()])
+        .timeout(Duration::from_secs(20))
+        .run();
+    let took = t0.elapsed();
+    f.assert_code(75)
+        .assert_stderr_contains(&format!("held by run {holder_id} "));
+    assert!(
+        took >= Duration::from_millis(500),
+        "--lock-timeout 500ms gave up after {took:?}\n{f}"
+    );
+    assert!(!marker.exists(), "--lock-timeout ran the command\n{f}");
+    assert!(
+        !sb.run_dir(&timeout_id).exists(),
+        "--lock-timeout left its run dir\n{f}"
+    );
+    assert_eq!(names(&sb.runs_dir()), std::slice::from_ref(&holder_id));
+    assert_eq!(names(&sb.lock_dir()), [format!("app-{app}.lock")]);
+
+    assert!(holder.is_running(), "the holder was left alone");
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+}
+
+/// The path of the cgroup2 mount, if this host has one (then tether must use a run cgroup).
+fn cgroup2_mounted() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
+        t.lines().any(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, post)| post.starts_with("cgroup2 "))
+        })
+    })
+}
+
+/// Starts run `id` of `app` whose command is a tree-helper tree, SIGKILLs its core, and waits
+/// for its front to end. Returns the tree's pids (all but the first, whose PDEATHSIG killed
+/// it, are proven still alive: the leftovers a reaper must kill).
+fn kill_core_of_tree_run(
+    sb: &Sandbox,
+    app: &str,
+    id: &str,
+    teardown: &str,
+    no_cgroup: bool,
+) -> Vec<i32> {
+    let pids_file = sb.fresh_mark("tree.pids");
+    let tree = helper_bin!("tree-helper");
+    let mut cmd = sb
+        .tether_run()
+        .app(app)
+        .run_id(id)
+        .teardown(teardown)
+        .command([
+            tree.to_str().unwrap(),
+            "--pids-file",
+            pids_file.to_str().unwrap(),
+            "--children",
+            "2",
+            "--setsid",
+            "--double-fork",
+        ]);
+    if no_cgroup {
+        cmd = cmd.env("TETHER_NO_CGROUP", "1");
+    }
+    let mut run = cmd.spawn();
+    let pids = wait_pids(&pids_file, TIMEOUT);
+    sb.guard().pids(&pids);
+    let core = wait_record_pid(sb, id, "running");
+    assert_eq!(core, run.wait_core_pid(TIMEOUT), "run.json pid is the core");
+    let record = sb.run_record(id).expect("run.json");
+    if no_cgroup {
+        assert!(record["cgroup"].is_null(), "TETHER_NO_CGROUP=1: {record}");
+    } else if cgroup2_mounted() {
+        assert!(
+            record["cgroup"].is_string(),
+            "expected a run cgroup: {record}"
+        );
+    }
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(core), Signal::SIGKILL)
+        .expect("SIGKILL the core");
+    run.wait_exit(TIMEOUT);
+    let survivors: Vec<i32> = pids[1..].to_vec();
+    for &pid in &survivors {
+        assert!(
+            pid_alive(pid),
+            "precondition: leftover {pid} of the dead run is alive ({pids:?})"
+        );
+    }
+    assert!(
+        lock_is_free(sb.lock_path(app)),
+        "the kernel released the dead run's lock"
+    );
+    pids
+}
+
+fn reconcile_reaps_a_dead_run_once(no_cgroup: bool) {
+    let sb = Sandbox::new();
+    let app = "reap.example.org";
+    let (dead, next, third) = (rid(&sb, "dead"), rid(&sb, "next"), rid(&sb, "third"));
+    let log = sb.mark("teardown.log");
+    let teardown = format!(
+        "echo \"$TETHER_REASON $TETHER_RUN_ID\" >> {}",
+        shell_quote(&log)
+    );
+    let pids = kill_core_of_tree_run(&sb, app, &dead, &teardown, no_cgroup);
+    assert!(sb.run_dir(&dead).exists(), "the dead run left its dir");
+
+    let f = sb
+        .tether_run()
+        .app(app)
+        .run_id(&next)
+        .teardown(&teardown)
+        .command(["true"])
+        .run();
+    f.assert_code(0)
+        .assert_stderr_contains(&format!("reaping dead run {dead} of {app}"));
+    assert_eq!(
+        runner_tests::count_lines(&log, &format!("reaped {dead}")),
+        1,
+        "one reap of {dead}: {:?}\n{f}",
+        log_lines(&log)
+    );
+    wait_all_gone(&pids, Duration::from_secs(5));
+    assert!(
+        !sb.run_dir(&dead).exists(),
+        "the reap removed the dead run's dir\n{f}"
+    );
+
+    let f3 = sb
+        .tether_run()
+        .app(app)
+        .run_id(&third)
+        .teardown(&teardown)
+        .command(["true"])
+        .run();
+    f3.assert_code(0).assert_stderr_lacks("reaping");
+    assert_eq!(
+        runner_tests::count_lines(&log, "reaped"),
+        1,
+        "the third run reaped again: {:?}\n{f3}",
+        log_lines(&log)
+    );
+    assert_eq!(
+        log_lines(&log),
+        [
+            format!("reaped {dead}"),
+            format!("exited {next}"),
+            format!("exited {third}")
+        ]
+    );
+}
+
+/// SPEC §1.3, §4.4: the next run of an app reaps a run whose core was SIGKILLed — leftovers
+/// killed via the run cgroup, teardown once with `reaped`, run dir removed — and only once.
+#[test]
+fn next_run_reaps_a_sigkilled_run_once_with_cgroup() {
+    reconcile_reaps_a_dead_run_once(false);
+}
+
+/// As above, with `TETHER_NO_CGROUP=1` for the dead run: leftovers are found by the
+/// environment marker.
+#[test]
+fn next_run_reaps_a_sigkilled_run_once_without_cgroup() {
+    reconcile_reaps_a_dead_run_once(true);
+}
+
+/// SPEC §3.4, §4.4: re-using the run id of a dead run reaps it first (exactly once, under
+/// the dead run's app lock), then runs; a later run of the dead run's app does not reap it
+/// again. `other_app`: the new run is for another app than the dead one.
+fn reusing_a_dead_run_id_reaps_it_first(other_app: bool) {
+    let sb = Sandbox::new();
+    let app = "dead.example.org";
+    let new_app = if other_app { "other.example.org" } else { app };
+    let (reused, after) = (rid(&sb, "reused"), rid(&sb, "after"));
+    let log = sb.mark("teardown.log");
+    let teardown = format!(
+        "echo \"$TETHER_REASON $TETHER_RUN_ID\" >> {}",
+        shell_quote(&log)
+    );
+    let pids = kill_core_of_tree_run(&sb, app, &reused, &teardown, false);
+
+    let script = format!("echo \"cmd $TETHER_RUN_ID\" >> {}", shell_quote(&log));
+    let f = sb
+        .tether_run()
+        .app(new_app)
+        .run_id(&reused)
+        .teardown(&teardown)
+        .command(["sh", "-c", &script])
+        .run();
+    f.assert_code(0)
+        .assert_stderr_contains(&format!("reaping dead run {reused} of {app}"));
+    assert_eq!(
+        log_lines(&log),
+        [
+            format!("reaped {reused}"),
+            format!("cmd {reused}"),
+            format!("exited {reused}")
+        ],
+        "reaped once, before the new run's command\n{f}"
+    );
+    assert_eq!(
+        f.stderr_lines("reaping dead run").len(),
+        1,
+        "one reaping line\n{f}"
+    );
+    wait_all_gone(&pids, Duration::from_secs(5));
+    assert!(!sb.run_dir(&reused).exists());
+
+    let f2 = sb
+        .tether_run()
+        .app(app)
+        .run_id(&after)
+        .command(["true"])
+        .run();
+    f2.assert_code(0).assert_stderr_lacks("reaping");
+    assert_eq!(
+        runner_tests::count_lines(&log, "reaped"),
+        1,
+        "reaped again: {:?}\n{f2}",
+        log_lines(&log)
+    );
+}
+
+#[test]
+fn reusing_a_dead_run_id_of_the_same_app_reaps_it_once_first() {
+    reusing_a_dead_run_id_reaps_it_first(false);
+}
+
+#[test]
+fn reusing_a_dead_run_id_for_another_app_reaps_it_once_first() {
+    reusing_a_dead_run_id_reaps_it_first(true);
+}

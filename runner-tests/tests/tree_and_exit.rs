@@ -1,0 +1,618 @@
+//! The command's process tree, exit codes, teardown failure and bad input, against the real
+//! kernel (SPEC §3.1, §3.3, §3.4, §5, §12).
+//!
+//! Every test drives the real `tether` binary. Trees are built by `tree-helper`, which reports
+//! its pids only once every process is set up; death is asserted on those pids. "Nothing left
+//! behind" is asserted on a full snapshot of the sandbox (names, inodes, sizes, mtimes, small
+//! files' content), on marker files the command would have written, and on processes.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runner_tests::{
+    helper_bin, lock_is_free, pid_alive, proc_info, shell_quote, wait_pids, Finished, Sandbox,
+    TetherCmd, TIMEOUT,
+};
+
+/// A recursive description of everything under `root` except `logs/` (names, modes, sizes,
+/// inodes, mtimes, symlink targets and small files' content).
+fn snapshot(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            if path == root.join("logs") {
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                out.push(format!("{rel} (vanished)"));
+                continue;
+            };
+            let mut line = format!(
+                "{rel} mode={:o} len={} ino={} mtime={}.{}",
+                meta.mode(),
+                meta.len(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            );
+            if meta.file_type().is_symlink() {
+                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+            } else if meta.len() < 65536 {
+                line.push_str(&format!(
+                    " content={:?}",
+                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default())
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A run id unique to this sandbox: `<name>-<sandbox suffix>`. Run ids must not collide with
+/// those of tests running at the same time in other sandboxes (see
+/// [`same_run_id_in_two_runs_dirs_is_isolated`]).
+fn rid(sb: &Sandbox, name: &str) -> String {
+    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
+    let suffix = root.rsplit('-').next().unwrap_or_default();
+    format!("{name}-{suffix}")
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Descendants that leave the process group or are orphaned die at teardown.
+
+/// SPEC §3.1 step 8, §5.2: the command starts a tree-helper in the background (plain children,
+/// a `setsid()` child, a double-forked orphan) and exits 0 by itself; when tether has exited,
+/// every process of that tree is dead and the exit code is the command's 0.
+fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
+    let sb = Sandbox::new();
+    let pids_file = sb.mark("tree.pids");
+    let tree = helper_bin!("tree-helper");
+    let script = format!(
+        "{} --pids-file {p} --children 2 --setsid --double-fork </dev/null & \
+         i=0; while [ ! -e {p} ]; do i=$((i+1)); if [ $i -gt 3000 ]; then exit 99; fi; \
+         sleep 0.01; done; exit 0",
+        shell_quote(&tree),
+        p = shell_quote(&pids_file)
+    );
+    let mut cmd = sb
+        .tether_run()
+        .app("tree.example.org")
+        .run_id(rid(&sb, "tree"))
+        .command(["sh", "-c", &script]);
+    if no_cgroup {
+        cmd = cmd.env("TETHER_NO_CGROUP", "1");
+    }
+    let mut run = cmd.spawn();
+    let pids = wait_pids(&pids_file, TIMEOUT);
+    sb.guard().pids(&pids);
+    assert_eq!(pids.len(), 1 + 2 + 1 + 1, "tree pids: {pids:?}");
+    let setsid = proc_info(pids[3]);
+    assert!(
+        setsid.as_ref().is_some_and(|i| i.sid == pids[3]),
+        "the setsid child leads its own session: {setsid:?}"
+    );
+
+    let f = run.wait_exit(TIMEOUT);
+    f.assert_code(0).assert_stderr_contains("result=passed");
+    let survivors: Vec<String> = pids
+        .iter()
+        .filter(|&&p| pid_alive(p))
+        .map(|&p| format!("{:?}", proc_info(p)))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "processes of the run outlived tether:\n{}\n{f}",
+        survivors.join("\n")
+    );
+    assert!(lock_is_free(sb.lock_path("tree.example.org")));
+}
+
+#[test]
+fn setsid_and_double_forked_descendants_die_at_teardown_with_cgroup() {
+    escaped_descendants_die_at_teardown(false);
+}
+
+#[test]
+fn setsid_and_double_forked_descendants_die_at_teardown_without_cgroup() {
+    escaped_descendants_die_at_teardown(true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Exit codes pass through step shells.
+
+/// SPEC §3.3: tether run inside a `sh -e` / `bash -e` step script (not exec'd) ends the step
+/// with the command's own status (0, 1, 7, 255), and with 128+N when the command died of a
+/// signal N that tether did not send (SIGKILL, SIGABRT).
+fn exit_codes_pass_through(bash: bool) {
+    let sb = Sandbox::new();
+    let exit_with = helper_bin!("exit-with");
+    let exit_with = exit_with.to_str().unwrap();
+    let cases: [(&str, &str, i32); 6] = [
+        ("--code", "0", 0),
+        ("--code", "1", 1),
+        ("--code", "7", 7),
+        ("--code", "255", 255),
+        ("--signal", "9", 128 + 9),
+        ("--signal", "6", 128 + 6),
+    ];
+    for (n, (flag, value, expected)) in cases.into_iter().enumerate() {
+        let tether = sb
+            .tether_run()
+            .app("exit.example.org")
+            .run_id(rid(&sb, &format!("exit{n}")))
+            .command([exit_with, flag, value]);
+        let mut step = sb.step_shell(&tether.to_shell());
+        if bash {
+            step = step.bash();
+        }
+        let f = step.spawn().wait_exit(TIMEOUT);
+        assert_eq!(
+            f.code,
+            Some(expected),
+            "exit-with {flag} {value} under {}: expected step exit {expected}\n{f}",
+            if bash { "bash -e" } else { "sh -e" }
+        );
+        assert_eq!(
+            f.summary_field("exit"),
+            Some(expected.to_string().as_str()),
+            "summary exit field\n{f}"
+        );
+    }
+}
+
+#[test]
+fn exit_codes_pass_through_sh_e() {
+    exit_codes_pass_through(false);
+}
+
+#[test]
+fn exit_codes_pass_through_bash_e() {
+    exit_codes_pass_through(true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. A failing teardown command.
+
+fn teardown_fails(command_code: i32, expected: i32) {
+    let sb = Sandbox::new();
+    let app = "leak.example.org";
+    let id = rid(&sb, "leak");
+    let f = sb
+        .tether_run()
+        .app(app)
+        .run_id(&id)
+        .teardown("exit 4")
+        .command([
+            helper_bin!("exit-with").to_str().unwrap(),
+            "--code",
+            &command_code.to_string(),
+        ])
+        .run();
+    f.assert_code(expected)
+        .assert_stderr_contains("teardown command exited with status 4");
+    assert_eq!(f.summary_field("teardown"), Some("failed"), "summary\n{f}");
+    assert_eq!(
+        f.summary_field("exit"),
+        Some(expected.to_string().as_str()),
+        "summary\n{f}"
+    );
+    let record = sb
+        .run_record(&id)
+        .unwrap_or_else(|| panic!("the run dir and run.json are kept\n{f}"));
+    assert_eq!(record["state"], "tearing-down", "run.json: {record}\n{f}");
+    assert!(
+        lock_is_free(sb.lock_path(app)),
+        "the app lock is released\n{f}"
+    );
+}
+
+/// SPEC §3.3, §5.4: a passing command whose teardown fails must not look green: exit 125,
+/// `teardown=failed`, the run stays `tearing-down` with its run dir kept, the lock is free.
+#[test]
+fn failing_teardown_after_a_passing_command_exits_125_and_keeps_state() {
+    teardown_fails(0, 125);
+}
+
+/// SPEC §3.3: after a failing command (exit 3), a failing teardown keeps the command's code.
+#[test]
+fn failing_teardown_after_a_failing_command_keeps_its_code() {
+    teardown_fails(3, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. Bad input: a clear message, the documented code, nothing left behind.
+
+/// Runs `cmd` (whose command, if any, would create `marker`) and asserts SPEC §12: exit
+/// `code`; exactly one error message, naming `culprit`; nothing created or changed in the
+/// sandbox; the marker absent; no process of the sandbox alive.
+fn assert_refused(sb: &Sandbox, cmd: TetherCmd<'_>, marker: &Path, code: i32, culprit: &str) {
+    let before = snapshot(sb.path());
+    let f = cmd.timeout(Duration::from_secs(20)).run();
+    assert_refusal(sb, &f, before, marker, code, culprit);
+}
+
+fn assert_refusal(
+    sb: &Sandbox,
+    f: &Finished,
+    before: Vec<String>,
+    marker: &Path,
+    code: i32,
+    culprit: &str,
+) {
+    f.assert_code(code);
+    let errors = f
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("tether: error:") || l.starts_with("error:"))
+        .count();
+    assert_eq!(errors, 1, "exactly one error message\n{f}");
+    assert!(
+        f.stderr.contains(culprit),
+        "the message names {culprit:?}\n{f}"
+    );
+    assert!(!marker.exists(), "the command ran\n{f}");
+    assert_eq!(
+        snapshot(sb.path()),
+        before,
+        "something was left behind\n{f}"
+    );
+    assert!(
+        sb.leftovers().is_empty(),
+        "processes left: {:?}\n{f}",
+        sb.leftovers()
+    );
+}
+
+/// A `touch <marker>` command line.
+fn touch_cmd(marker: &Path) -> [String; 2] {
+    ["touch".into(), marker.to_str().unwrap().into()]
+}
+
+#[test]
+fn unknown_flag_is_refused() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let cmd = sb
+        .tether_run()
+        .app("bad.example.org")
+        .arg("--bogus-flag")
+        .command(touch_cmd(&m));
+    assert_refused(&sb, cmd, &m, 125, "--bogus-flag");
+}
+
+#[test]
+fn missing_command_or_separator_is_refused() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    // No `--` and no command.
+    let cmd = sb.tether_run().app("bad.example.org");
+    assert_refused(&sb, cmd, &m, 125, "<COMMAND>");
+    // `--` with nothing after it.
+    let cmd = sb
+        .tether_run()
+        .app("bad.example.org")
+        .command(Vec::<String>::new());
+    assert_refused(&sb, cmd, &m, 125, "<COMMAND>");
+    // A command without `--` before it (SPEC §3: `-- <COMMAND>`).
+    let [touch, path] = touch_cmd(&m);
+    let cmd = sb.tether_run().app("bad.example.org").args([&touch, &path]);
+    assert_refused(&sb, cmd, &m, 125, "touch");
+}
+
+#[test]
+fn invalid_domains_are_refused() {
+    for domain in ["../x", "a/b", "a..b", "", "with space", "-a.example.org"] {
+        let sb = Sandbox::new();
+        let m = sb.mark("ran");
+        // `--app=VALUE`, so that clap takes a leading `-` as part of the value.
+        let cmd = sb
+            .tether_run()
+            .arg(format!("--app={domain}"))
+            .command(touch_cmd(&m));
+        let culprit = format!("{domain:?}");
+        assert_refused(&sb, cmd, &m, 125, &culprit);
+    }
+}
+
+#[test]
+fn invalid_run_ids_are_refused() {
+    for id in [".x", "a/b", "..", "a b"] {
+        let sb = Sandbox::new();
+        let m = sb.mark("ran");
+        let cmd = sb
+            .tether_run()
+            .app("ok.example.org")
+            .run_id(id)
+            .command(touch_cmd(&m));
+        let culprit = format!("{id:?}");
+        assert_refused(&sb, cmd, &m, 125, &culprit);
+    }
+}
+
+#[test]
+fn unparsable_duration_is_refused() {
+    for (flag, value) in [
+        ("--deadline", "10x"),
+        ("--grace", "ms"),
+        ("--lock-timeout", "5"),
+    ] {
+        let sb = Sandbox::new();
+        let m = sb.mark("ran");
+        let cmd = sb
+            .tether_run()
+            .app("ok.example.org")
+            .args([flag, value])
+            .command(touch_cmd(&m));
+        assert_refused(&sb, cmd, &m, 125, value);
+    }
+}
+
+/// `tether run` with explicit dirs (not the sandbox's own ones).
+fn run_with_dirs<'a>(sb: &'a Sandbox, lock_dir: &Path, runs_dir: &Path, m: &Path) -> TetherCmd<'a> {
+    sb.tether_run()
+        .no_sandbox_dirs()
+        .arg("--lock-dir")
+        .arg(lock_dir)
+        .arg("--runs-dir")
+        .arg(runs_dir)
+        .app("ok.example.org")
+        .command(touch_cmd(m))
+}
+
+#[test]
+fn lock_dir_symlink_is_refused() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let link = sb.path().join("locks-link");
+    symlink(sb.lock_dir(), &link).expect("symlink");
+    let cmd = run_with_dirs(&sb, &link, &sb.runs_dir(), &m);
+    assert_refused(&sb, cmd, &m, 125, link.to_str().unwrap());
+}
+
+#[test]
+fn runs_dir_symlink_is_refused() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let link = sb.path().join("runs-link");
+    symlink(sb.runs_dir(), &link).expect("symlink");
+    let cmd = run_with_dirs(&sb, &sb.lock_dir(), &link, &m);
+    assert_refused(&sb, cmd, &m, 125, link.to_str().unwrap());
+}
+
+/// SPEC §2: a group/world-writable lock dir or runs dir without the sticky bit is refused; with
+/// the sticky bit (like /tmp) it is accepted.
+#[test]
+fn writable_dirs_without_sticky_bit_are_refused() {
+    for which in ["locks", "runs"] {
+        let sb = Sandbox::new();
+        let m = sb.mark("ran");
+        let dir = sb.path().join(which);
+        chmod(&dir, 0o777);
+        let cmd = sb.tether_run().app("ok.example.org").command(touch_cmd(&m));
+        assert_refused(&sb, cmd, &m, 125, dir.to_str().unwrap());
+        chmod(&dir, 0o775);
+        let cmd = sb.tether_run().app("ok.example.org").command(touch_cmd(&m));
+        assert_refused(&sb, cmd, &m, 125, dir.to_str().unwrap());
+
+        chmod(&dir, 0o1777);
+        let f = sb
+            .tether_run()
+            .app("ok.example.org")
+            .command(touch_cmd(&m))
+            .run();
+        f.assert_code(0);
+        assert!(m.exists(), "a sticky {which} dir is accepted\n{f}");
+    }
+}
+
+/// SPEC §2, §4.1: a symlink in the lockfile's place is never followed: exit 125, its target
+/// neither created (dangling) nor written (existing), no run dir left, nothing run.
+#[test]
+fn symlink_in_the_lockfiles_place_is_refused() {
+    let app = "ok.example.org";
+    // Dangling: the target must not be created.
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let target = sb.path().join("not-created");
+    symlink(&target, sb.lock_path(app)).expect("symlink");
+    let cmd = sb.tether_run().app(app).command(touch_cmd(&m));
+    let lock = sb.lock_path(app);
+    assert_refused(&sb, cmd, &m, 125, lock.to_str().unwrap());
+    assert!(!target.exists(), "the symlink's target was created");
+
+    // Existing: the target must not be written (the snapshot covers its content and mtime).
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let target = sb.path().join("precious");
+    fs::write(&target, "precious content\n").expect("writing the target");
+    symlink(&target, sb.lock_path(app)).expect("symlink");
+    let cmd = sb.tether_run().app(app).command(touch_cmd(&m));
+    let lock = sb.lock_path(app);
+    assert_refused(&sb, cmd, &m, 125, lock.to_str().unwrap());
+    assert_eq!(fs::read_to_string(&target).unwrap(), "precious content\n");
+}
+
+#[test]
+fn directory_in_the_lockfiles_place_is_refused() {
+    let app = "ok.example.org";
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    fs::create_dir(sb.lock_path(app)).expect("mkdir");
+    let cmd = sb.tether_run().app(app).command(touch_cmd(&m));
+    let lock = sb.lock_path(app);
+    assert_refused(&sb, cmd, &m, 125, lock.to_str().unwrap());
+}
+
+/// SPEC §3.3, §12: a command that does not exist → 127; nothing created, locked or started.
+#[test]
+fn command_not_found_exits_127() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    for missing in ["tether-no-such-command-xyz", "./no-such-script.sh"] {
+        let cmd = sb
+            .tether_run()
+            .app("ok.example.org")
+            .command([missing, "arg"]);
+        assert_refused(&sb, cmd, &m, 127, missing);
+    }
+}
+
+/// SPEC §3.3, §12: a file without the x bit, and a directory → 126; nothing left behind.
+#[test]
+fn command_not_executable_exits_126() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let script = sb.path().join("not-executable.sh");
+    fs::write(&script, format!("#!/bin/sh\ntouch {}\n", shell_quote(&m))).expect("writing");
+    chmod(&script, 0o644);
+    let dir = sb.path().join("a-directory");
+    fs::create_dir(&dir).expect("mkdir");
+    for path in [&script, &dir] {
+        let cmd = sb
+            .tether_run()
+            .app("ok.example.org")
+            .command([path.to_str().unwrap()]);
+        assert_refused(&sb, cmd, &m, 126, path.to_str().unwrap());
+    }
+}
+
+/// SPEC §12, CLI-CONTRACT: `--config x` naming a file that cannot be read (and, while config
+/// files are not supported, any `--config`) → 125 with one message about the config, nothing
+/// left behind.
+#[test]
+fn unreadable_config_is_refused() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let config = sb.path().join("no-such-config.yml");
+    let cmd = sb
+        .tether_run()
+        .app("ok.example.org")
+        .arg("--config")
+        .arg(&config)
+        .command(touch_cmd(&m));
+    assert_refused(&sb, cmd, &m, 125, "config");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. --keep-run-dir.
+
+/// SPEC §3.4, §5.4: `--keep-run-dir` keeps the run dir after a clean run: run.json in state
+/// `clean`, `tmp/` (the command's TMPDIR) still there with what the command put in it.
+#[test]
+fn keep_run_dir_keeps_a_clean_run_dir() {
+    let sb = Sandbox::new();
+    let app = "keep.example.org";
+    let id = rid(&sb, "keep");
+    let f = sb
+        .tether_run()
+        .app(app)
+        .run_id(&id)
+        .arg("--keep-run-dir")
+        .command(["sh", "-c", "echo kept > \"$TMPDIR/evidence\""])
+        .run();
+    f.assert_code(0).assert_stderr_contains("result=passed");
+    let dir = sb.run_dir(&id);
+    let record = sb
+        .run_record(&id)
+        .unwrap_or_else(|| panic!("run.json kept\n{f}"));
+    assert_eq!(record["state"], "clean", "run.json: {record}");
+    assert!(dir.join("tmp").is_dir(), "tmp/ kept: {:?}", names(&dir));
+    assert_eq!(
+        fs::read_to_string(dir.join("tmp/evidence")).ok().as_deref(),
+        Some("kept\n"),
+        "the command's TMPDIR is the kept run dir's tmp/"
+    );
+    assert!(lock_is_free(sb.lock_path(app)));
+
+    // A kept clean run dir is not a dead run: the next run of the app reaps nothing.
+    let f2 = sb
+        .tether_run()
+        .app(app)
+        .run_id(rid(&sb, "keep-next"))
+        .command(["true"])
+        .run();
+    f2.assert_code(0).assert_stderr_lacks("reaping");
+    assert!(dir.exists(), "the kept run dir survives the next run");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Isolation of runs that share a run id across runs dirs.
+
+/// SPEC §2, §5.2: run ids are unique per runs dir only, so two live runs in different runs dirs
+/// (two runner agents with their own dirs, or a developer reproducing CI run 267 locally while
+/// CI runs it) may share one. Tearing one down must kill *its* process tree only: the other
+/// run's command survives and finishes normally.
+#[test]
+fn same_run_id_in_two_runs_dirs_is_isolated() {
+    let (sa, sbx) = (Sandbox::new(), Sandbox::new());
+    let id = rid(&sa, "shared");
+    let started = sa.mark("a.started");
+    let release = sa.mark("a.release");
+    let script = format!(
+        "echo $$ > {s}.tmp && mv {s}.tmp {s}; \
+         i=0; while [ ! -e {r} ]; do i=$((i+1)); if [ $i -gt 3000 ]; then exit 99; fi; \
+         sleep 0.01; done; exit 0",
+        s = shell_quote(&started),
+        r = shell_quote(&release)
+    );
+    let mut a = sa
+        .tether_run()
+        .app("a.example.org")
+        .run_id(&id)
+        .command(["sh", "-c", &script])
+        .spawn();
+    let a_cmd = wait_pids(&started, TIMEOUT)[0];
+
+    let fb = sbx
+        .tether_run()
+        .app("b.example.org")
+        .run_id(&id)
+        .command(["true"])
+        .run();
+    fb.assert_code(0);
+    assert!(
+        pid_alive(a_cmd),
+        "run {id} in {} killed the command of run {id} in {}: {:?}\n{fb}",
+        sbx.path().display(),
+        sa.path().display(),
+        proc_info(a_cmd)
+    );
+
+    fs::write(&release, b"").expect("creating the release marker");
+    let fa = a.wait_exit(TIMEOUT);
+    fa.assert_code(0).assert_stderr_contains("result=passed");
+}
