@@ -49,6 +49,47 @@ pub fn next_action(phase: Phase, event: Event) -> Action {
     }
 }
 
+/// Rank of a teardown cause when several arrive in one batch. The kernel keeps no order
+/// between signals pending at the same time (it hands out the lowest number first: SIGINT
+/// before SIGTERM), so "the first signal decides" is defined as: parent death, then SIGTERM,
+/// then SIGINT, then SIGHUP, then the deadline.
+fn precedence(cause: Cause) -> u8 {
+    match cause {
+        Cause::ParentDied => 0,
+        Cause::Signal(Sig::Term) => 1,
+        Cause::Signal(Sig::Int) => 2,
+        Cause::Signal(Sig::Hup) => 3,
+        Cause::Deadline => 4,
+        Cause::Exited(_) => 5,
+    }
+}
+
+/// Decide on a whole batch of events that arrived together: the winning action and the funnel
+/// events that lost (to be logged as ignored).
+pub fn decide_batch(phase: Phase, events: &[Event]) -> (Action, Vec<Event>) {
+    let mut best: Option<(Cause, Event)> = None;
+    let mut losers = Vec::new();
+    for &ev in events {
+        match next_action(phase, ev) {
+            Action::TearDown(cause) => match best {
+                Some((b, _)) if precedence(b) <= precedence(cause) => losers.push(ev),
+                Some((_, bev)) => {
+                    losers.push(bev);
+                    best = Some((cause, ev));
+                }
+                None => best = Some((cause, ev)),
+            },
+            Action::LogIgnored => losers.push(ev),
+            Action::Continue => {}
+        }
+    }
+    match best {
+        Some((cause, _)) => (Action::TearDown(cause), losers),
+        None if !losers.is_empty() => (Action::LogIgnored, losers),
+        None => (Action::Continue, losers),
+    }
+}
+
 impl Cause {
     /// `TETHER_REASON` for the teardown command.
     pub fn reason(self) -> &'static str {
@@ -122,6 +163,27 @@ mod tests {
         assert_eq!(next_action(Phase::Running, Event::Child), Action::Continue);
         assert_eq!(
             next_action(Phase::TearingDown, Event::Ready),
+            Action::Continue
+        );
+    }
+
+    #[test]
+    fn signals_arriving_together_follow_the_precedence() {
+        let batch = [
+            Event::Signal(Sig::Int),
+            Event::Child,
+            Event::Signal(Sig::Term),
+        ];
+        let (action, losers) = decide_batch(Phase::Running, &batch);
+        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Term)));
+        assert_eq!(losers, vec![Event::Signal(Sig::Int)]);
+        let (action, _) = decide_batch(Phase::Preparing, &[Event::Deadline, Event::ParentDied]);
+        assert_eq!(action, Action::TearDown(Cause::ParentDied));
+        let (action, losers) = decide_batch(Phase::TearingDown, &[Event::Signal(Sig::Hup)]);
+        assert_eq!(action, Action::LogIgnored);
+        assert_eq!(losers.len(), 1);
+        assert_eq!(
+            decide_batch(Phase::Running, &[Event::Child]).0,
             Action::Continue
         );
     }

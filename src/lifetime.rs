@@ -193,10 +193,46 @@ fn front_loop(core: Pid, original_parent: Pid, parent_already_gone: bool) -> ! {
     }
     let set = funnel_set();
     loop {
-        let sig = match set.wait() {
+        let first = match set.wait() {
             Ok(s) => s,
             Err(_) => continue,
         };
+        // Signals pending together come out lowest number first (INT before TERM); collect
+        // them all and forward in the core's precedence order, TERM first.
+        let mut batch = vec![first];
+        batch.extend(pending_now(&set));
+        batch.sort_by_key(|s| match s {
+            Signal::SIGCHLD => 0,
+            Signal::SIGTERM => 1,
+            Signal::SIGINT => 2,
+            Signal::SIGHUP => 3,
+            _ => 4,
+        });
+        for sig in batch {
+            front_handle(sig, core, original_parent, &forward_parent_death);
+        }
+    }
+}
+
+/// Take every signal of `set` that is already pending, without waiting.
+fn pending_now(set: &SigSet) -> Vec<Signal> {
+    let mut out = Vec::new();
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        // SAFETY: sigtimedwait with a valid set and a zero timeout; no siginfo wanted.
+        let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+        match Signal::try_from(n) {
+            Ok(s) if n > 0 => out.push(s),
+            _ => return out,
+        }
+    }
+}
+
+fn front_handle(sig: Signal, core: Pid, original_parent: Pid, forward_parent_death: &dyn Fn()) {
+    {
         match sig {
             Signal::SIGCHLD => loop {
                 match waitpid(core, Some(WaitPidFlag::WNOHANG)) {

@@ -11,7 +11,7 @@ use crate::cgroup::RunCgroup;
 use crate::ci_env::{self, CiInfo};
 use crate::cli::{OnBusy, RunArgs};
 use crate::config::Config;
-use crate::decide::{next_action, Action, Cause, Phase};
+use crate::decide::{decide_batch, Action, Cause, Phase};
 use crate::dirs;
 use crate::duration::{self, human};
 use crate::environment::{self, EnvPolicy, RunVars};
@@ -485,13 +485,14 @@ impl Run {
     }
 
     fn act_on(&mut self, events: Vec<Event>) -> Result<(), Stop> {
-        for ev in events {
-            if let Action::TearDown(cause) = next_action(self.phase, ev) {
+        match decide_batch(self.phase, &events) {
+            (Action::TearDown(cause), losers) => {
                 announce(cause, self.plan.deadline);
-                return Err(Stop::Event(cause));
+                self.log_ignored(&losers);
+                Err(Stop::Event(cause))
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Take a lock at `path`, waiting visibly (and interruptibly) while it is busy.
@@ -842,7 +843,22 @@ impl Run {
             identity,
             rlimits: &rlimits,
         };
-        let child = match spawn::spawn(&spec) {
+        let mut spawned = spawn::spawn(&spec);
+        if spawned.is_err() && spec.cgroup_procs.is_some() {
+            // Joining the cgroup failed: run without it; teardown falls back to the process
+            // group and the core's descendants.
+            output::debug("cgroup", "cannot join the run's cgroup; running without it");
+            if let Some(cg) = self.cgroup.take() {
+                let _ = cg.remove();
+            }
+            self.record.meta.cgroup = None;
+            let spec = SpawnSpec {
+                cgroup_procs: None,
+                ..spec
+            };
+            spawned = spawn::spawn(&spec);
+        }
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let code = match e.kind() {
@@ -867,11 +883,10 @@ impl Run {
                 }
             }
             let events = self.funnel.wait(None, None);
-            for ev in events {
-                if let Action::TearDown(cause) = next_action(self.phase, ev) {
-                    announce(cause, self.plan.deadline);
-                    return cause;
-                }
+            if let (Action::TearDown(cause), losers) = decide_batch(self.phase, &events) {
+                announce(cause, self.plan.deadline);
+                self.log_ignored(&losers);
+                return cause;
             }
         }
     }
@@ -884,9 +899,14 @@ impl Run {
         self.set_state(State::TearingDown);
 
         // Kill the whole tree before anything else (nothing may sit in the run dir).
+        // With a cgroup every process of the run is in it (joining is mandatory), so no scan
+        // of /proc is needed; without one, the core's descendants are the run.
         let members = Members {
             pgid: self.child_pid,
-            descendants_of: Some(std::process::id() as i32),
+            descendants_of: match self.cgroup {
+                Some(_) => None,
+                None => Some(std::process::id() as i32),
+            },
             cgroup: self.cgroup.clone(),
             env_markers: Vec::new(),
         };

@@ -52,8 +52,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = cgroup {
-                // Best effort: the process-group/descendant fallback still covers us.
-                libc::write(fd, b"0".as_ptr().cast(), 1);
+                // Mandatory when asked: teardown then trusts the cgroup alone to find the
+                // run's processes. The caller retries without a cgroup if this fails.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             for &(resource, value) in &rlimits {
                 let lim = libc::rlimit {

@@ -96,9 +96,10 @@ pub struct Terminated {
 /// remains. Our own children are reaped along the way.
 pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Terminated {
     let mut out = Terminated::default();
-    let mut remaining = members.list();
     out.reaped.extend(lifetime::reap_children());
-    if remaining.is_empty() && members.pgid.is_none() {
+    let mut remaining = members.list();
+    if remaining.is_empty() {
+        // The common case (the command exited and left nothing): no signals, no waiting.
         return out;
     }
     members.signal(libc::SIGTERM, &remaining);
