@@ -27,7 +27,7 @@ use serde::Serialize;
 use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub struct Options {
     pub lock_dir: PathBuf,
@@ -90,13 +90,6 @@ fn entry(kind: &'static str, name: &str, action: &'static str) -> Entry {
         pid: None,
         detail: None,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Sweep both dirs. `Err` only for unsafe dirs or a funnel that cannot be set up.
@@ -314,7 +307,7 @@ fn report_live(path: &Path, domain: &Domain, opts: &Options, report: &mut Report
             .map(|r| (r.deadline_ms, r.grace_ms, r.teardown_timeout_ms))
             .unwrap_or((3_600_000, 10_000, 300_000));
         let bound = Duration::from_millis(2 * (deadline + grace + td));
-        let held_for = Duration::from_secs(unix_now().saturating_sub(m.started_at));
+        let held_for = Duration::from_secs(record::unix_now().saturating_sub(m.started_at));
         if deadline > 0 && held_for > bound {
             e.detail = Some(format!(
                 "possible leaked run: held for {} (> 2 × (deadline + grace + teardown timeout) = {})",

@@ -29,20 +29,23 @@ pub fn is_alive(pid: i32) -> bool {
     }
 }
 
+/// Every pid in `/proc` right now (empty if `/proc` is unreadable).
+fn all_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|dir| dir.flatten())
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+        })
+}
+
 /// Every process's parent: pid → ppid.
 pub fn parent_map() -> HashMap<i32, i32> {
     let mut map = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return map;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in all_pids() {
         if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
             map.insert(pid, ppid);
         }
@@ -96,17 +99,7 @@ pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
     if markers.is_empty() {
         return out;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in all_pids() {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };

@@ -31,7 +31,7 @@ use crate::tree::{self, Members};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How often `--on-busy cancel-older` looks at who holds the lock while waiting.
 const CANCEL_RECHECK: Duration = Duration::from_millis(200);
@@ -67,13 +67,6 @@ struct Plan {
     cwd: Option<PathBuf>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Plan {
     fn resolve(args: RunArgs, cfg: &Config) -> Result<Plan> {
         let settings = Settings::new(cfg);
@@ -85,7 +78,7 @@ impl Plan {
         let run_id_text = match (&args.run_id, &ci) {
             (Some(id), _) => id.clone(),
             (None, Some(ci)) => ci.default_run_id(),
-            (None, None) => ci_env::local_run_id(unix_now(), std::process::id()),
+            (None, None) => ci_env::local_run_id(record::unix_now(), std::process::id()),
         };
         let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
         let lock_dir = settings.lock_dir(args.lock_dir);
@@ -271,7 +264,7 @@ impl Run {
                 pid,
                 pid_start,
                 host: crate::procfs::hostname(),
-                started_at: unix_now(),
+                started_at: record::unix_now(),
                 state: State::Queued,
                 run_dir: run_dir.display().to_string(),
                 cgroup: None,
@@ -504,15 +497,7 @@ impl Run {
             let file = match lock::try_acquire(path) {
                 Ok(TryLock::Held(h)) => {
                     if announced {
-                        output::emit(
-                            output::Level::Info,
-                            "acquired",
-                            &format!(
-                                "app lock {app}: acquired after {}",
-                                human(started.elapsed())
-                            ),
-                            &[("app", app.as_str().into())],
-                        );
+                        announce_acquired(&app, started);
                     }
                     return Ok(h);
                 }
@@ -570,15 +555,7 @@ impl Run {
                 .finish()
                 .map_err(|e| Stop::Fail(Error::tether(format!("app lock: {e}"))))?;
             if let Some(held) = lock::confirm(file, path) {
-                output::emit(
-                    output::Level::Info,
-                    "acquired",
-                    &format!(
-                        "app lock {app}: acquired after {}",
-                        human(started.elapsed())
-                    ),
-                    &[("app", app.as_str().into())],
-                );
+                announce_acquired(&app, started);
                 return Ok(held);
             }
             // The janitor unlinked the file we waited on: start over on the new inode.
@@ -1122,7 +1099,7 @@ fn announce(cause: Cause, deadline: Duration) {
 fn describe_holder(file: &std::fs::File) -> String {
     match record::read_meta(file) {
         Some(m) => {
-            let age = Duration::from_secs(unix_now().saturating_sub(m.started_at));
+            let age = Duration::from_secs(record::unix_now().saturating_sub(m.started_at));
             format!("run {} (pid {}, {})", m.run_id, m.pid, human(age))
         }
         None => match crate::proc_locks::holder_of(file) {
@@ -1130,6 +1107,15 @@ fn describe_holder(file: &std::fs::File) -> String {
             None => "an unknown run (pid unknown, age unknown)".into(),
         },
     }
+}
+
+fn announce_acquired(app: &Domain, since: Instant) {
+    output::emit(
+        output::Level::Info,
+        "acquired",
+        &format!("app lock {app}: acquired after {}", human(since.elapsed())),
+        &[("app", app.as_str().into())],
+    );
 }
 
 fn announce_waiting(app: &Domain, holder: &str) {

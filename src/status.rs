@@ -11,7 +11,7 @@ use crate::rundir;
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Debug, Serialize)]
 pub struct AppLock {
@@ -49,13 +49,6 @@ pub struct Status {
     pub apps: Vec<AppLock>,
     pub slots: Vec<Slot>,
     pub runs: Vec<RunDirStatus>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn entries_of(table: &[LockEntry], path: &Path) -> Vec<LockEntry> {
@@ -113,7 +106,7 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
             age_s: meta
                 .as_ref()
                 .filter(|_| holder.is_some())
-                .map(|m| unix_now().saturating_sub(m.started_at)),
+                .map(|m| crate::record::unix_now().saturating_sub(m.started_at)),
             state: meta.as_ref().map(|m| m.state.as_str().to_owned()),
             ci: meta.as_ref().and_then(|m| m.ci.clone()),
         });
