@@ -243,6 +243,8 @@ struct Run {
     cancelled: HashSet<String>,
     record: RunRecord,
     lock_wait: Duration,
+    /// Set while waiting for the app lock (so a wait that is given up is still reported).
+    lock_wait_since: Option<Instant>,
     command_started: Option<Instant>,
     command_ended: Option<Instant>,
     cgroup: Option<RunCgroup>,
@@ -300,6 +302,7 @@ impl Run {
             cancelled: HashSet::new(),
             record,
             lock_wait: Duration::ZERO,
+            lock_wait_since: None,
             command_started: None,
             command_ended: None,
             cgroup: None,
@@ -326,7 +329,7 @@ impl Run {
         let cause = self.supervise();
         self.command_ended = Some(Instant::now());
         let teardown_ok = self.teardown(cause);
-        self.finish(cause, teardown_ok)
+        self.finish(cause, teardown_ok, true)
     }
 
     /// Steps 3–7: claim, lock, reconcile, write `running`.
@@ -352,9 +355,11 @@ impl Run {
         // 4. The app lock.
         let lock_path = app_lock_path(&self.plan.lock_dir, &self.plan.app);
         let t0 = Instant::now();
+        self.lock_wait_since = Some(t0);
         let app = self.plan.app.clone();
         let held = self.acquire(&lock_path, &app, true)?;
         self.lock_wait = t0.elapsed();
+        self.lock_wait_since = None;
         self.app_lock = Some(held);
 
         // 5. Reconcile.
@@ -997,19 +1002,28 @@ impl Run {
         }
     }
 
-    fn finish(&self, cause: Cause, teardown_ok: bool) -> i32 {
+    /// Time spent waiting for the app lock, including a wait that was given up.
+    fn lock_wait(&self) -> Duration {
+        match self.lock_wait_since {
+            Some(t) => t.elapsed(),
+            None => self.lock_wait,
+        }
+    }
+
+    /// `teardown_ran`: the teardown step ran (false when the app was never touched).
+    fn finish(&self, cause: Cause, teardown_ok: bool, teardown_ran: bool) -> i32 {
         let exit = cause.final_exit_code(teardown_ok);
         let summary = Summary {
             run_id: self.plan.run_id.to_string(),
             app: self.plan.app.to_string(),
             result: cause.result(teardown_ok).into(),
             exit,
-            lock_wait_ms: self.lock_wait.as_millis() as u64,
+            lock_wait_ms: self.lock_wait().as_millis() as u64,
             runtime_ms: self.runtime().as_millis() as u64,
-            teardown: match (&self.plan.teardown, teardown_ok) {
-                (None, _) => "none",
-                (Some(_), true) => "ok",
-                (Some(_), false) => "failed",
+            teardown: match (&self.plan.teardown, teardown_ran, teardown_ok) {
+                (None, _, _) | (_, false, _) => "none",
+                (Some(_), true, true) => "ok",
+                (Some(_), true, false) => "failed",
             }
             .into(),
             reason: cause.reason().into(),
@@ -1028,7 +1042,7 @@ impl Run {
     fn end_before_start(mut self, cause: Cause) -> i32 {
         self.phase = Phase::TearingDown;
         self.release_claim();
-        self.finish(cause, true)
+        self.finish(cause, true, false)
     }
 
     /// Busy or failed before the app was touched: leave nothing behind.
@@ -1039,7 +1053,7 @@ impl Run {
             app: self.plan.app.to_string(),
             result: result.into(),
             exit: code,
-            lock_wait_ms: self.lock_wait.as_millis() as u64,
+            lock_wait_ms: self.lock_wait().as_millis() as u64,
             runtime_ms: 0,
             teardown: "none".into(),
             reason: reason.into(),
