@@ -275,6 +275,12 @@ fn sweep_locks(
                 report.push(e);
             }
             Err(failed) => {
+                if let Some(m) = &meta {
+                    let dir = PathBuf::from(&m.run_dir);
+                    if dir.parent() == Some(opts.runs_dir.as_path()) {
+                        record_failure(&dir);
+                    }
+                }
                 held.release();
                 let mut e = entry("lockfile", &name, "failed");
                 e.app = Some(domain.to_string());
@@ -474,11 +480,17 @@ fn sweep_runs(
                     .and_then(|t| t.elapsed().ok())
                     .unwrap_or_default();
                 let dir = rundir::RunDir::adopt(path.clone(), held);
-                if age >= opts.retain {
+                // Retention is for kept runs; a dead run a reaper already settled goes now.
+                let reaped = r.reason.as_deref() == Some(crate::reconcile::REAPED);
+                if reaped || age >= opts.retain {
                     let mut e = entry("run-dir", &name, "removed");
                     e.app = Some(r.meta.app.clone());
                     e.run_id = Some(r.meta.run_id.clone());
-                    e.detail = Some("clean run dir past its retention".into());
+                    e.detail = Some(if reaped {
+                        "run dir of a reaped run".into()
+                    } else {
+                        "clean run dir past its retention".into()
+                    });
                     if let Err(err) = dir.remove() {
                         e.action = "failed";
                         e.detail = Some(format!("cannot remove: {err}"));

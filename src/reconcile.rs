@@ -21,6 +21,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// `reason` of a record a reaper settled: its run dir can go at once (no retention).
+pub const REAPED: &str = "reaped";
+
 /// What a reaper brings: its own bounds and fallback teardown, and the funnel to wait on.
 pub struct Reaper<'a> {
     pub funnel: &'a mut Funnel,
@@ -207,10 +210,15 @@ impl Reaper<'_> {
                 )))
             }
             _ => {
-                if let Some(d) = &dead.dir {
-                    if let Some(mut rec) = dead.record.clone() {
-                        rec.meta.state = State::Clean;
-                        let _ = d.write_record(&rec);
+                // Settle the record before the app lock that guards this reap is released,
+                // even when someone else holds its run dir for the moment (a run reusing its
+                // id, a probing janitor): they must find it clean, not reap it again.
+                if let Some(mut rec) = dead.record.clone() {
+                    rec.meta.state = State::Clean;
+                    rec.reason = Some(REAPED.into());
+                    let path = PathBuf::from(&rec.meta.run_dir).join(rundir::RECORD_FILE);
+                    if path.exists() {
+                        let _ = record::write_record(&path, &rec);
                     }
                 }
                 finish_dir(dead.dir, dead.remove_dir);

@@ -665,6 +665,11 @@ impl Run {
         let own_id = self.plan.run_id.to_string();
         let mut reaper = self.reaper();
         let mut result = Ok(());
+        // Re-read under the app lock: another reaper may have settled it since our claim.
+        let own_dead = own_dead.and_then(|d| {
+            record::read_record(&PathBuf::from(&d.meta.run_dir).join(rundir::RECORD_FILE))
+                .filter(|r| r.meta.state != State::Clean && r.meta.run_id == d.meta.run_id)
+        });
         if let Some(dead) = own_dead {
             result = reaper.reap(DeadRun {
                 meta: dead.meta.clone(),
