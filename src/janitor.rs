@@ -121,6 +121,7 @@ pub fn sweep(opts: &Options) -> Result<Report> {
         grace: opts.grace,
         deferred: Vec::new(),
         reaped: HashSet::new(),
+        index: None,
     };
     let mut swept_apps = BTreeSet::new();
     if have_locks {
@@ -408,6 +409,12 @@ fn sweep_runs(
                 continue;
             }
         }
+        if name.starts_with(rundir::RETIRED_PREFIX) {
+            // A run dir whose run tore down cleanly and crashed before deleting it: its
+            // record is stale by design (never reaped again), so only the files go.
+            remove_retired(&path, &name, opts.dry_run, report);
+            continue;
+        }
         if reaper.reaped.contains(&name) {
             continue;
         }
@@ -575,6 +582,25 @@ fn reap_app_of_run_dir(
         }
     }
     held.release();
+    say(&e);
+    report.push(e);
+}
+
+fn remove_retired(path: &Path, name: &str, dry_run: bool, report: &mut Report) {
+    let action = if dry_run { "would-remove" } else { "removed" };
+    let mut e = entry("run-dir", name, action);
+    e.detail = Some("retired run dir of a finished run".into());
+    if !dry_run {
+        // Its run may still be deleting it (holding its run.lock): leave it then.
+        let held = lock::try_acquire_existing(&path.join(rundir::LOCK_FILE));
+        if matches!(held, Ok(None)) && path.join(rundir::LOCK_FILE).exists() {
+            return;
+        }
+        if let Err(err) = rundir::remove_tree(path) {
+            e.action = "failed";
+            e.detail = Some(format!("cannot remove: {err}"));
+        }
+    }
     say(&e);
     report.push(e);
 }

@@ -35,6 +35,10 @@ pub struct Reaper<'a> {
     pub deferred: Vec<Event>,
     /// Run ids reaped so far (never twice in one pass).
     pub reaped: HashSet<String>,
+    /// Unclean run records by app, read once per pass (a janitor reconciles thousands of
+    /// apps; re-reading the runs dir for each would be quadratic). Every candidate is
+    /// re-checked under its `run.lock` before anything is done to it, so staleness is safe.
+    pub index: Option<std::collections::HashMap<String, Vec<(PathBuf, RunRecord)>>>,
 }
 
 /// A dead run found by a lock probe.
@@ -84,7 +88,7 @@ impl Reaper<'_> {
             }
             None => {}
         }
-        for (path, rec) in unclean_records(runs_dir, app) {
+        for (path, rec) in self.unclean_records(runs_dir, app) {
             if Some(rec.meta.run_id.as_str()) == own || self.reaped.contains(&rec.meta.run_id) {
                 continue;
             }
@@ -332,21 +336,33 @@ fn reap_env(dead: &DeadRun) -> Vec<(OsString, OsString)> {
     env
 }
 
-/// Run dirs (path, record) whose unclean record names `app`. Odd entries are skipped.
-pub fn unclean_records(runs_dir: &Path, app: &Domain) -> Vec<(PathBuf, RunRecord)> {
+impl Reaper<'_> {
+    fn unclean_records(&mut self, runs_dir: &Path, app: &Domain) -> Vec<(PathBuf, RunRecord)> {
+        let index = self.index.get_or_insert_with(|| index_unclean(runs_dir));
+        index.get(app.as_str()).cloned().unwrap_or_default()
+    }
+}
+
+/// Every run dir with an unclean record, by app. Odd entries are skipped.
+pub fn index_unclean(
+    runs_dir: &Path,
+) -> std::collections::HashMap<String, Vec<(PathBuf, RunRecord)>> {
+    let mut out: std::collections::HashMap<String, Vec<(PathBuf, RunRecord)>> =
+        std::collections::HashMap::new();
     let Ok(entries) = std::fs::read_dir(runs_dir) else {
-        return Vec::new();
+        return out;
     };
-    let mut out = Vec::new();
     for e in entries.flatten() {
         let Ok(ft) = e.file_type() else { continue };
-        if !ft.is_dir() {
+        if !ft.is_dir() || e.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
         let path = e.path();
         if let Some(rec) = record::read_record(&path.join(rundir::RECORD_FILE)) {
-            if rec.meta.app == app.as_str() && rec.meta.state != State::Clean {
-                out.push((path, rec));
+            if rec.meta.state != State::Clean {
+                out.entry(rec.meta.app.clone())
+                    .or_default()
+                    .push((path, rec));
             }
         }
     }

@@ -651,6 +651,7 @@ impl Run {
             grace: self.plan.grace,
             deferred: Vec::new(),
             reaped: HashSet::new(),
+            index: None,
         }
     }
 
@@ -717,6 +718,19 @@ impl Run {
         }
         self.prepare_dir(false)?;
         self.act_on(deferred)
+    }
+
+    /// Lock metadata only (the record is about to be deleted with its dir).
+    fn set_meta_state(&mut self, state: State) {
+        self.record.meta.state = state;
+        if let Some(lock) = &self.app_lock {
+            if let Err(e) = record::write_meta(lock.file(), &self.record.meta) {
+                output::warn(
+                    "record",
+                    &format!("cannot write lock metadata {}: {e}", lock.path().display()),
+                );
+            }
+        }
     }
 
     fn set_state(&mut self, state: State) {
@@ -919,14 +933,6 @@ impl Run {
                 &format!("processes survived SIGKILL: {:?}", killed.survivors),
             );
         }
-        if let Some(cg) = &self.cgroup {
-            if let Err(e) = cg.remove() {
-                output::debug(
-                    "cgroup",
-                    &format!("cannot remove {}: {e}", cg.path().display()),
-                );
-            }
-        }
 
         let outcome = self.plan.teardown.clone().map(|script| {
             let mut env = self.run_env(false);
@@ -955,19 +961,26 @@ impl Run {
             ));
         }
         self.record.runtime_ms = Some(self.runtime().as_millis() as u64);
+        let mut retired = None;
         if teardown_ok {
-            self.set_state(State::Clean);
+            if self.plan.keep_run_dir {
+                self.set_state(State::Clean);
+            } else {
+                // The record goes with its dir: only the lock metadata needs the verdict.
+                self.set_meta_state(State::Clean);
+            }
             if let Some(dir) = self.dir.take() {
                 if self.plan.keep_run_dir {
                     output::info("kept", &format!("run dir kept: {}", dir.path().display()));
                     dir.release();
                 } else {
                     let path = dir.path().to_owned();
-                    if let Err(e) = dir.remove() {
-                        output::warn(
+                    match dir.retire() {
+                        Ok(r) => retired = Some(r),
+                        Err(e) => output::warn(
                             "cleanup",
                             &format!("cannot remove run dir {}: {e}", path.display()),
-                        );
+                        ),
                     }
                 }
             }
@@ -983,6 +996,21 @@ impl Run {
         }
         if let Some(lock) = self.app_lock.take() {
             lock.release();
+        }
+        // Housekeeping after the release, so the next run of the app is not kept waiting:
+        // the retired run dir's contents and the (empty) cgroup.
+        if let Some(path) = retired {
+            if let Err(e) = rundir::remove_tree(&path) {
+                output::warn("cleanup", &format!("cannot remove {}: {e}", path.display()));
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove() {
+                output::debug(
+                    "cgroup",
+                    &format!("cannot remove {}: {e}", cg.path().display()),
+                );
+            }
         }
         teardown_ok
     }

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = "run.lock";
 pub const RECORD_FILE: &str = "run.json";
 pub const TMP_DIR: &str = "tmp";
+/// Prefix of a run dir taken out of sight at teardown, deleted right after.
+pub const RETIRED_PREFIX: &str = ".retired-";
 
 /// A claimed run dir: we hold its `run.lock`.
 #[derive(Debug)]
@@ -154,6 +156,26 @@ impl RunDir {
             l.release();
         }
         result
+    }
+
+    /// Take the dir out of sight in one step (rename to `.retired-<id>-<pid>` while still
+    /// holding `run.lock`), then release. The caller deletes the returned path afterwards,
+    /// off the lock's critical path. Run ids never start with `.`, so the name cannot collide
+    /// with a run; a leftover (crash in between) is removed by the janitor.
+    pub fn retire(mut self) -> io::Result<PathBuf> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let retired = self
+            .path
+            .with_file_name(format!("{RETIRED_PREFIX}{name}-{}", std::process::id()));
+        let result = std::fs::rename(&self.path, &retired);
+        if let Some(l) = self.lock.take() {
+            l.release();
+        }
+        result.map(|()| retired)
     }
 
     /// Release `run.lock` and leave the dir in place (kept runs, failed teardowns).

@@ -117,7 +117,9 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
         .unwrap_or_default();
     dirs.sort_by_key(|e| e.file_name());
     for de in dirs {
-        if !de.file_type().is_ok_and(|t| t.is_dir()) {
+        if !de.file_type().is_ok_and(|t| t.is_dir())
+            || de.file_name().to_string_lossy().starts_with('.')
+        {
             continue;
         }
         let path = de.path();
