@@ -240,7 +240,9 @@ fn sweep_locks(
         }
         swept.insert(domain.to_string());
         if opts.dry_run {
-            dry_run_lock(&path, &domain, &table, report);
+            if let Some(id) = dry_run_lock(&path, &domain, &table, report) {
+                reaper.reaped.insert(id);
+            }
             continue;
         }
         let held = match lock::try_acquire_existing(&path) {
@@ -308,6 +310,15 @@ fn report_live(path: &Path, domain: &Domain, opts: &Options, report: &mut Report
     e.app = Some(domain.to_string());
     e.run_id = meta.as_ref().map(|m| m.run_id.clone());
     e.pid = meta.as_ref().map(|m| m.pid).or(holder);
+    // The kernel's holder is the truth; say so when the metadata names someone else (a
+    // janitor mid-reap holds the lock under the dead run's metadata).
+    let mismatch = match (&meta, holder) {
+        (Some(m), Some(h)) if h != m.pid => Some(format!(
+            "the lock is held by pid {h}, not by the recorded pid {}",
+            m.pid
+        )),
+        _ => None,
+    };
     if let Some(m) = &meta {
         let rec = record::read_record(&Path::new(&m.run_dir).join(rundir::RECORD_FILE));
         let (deadline, grace, td) = rec
@@ -324,6 +335,12 @@ fn report_live(path: &Path, domain: &Domain, opts: &Options, report: &mut Report
         }
     }
     let _ = opts;
+    if let Some(m) = mismatch {
+        e.detail = Some(match e.detail.take() {
+            Some(d) => format!("{d}; {m}"),
+            None => m,
+        });
+    }
     say(&e);
     report.push(e);
 }
@@ -333,9 +350,9 @@ fn dry_run_lock(
     domain: &Domain,
     table: &[proc_locks::LockEntry],
     report: &mut Report,
-) {
+) -> Option<String> {
     let Ok(md) = std::fs::symlink_metadata(path) else {
-        return;
+        return None;
     };
     let entries = proc_locks::entries_for(table, md.dev(), md.ino());
     let holder = entries.iter().find(|e| !e.waiting).map(|e| e.pid);
@@ -372,8 +389,12 @@ fn dry_run_lock(
     };
     e.app = Some(domain.to_string());
     e.run_id = meta.map(|m| m.run_id);
+    let would_reap = (e.action == "would-reap")
+        .then(|| e.run_id.clone())
+        .flatten();
     say(&e);
     report.push(e);
+    would_reap
 }
 
 fn sweep_runs(
@@ -416,6 +437,14 @@ fn sweep_runs(
             continue;
         }
         if reaper.reaped.contains(&name) {
+            if opts.dry_run {
+                // Listed, but counted once: it is the dead run of a lockfile above.
+                let mut e = entry("run-dir", &name, "would-reap");
+                e.run_id = Some(name.clone());
+                e.detail = Some("the dead run named by its app lockfile above".into());
+                say(&e);
+                report.entries.push(e);
+            }
             continue;
         }
         let rec = record::read_record(&path.join(rundir::RECORD_FILE));

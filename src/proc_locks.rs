@@ -47,11 +47,24 @@ fn parse_line(line: &str) -> Option<LockEntry> {
     })
 }
 
-/// Read and parse the live table (empty when unreadable).
+/// Read and parse the live table (empty when unreadable). The kernel produces the file a
+/// page at a time, so under lock churn one read can repeat or skip entries: read until two
+/// consecutive reads agree (a few tries at most).
 pub fn read() -> Vec<LockEntry> {
-    std::fs::read_to_string("/proc/locks")
-        .map(|t| parse(&t))
-        .unwrap_or_default()
+    let once = || {
+        std::fs::read_to_string("/proc/locks")
+            .map(|t| parse(&t))
+            .unwrap_or_default()
+    };
+    let mut last = once();
+    for _ in 0..5 {
+        let next = once();
+        if next == last {
+            break;
+        }
+        last = next;
+    }
+    last
 }
 
 /// Entries for the file with this `st_dev`/`st_ino`.

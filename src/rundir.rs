@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = "run.lock";
 pub const RECORD_FILE: &str = "run.json";
 pub const TMP_DIR: &str = "tmp";
+/// How long a claim waits out a `run.lock` that is busy although the dir has no record yet.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Prefix of a run dir taken out of sight at teardown, deleted right after.
 pub const RETIRED_PREFIX: &str = ".retired-";
 
@@ -43,6 +46,7 @@ pub fn path_of(runs_dir: &Path, id: &RunId) -> PathBuf {
 /// Claim `<runs dir>/<id>`: create it (or adopt a dead run's) and take its `run.lock`.
 pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
     let path = path_of(runs_dir, id);
+    let patience = std::time::Instant::now() + CLAIM_PATIENCE;
     loop {
         let created = match std::fs::DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => true,
@@ -55,6 +59,14 @@ pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
         let lock_path = path.join(LOCK_FILE);
         let held = match lock::try_acquire(&lock_path) {
             Ok(TryLock::Held(h)) => h,
+            Ok(TryLock::Busy(_))
+                if !path.join(RECORD_FILE).exists() && std::time::Instant::now() < patience =>
+            {
+                // Busy without a record: another claimer between its mkdir and its first
+                // record, or a janitor probing the dir. Neither is a live run: look again.
+                std::thread::sleep(std::time::Duration::from_millis(5)); // bounded by CLAIM_PATIENCE
+                continue;
+            }
             Ok(TryLock::Busy(file)) => {
                 let pid = record::read_record(&path.join(RECORD_FILE))
                     .map(|r| r.meta.pid.to_string())
