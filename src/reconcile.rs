@@ -163,7 +163,11 @@ impl Reaper<'_> {
             ],
         );
         if state == State::Queued {
-            // It never held the app lock, so it never touched the app.
+            // It never held the app lock, so it never touched the app: only its (empty)
+            // cgroup and its run dir are left.
+            if let Some(cg) = &dead.meta.cgroup {
+                let _ = RunCgroup::at(cg).remove();
+            }
             finish_dir(dead.dir, dead.remove_dir);
             return Ok(());
         }

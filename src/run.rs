@@ -347,11 +347,29 @@ impl Run {
                 self.reap_own_dead_of_other_app(dead)?;
             }
         }
+        // The run's cgroup is made while still queued: off the app lock's critical path.
+        let cgroup = if std::env::var_os("TETHER_NO_CGROUP").is_some_and(|v| v == "1") {
+            Err("TETHER_NO_CGROUP=1".to_string())
+        } else {
+            let name = self.record.meta.token.clone().unwrap_or_default();
+            RunCgroup::create(&name)
+        };
+        match cgroup {
+            Ok(cg) => {
+                output::debug("cgroup", &format!("run cgroup {}", cg.path().display()));
+                self.record.meta.cgroup = Some(cg.path().display().to_string());
+                self.cgroup = Some(cg);
+            }
+            Err(why) => output::debug(
+                "cgroup",
+                &format!("no cgroup for this run ({why}); using process group + descendants"),
+            ),
+        }
+
         if self.own_dead.is_none() {
             self.prepare_dir(!claim.existed)?;
         }
         self.check_funnel()?;
-
         // 4. The app lock.
         let lock_path = app_lock_path(&self.plan.lock_dir, &self.plan.app);
         let t0 = Instant::now();
@@ -375,23 +393,6 @@ impl Run {
         }
 
         // 7. Running: the app is ours.
-        let cgroup = if std::env::var_os("TETHER_NO_CGROUP").is_some_and(|v| v == "1") {
-            Err("TETHER_NO_CGROUP=1".to_string())
-        } else {
-            let name = self.record.meta.token.clone().unwrap_or_default();
-            RunCgroup::create(&name)
-        };
-        match cgroup {
-            Ok(cg) => {
-                output::debug("cgroup", &format!("run cgroup {}", cg.path().display()));
-                self.record.meta.cgroup = Some(cg.path().display().to_string());
-                self.cgroup = Some(cg);
-            }
-            Err(why) => output::debug(
-                "cgroup",
-                &format!("no cgroup for this run ({why}); using process group + descendants"),
-            ),
-        }
         self.apply_limits();
         self.prepare_run_as_dirs()?;
         self.record.lock_wait_ms = Some(self.lock_wait.as_millis() as u64);
@@ -1097,6 +1098,9 @@ impl Run {
     }
 
     fn release_claim(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = cg.remove();
+        }
         if let Some(slot) = self.slot.take() {
             slot.lock.release();
         }
