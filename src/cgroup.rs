@@ -100,13 +100,12 @@ impl RunCgroup {
         &self.path
     }
 
-    /// `cgroup.procs` opened for writing, to be handed to the child before fork: the child
-    /// writes "0" to move itself in before it execs (async-signal-safe: one `write`).
-    pub fn procs_writer(&self) -> io::Result<OwnedFd> {
+    /// The cgroup directory opened for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn dir_fd(&self) -> io::Result<OwnedFd> {
         let f = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(self.path.join("cgroup.procs"))?;
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.path)?;
         Ok(f.into())
     }
 

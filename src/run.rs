@@ -824,7 +824,7 @@ impl Run {
         env: &[(OsString, OsString)],
         is_command: bool,
     ) -> Cause {
-        let procs_fd = self.cgroup.as_ref().and_then(|c| c.procs_writer().ok());
+        let cgroup_dir = self.cgroup.as_ref().and_then(|c| c.dir_fd().ok());
         let rlimits = if is_command {
             rlimits_of(&self.plan.limits)
         } else {
@@ -840,13 +840,13 @@ impl Run {
             args,
             env,
             cwd: None,
-            cgroup_procs: procs_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            cgroup_dir: cgroup_dir.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             core_pid: std::process::id() as i32,
             identity,
             rlimits: &rlimits,
         };
         let mut spawned = spawn::spawn(&spec);
-        if spawned.is_err() && spec.cgroup_procs.is_some() {
+        if matches!(spawned, Err(spawn::SpawnError::Start(_))) && spec.cgroup_dir.is_some() {
             // Joining the cgroup failed: run without it; teardown falls back to the process
             // group and the core's descendants.
             output::debug("cgroup", "cannot join the run's cgroup; running without it");
@@ -855,7 +855,7 @@ impl Run {
             }
             self.record.meta.cgroup = None;
             let spec = SpawnSpec {
-                cgroup_procs: None,
+                cgroup_dir: None,
                 ..spec
             };
             spawned = spawn::spawn(&spec);
@@ -863,16 +863,19 @@ impl Run {
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                let code = match e.kind() {
-                    std::io::ErrorKind::NotFound => crate::exit::NOT_FOUND,
-                    _ => crate::exit::NOT_EXECUTABLE,
+                let code = match &e {
+                    spawn::SpawnError::Exec(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        crate::exit::NOT_FOUND
+                    }
+                    spawn::SpawnError::Exec(_) => crate::exit::NOT_EXECUTABLE,
+                    spawn::SpawnError::Start(_) => crate::exit::TETHER_FAILURE,
                 };
                 output::error(&format!("cannot start {}: {e}", program.display()));
                 return Cause::Exited(code);
             }
         };
-        drop(procs_fd);
-        let pid = child.id() as i32;
+        drop(cgroup_dir);
+        let pid = child.pid;
         self.child_pid = Some(pid);
         output::debug(
             "spawn",

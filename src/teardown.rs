@@ -53,7 +53,7 @@ pub fn run_shell(
         args: &args,
         env,
         cwd,
-        cgroup_procs: None,
+        cgroup_dir: None,
         core_pid: std::process::id() as i32,
         identity: None,
         rlimits: &[],
@@ -62,7 +62,7 @@ pub fn run_shell(
         Ok(c) => c,
         Err(e) => return Outcome::SpawnFailed(e.to_string()),
     };
-    let pid = child.id() as i32;
+    let pid = child.pid;
     let end = Instant::now() + timeout;
     let mut status = None;
     loop {
