@@ -250,6 +250,8 @@ struct Run {
     cgroup: Option<RunCgroup>,
     /// Set once lock metadata is written: from here on, teardown is owed to the app.
     touched: bool,
+    /// The `queued` record has been written (only runs that wait write it).
+    queued_noted: bool,
     child_pid: Option<i32>,
 }
 
@@ -307,6 +309,7 @@ impl Run {
             command_ended: None,
             cgroup: None,
             touched: false,
+            queued_noted: false,
             child_pid: None,
         }
     }
@@ -468,13 +471,31 @@ impl Run {
         Ok(())
     }
 
+    /// Empty a reused dir and create `tmp/`. The `queued` record is written only if the run
+    /// has to wait (`note_queued`): an uncontended run goes straight to `running`. A run dir
+    /// without a record is safe from janitors while its `run.lock` is held.
     fn prepare_dir(&mut self, fresh: bool) -> Result<(), Stop> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
         dir.prepare(fresh)
-            .and_then(|()| dir.write_record(&self.record))
             .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", dir.path(), e)))
+    }
+
+    /// Make a waiting run visible (`status`, a reaper after a crash) as `queued`, once.
+    fn note_queued(&mut self) {
+        if self.queued_noted || self.touched {
+            return;
+        }
+        self.queued_noted = true;
+        if let Some(dir) = &self.dir {
+            if let Err(e) = dir.write_record(&self.record) {
+                output::warn(
+                    "record",
+                    &format!("cannot write {}: {e}", dir.record_path().display()),
+                );
+            }
+        }
     }
 
     /// Act on funnel events that arrived while we were busy.
@@ -517,6 +538,9 @@ impl Run {
                 )));
             }
             let cancel_older = is_our_app && self.plan.on_busy == OnBusy::CancelOlder;
+            if is_our_app {
+                self.note_queued();
+            }
             announce_waiting(&app, &holder);
             announced = true;
             if cancel_older {
@@ -585,6 +609,7 @@ impl Run {
                 Ok(None) => {}
                 Err(e) => return Err(Stop::Fail(Error::tether(format!("slot lock: {e}")))),
             }
+            self.note_queued();
             if Instant::now() >= next_progress {
                 output::emit(
                     output::Level::Info,
