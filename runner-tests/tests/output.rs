@@ -71,12 +71,12 @@ fn quiet_and_verbose_change_what_is_printed() {
         .spawn();
     wait_file(sb.lock_path(app), TIMEOUT);
     wait_until("the holder to take the lock", TIMEOUT, || {
-        !flock_holders(&sb.lock_path(app)).is_empty()
+        !flock_holders(sb.lock_path(app)).is_empty()
     });
     let mut quiet = sb.tether_run().app(app).arg("-q").command(["true"]).spawn();
-    wait_flock_waiters(&sb.lock_path(app), 1, TIMEOUT);
+    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
     let mut verbose = sb.tether_run().app(app).arg("-v").command(["true"]).spawn();
-    wait_flock_waiters(&sb.lock_path(app), 2, TIMEOUT);
+    wait_flock_waiters(sb.lock_path(app), 2, TIMEOUT);
     std::fs::write(&release, b"").expect("creating the release marker");
     holder.wait_exit(TIMEOUT).assert_code(0);
     let q = quiet.wait_exit(TIMEOUT);
