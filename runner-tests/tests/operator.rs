@@ -21,8 +21,8 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use runner_tests::{
-    count_lines, flock_holders, shell_quote, wait_count, wait_file, wait_line, wait_until,
-    Finished, RunningTether, Sandbox, TIMEOUT,
+    count_lines, flock_holders, shell_quote, tether_bin, wait_count, wait_file, wait_line,
+    wait_until, Finished, RunningTether, Sandbox, TIMEOUT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -952,4 +952,68 @@ fn limits_memory_is_applied_or_warned_about_once() {
             "{f}"
         );
     }
+}
+
+/// Issue 5: `run_as` needs tether to run as root; a non-root tether refuses it (125) with a
+/// message saying so, before anything is created or started. Dropped to `nobody` with
+/// setpriv(1); the config and dirs live in a world-traversable temp dir so the refusal cannot
+/// come from an unreadable file instead.
+#[test]
+fn run_as_under_a_non_root_tether_is_refused() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED (needs root to drop to nobody): run_as_under_a_non_root_tether_is_refused"
+        );
+        return;
+    }
+    let Ok(setpriv) = which("setpriv") else {
+        eprintln!(
+            "SKIPPED (no setpriv(1) on this machine): run_as_under_a_non_root_tether_is_refused"
+        );
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("tether-nonroot-")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod temp dir");
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(&cfg, "run_as: {user: root}\n").expect("config");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let marker = dir.path().join("ran");
+    let out = std::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(tether_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--lock-dir")
+        .arg(dir.path().join("locks"))
+        .arg("--runs-dir")
+        .arg(dir.path().join("runs"))
+        .args(["--app", "nonroot.example.org", "--", "touch"])
+        .arg(&marker)
+        .env_remove("TETHER_APP")
+        .env_remove("TETHER_RUN_ID")
+        .output()
+        .expect("running setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("run_as user \"root\" needs tether to run as root"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "the command ran");
+    assert!(!dir.path().join("locks").exists(), "a lock dir was created");
+    assert!(!dir.path().join("runs").exists(), "a runs dir was created");
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
 }
