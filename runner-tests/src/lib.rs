@@ -40,6 +40,7 @@
 //! `TETHER_BIN` at a binary.
 
 mod command;
+mod files;
 mod locks;
 mod procs;
 mod sandbox;
@@ -53,6 +54,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use command::{Finished, RunningTether, TetherCmd};
+pub use files::{log_lines, names, rid, sh_wait_for, suffix, touch, write_config};
 pub use locks::{
     flock_holders, flock_waiters, hold_lock, lock_is_free, poll_lock_free, wait_flock_waiters,
     wait_hold_lock, wait_lock_free,

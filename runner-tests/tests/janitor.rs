@@ -25,8 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 use runner_tests::{
-    helper_bin, pid_alive, poll_all_gone, poll_until, shell_quote, start_lock_holder, wait_file,
-    wait_line, wait_pids, wait_until, Finished, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, sh_wait_for,
+    shell_quote, start_lock_holder, suffix, touch, wait_file, wait_line, wait_pids, wait_until,
+    Finished, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
 };
 use serde_json::{json, Value};
 
@@ -35,36 +36,6 @@ const GRACE: &str = "2s";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// A run id unique to this sandbox (see the module doc).
-fn rid(sb: &Sandbox, name: &str) -> String {
-    format!("{name}-{}", suffix(sb))
-}
-
-fn suffix(sb: &Sandbox) -> String {
-    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
-    root.rsplit('-').next().unwrap_or_default().to_owned()
-}
-
-fn touch(path: &Path) {
-    fs::write(path, b"").unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-}
-
-/// Shell snippet: wait (polling, bounded to ~30 s) until the file named by the shell word
-/// `word` exists; `exit 99` if it never does.
-fn sh_wait_for(word: &str) -> String {
-    format!(
-        "i=0; while [ ! -e {word} ]; do i=$((i+1)); \
-         if [ $i -gt 3000 ]; then exit 99; fi; sleep 0.01; done"
-    )
-}
-
-/// Complete lines of a log file written by commands and teardowns.
-fn log_lines(path: &Path) -> Vec<String> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let end = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..end].lines().map(str::to_owned).collect()
-}
 
 /// A teardown command appending `"<TETHER_REASON> <TETHER_RUN_ID> <TETHER_APP>"` to `log`.
 fn teardown_logger(log: &Path) -> String {
@@ -428,18 +399,6 @@ fn snapshot(root: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 fn unix_now() -> u64 {

@@ -12,39 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    flock_waiters, helper_bin, lock_is_free, pid_alive, pid_comm, proc_info, read_fd_listing,
-    shell_quote, wait_all_gone, wait_file, wait_flock_waiters, wait_line, wait_pids, wait_until,
-    Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+    flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
+    read_fd_listing, rid, sh_wait_for, shell_quote, touch, wait_all_gone, wait_file,
+    wait_flock_waiters, wait_line, wait_pids, wait_until, Finished, RunningTether, Sandbox, Signal,
+    TIMEOUT,
 };
-
-/// Shell snippet: wait (polling, bounded to ~30 s) until the file named by the shell word `word`
-/// exists; `exit 99` if it never does.
-fn sh_wait_for(word: &str) -> String {
-    format!(
-        "i=0; while [ ! -e {word} ]; do i=$((i+1)); \
-         if [ $i -gt 3000 ]; then exit 99; fi; sleep 0.01; done"
-    )
-}
-
-/// A run id unique to this sandbox: `<name>-<sandbox suffix>`. Run ids must not collide with
-/// those of tests running at the same time in other sandboxes (see
-/// `tree_and_exit::same_run_id_in_two_runs_dirs_is_isolated`).
-fn rid(sb: &Sandbox, name: &str) -> String {
-    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
-    let suffix = root.rsplit('-').next().unwrap_or_default();
-    format!("{name}-{suffix}")
-}
-
-fn touch(path: &Path) {
-    fs::write(path, b"").unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-}
-
-/// Complete lines of a log file written by commands.
-fn log_lines(path: &Path) -> Vec<String> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let end = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..end].lines().map(str::to_owned).collect()
-}
 
 /// Waits until the app lock of `domain` carries the metadata of run `id` in state `running`;
 /// returns the holder's pid from it (the core's pid, CLI-CONTRACT).
@@ -124,19 +96,6 @@ fn snapshot(root: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-/// Names in a directory, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// Index of the first stderr line containing every one of `parts`.

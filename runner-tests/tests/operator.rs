@@ -21,59 +21,13 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use runner_tests::{
-    count_lines, flock_holders, shell_quote, tether_bin, wait_count, wait_file, wait_line,
-    wait_until, Finished, RunningTether, Sandbox, TIMEOUT,
+    count_lines, flock_holders, log_lines, names, rid, sh_wait_for, shell_quote, tether_bin, touch,
+    wait_count, wait_file, wait_line, wait_until, write_config, Finished, RunningTether, Sandbox,
+    TIMEOUT,
 };
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// A run id unique to this sandbox (see the module doc).
-fn rid(sb: &Sandbox, name: &str) -> String {
-    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
-    let suffix = root.rsplit('-').next().unwrap_or_default();
-    format!("{name}-{suffix}")
-}
-
-fn touch(path: &Path) {
-    fs::write(path, b"").unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-}
-
-/// Shell snippet: wait (polling, bounded to ~30 s) until the file named by the shell word
-/// `word` exists; `exit 99` if it never does.
-fn sh_wait_for(word: &str) -> String {
-    format!(
-        "i=0; while [ ! -e {word} ]; do i=$((i+1)); \
-         if [ $i -gt 3000 ]; then exit 99; fi; sleep 0.01; done"
-    )
-}
-
-/// Complete lines of a log file written by commands.
-fn log_lines(path: &Path) -> Vec<String> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let end = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..end].lines().map(str::to_owned).collect()
-}
-
-/// Names in a directory, sorted (a missing directory has none).
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// Writes a config file `<sandbox>/<name>`; returns its path.
-fn write_config(sb: &Sandbox, name: &str, text: &str) -> PathBuf {
-    let path = sb.path().join(name);
-    fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    path
-}
 
 /// The `pid` (the core's) of run `id`'s record once its state is `running`.
 fn wait_running_pid(sb: &Sandbox, id: &str) -> i32 {

@@ -25,14 +25,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 use runner_tests::{
-    flock_waiters, pid_alive, shell_quote, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+    flock_waiters, log_lines, pid_alive, shell_quote, Finished, RunningTether, Sandbox, Signal,
+    TIMEOUT,
 };
 
 /// xorshift64*: tiny, seedable, good enough to pick fates and delays.
@@ -117,12 +118,6 @@ fn unix_nanos() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
-}
-
-fn log_lines(path: &Path) -> Vec<String> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let end = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..end].lines().map(str::to_owned).collect()
 }
 
 fn kill(pid: i32, sig: Signal) {
@@ -262,7 +257,7 @@ fn soak_runs_kills_and_janitor() {
                 if f.code != Some(0) {
                     bad_sweeps.lock().unwrap_or_else(|p| p.into_inner()).push(f);
                 }
-                std::thread::sleep(Duration::from_millis(20)); // pacing, not ordering
+                std::thread::sleep(Duration::from_millis(20)); // pacing, not ordering // ordering-free
             }
         });
 

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use runner_tests::{
-    helper_bin, lock_is_free, pid_alive, proc_info, shell_quote, wait_pids, Finished, Sandbox,
-    TetherCmd, TIMEOUT,
+    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, shell_quote, wait_pids, Finished,
+    Sandbox, TetherCmd, TIMEOUT,
 };
 
 /// A recursive description of everything under `root` except `logs/` (names, modes, sizes,
@@ -63,27 +63,6 @@ fn snapshot(root: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-/// A run id unique to this sandbox: `<name>-<sandbox suffix>`. Run ids must not collide with
-/// those of tests running at the same time in other sandboxes (see
-/// [`same_run_id_in_two_runs_dirs_is_isolated`]).
-fn rid(sb: &Sandbox, name: &str) -> String {
-    let root = sb.path().file_name().unwrap_or_default().to_string_lossy();
-    let suffix = root.rsplit('-').next().unwrap_or_default();
-    format!("{name}-{suffix}")
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn chmod(path: &Path, mode: u32) {

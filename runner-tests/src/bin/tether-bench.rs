@@ -1398,7 +1398,7 @@ fn b6(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
             if Instant::now() >= deadline {
                 return Err("B6: a run of `sleep 1` did not finish in time".to_owned());
             }
-            std::thread::sleep(Duration::from_millis(5)); // sampling period
+            std::thread::sleep(Duration::from_millis(5)); // sampling period // ordering-free
         }
         if core_pid.is_none() {
             return Err("B6: never saw tether's core process".to_owned());
