@@ -1,0 +1,78 @@
+//! The CLI surface of the `tether` binary: usage errors are exit 125 (not clap's 2), help and
+//! version are 0, and the usage message names the culprit. Building these tests is also what
+//! makes `cargo test --workspace` build `target/<profile>/tether` for the real-kernel suite in
+//! `runner-tests/`.
+
+use std::process::Command;
+
+fn tether(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .env_remove("TETHER_APP")
+        .env_remove("TETHER_RUN_ID")
+        .env_remove("TETHER_CONFIG")
+        .output()
+        .expect("running tether")
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["run", "--help"],
+        &["janitor", "--help"],
+    ] {
+        let out = tether(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert!(!out.stdout.is_empty(), "{args:?} prints to stdout");
+    }
+}
+
+#[test]
+fn usage_errors_exit_125_naming_the_culprit() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "--app", "a.example.org", "--bogus", "--", "true"],
+            "--bogus",
+        ),
+        (&["run", "--app", "a.example.org", "true"], "true"),
+        (
+            &[
+                "run",
+                "--app",
+                "a.example.org",
+                "--deadline",
+                "10x",
+                "--",
+                "true",
+            ],
+            "10x",
+        ),
+        (&["frobnicate"], "frobnicate"),
+        (&[], "Usage"),
+    ];
+    for (args, culprit) in cases {
+        let out = tether(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(culprit),
+            "{args:?} should name {culprit:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn usage_error_message_snapshot() {
+    let out = tether(&[
+        "run",
+        "--app",
+        "a.example.org",
+        "--grace",
+        "soon",
+        "--",
+        "true",
+    ]);
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr));
+}
