@@ -24,7 +24,7 @@ use crate::reconcile::Reaper;
 use crate::record::{self, State};
 use crate::rundir;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,12 +123,11 @@ pub fn sweep(opts: &Options) -> Result<Report> {
         reaped: HashSet::new(),
         index: None,
     };
-    let mut swept_apps = BTreeSet::new();
     if have_locks {
-        sweep_locks(opts, &mut reaper, &mut report, &mut swept_apps);
+        sweep_locks(opts, &mut reaper, &mut report);
     }
     if have_runs && !stop_requested(&reaper.deferred) {
-        sweep_runs(opts, &mut reaper, &mut report, &swept_apps);
+        sweep_runs(opts, &mut reaper, &mut report);
     }
     if stop_requested(&reaper.deferred) {
         output::warn(
@@ -177,12 +176,7 @@ fn sorted_entries(dir: &Path) -> Vec<std::fs::DirEntry> {
     v
 }
 
-fn sweep_locks(
-    opts: &Options,
-    reaper: &mut Reaper<'_>,
-    report: &mut Report,
-    swept: &mut BTreeSet<String>,
-) {
+fn sweep_locks(opts: &Options, reaper: &mut Reaper<'_>, report: &mut Report) {
     let table = proc_locks::read();
     for de in sorted_entries(&opts.lock_dir) {
         if stop_requested(&reaper.deferred) {
@@ -238,7 +232,6 @@ fn sweep_locks(
                 continue;
             }
         }
-        swept.insert(domain.to_string());
         if opts.dry_run {
             if let Some(id) = dry_run_lock(&path, &domain, &table, report) {
                 reaper.reaped.insert(id);
@@ -248,7 +241,7 @@ fn sweep_locks(
         let held = match lock::try_acquire_existing(&path) {
             Ok(Some(h)) => h,
             Ok(None) => {
-                report_live(&path, &domain, opts, report);
+                report_live(&path, &domain, report);
                 continue;
             }
             Err(err) => {
@@ -296,7 +289,7 @@ fn sweep_locks(
     }
 }
 
-fn report_live(path: &Path, domain: &Domain, opts: &Options, report: &mut Report) {
+fn report_live(path: &Path, domain: &Domain, report: &mut Report) {
     let meta = lock::open_existing(path)
         .ok()
         .and_then(|f| record::read_meta(&f));
@@ -334,7 +327,6 @@ fn report_live(path: &Path, domain: &Domain, opts: &Options, report: &mut Report
             ));
         }
     }
-    let _ = opts;
     if let Some(m) = mismatch {
         e.detail = Some(match e.detail.take() {
             Some(d) => format!("{d}; {m}"),
@@ -397,12 +389,7 @@ fn dry_run_lock(
     would_reap
 }
 
-fn sweep_runs(
-    opts: &Options,
-    reaper: &mut Reaper<'_>,
-    report: &mut Report,
-    swept: &BTreeSet<String>,
-) {
+fn sweep_runs(opts: &Options, reaper: &mut Reaper<'_>, report: &mut Report) {
     let table = if opts.dry_run {
         proc_locks::read()
     } else {
@@ -547,7 +534,6 @@ fn sweep_runs(
                     report.push(e);
                     continue;
                 };
-                let _ = swept;
                 reap_app_of_run_dir(opts, reaper, report, &app, &name, &r.meta.run_id);
             }
         }

@@ -184,7 +184,6 @@ pub fn run(args: RunArgs) -> i32 {
             return crate::exit::TETHER_FAILURE;
         }
     };
-    let started = Instant::now();
 
     // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
     let resolved = crate::config::load(args.config.as_deref()).and_then(|cfg| {
@@ -216,7 +215,7 @@ pub fn run(args: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
-    Run::new(plan, funnel, started).execute()
+    Run::new(plan, funnel).execute()
 }
 
 /// How a phase before the command ended early.
@@ -232,7 +231,6 @@ enum Stop {
 struct Run {
     plan: Plan,
     funnel: Funnel,
-    started: Instant,
     phase: Phase,
     dir: Option<RunDir>,
     /// A dead run's unclean record found in our run dir (same run id reused).
@@ -256,7 +254,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(plan: Plan, funnel: Funnel, started: Instant) -> Run {
+    fn new(plan: Plan, funnel: Funnel) -> Run {
         let pid = std::process::id() as i32;
         let pid_start = crate::procfs::start_time(pid).unwrap_or(0);
         let run_dir = rundir::path_of(&plan.runs_dir, &plan.run_id);
@@ -295,7 +293,6 @@ impl Run {
         Run {
             plan,
             funnel,
-            started,
             phase: Phase::Preparing,
             dir: None,
             own_dead: None,
@@ -1096,7 +1093,6 @@ impl Run {
         if let Some(r) = &self.plan.report {
             crate::report::publish(r, &summary);
         }
-        let _ = self.started;
         exit
     }
 

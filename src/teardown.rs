@@ -89,14 +89,6 @@ pub fn run_shell(
     };
     let killed = tree::terminate(&members, TIMEOUT_GRACE, funnel);
     events.extend(killed.events);
-    if status.is_none() {
-        status = killed
-            .reaped
-            .iter()
-            .find(|(p, _)| *p == pid)
-            .map(|(_, c)| *c)
-            .filter(|_| Instant::now() < end);
-    }
     match status {
         Some(code) => Outcome::Exited(code),
         None => Outcome::TimedOut,

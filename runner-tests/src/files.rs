@@ -59,3 +59,70 @@ pub fn write_config(sb: &Sandbox, name: &str, text: &str) -> PathBuf {
     fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path
 }
+
+/// A recursive description of everything under `root` except the top-level names in `skip`:
+/// names, modes, sizes, inodes, mtimes, symlink targets and the content of regular files.
+/// Equal snapshots mean nothing was created, removed or written. Never follows a symlink and
+/// never opens a FIFO.
+pub fn snapshot(root: &Path, skip: &[&str]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if skip.iter().any(|s| path == root.join(s)) {
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                out.push(format!("{rel} (vanished)"));
+                continue;
+            };
+            let mut line = format!(
+                "{rel} mode={:o} len={} ino={} mtime={}.{}",
+                meta.mode(),
+                meta.len(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            );
+            if meta.file_type().is_symlink() {
+                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+            } else if meta.is_file() {
+                line.push_str(&format!(
+                    " content={:?}",
+                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default())
+                ));
+            }
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits until the app lock of `domain` names run `id` as `running`; returns the holder's pid
+/// from the metadata (the core's pid, CLI-CONTRACT).
+pub fn wait_holder_pid(sb: &Sandbox, domain: &str, id: &str) -> i32 {
+    let mut pid = None;
+    crate::wait_until(
+        &format!("lock metadata of {domain} naming run {id} as running"),
+        crate::TIMEOUT,
+        || {
+            pid = sb.lock_metadata(domain).and_then(|m| {
+                (m["run_id"] == id && m["state"] == "running").then(|| m["pid"].as_i64())?
+            });
+            pid.is_some()
+        },
+    );
+    pid.unwrap_or_default() as i32
+}

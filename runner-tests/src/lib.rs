@@ -54,7 +54,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use command::{Finished, RunningTether, TetherCmd};
-pub use files::{log_lines, names, rid, sh_wait_for, suffix, touch, write_config};
+pub use files::{
+    log_lines, names, rid, sh_wait_for, snapshot, suffix, touch, wait_holder_pid, write_config,
+};
 pub use locks::{
     flock_holders, flock_waiters, hold_lock, lock_is_free, poll_lock_free, wait_flock_waiters,
     wait_hold_lock, wait_lock_free,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use runner_tests::{
     count_lines, log_lines, names, rid, sh_wait_for, shell_quote, suffix, touch, wait_file,
-    wait_flock_waiters, wait_until, write_config, Finished, RunningTether, Sandbox, TetherCmd,
+    wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox, TetherCmd,
     TIMEOUT,
 };
 use serde_json::Value;
@@ -75,22 +75,6 @@ fn line_index(f: &Finished, parts: &[&str]) -> Option<usize> {
     f.stderr
         .lines()
         .position(|l| parts.iter().all(|p| l.contains(p)))
-}
-
-/// Waits until the app lock of `domain` names run `id` as running; returns its (core) pid.
-fn wait_holder_pid(sb: &Sandbox, domain: &str, id: &str) -> i32 {
-    let mut pid = None;
-    wait_until(
-        &format!("lock metadata of {domain} naming run {id} as running"),
-        TIMEOUT,
-        || {
-            pid = sb.lock_metadata(domain).and_then(|m| {
-                (m["run_id"] == id && m["state"] == "running").then(|| m["pid"].as_i64())?
-            });
-            pid.is_some()
-        },
-    );
-    pid.unwrap_or_default() as i32
 }
 
 /// A holder run: its command touches a fresh `started` marker, then waits for `release`; its

@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 use runner_tests::{
     helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, sh_wait_for,
-    shell_quote, start_lock_holder, suffix, touch, wait_file, wait_line, wait_pids, wait_until,
-    Finished, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    shell_quote, snapshot, start_lock_holder, suffix, touch, wait_file, wait_line, wait_pids,
+    wait_until, Finished, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
 };
 use serde_json::{json, Value};
 
@@ -357,50 +357,6 @@ fn start_live_run(sb: &Sandbox, app: &str, id: &str, release: &Path, teardown: &
     Live { run, core, cmd_pid }
 }
 
-/// Everything under `root`: names, kinds, modes, sizes, inodes, mtimes, symlink targets and
-/// the content of files. Equal snapshots mean nothing was created, removed or written.
-fn snapshot(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for path in entries.flatten().map(|e| e.path()) {
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                out.push(format!("{rel} (vanished)"));
-                continue;
-            };
-            let mut line = format!(
-                "{rel} mode={:o} len={} ino={} mtime={}.{}",
-                meta.mode(),
-                meta.len(),
-                meta.ino(),
-                meta.mtime(),
-                meta.mtime_nsec()
-            );
-            if meta.file_type().is_symlink() {
-                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
-            } else if meta.is_dir() {
-                stack.push(path.clone());
-            } else if meta.is_file() {
-                line.push_str(&format!(
-                    " content={:?}",
-                    fs::read(&path).unwrap_or_default()
-                ));
-            }
-            out.push(line);
-        }
-    }
-    out.sort();
-    out
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -437,7 +393,7 @@ fn dead_holder_is_reaped_exactly_once(extra_env: &[(&str, &str)]) {
     assert!(!pid_alive(dead.core));
 
     // A second sweep finds nothing to do.
-    let before = snapshot(&sb.lock_dir());
+    let before = snapshot(&sb.lock_dir(), &[]);
     let again = janitor(&sb).run();
     again
         .assert_code(0)
@@ -446,7 +402,7 @@ fn dead_holder_is_reaped_exactly_once(extra_env: &[(&str, &str)]) {
     assert_eq!(count(&again, "reaped"), 0, "{again}");
     assert_eq!(count(&again, "live"), 0, "{again}");
     assert_eq!(log_lines(&log).len(), 1, "no second teardown");
-    assert_eq!(snapshot(&sb.lock_dir()), before);
+    assert_eq!(snapshot(&sb.lock_dir(), &[]), before);
     assert_eq!(names(&sb.runs_dir()), Vec::<String>::new());
     sb.wait_no_leftovers(TIMEOUT);
 }
@@ -892,7 +848,7 @@ fn odd_entries_are_skipped_with_reasons() {
     fs::write(locks.join("notes.txt"), b"hello").expect("write");
     fs::write(locks.join("app-g.org.lock"), b"\x00garbage{{{ not json").expect("write");
     fs::write(sb.runs_dir().join("stray.txt"), b"stray").expect("write");
-    let victim_before = snapshot(&sb.path().join("marks"));
+    let victim_before = snapshot(&sb.path().join("marks"), &[]);
     let log = sb.mark("teardown.log");
 
     let f = janitor(&sb)
@@ -933,7 +889,7 @@ fn odd_entries_are_skipped_with_reasons() {
     // Nothing was followed or touched.
     assert!(!nowhere.exists(), "the dangling symlink was followed");
     assert_eq!(
-        snapshot(&sb.path().join("marks"))
+        snapshot(&sb.path().join("marks"), &[])
             .into_iter()
             .filter(|l| !l.starts_with("teardown.log"))
             .collect::<Vec<_>>(),
@@ -1142,7 +1098,7 @@ fn dry_run_changes_nothing() {
     let release = sb.mark("release");
     let mut live = start_live_run(&sb, live_app, &live_id, &release, &td);
 
-    let before = (snapshot(&sb.lock_dir()), snapshot(&sb.runs_dir()));
+    let before = (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[]));
     let f = janitor(&sb).args(["--dry-run", "--json"]).run();
     f.assert_code(0);
     let rep = report(&f);
@@ -1170,7 +1126,7 @@ fn dry_run_changes_nothing() {
     );
     f.assert_stderr_lacks("reaping dead run");
     assert_eq!(
-        (snapshot(&sb.lock_dir()), snapshot(&sb.runs_dir())),
+        (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
         before,
         "dry run wrote"
     );
@@ -1372,7 +1328,7 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         .run()
         .assert_code(0);
 
-    let files_before = (snapshot(&sb.lock_dir()), snapshot(&sb.runs_dir()));
+    let files_before = (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[]));
     let table = |path: &Path| lock_table(path);
     let locks_before = table(&lock);
     let f = sb.tether_status().arg("--json").run();
@@ -1382,7 +1338,7 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     assert_eq!(table(&lock), locks_before, "status changed the lock table");
     assert_eq!(locks_before, (vec![holder.core], waiting.clone()));
     assert_eq!(
-        (snapshot(&sb.lock_dir()), snapshot(&sb.runs_dir())),
+        (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
         files_before,
         "status wrote"
     );

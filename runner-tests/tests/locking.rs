@@ -7,33 +7,15 @@
 //! up with status 99), so a broken tether fails a test instead of hanging it.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use runner_tests::{
     flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
-    read_fd_listing, rid, sh_wait_for, shell_quote, touch, wait_all_gone, wait_file,
-    wait_flock_waiters, wait_line, wait_pids, wait_until, Finished, RunningTether, Sandbox, Signal,
-    TIMEOUT,
+    read_fd_listing, rid, sh_wait_for, shell_quote, snapshot, touch, wait_all_gone, wait_file,
+    wait_flock_waiters, wait_holder_pid, wait_line, wait_pids, wait_until, Finished, RunningTether,
+    Sandbox, Signal, TIMEOUT,
 };
-
-/// Waits until the app lock of `domain` carries the metadata of run `id` in state `running`;
-/// returns the holder's pid from it (the core's pid, CLI-CONTRACT).
-fn wait_holder_pid(sb: &Sandbox, domain: &str, id: &str) -> i32 {
-    let mut pid = None;
-    wait_until(
-        &format!("lock metadata of {domain} naming run {id} as running"),
-        TIMEOUT,
-        || {
-            pid = sb.lock_metadata(domain).and_then(|m| {
-                (m["run_id"] == id && m["state"] == "running").then(|| m["pid"].as_i64())?
-            });
-            pid.is_some()
-        },
-    );
-    pid.unwrap_or_default() as i32
-}
 
 /// The `pid` of run `id`'s record once its state is `state`.
 fn wait_record_pid(sb: &Sandbox, id: &str, state: &str) -> i32 {
@@ -49,53 +31,6 @@ fn wait_record_pid(sb: &Sandbox, id: &str, state: &str) -> i32 {
         },
     );
     pid.unwrap_or_default() as i32
-}
-
-/// A recursive description of everything under `root` (names, kinds, modes, sizes, inodes,
-/// mtimes, symlink targets and the content of small files): equal snapshots mean nothing was
-/// created, removed or written.
-fn snapshot(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for path in entries {
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                out.push(format!("{rel} (vanished)"));
-                continue;
-            };
-            let mut line = format!(
-                "{rel} mode={:o} len={} ino={} mtime={}.{}",
-                meta.mode(),
-                meta.len(),
-                meta.ino(),
-                meta.mtime(),
-                meta.mtime_nsec()
-            );
-            if meta.file_type().is_symlink() {
-                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
-            } else if meta.is_dir() {
-                stack.push(path.clone());
-            } else if meta.len() < 65536 {
-                line.push_str(&format!(
-                    " content={:?}",
-                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default())
-                ));
-            }
-            out.push(line);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Index of the first stderr line containing every one of `parts`.
@@ -329,7 +264,7 @@ fn waiting_run_never_touches_the_holders_run_dir() {
     let (holder_id, waiter_id) = (rid(&sb, "holder"), rid(&sb, "waiter"));
     let (mut holder, _core) = start_holder(&sb, app, &holder_id, &release, &[]);
     let holder_dir = sb.run_dir(&holder_id);
-    let before = snapshot(&holder_dir);
+    let before = snapshot(&holder_dir, &[]);
     assert!(
         before.iter().any(|l| l.starts_with("run.json ")),
         "holder run dir has run.json: {before:#?}"
@@ -358,7 +293,7 @@ fn waiting_run_never_touches_the_holders_run_dir() {
     assert_eq!(record["pid"], waiter_core, "waiter record: {record}");
     assert_ne!(sb.run_dir(&waiter_id), holder_dir);
     assert_eq!(
-        snapshot(&holder_dir),
+        snapshot(&holder_dir, &[]),
         before,
         "the waiter changed the holder's run dir"
     );
@@ -384,7 +319,7 @@ fn same_run_id_twice_is_refused() {
     let dup = rid(&sb, "dup");
     let (mut first, core) = start_holder(&sb, app, &dup, &release, &[]);
     let dir = sb.run_dir(&dup);
-    let before = snapshot(&dir);
+    let before = snapshot(&dir, &[]);
 
     let marker = sb.mark("second.ran");
     let second_app = "second.example.org";
@@ -403,7 +338,7 @@ fn same_run_id_twice_is_refused() {
         "the refused run created a lockfile\n{f}"
     );
     assert_eq!(
-        snapshot(&dir),
+        snapshot(&dir, &[]),
         before,
         "the refused run touched the run dir"
     );

@@ -7,63 +7,14 @@
 //! files' content), on marker files the command would have written, and on processes.
 
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
 use std::time::Duration;
 
 use runner_tests::{
-    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, shell_quote, wait_pids, Finished,
-    Sandbox, TetherCmd, TIMEOUT,
+    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, shell_quote, snapshot, wait_pids,
+    Finished, Sandbox, TetherCmd, TIMEOUT,
 };
-
-/// A recursive description of everything under `root` except `logs/` (names, modes, sizes,
-/// inodes, mtimes, symlink targets and small files' content).
-fn snapshot(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for path in entries {
-            if path == root.join("logs") {
-                continue;
-            }
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                out.push(format!("{rel} (vanished)"));
-                continue;
-            };
-            let mut line = format!(
-                "{rel} mode={:o} len={} ino={} mtime={}.{}",
-                meta.mode(),
-                meta.len(),
-                meta.ino(),
-                meta.mtime(),
-                meta.mtime_nsec()
-            );
-            if meta.file_type().is_symlink() {
-                line.push_str(&format!(" -> {:?}", fs::read_link(&path).ok()));
-            } else if meta.is_dir() {
-                stack.push(path.clone());
-            } else if meta.len() < 65536 {
-                line.push_str(&format!(
-                    " content={:?}",
-                    String::from_utf8_lossy(&fs::read(&path).unwrap_or_default())
-                ));
-            }
-            out.push(line);
-        }
-    }
-    out.sort();
-    out
-}
 
 fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
@@ -239,7 +190,7 @@ fn failing_teardown_after_a_failing_command_keeps_its_code() {
 /// `code`; exactly one error message, naming `culprit`; nothing created or changed in the
 /// sandbox; the marker absent; no process of the sandbox alive.
 fn assert_refused(sb: &Sandbox, cmd: TetherCmd<'_>, marker: &Path, code: i32, culprit: &str) {
-    let before = snapshot(sb.path());
+    let before = snapshot(sb.path(), &["logs"]);
     let f = cmd.timeout(Duration::from_secs(20)).run();
     assert_refusal(sb, &f, before, marker, code, culprit);
 }
@@ -265,7 +216,7 @@ fn assert_refusal(
     );
     assert!(!marker.exists(), "the command ran\n{f}");
     assert_eq!(
-        snapshot(sb.path()),
+        snapshot(sb.path(), &["logs"]),
         before,
         "something was left behind\n{f}"
     );
