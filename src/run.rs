@@ -472,26 +472,31 @@ impl Run {
     /// has to wait (`note_queued`): an uncontended run goes straight to `running`. A run dir
     /// without a record is safe from janitors while its `run.lock` is held.
     fn prepare_dir(&mut self, fresh: bool) -> Result<(), Stop> {
-        let Some(dir) = &self.dir else {
+        let Some(dir) = &mut self.dir else {
             return Ok(());
         };
         dir.prepare(fresh)
+            .and_then(|()| dir.prepare_spares())
             .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", dir.path(), e)))
     }
 
     /// Make a waiting run visible (`status`, a reaper after a crash) as `queued`, once.
     fn note_queued(&mut self) {
-        if self.queued_noted || self.touched {
+        // A reused dead run's record stays until it is reaped: the reaper takes its teardown
+        // command from there.
+        if self.queued_noted || self.touched || self.own_dead.is_some() {
             return;
         }
         self.queued_noted = true;
-        if let Some(dir) = &self.dir {
+        if let Some(dir) = &mut self.dir {
             if let Err(e) = dir.write_record(&self.record) {
                 output::warn(
                     "record",
                     &format!("cannot write {}: {e}", dir.record_path().display()),
                 );
             }
+            // That write used a spare; make it good while we wait.
+            let _ = dir.prepare_spares();
         }
     }
 
@@ -758,7 +763,7 @@ impl Run {
 
     fn set_state(&mut self, state: State) {
         self.record.meta.state = state;
-        if let Some(dir) = &self.dir {
+        if let Some(dir) = &mut self.dir {
             if let Err(e) = dir.write_record(&self.record) {
                 output::warn(
                     "record",

@@ -15,6 +15,12 @@ use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = "run.lock";
 pub const RECORD_FILE: &str = "run.json";
+/// Prefix of the fresh inodes a run prepares for its record writes before it takes the app
+/// lock (`run.json.spare-0`, `-1`): each is written once and swapped in
+/// (`record::write_record_into_spare`), then holds the record it replaced.
+pub const SPARE_PREFIX: &str = "run.json.spare-";
+/// The record writes a run makes once it holds the app lock: `running`, `tearing-down`.
+pub const SPARES_PER_RUN: usize = 2;
 pub const TMP_DIR: &str = "tmp";
 /// How long a claim waits out a `run.lock` that is busy although the dir has no record yet.
 const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -27,6 +33,10 @@ pub const RETIRED_PREFIX: &str = ".retired-";
 pub struct RunDir {
     path: PathBuf,
     lock: Option<HeldLock>,
+    /// Fresh spare inodes, in the order the next record writes use them.
+    spares: std::collections::VecDeque<PathBuf>,
+    /// How many spares were ever made (the next one's number).
+    spares_made: usize,
 }
 
 /// What claiming found.
@@ -90,10 +100,7 @@ pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
                 .filter(|r| r.meta.state != record::State::Clean)
         };
         return Ok(Claim {
-            dir: RunDir {
-                path,
-                lock: Some(held),
-            },
+            dir: RunDir::adopt(path, held),
             dead,
             existed: !created,
         });
@@ -125,6 +132,8 @@ impl RunDir {
         RunDir {
             path,
             lock: Some(lock),
+            spares: Default::default(),
+            spares_made: 0,
         }
     }
 
@@ -140,8 +149,28 @@ impl RunDir {
         self.path.join(TMP_DIR)
     }
 
-    pub fn write_record(&self, rec: &RunRecord) -> io::Result<()> {
-        record::write_record(&self.record_path(), rec)
+    /// Replace `run.json` atomically; into a spare made beforehand when there is one (no new
+    /// inode on the way), else through a new sibling.
+    pub fn write_record(&mut self, rec: &RunRecord) -> io::Result<()> {
+        match self.spares.pop_front() {
+            Some(spare) => record::write_record_into_spare(&spare, &self.record_path(), rec),
+            None => record::write_record(&self.record_path(), rec),
+        }
+    }
+
+    /// Make the spares for the record writes under the app lock, so that no file is created in
+    /// the run dir once the run holds the app: inode creation is the slow part of a record
+    /// write (DECISIONS D21), and the handoff between two runs of an app waits for two writes.
+    pub fn prepare_spares(&mut self) -> io::Result<()> {
+        while self.spares.len() < SPARES_PER_RUN {
+            let spare = self
+                .path
+                .join(format!("{SPARE_PREFIX}{}", self.spares_made));
+            self.spares_made += 1;
+            record::create_spare(&spare)?;
+            self.spares.push_back(spare);
+        }
+        Ok(())
     }
 
     /// Empty a reused dir (a reaped dead run's leftovers) and create `tmp/`.
@@ -190,8 +219,12 @@ impl RunDir {
         result.map(|()| retired)
     }
 
-    /// Release `run.lock` and leave the dir in place (kept runs, failed teardowns).
+    /// Release `run.lock` and leave the dir in place (kept runs, failed teardowns), without
+    /// the spares (older copies of the record would only confuse whoever inspects the dir).
     pub fn release(mut self) {
+        for n in 0..self.spares_made {
+            let _ = std::fs::remove_file(self.path.join(format!("{SPARE_PREFIX}{n}")));
+        }
         if let Some(l) = self.lock.take() {
             l.release();
         }

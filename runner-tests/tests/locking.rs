@@ -695,6 +695,55 @@ fn reusing_a_dead_run_id_reaps_it_first(other_app: bool) {
     );
 }
 
+/// §3.4 + §4.3: a run reusing a dead run's id while the app is busy (here a plain flock holder
+/// that never reconciles) must not overwrite the dead run's record with its own `queued` one
+/// while it waits: the reap under the app lock takes the dead run's teardown command and
+/// cgroup from that record.
+#[test]
+fn reusing_a_dead_run_id_while_the_app_is_busy_keeps_its_record_for_the_reap() {
+    let sb = Sandbox::new();
+    let app = "dead.example.org";
+    let reused = rid(&sb, "reused");
+    let log = sb.mark("teardown.log");
+    let teardown = format!(
+        "echo \"$TETHER_REASON $TETHER_RUN_ID\" >> {}",
+        shell_quote(&log)
+    );
+    let pids = kill_core_of_tree_run(&sb, app, &reused, &teardown, false);
+    let dead_pid = sb.run_record(&reused).expect("the dead run's record")["pid"].clone();
+
+    let held = runner_tests::hold_lock(sb.lock_path(app));
+    let script = format!("echo \"cmd $TETHER_RUN_ID\" >> {}", shell_quote(&log));
+    let mut run = sb
+        .tether_run()
+        .app(app)
+        .run_id(&reused)
+        .teardown("echo \"new $TETHER_REASON\" >> ".to_owned() + &shell_quote(&log))
+        .command(["sh", "-c", &script])
+        .spawn();
+    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    let record = sb.run_record(&reused).expect("a record while waiting");
+    assert_eq!(
+        (record["pid"].clone(), record["state"].clone()),
+        (dead_pid, serde_json::json!("running")),
+        "the waiting run replaced the dead run's record"
+    );
+    drop(held);
+    let f = run.wait_exit(TIMEOUT);
+    f.assert_code(0)
+        .assert_stderr_contains(&format!("reaping dead run {reused} of {app}"));
+    assert_eq!(
+        log_lines(&log),
+        [
+            format!("reaped {reused}"),
+            format!("cmd {reused}"),
+            "new exited".to_owned()
+        ],
+        "the dead run's teardown once, then the new run\n{f}"
+    );
+    wait_all_gone(&pids, Duration::from_secs(5));
+}
+
 #[test]
 fn reusing_a_dead_run_id_of_the_same_app_reaps_it_once_first() {
     reusing_a_dead_run_id_reaps_it_first(false);
