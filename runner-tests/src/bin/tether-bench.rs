@@ -555,7 +555,8 @@ impl Drop for ShmDir {
 struct World {
     // Field order is drop order: kill the processes first, then remove the lock dir.
     sb: Sandbox,
-    shm: ShmDir,
+    _shm: ShmDir,
+    marks: ShmDir,
     dirs: Dirs,
 }
 
@@ -567,19 +568,22 @@ impl World {
             locks: shm.path().map_or_else(|| sb.lock_dir(), Path::to_path_buf),
             runs: sb.runs_dir(),
         };
-        if let Some(dir) = shm.path() {
-            let marks = dir.join("marks");
-            fs::create_dir(&marks).map_err(|e| format!("creating {}: {e}", marks.display()))?;
-        }
-        Ok(World { sb, shm, dirs })
+        // Not inside the lock dir: B5 counts what the janitor leaves there.
+        let marks = ShmDir::new(&format!("{tag}-marks"))?;
+        Ok(World {
+            sb,
+            _shm: shm,
+            marks,
+            dirs,
+        })
     }
 
     /// A marker file for the commands' stamps: on tmpfs when there is one, so that the
     /// instrument's own file writes (one per stamp, in both tether's and the baseline's
     /// commands) do not add the disk's metadata latency to what is measured.
     fn mark(&self, name: &str) -> PathBuf {
-        match self.shm.path() {
-            Some(dir) => dir.join("marks").join(name),
+        match self.marks.path() {
+            Some(dir) => dir.join(name),
             None => self.sb.mark(name),
         }
     }
@@ -1582,9 +1586,9 @@ fn b7(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let sb = &w.sb;
     let log = log_file(sb, "all")?;
     let runs = ctx.n(20, 100);
-    // Ten pairs: one trial's throughput swings by ±20 % on a shared 2-core VM; the median of
-    // ten interleaved pairs does not.
-    let (warm, n) = (1, ctx.n(1, 10));
+    // Five pairs: one trial's throughput swings by ±20 % on a shared 2-core VM, so one is not
+    // enough; many more would measure the figure's own filesystem churn (see settle_disk).
+    let (warm, n) = (1, ctx.n(1, 5));
     let budget = ctx.budget(60);
     let (mut t, mut b) = (Vec::new(), Vec::new());
     let (mut t_ov, mut b_ov, mut t_fail, mut b_fail) = (0, 0, 0, 0);
@@ -1835,6 +1839,53 @@ fn ext4_has_journal(path: &Path) -> Option<bool> {
     None
 }
 
+/// Median time (µs) to create one empty file where the runs dirs go (`$TMPDIR`), over 20
+/// files created and then removed.
+fn create_latency_us() -> f64 {
+    let dir = std::env::temp_dir().join(format!("tether-bench-probe-{}", std::process::id()));
+    if fs::create_dir(&dir).is_err() {
+        return f64::NAN;
+    }
+    let mut times: Vec<f64> = (0..20)
+        .map(|i| {
+            let t0 = Instant::now();
+            let _ = File::create(dir.join(format!("p{i}")));
+            t0.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let _ = fs::remove_dir_all(&dir);
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Figures must not inherit each other's filesystem state: on ext4 without a journal, creating
+/// a file skips every inode deleted in the last 5 s (305 s while its inode table block is
+/// dirty), so after a figure that deleted thousands of files, creating one costs ten times
+/// more for a minute or two. Wait (bounded) until creating a file costs about what it did when
+/// the bench started, and say what was found.
+fn settle_disk(id: &str, calm: f64, rep: &mut Report) {
+    let started = Instant::now();
+    let mut now = create_latency_us();
+    let settled = |v: f64| v <= (3.0 * calm).max(calm + 50.0);
+    let first = now;
+    while !settled(now) && started.elapsed() < Duration::from_secs(150) {
+        std::thread::sleep(Duration::from_secs(5)); // waiting out kernel writeback, not a race
+        now = create_latency_us();
+    }
+    let waited = started.elapsed().as_secs_f64();
+    if waited >= 1.0 {
+        rep.note(
+            id,
+            format!(
+                "waited {waited:.0} s for the runs dir's filesystem to settle first: creating a \
+                 file took {first:.0} µs, then {now:.0} µs (at the start of the bench: {calm:.0} \
+                 µs){}",
+                if settled(now) { "" } else { " — did not settle, measured anyway" }
+            ),
+        );
+    }
+}
+
 /// Everything after this line of the report is kept when the report is rewritten.
 const HAND_WRITTEN_MARKER: &str =
     "<!-- Written by hand below this line; ci/bench keeps it when it rewrites the tables above. -->";
@@ -1939,6 +1990,7 @@ fn main() {
         ("B8", b8),
     ];
     let mut rep = Report::default();
+    let calm_create = create_latency_us();
     for (id, bench) in benches {
         if opts
             .only
@@ -1946,6 +1998,9 @@ fn main() {
             .is_some_and(|o| !o.iter().any(|x| x == id))
         {
             continue;
+        }
+        if !ctx.quick {
+            settle_disk(id, calm_create, &mut rep);
         }
         let t0 = Instant::now();
         eprintln!("tether-bench: {id} ...");
@@ -2005,7 +2060,8 @@ fn main() {
         "- storage, as tether's defaults place it on a normal host: lock dirs {} (like \
          `/run/lock/tether`), runs dirs and markers under {} on {} (like `/var/lib/tether/runs`); \
          `TMPDIR=/dev/shm ci/bench` puts the runs dirs on tmpfs too, to separate tether's own \
-         work from the disk's metadata latency",
+         work from the disk's metadata latency; creating an empty file there took {calm_create:.0} µs \
+         (median of 20) when the bench started",
         if shm.is_dir() {
             format!("on {} under /dev/shm", fs_type(shm))
         } else {
@@ -2064,7 +2120,7 @@ fn main() {
         "**B4** as B3 with `tree-helper --ignore-term` and `--grace 1s`: tether must SIGKILL after the grace.",
         "**B5** 10,000 lockfiles `app-cNNNNN.bench.localhost.lock` holding a clean run's metadata (copied from a real finished run) + 10 apps held by live `tether run -- sleep 3600`; per iteration the 10,000 are re-created (untimed), then `tether status`, the baseline loop (some iterations) and finally `tether janitor` (which unlinks the 10,000) are timed, spawn → exit. Afterwards exactly the 10 held lockfiles must remain.",
         "**B6** peak memory of tether's own processes (front + core) during `tether run -- sleep 1`, vs flock(1) and a minimal python3 harness, all three running side by side.",
-        "**B7** 8 threads each running 100 `tether run --app X -- stamp ...` back to back on one app vs the same with `flock L stamp ...`; throughput = 800 / wall time per trial, 10 interleaved trial pairs; overlaps from the stamps (marker files on tmpfs, as in B2).",
+        "**B7** 8 threads each running 100 `tether run --app X -- stamp ...` back to back on one app vs the same with `flock L stamp ...`; throughput = 800 / wall time per trial, 5 interleaved trial pairs; overlaps from the stamps (marker files on tmpfs, as in B2).",
         "**B8** 64 `tether run --app b8-NN... -- sleep 1` over 64 apps started at once; wall time until all exited and the failure count; 64 × `flock L_i sleep 1` for reference.",
     ] {
         let _ = writeln!(md, "- {l}");
