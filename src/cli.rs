@@ -31,6 +31,49 @@ pub enum Command {
     Config(ConfigArgs),
 }
 
+/// Where tether keeps its state, and its config file (run, janitor, status).
+#[derive(Debug, Args)]
+pub struct PlaceArgs {
+    #[arg(long, env = "TETHER_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_RUNS_DIR")]
+    pub runs_dir: Option<PathBuf>,
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// How much tether says, and in which format (run, janitor).
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Only warnings, errors and the summary.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Debug lines too.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl OutputArgs {
+    /// Start the output with the flags; a config file's `log_format` applies later, only
+    /// where no flag was given (`adopt_config`).
+    pub fn init(&self) {
+        crate::output::init(
+            self.log_format.unwrap_or_default(),
+            self.quiet,
+            self.verbose,
+        );
+    }
+
+    pub fn adopt_config(&self, cfg: &crate::config::Config) {
+        if let (None, Some(f)) = (self.log_format, cfg.log_format) {
+            crate::output::set_format(f);
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct JanitorArgs {
     /// Fallback teardown for dead runs without a readable run record (run by sh -c).
@@ -54,19 +97,10 @@ pub struct JanitorArgs {
     /// Keep clean (--keep-run-dir) run dirs this long before removing them [default: 24h].
     #[arg(long, value_parser = duration)]
     pub retain_failed: Option<Duration>,
-    #[arg(long, env = "TETHER_LOCK_DIR")]
-    pub lock_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_RUNS_DIR")]
-    pub runs_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// [default: text]
-    #[arg(long, value_enum)]
-    pub log_format: Option<LogFormat>,
-    #[arg(short, long, conflicts_with = "verbose")]
-    pub quiet: bool,
-    #[arg(short, long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub places: PlaceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -74,12 +108,8 @@ pub struct StatusArgs {
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, env = "TETHER_LOCK_DIR")]
-    pub lock_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_RUNS_DIR")]
-    pub runs_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_CONFIG")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub places: PlaceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -152,24 +182,13 @@ pub struct RunArgs {
     /// Keep the run dir after a successful teardown (for inspection).
     #[arg(long)]
     pub keep_run_dir: bool,
-    #[arg(long, env = "TETHER_LOCK_DIR")]
-    pub lock_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_RUNS_DIR")]
-    pub runs_dir: Option<PathBuf>,
-    #[arg(long, env = "TETHER_CONFIG")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub places: PlaceArgs,
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
-    /// [default: text]
-    #[arg(long, value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Only warnings, errors and the summary.
-    #[arg(short, long, conflicts_with = "verbose")]
-    pub quiet: bool,
-    /// Debug lines too.
-    #[arg(short, long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// How often the waiting line repeats.
     #[arg(long, hide = true, env = "TETHER_WAIT_PROGRESS_INTERVAL", default_value = "60s", value_parser = duration)]
     pub wait_progress_interval: Duration,
@@ -234,21 +253,15 @@ fn config_command(args: ConfigArgs) -> i32 {
 }
 
 fn janitor(args: JanitorArgs) -> i32 {
-    crate::output::init(
-        args.log_format.unwrap_or_default(),
-        args.quiet,
-        args.verbose,
-    );
-    let cfg = match crate::config::load(args.config.as_deref()) {
+    args.output.init();
+    let cfg = match crate::config::load(args.places.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             crate::output::error(&e.message);
             return e.exit_code();
         }
     };
-    if let (None, Some(f)) = (args.log_format, cfg.log_format) {
-        crate::output::set_format(f);
-    }
+    args.output.adopt_config(&cfg);
     let s = crate::settings::Settings::new(&cfg);
     let app = match args.app.as_deref().map(crate::names::Domain::parse) {
         None => None,
@@ -259,8 +272,8 @@ fn janitor(args: JanitorArgs) -> i32 {
         }
     };
     let opts = crate::janitor::Options {
-        lock_dir: s.lock_dir(args.lock_dir),
-        runs_dir: s.runs_dir(args.runs_dir),
+        lock_dir: s.lock_dir(args.places.lock_dir),
+        runs_dir: s.runs_dir(args.places.runs_dir),
         teardown: args.teardown.or(cfg.teardown.clone()),
         teardown_timeout: s.teardown_timeout(args.teardown_timeout),
         grace: s.grace(args.grace),
@@ -301,7 +314,7 @@ fn janitor(args: JanitorArgs) -> i32 {
 }
 
 fn status(args: StatusArgs) -> i32 {
-    let cfg = match crate::config::load(args.config.as_deref()) {
+    let cfg = match crate::config::load(args.places.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             crate::output::error(&e.message);
@@ -309,8 +322,8 @@ fn status(args: StatusArgs) -> i32 {
         }
     };
     let s = crate::settings::Settings::new(&cfg);
-    let lock_dir = s.lock_dir(args.lock_dir);
-    let runs_dir = s.runs_dir(args.runs_dir);
+    let lock_dir = s.lock_dir(args.places.lock_dir);
+    let runs_dir = s.runs_dir(args.places.runs_dir);
     let st = crate::status::collect(&lock_dir, &runs_dir);
     if args.json {
         match serde_json::to_string_pretty(&st) {

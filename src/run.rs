@@ -81,8 +81,8 @@ impl Plan {
             (None, None) => ci_env::local_run_id(record::unix_now(), std::process::id()),
         };
         let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
-        let lock_dir = settings.lock_dir(args.lock_dir);
-        let runs_dir = settings.runs_dir(args.runs_dir);
+        let lock_dir = settings.lock_dir(args.places.lock_dir);
+        let runs_dir = settings.runs_dir(args.places.runs_dir);
         let run_as = match &cfg.run_as {
             Some(ra) => Some(crate::identity::resolve(ra)?),
             None => None,
@@ -168,11 +168,7 @@ pub fn app_lock_path(lock_dir: &Path, app: &Domain) -> PathBuf {
 
 /// `tether run`. Returns the exit code.
 pub fn run(args: RunArgs) -> i32 {
-    output::init(
-        args.log_format.unwrap_or_default(),
-        args.quiet,
-        args.verbose,
-    );
+    args.output.init();
     let app_text = args.app.clone();
     let summary_json = args.summary_json.clone();
 
@@ -186,10 +182,8 @@ pub fn run(args: RunArgs) -> i32 {
     };
 
     // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
-    let resolved = crate::config::load(args.config.as_deref()).and_then(|cfg| {
-        if let (None, Some(f)) = (args.log_format, cfg.log_format) {
-            output::set_format(f);
-        }
+    let resolved = crate::config::load(args.places.config.as_deref()).and_then(|cfg| {
+        args.output.adopt_config(&cfg);
         let deadline = Settings::new(&cfg).deadline(args.deadline);
         funnel.arm_deadline(deadline);
         Plan::resolve(args, &cfg)

@@ -1880,7 +1880,11 @@ fn settle_disk(id: &str, calm: f64, rep: &mut Report) {
                 "waited {waited:.0} s for the runs dir's filesystem to settle first: creating a \
                  file took {first:.0} µs, then {now:.0} µs (at the start of the bench: {calm:.0} \
                  µs){}",
-                if settled(now) { "" } else { " — did not settle, measured anyway" }
+                if settled(now) {
+                    ""
+                } else {
+                    " — did not settle, measured anyway"
+                }
             ),
         );
     }
