@@ -641,6 +641,24 @@ fn next_run_reaps_a_sigkilled_run_once_without_cgroup() {
 /// SPEC §3.4, §4.4: re-using the run id of a dead run reaps it first (exactly once, under
 /// the dead run's app lock), then runs; a later run of the dead run's app does not reap it
 /// again. `other_app`: the new run is for another app than the dead one.
+/// The new run (reusing dead run `id`'s id) passed; the teardown log shows the dead run reaped
+/// once, then the new run's command, then `last` (the new run's own teardown line).
+fn assert_reaped_once_before_the_command(
+    f: &Finished,
+    log: &Path,
+    app: &str,
+    id: &str,
+    last: String,
+) {
+    f.assert_code(0)
+        .assert_stderr_contains(&format!("reaping dead run {id} of {app}"));
+    assert_eq!(
+        log_lines(log),
+        [format!("reaped {id}"), format!("cmd {id}"), last],
+        "the dead run reaped once, before the new run's command\n{f}"
+    );
+}
+
 fn reusing_a_dead_run_id_reaps_it_first(other_app: bool) {
     let sb = Sandbox::new();
     let app = "dead.example.org";
@@ -661,17 +679,7 @@ fn reusing_a_dead_run_id_reaps_it_first(other_app: bool) {
         .teardown(&teardown)
         .command(["sh", "-c", &script])
         .run();
-    f.assert_code(0)
-        .assert_stderr_contains(&format!("reaping dead run {reused} of {app}"));
-    assert_eq!(
-        log_lines(&log),
-        [
-            format!("reaped {reused}"),
-            format!("cmd {reused}"),
-            format!("exited {reused}")
-        ],
-        "reaped once, before the new run's command\n{f}"
-    );
+    assert_reaped_once_before_the_command(&f, &log, app, &reused, format!("exited {reused}"));
     assert_eq!(
         f.stderr_lines("reaping dead run").len(),
         1,
@@ -730,17 +738,7 @@ fn reusing_a_dead_run_id_while_the_app_is_busy_keeps_its_record_for_the_reap() {
     );
     drop(held);
     let f = run.wait_exit(TIMEOUT);
-    f.assert_code(0)
-        .assert_stderr_contains(&format!("reaping dead run {reused} of {app}"));
-    assert_eq!(
-        log_lines(&log),
-        [
-            format!("reaped {reused}"),
-            format!("cmd {reused}"),
-            "new exited".to_owned()
-        ],
-        "the dead run's teardown once, then the new run\n{f}"
-    );
+    assert_reaped_once_before_the_command(&f, &log, app, &reused, "new exited".to_owned());
     wait_all_gone(&pids, Duration::from_secs(5));
 }
 
