@@ -189,14 +189,18 @@ impl RunDir {
         Ok(())
     }
 
-    /// Remove the whole dir while still holding `run.lock`, then release it. A claimer that
-    /// opened the old `run.lock` meanwhile fails its identity check and starts over.
-    pub fn remove(mut self) -> io::Result<()> {
-        let result = remove_tree(&self.path);
-        if let Some(l) = self.lock.take() {
-            l.release();
+    /// Remove the whole dir: out of sight first (`retire`, while `run.lock` is held), then
+    /// delete. Deleting in place raced a claimer of the same id: between the unlink of
+    /// `run.lock` and the final `rmdir`, the claimer could create and lock a new `run.lock`
+    /// (its identity check passes), and the deletion then took that and the claimer's `tmp/`
+    /// with it (`janitor::sweeping_janitors_never_fail_starting_runs`, ~1 in 6 runs). A claimer
+    /// that opened the old `run.lock` fails its identity check after the rename and starts over.
+    pub fn remove(self) -> io::Result<()> {
+        match self.retire() {
+            Ok(retired) => remove_tree(&retired),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
-        result
     }
 
     /// Take the dir out of sight in one step (rename to `.retired-<id>-<pid>` while still

@@ -116,6 +116,20 @@ impl Sandbox {
         crate::wait::read_json(self.run_dir(id).join("run.json"))
     }
 
+    /// Waits (bounded by `TIMEOUT`) until run `id`'s record is in `state`; returns it.
+    pub fn wait_record(&self, id: &str, state: &str) -> serde_json::Value {
+        let mut rec = None;
+        crate::wait::wait_until(
+            &format!("run.json of {id} in state {state}"),
+            crate::TIMEOUT,
+            || {
+                rec = self.run_record(id).filter(|r| r["state"] == state);
+                rec.is_some()
+            },
+        );
+        rec.unwrap_or_default()
+    }
+
     /// The metadata in the app lockfile of `domain`, parsed; `None` if missing or torn.
     pub fn lock_metadata(&self, domain: &str) -> Option<serde_json::Value> {
         crate::wait::read_json(self.lock_path(domain))

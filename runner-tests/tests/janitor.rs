@@ -91,20 +91,6 @@ fn entry<'v>(report: &'v Value, name: &str) -> &'v Value {
         .unwrap_or_else(|| panic!("no report entry named {name:?} in {report:#}"))
 }
 
-/// Waits until run `id`'s record is in `state`; returns the record.
-fn wait_record(sb: &Sandbox, id: &str, state: &str) -> Value {
-    let mut rec = None;
-    wait_until(
-        &format!("run.json of {id} in state {state}"),
-        TIMEOUT,
-        || {
-            rec = sb.run_record(id).filter(|r| r["state"] == state);
-            rec.is_some()
-        },
-    );
-    rec.unwrap_or_default()
-}
-
 // Lock probes. `/proc/locks` is not a snapshot: once it is longer than a page it is read in
 // several `read()`s, and entries added or removed meanwhile (other tests' locks) make a
 // reader skip or repeat lines. So a holder is checked in its own `/proc/<pid>/fdinfo` (the
@@ -271,7 +257,7 @@ fn make_dead_run(
     let mut run = cmd.spawn();
     let leftovers = wait_pids(&pids_file, TIMEOUT);
     sb.guard().pids(&leftovers);
-    let rec = wait_record(sb, id, "running");
+    let rec = sb.wait_record(id, "running");
     let core = rec["pid"].as_i64().expect("run.json has a pid") as i32;
     assert_eq!(
         core,
@@ -350,7 +336,7 @@ fn start_live_run(sb: &Sandbox, app: &str, id: &str, release: &Path, teardown: &
         .command(["sh", "-c", &script])
         .spawn();
     let cmd_pid = wait_pids(&pid_file, TIMEOUT)[0];
-    let core = wait_record(sb, id, "running")["pid"]
+    let core = sb.wait_record(id, "running")["pid"]
         .as_i64()
         .unwrap_or_default() as i32;
     assert_eq!(core, run.wait_core_pid(TIMEOUT));

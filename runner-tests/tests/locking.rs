@@ -19,18 +19,9 @@ use runner_tests::{
 
 /// The `pid` of run `id`'s record once its state is `state`.
 fn wait_record_pid(sb: &Sandbox, id: &str, state: &str) -> i32 {
-    let mut pid = None;
-    wait_until(
-        &format!("run.json of {id} in state {state}"),
-        TIMEOUT,
-        || {
-            pid = sb
-                .run_record(id)
-                .and_then(|r| (r["state"] == state).then(|| r["pid"].as_i64())?);
-            pid.is_some()
-        },
-    );
-    pid.unwrap_or_default() as i32
+    sb.wait_record(id, state)["pid"]
+        .as_i64()
+        .unwrap_or_default() as i32
 }
 
 /// Index of the first stderr line containing every one of `parts`.

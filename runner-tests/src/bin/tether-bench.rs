@@ -1869,7 +1869,7 @@ fn settle_disk(id: &str, calm: f64, rep: &mut Report) {
     let settled = |v: f64| v <= (3.0 * calm).max(calm + 50.0);
     let first = now;
     while !settled(now) && started.elapsed() < Duration::from_secs(150) {
-        std::thread::sleep(Duration::from_secs(5)); // waiting out kernel writeback, not a race
+        std::thread::sleep(Duration::from_secs(5)); // ordering-free: waiting out kernel writeback
         now = create_latency_us();
     }
     let waited = started.elapsed().as_secs_f64();
