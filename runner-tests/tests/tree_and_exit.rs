@@ -30,13 +30,17 @@ fn chmod(path: &Path, mode: u32) {
 fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
     let sb = Sandbox::new();
     let pids_file = sb.mark("tree.pids");
+    // The command exits only once the test has looked at the tree: exiting as soon as the pids
+    // appear let teardown kill the tree before the session check read /proc (a 1-in-20 flake).
+    let go_file = sb.mark("tree.go");
     let tree = helper_bin!("tree-helper");
     let script = format!(
         "{} --pids-file {p} --children 2 --setsid --double-fork </dev/null & \
-         i=0; while [ ! -e {p} ]; do i=$((i+1)); if [ $i -gt 3000 ]; then exit 99; fi; \
+         i=0; while [ ! -e {g} ]; do i=$((i+1)); if [ $i -gt 3000 ]; then exit 99; fi; \
          sleep 0.01; done; exit 0",
         shell_quote(&tree),
-        p = shell_quote(&pids_file)
+        p = shell_quote(&pids_file),
+        g = shell_quote(&go_file)
     );
     let mut cmd = sb
         .tether_run()
@@ -55,6 +59,7 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
         setsid.as_ref().is_some_and(|i| i.sid == pids[3]),
         "the setsid child leads its own session: {setsid:?}"
     );
+    fs::write(&go_file, b"").unwrap_or_else(|e| panic!("write {}: {e}", go_file.display()));
 
     let f = run.wait_exit(TIMEOUT);
     f.assert_code(0).assert_stderr_contains("result=passed");
