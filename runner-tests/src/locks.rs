@@ -98,8 +98,24 @@ pub fn wait_hold_lock(path: impl AsRef<Path>, timeout: Duration) -> File {
     );
 }
 
-/// One FLOCK entry of `/proc/locks` on the file at `path`: (pid, is_waiter).
+/// The FLOCK entries of `/proc/locks` on the file at `path`: (pid, is_waiter), sorted and
+/// deduplicated. The table is not a snapshot: past a page it comes in several `read()`s, and
+/// other tests' locks added or removed in between make one read repeat or skip lines (a holder
+/// was once listed twice). So it is read until two consecutive reads agree (a few tries).
 fn flock_entries(path: &Path) -> Vec<(i32, bool)> {
+    let mut last = flock_entries_once(path);
+    for _ in 0..5 {
+        let next = flock_entries_once(path);
+        if next == last {
+            break;
+        }
+        last = next;
+    }
+    last
+}
+
+/// One read of `/proc/locks`, filtered to the file at `path`, sorted and deduplicated.
+fn flock_entries_once(path: &Path) -> Vec<(i32, bool)> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Vec::new();
     };
@@ -134,6 +150,8 @@ fn flock_entries(path: &Path) -> Vec<(i32, bool)> {
             entries.push((pid, waiter));
         }
     }
+    entries.sort_unstable();
+    entries.dedup();
     entries
 }
 
