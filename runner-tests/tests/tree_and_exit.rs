@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use runner_tests::{
-    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, shell_quote, snapshot, wait_pids,
-    Finished, Sandbox, TetherCmd, TIMEOUT,
+    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, sh_wait_for, shell_quote, snapshot,
+    touch, wait_pids, Finished, Sandbox, TetherCmd, TIMEOUT,
 };
 
 fn chmod(path: &Path, mode: u32) {
@@ -35,12 +35,10 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
     let go_file = sb.mark("tree.go");
     let tree = helper_bin!("tree-helper");
     let script = format!(
-        "{} --pids-file {p} --children 2 --setsid --double-fork </dev/null & \
-         i=0; while [ ! -e {g} ]; do i=$((i+1)); if [ $i -gt 3000 ]; then exit 99; fi; \
-         sleep 0.01; done; exit 0",
+        "{} --pids-file {} --children 2 --setsid --double-fork </dev/null & {}; exit 0",
         shell_quote(&tree),
-        p = shell_quote(&pids_file),
-        g = shell_quote(&go_file)
+        shell_quote(&pids_file),
+        sh_wait_for(&shell_quote(&go_file))
     );
     let mut cmd = sb
         .tether_run()
@@ -59,7 +57,7 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
         setsid.as_ref().is_some_and(|i| i.sid == pids[3]),
         "the setsid child leads its own session: {setsid:?}"
     );
-    fs::write(&go_file, b"").unwrap_or_else(|e| panic!("write {}: {e}", go_file.display()));
+    touch(&go_file);
 
     let f = run.wait_exit(TIMEOUT);
     f.assert_code(0).assert_stderr_contains("result=passed");
