@@ -88,7 +88,7 @@ impl Reaper<'_> {
             }
             None => {}
         }
-        for (path, rec) in self.unclean_records(runs_dir, app) {
+        for (path, rec) in self.unclean_records(runs_dir, app, own) {
             if Some(rec.meta.run_id.as_str()) == own || self.reaped.contains(&rec.meta.run_id) {
                 continue;
             }
@@ -341,15 +341,25 @@ fn reap_env(dead: &DeadRun) -> Vec<(OsString, OsString)> {
 }
 
 impl Reaper<'_> {
-    fn unclean_records(&mut self, runs_dir: &Path, app: &Domain) -> Vec<(PathBuf, RunRecord)> {
-        let index = self.index.get_or_insert_with(|| index_unclean(runs_dir));
+    fn unclean_records(
+        &mut self,
+        runs_dir: &Path,
+        app: &Domain,
+        own: Option<&str>,
+    ) -> Vec<(PathBuf, RunRecord)> {
+        let index = self
+            .index
+            .get_or_insert_with(|| index_unclean(runs_dir, own));
         index.get(app.as_str()).cloned().unwrap_or_default()
     }
 }
 
-/// Every run dir with an unclean record, by app. Odd entries are skipped.
+/// Every run dir with an unclean record, by app. Odd entries are skipped, and so is the
+/// caller's own run dir (`own`: its run id is its name): a run never reaps itself, and reading
+/// its record would only lengthen the handoff (B2).
 pub fn index_unclean(
     runs_dir: &Path,
+    own: Option<&str>,
 ) -> std::collections::HashMap<String, Vec<(PathBuf, RunRecord)>> {
     let mut out: std::collections::HashMap<String, Vec<(PathBuf, RunRecord)>> =
         std::collections::HashMap::new();
@@ -358,7 +368,9 @@ pub fn index_unclean(
     };
     for e in entries.flatten() {
         let Ok(ft) = e.file_type() else { continue };
-        if !ft.is_dir() || e.file_name().to_string_lossy().starts_with('.') {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !ft.is_dir() || name.starts_with('.') || Some(name.as_ref()) == own {
             continue;
         }
         let path = e.path();

@@ -149,11 +149,7 @@ fn prepare_and_clone(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| start(io::Error::from(e)))?;
 
-    let pid = clone_child(spec.cgroup_dir).map_err(start)?;
-    if pid == 0 {
-        // SAFETY: in the child; `child_exec` only makes raw syscalls on prepared memory.
-        unsafe { child_exec(&p, err_w.as_raw_fd()) }
-    }
+    let pid = clone_child(&p, err_w.as_raw_fd(), spec.cgroup_dir).map_err(start)?;
     drop(err_w);
     // The exec reports failure as an errno on the CLOEXEC pipe; EOF means it succeeded.
     let mut buf = [0u8; 4];
@@ -171,68 +167,190 @@ fn prepare_and_clone(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     Ok(Spawned { pid })
 }
 
-/// clone3 straight into the cgroup when asked (falling back to fork + migration only when
-/// the kernel lacks CLONE_INTO_CGROUP); plain fork otherwise. Returns 0 in the child.
-fn clone_child(cgroup_dir: Option<RawFd>) -> io::Result<i32> {
-    if let Some(dir) = cgroup_dir {
-        let args = CloneArgs {
-            flags: CLONE_INTO_CGROUP,
-            pidfd: 0,
-            child_tid: 0,
-            parent_tid: 0,
-            exit_signal: libc::SIGCHLD as u64,
-            stack: 0,
-            stack_size: 0,
-            tls: 0,
-            set_tid: 0,
-            set_tid_size: 0,
-            cgroup: dir as u64,
-        };
-        // SAFETY: clone3 with fork semantics (no stack, no shared VM); the process is single
-        // threaded here, so the child is a plain copy of it.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if ret >= 0 {
-            return Ok(ret as i32);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            // No clone3 / no CLONE_INTO_CGROUP: migrate the old way.
-            Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL) => {
-                // SAFETY: fork in a single-threaded process.
-                let pid = unsafe { libc::fork() };
-                if pid < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if pid == 0 {
-                    // SAFETY: openat + write on a valid dir fd, in the child.
-                    unsafe {
-                        let procs = libc::openat(
-                            dir,
-                            c"cgroup.procs".as_ptr(),
-                            libc::O_WRONLY | libc::O_CLOEXEC,
-                        );
-                        if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                            libc::_exit(crate::exit::TETHER_FAILURE);
-                        }
-                    }
-                }
-                return Ok(pid);
+/// Start the child: `clone3(CLONE_VM | CLONE_VFORK)` on a stack of its own, straight into the
+/// cgroup when asked, the way `posix_spawn` starts one (see [`vfork_clone3`]); where that is not
+/// available (old kernel, or not x86_64), a plain fork (plus a migration into the cgroup). Returns the child's pid;
+/// the child itself never returns from here.
+fn clone_child(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Result<i32> {
+    let why_fork = if fork_forced() {
+        "forced by TETHER_FAULT_FORK_SPAWN".to_string()
+    } else {
+        match vfork_clone3(p, err_fd, cgroup_dir) {
+            Ok(pid) => return Ok(pid),
+            // No clone3 / no CLONE_INTO_CGROUP (kernel < 5.7), or an architecture without the
+            // trampoline: fork the old way.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+                ) =>
+            {
+                format!("clone3: {e}")
             }
-            _ => return Err(err),
+            Err(e) => return Err(e),
         }
-    }
-    // SAFETY: fork in a single-threaded process.
+    };
+    crate::output::debug("spawn", &format!("forking the child ({why_fork})"));
+    // SAFETY: fork in a single-threaded process; the child only makes raw syscalls and execs.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
+    if pid == 0 {
+        if let Some(dir) = cgroup_dir {
+            // SAFETY: openat + write on a valid dir fd, in the child.
+            unsafe {
+                let procs = libc::openat(
+                    dir,
+                    c"cgroup.procs".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(crate::exit::TETHER_FAILURE);
+                }
+            }
+        }
+        // SAFETY: in the forked child; only raw syscalls on prepared memory.
+        unsafe { child_exec(p, err_fd) }
+    }
     Ok(pid)
+}
+
+/// Test-only (cargo feature `fault-injection`): `TETHER_FAULT_FORK_SPAWN=1` takes the fork
+/// path that old kernels and other architectures take, so the suite covers it here too.
+#[cfg(feature = "fault-injection")]
+fn fork_forced() -> bool {
+    std::env::var_os("TETHER_FAULT_FORK_SPAWN").is_some_and(|v| v == "1")
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fork_forced() -> bool {
+    false
+}
+
+/// What the vfork child gets: a pointer to this, on the parent's stack (which stays put: the
+/// parent is suspended until the child has exec'd or exited).
+struct ChildArgs<'a> {
+    prepared: &'a Prepared,
+    err_fd: RawFd,
+}
+
+/// The child's stack: only `child_exec`'s frame and libc's syscall wrappers run on it.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// `clone3(CLONE_VM | CLONE_VFORK [| CLONE_INTO_CGROUP])`: the child shares our memory and runs
+/// `child_exec` on a stack of its own until it execs; we are suspended until then. Why not a
+/// plain fork: copying the core's page tables and tearing the copy down again in the child's
+/// `exec` took ~0.35 ms of the ~0.55 ms a spawn cost (measured: machine-docs/BENCHMARKS.md),
+/// and a spawn sits on the handoff path between two runs of an app (B2).
+///
+/// Why it is sound: the child touches only memory prepared before the clone and makes only
+/// async-signal-safe calls (no allocation, no locks); all signals are blocked across the clone,
+/// so no handler can run on the child's stack before `child_exec` resets every disposition
+/// (the child has its own handler table: no CLONE_SIGHAND); errno is the one shared location
+/// the child writes, while we are suspended.
+fn vfork_clone3(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Result<i32> {
+    // u128 elements: the stack top is 16-byte aligned, as the ABI requires. Left uninitialised
+    // (spare capacity): a stack needs no zeroing, and only the pages the child uses get touched.
+    let mut stack: Vec<u128> = Vec::with_capacity(CHILD_STACK / std::mem::size_of::<u128>());
+    let args = ChildArgs {
+        prepared: p,
+        err_fd,
+    };
+    let mut flags = (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    if cgroup_dir.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
+    let clone_args = CloneArgs {
+        flags,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.spare_capacity_mut().as_mut_ptr() as u64,
+        stack_size: CHILD_STACK as u64,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: cgroup_dir.unwrap_or(0) as u64,
+    };
+    // SAFETY: sigset_t is plain data; the full set is restored right after the clone.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: `clone_args` describes a valid stack that outlives the child's use of it (we are
+    // suspended until it execs or exits); `child_entry` gets a pointer to `args`, alive as long.
+    let ret = unsafe {
+        raw_clone3(
+            &clone_args,
+            child_entry,
+            &args as *const ChildArgs<'_> as *mut libc::c_void,
+        )
+    };
+    // SAFETY: restoring the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if ret < 0 {
+        // The syscall instruction returns -errno itself (errno is not set).
+        return Err(io::Error::from_raw_os_error(-ret as i32));
+    }
+    Ok(ret as i32)
+}
+
+/// The vfork child's first Rust frame, on its own stack.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` points at the parent's `ChildArgs`, alive while the parent is suspended.
+    unsafe {
+        let args = &*(arg as *const ChildArgs<'_>);
+        child_exec(args.prepared, args.err_fd)
+    }
+}
+
+/// The `clone3` syscall with a child that starts on the new stack: the kernel returns 0 there
+/// with nothing on it to return to, so the child must call its entry point from here (what
+/// libc's `clone()` wrapper does; libc has no wrapper for clone3). Returns the child's pid or
+/// `-errno`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw_clone3(
+    args: &CloneArgs,
+    entry: extern "C" fn(*mut libc::c_void) -> !,
+    arg: *mut libc::c_void,
+) -> isize {
+    let ret: isize;
+    // r12/r13 survive the syscall in both processes; the child's rsp is the new stack's top
+    // (16-byte aligned, so the `call` leaves the ABI's alignment at the entry).
+    std::arch::asm!(
+        "syscall",
+        "test rax, rax",
+        "jnz 2f",
+        "xor ebp, ebp",
+        "mov rdi, r12",
+        "call r13",
+        "ud2",
+        "2:",
+        inlateout("rax") libc::SYS_clone3 => ret,
+        in("rdi") args as *const CloneArgs,
+        in("rsi") std::mem::size_of::<CloneArgs>(),
+        in("r12") arg,
+        in("r13") entry,
+        lateout("rcx") _,
+        lateout("r11") _,
+        options(nostack),
+    );
+    ret
+}
+
+/// Elsewhere: no trampoline (none that could be tested here), so `clone_child` forks.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn raw_clone3(
+    _args: &CloneArgs,
+    _entry: extern "C" fn(*mut libc::c_void) -> !,
+    _arg: *mut libc::c_void,
+) -> isize {
+    -(libc::ENOSYS as isize)
 }
 
 /// In the child: undo the core's setup and exec. Never returns. Only raw syscalls on memory

@@ -24,10 +24,34 @@ fn chmod(path: &Path, mode: u32) {
 // ---------------------------------------------------------------------------------------------
 // 10. Descendants that leave the process group or are orphaned die at teardown.
 
+/// How tether starts the command: `clone3(CLONE_VM|CLONE_VFORK)` (the normal path on x86_64), or
+/// the fork path of old kernels and other architectures (forced by a fault-injection switch).
+#[derive(Clone, Copy, PartialEq)]
+enum SpawnPath {
+    Vfork,
+    Fork,
+}
+
+fn spawn_path(mut cmd: TetherCmd<'_>, path: SpawnPath) -> TetherCmd<'_> {
+    if path == SpawnPath::Fork {
+        cmd = cmd.env("TETHER_FAULT_FORK_SPAWN", "1").arg("-v");
+    }
+    cmd
+}
+
+/// The run's stderr proves the path the command was started on.
+fn assert_spawn_path(f: &Finished, path: SpawnPath) {
+    if path == SpawnPath::Fork {
+        f.assert_stderr_contains("forking the child (forced by TETHER_FAULT_FORK_SPAWN)");
+    } else {
+        f.assert_stderr_lacks("forking the child");
+    }
+}
+
 /// SPEC §3.1 step 8, §5.2: the command starts a tree-helper in the background (plain children,
 /// a `setsid()` child, a double-forked orphan) and exits 0 by itself; when tether has exited,
 /// every process of that tree is dead and the exit code is the command's 0.
-fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
+fn escaped_descendants_die_at_teardown(no_cgroup: bool, path: SpawnPath) {
     let sb = Sandbox::new();
     let pids_file = sb.mark("tree.pids");
     // The command exits only once the test has looked at the tree: exiting as soon as the pids
@@ -48,7 +72,7 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
     if no_cgroup {
         cmd = cmd.env("TETHER_NO_CGROUP", "1");
     }
-    let mut run = cmd.spawn();
+    let mut run = spawn_path(cmd, path).spawn();
     let pids = wait_pids(&pids_file, TIMEOUT);
     sb.guard().pids(&pids);
     assert_eq!(pids.len(), 1 + 2 + 1 + 1, "tree pids: {pids:?}");
@@ -61,6 +85,7 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
 
     let f = run.wait_exit(TIMEOUT);
     f.assert_code(0).assert_stderr_contains("result=passed");
+    assert_spawn_path(&f, path);
     let survivors: Vec<String> = pids
         .iter()
         .filter(|&&p| pid_alive(p))
@@ -76,12 +101,19 @@ fn escaped_descendants_die_at_teardown(no_cgroup: bool) {
 
 #[test]
 fn setsid_and_double_forked_descendants_die_at_teardown_with_cgroup() {
-    escaped_descendants_die_at_teardown(false);
+    escaped_descendants_die_at_teardown(false, SpawnPath::Vfork);
 }
 
 #[test]
 fn setsid_and_double_forked_descendants_die_at_teardown_without_cgroup() {
-    escaped_descendants_die_at_teardown(true);
+    escaped_descendants_die_at_teardown(true, SpawnPath::Vfork);
+}
+
+/// The same on the fork path (old kernels, other architectures): the child moves itself into
+/// the cgroup before exec.
+#[test]
+fn setsid_and_double_forked_descendants_die_at_teardown_with_cgroup_forked() {
+    escaped_descendants_die_at_teardown(false, SpawnPath::Fork);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,6 +473,43 @@ fn command_not_executable_exits_126() {
             .command([path.to_str().unwrap()]);
         assert_refused(&sb, cmd, &m, 126, path.to_str().unwrap());
     }
+}
+
+/// SPEC §3.3: a command that passes the up-front checks but that the kernel refuses to exec
+/// (executable, but neither a binary nor a `#!` script: ENOEXEC) → 126, reported by the child
+/// through its close-on-exec pipe, on both spawn paths; the run tears down and leaves the app
+/// free.
+fn exec_failure_in_the_child_exits_126(path: SpawnPath) {
+    let sb = Sandbox::new();
+    let bogus = sb.path().join("not-a-program");
+    fs::write(&bogus, "this is not a program\n").expect("writing");
+    chmod(&bogus, 0o755);
+    let cmd = sb
+        .tether_run()
+        .app("exec.example.org")
+        .run_id(rid(&sb, "exec"))
+        .command([bogus.to_str().unwrap()]);
+    let f = spawn_path(cmd, path).run();
+    f.assert_code(126)
+        .assert_stderr_contains(&format!("cannot start {}", bogus.display()))
+        .assert_stderr_contains("Exec format error");
+    assert_spawn_path(&f, path);
+    assert_eq!(
+        f.summary_field("exit"),
+        Some("126"),
+        "summary exit field\n{f}"
+    );
+    assert!(lock_is_free(sb.lock_path("exec.example.org")));
+}
+
+#[test]
+fn exec_failure_in_the_child_exits_126_vfork() {
+    exec_failure_in_the_child_exits_126(SpawnPath::Vfork);
+}
+
+#[test]
+fn exec_failure_in_the_child_exits_126_forked() {
+    exec_failure_in_the_child_exits_126(SpawnPath::Fork);
 }
 
 /// SPEC §12, CLI-CONTRACT: `--config x` naming a file that cannot be read (and, while config
