@@ -836,6 +836,20 @@ fn b2(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     .with_base("`flock L cmd` chain", &b)
     .median_ratio();
     let pass = row.tether.is_some_and(|s| s.median <= 2.0 && s.p99 <= 10.0);
+    // The handoff is mostly the fork + exec of the next command, the same work the flock(1)
+    // chain does; when that alone is over the target, no harness in front of flock can meet it.
+    if let (false, Some(base)) = (pass, &row.base) {
+        if base.median > 2.0 {
+            rep.note(
+                "B2",
+                format!(
+                    "the flock(1) chain's own p50 was {:.2} ms in this run, above the 2 ms \
+                     target: this VM's fork + exec was slow at the time (BENCHMARKS.md, session 4)",
+                    base.median
+                ),
+            );
+        }
+    }
     rep.rows.push(row.judge(pass));
     Ok(())
 }
@@ -1586,8 +1600,10 @@ fn b7(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let sb = &w.sb;
     let log = log_file(sb, "all")?;
     let runs = ctx.n(20, 100);
-    // Five pairs: one trial's throughput swings by ±20 % on a shared 2-core VM, so one is not
-    // enough; many more would measure the figure's own filesystem churn (see settle_disk).
+    // Five pairs, not 30: one trial is the figure's 8 × 100 runs (~3 s a pair), so 30 pairs
+    // would be 48,000 runs per side — over the bench's 5-minute budget, and deep into the
+    // churn regime of a journal-less ext4 (see settle_disk). One trial's throughput swings by
+    // ±20 % on a shared 2-core VM, so one is not enough either.
     let (warm, n) = (1, ctx.n(1, 5));
     let budget = ctx.budget(60);
     let (mut t, mut b) = (Vec::new(), Vec::new());
@@ -1656,8 +1672,9 @@ fn b8(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let w = World::new("b8")?;
     let sb = &w.sb;
     let log = log_file(sb, "all")?;
-    let (warm, n) = (1, ctx.n(1, 5));
-    let budget = ctx.budget(20);
+    // 30 pairs (~70 s): the target is on the maximum, so every trial counts.
+    let (warm, n) = (1, ctx.n(1, 30));
+    let budget = ctx.budget(100);
     let (mut t, mut b, mut t_fail, mut b_fail) = (Vec::new(), Vec::new(), 0, 0);
     for trial in 0..warm + n {
         if budget.over() && !t.is_empty() {
@@ -2124,8 +2141,8 @@ fn main() {
         "**B4** as B3 with `tree-helper --ignore-term` and `--grace 1s`: tether must SIGKILL after the grace.",
         "**B5** 10,000 lockfiles `app-cNNNNN.bench.localhost.lock` holding a clean run's metadata (copied from a real finished run) + 10 apps held by live `tether run -- sleep 3600`; per iteration the 10,000 are re-created (untimed), then `tether status`, the baseline loop (some iterations) and finally `tether janitor` (which unlinks the 10,000) are timed, spawn → exit. Afterwards exactly the 10 held lockfiles must remain.",
         "**B6** peak memory of tether's own processes (front + core) during `tether run -- sleep 1`, vs flock(1) and a minimal python3 harness, all three running side by side.",
-        "**B7** 8 threads each running 100 `tether run --app X -- stamp ...` back to back on one app vs the same with `flock L stamp ...`; throughput = 800 / wall time per trial, 5 interleaved trial pairs; overlaps from the stamps (marker files on tmpfs, as in B2).",
-        "**B8** 64 `tether run --app b8-NN... -- sleep 1` over 64 apps started at once; wall time until all exited and the failure count; 64 × `flock L_i sleep 1` for reference.",
+        "**B7** 8 threads each running 100 `tether run --app X -- stamp ...` back to back on one app vs the same with `flock L stamp ...`; throughput = 800 / wall time per trial, 5 interleaved trial pairs (30 pairs of 1,600 runs would not fit the 5-minute budget); overlaps from the stamps (marker files on tmpfs, as in B2).",
+        "**B8** 64 `tether run --app b8-NN... -- sleep 1` over 64 apps started at once; wall time until all exited and the failure count, 30 interleaved trial pairs (the target is on the maximum); 64 × `flock L_i sleep 1` for reference.",
     ] {
         let _ = writeln!(md, "- {l}");
     }
