@@ -187,6 +187,9 @@ fn clone_child(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Re
             {
                 format!("clone3: {e}")
             }
+            // Without a cgroup only the syscall itself can have been refused (a seccomp filter
+            // answering EPERM for clone3). With one, the caller retries without it first.
+            Err(e) if cgroup_dir.is_none() => format!("clone3: {e}"),
             Err(e) => return Err(e),
         }
     };

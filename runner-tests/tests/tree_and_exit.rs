@@ -512,6 +512,76 @@ fn exec_failure_in_the_child_exits_126_forked() {
     exec_failure_in_the_child_exits_126(SpawnPath::Fork);
 }
 
+/// D18: where `clone3` is refused, tether forks the command instead, shown under a real seccomp
+/// filter (`no-clone3`). ENOSYS (an old kernel, older container profiles): the fork path still
+/// puts the command in the run's cgroup. EPERM (a stricter filter): the cgroup cannot be joined
+/// at creation, so the run goes on without it, as any failure to join does.
+fn clone3_refused_falls_back_to_fork(errno: i32) {
+    let sb = Sandbox::new();
+    let seen = sb.mark("cgroup-of-command");
+    let tether = sb
+        .tether_run()
+        .app("noclone3.example.org")
+        .run_id(rid(&sb, &format!("noclone3-{errno}")))
+        .arg("-v")
+        .command([
+            "sh",
+            "-c",
+            &format!("cat /proc/$$/cgroup > {}", shell_quote(&seen)),
+        ]);
+    let script = format!(
+        "{} {errno} env {}",
+        shell_quote(helper_bin!("no-clone3")),
+        tether.to_shell()
+    );
+    let f = sb.step_shell(&script).spawn().wait_exit(TIMEOUT);
+    assert_eq!(f.code, Some(0), "run under no-clone3 {errno}\n{f}");
+    let why = if errno == libc::ENOSYS {
+        "Function not implemented"
+    } else {
+        "Operation not permitted"
+    };
+    f.assert_stderr_contains(&format!("forking the child (clone3: {why}"))
+        .assert_stderr_contains("result=passed");
+    assert!(lock_is_free(sb.lock_path("noclone3.example.org")));
+
+    let command_cgroup = fs::read_to_string(&seen).expect("the command ran");
+    let run_cgroup = f
+        .stderr_lines("tether: run cgroup ")
+        .first()
+        .and_then(|l| l.rsplit('/').next())
+        .map(str::to_owned);
+    let Some(run_cgroup) = run_cgroup else {
+        eprintln!(
+            "NOTE (no run cgroup on this host): clone3_refused_falls_back_to_fork({errno}) \
+             checked the fallback, not cgroup membership"
+        );
+        return;
+    };
+    let in_run_cgroup = command_cgroup
+        .lines()
+        .any(|l| l.ends_with(&format!("/{run_cgroup}")));
+    if errno == libc::ENOSYS {
+        assert!(
+            in_run_cgroup,
+            "the forked command joined the run cgroup {run_cgroup}: {command_cgroup}\n{f}"
+        );
+    } else {
+        f.assert_stderr_contains("cannot join the run's cgroup; running without it");
+        assert!(!in_run_cgroup, "{command_cgroup}\n{f}");
+    }
+}
+
+#[test]
+fn clone3_refused_with_enosys_falls_back_to_fork_into_the_cgroup() {
+    clone3_refused_falls_back_to_fork(libc::ENOSYS);
+}
+
+#[test]
+fn clone3_refused_with_eperm_falls_back_to_fork_without_a_cgroup() {
+    clone3_refused_falls_back_to_fork(libc::EPERM);
+}
+
 /// SPEC §12, CLI-CONTRACT: `--config x` naming a file that cannot be read (and, while config
 /// files are not supported, any `--config`) → 125 with one message about the config, nothing
 /// left behind.
