@@ -172,8 +172,8 @@ fn warn_if_stale(bin: &Path) {
 }
 
 /// Path of one of this crate's helper binaries (`tree-helper`, `fd-lister`, `exit-with`,
-/// `ignore-term`, `lock-holder`, `no-clone3`): `CARGO_BIN_EXE_<name>` from the environment when set, else the
-/// directory the tether binary is built to. Panics when missing.
+/// `ignore-term`, `lock-holder`, `no-clone3`): `CARGO_BIN_EXE_<name>` from the environment when
+/// set, else the directory the tether binary is built to. Panics when missing.
 ///
 /// In this crate's integration tests prefer the [`helper_bin!`] macro, which Cargo resolves at
 /// compile time.
