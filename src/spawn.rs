@@ -244,7 +244,7 @@ const CHILD_STACK: usize = 64 * 1024;
 /// `clone3(CLONE_VM | CLONE_VFORK [| CLONE_INTO_CGROUP])`: the child shares our memory and runs
 /// `child_exec` on a stack of its own until it execs; we are suspended until then. Why not a
 /// plain fork: copying the core's page tables and tearing the copy down again in the child's
-/// `exec` took ~0.35 ms of the ~0.55 ms a spawn cost (measured: machine-docs/BENCHMARKS.md),
+/// `exec` took ~0.3 ms of the ~0.55 ms a spawn cost (measured: machine-docs/BENCHMARKS.md),
 /// and a spawn sits on the handoff path between two runs of an app (B2).
 ///
 /// Why it is sound: the child touches only memory prepared before the clone and makes only
