@@ -32,9 +32,12 @@ enum SpawnPath {
     Fork,
 }
 
+/// Verbose on both paths: the fork path's debug line must appear on one and be absent on the
+/// other, so a silent fallback from vfork to fork fails the vfork tests.
 fn spawn_path(mut cmd: TetherCmd<'_>, path: SpawnPath) -> TetherCmd<'_> {
+    cmd = cmd.arg("-v");
     if path == SpawnPath::Fork {
-        cmd = cmd.env("TETHER_FAULT_FORK_SPAWN", "1").arg("-v");
+        cmd = cmd.env("TETHER_FAULT_FORK_SPAWN", "1");
     }
     cmd
 }
