@@ -11,7 +11,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// Where cgroup2 is mounted, if anywhere. The usual places are asked first: rendering
 /// mountinfo costs the kernel a path lookup per mount, on every run (BENCHMARKS B7).
@@ -28,10 +28,6 @@ pub fn mount_point() -> Option<PathBuf> {
 /// `path` is the root of a cgroup2 mount: its filesystem is cgroup2 and its parent's is not
 /// (a cgroup2 filesystem below it would be a cgroup, not a mount).
 fn is_cgroup2_mount(path: &Path) -> bool {
-    let is_cgroup2 = |p: &Path| {
-        nix::sys::statfs::statfs(p)
-            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-    };
     is_cgroup2(path) && path.parent().is_none_or(|parent| !is_cgroup2(parent))
 }
 
@@ -78,6 +74,71 @@ pub fn own_cgroup() -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The dir under the mount where a root tether makes run cgroups (`<mount>/tether/<token>`).
+const TETHER_DIR: &str = "tether";
+/// Prefix of run cgroups made in our own (delegated) cgroup (`<own>/tether-<token>`).
+const DELEGATED_PREFIX: &str = "tether-";
+
+fn is_cgroup2(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// A run cgroup whose run's core is no longer alive.
+#[derive(Debug)]
+pub struct Orphan {
+    pub cgroup: RunCgroup,
+    pub run_id: String,
+    pub core_pid: i32,
+}
+
+/// Every run cgroup in the places this process can see (`<mount>/tether/`, and the delegated
+/// subtree of its own cgroup) whose core — named in the cgroup's name, with its start time —
+/// is dead. A live run's cgroup never matches: its core is alive.
+pub fn orphans() -> Vec<Orphan> {
+    let Some(mount) = mount_point() else {
+        return Vec::new();
+    };
+    let mut places = vec![(mount.join(TETHER_DIR), "")];
+    if let Some(own) = own_cgroup() {
+        places.push((mount.join(own.trim_start_matches('/')), DELEGATED_PREFIX));
+    }
+    let mut out = Vec::new();
+    for (dir, prefix) in places {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(token) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+                continue;
+            };
+            let Some((id, pid, start)) = crate::procfs::parse_token(token) else {
+                continue;
+            };
+            if !e.file_type().is_ok_and(|t| t.is_dir()) || crate::procfs::core_alive(pid, start) {
+                continue;
+            }
+            out.push(Orphan {
+                cgroup: RunCgroup { path: e.path() },
+                run_id: id.to_owned(),
+                core_pid: pid,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.cgroup.path.cmp(&b.cgroup.path));
+    out
+}
+
+/// The orphan cgroups of the dead run `id`.
+pub fn orphans_of_run(id: &str) -> Vec<RunCgroup> {
+    orphans()
+        .into_iter()
+        .filter(|o| o.run_id == id)
+        .map(|o| o.cgroup)
+        .collect()
+}
+
 /// A run's cgroup directory.
 #[derive(Debug, Clone)]
 pub struct RunCgroup {
@@ -98,10 +159,10 @@ impl RunCgroup {
             own_cgroup().map(|own| {
                 mount
                     .join(own.trim_start_matches('/'))
-                    .join(format!("tether-{run_id}"))
+                    .join(format!("{DELEGATED_PREFIX}{run_id}"))
             })
         };
-        let first = std::iter::once(mount.join("tether").join(run_id));
+        let first = std::iter::once(mount.join(TETHER_DIR).join(run_id));
         for path in first.chain(std::iter::from_fn(delegated).take(1)) {
             match create_dir(&path) {
                 Ok(()) => return Ok(RunCgroup { path }),
@@ -111,13 +172,69 @@ impl RunCgroup {
         Err(tried.join("; "))
     }
 
-    /// A cgroup recorded by a (possibly dead) run.
-    pub fn at(path: impl Into<PathBuf>) -> RunCgroup {
-        RunCgroup { path: path.into() }
+    /// The cgroup a (dead) run's record or lock metadata names — only if it is provably that
+    /// run's: a plain path under the cgroup2 mount, named after the run's token
+    /// (`<mount>/tether/<token>` or `…/tether-<token>`), and, when it exists, a cgroup2
+    /// directory owned by tether's uid. Anything else could make a reaper kill every process
+    /// of some other cgroup (PROTOCOL.md, "Trust model").
+    pub fn recorded(meta: &crate::record::LockMeta) -> Result<RunCgroup, String> {
+        let path = Path::new(meta.cgroup.as_deref().ok_or("no cgroup recorded")?);
+        let token = format!("{}.{}.{}", meta.run_id, meta.pid, meta.pid_start);
+        if !path.is_absolute()
+            || path
+                .components()
+                .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+        {
+            return Err("not a plain absolute path".into());
+        }
+        let mount = mount_point().ok_or("no cgroup2 mount on this host")?;
+        if !path.starts_with(&mount) {
+            return Err(format!("not under the cgroup2 mount {}", mount.display()));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let named_after_run = (name == token
+            && path.parent() == Some(mount.join(TETHER_DIR).as_path()))
+            || name == format!("{DELEGATED_PREFIX}{token}");
+        if !named_after_run {
+            return Err(format!("not the cgroup of run {token}"));
+        }
+        match std::fs::symlink_metadata(path) {
+            // Gone: nothing to kill, nothing to trust.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot inspect it: {e}")),
+            Ok(md) => {
+                use std::os::unix::fs::MetadataExt;
+                let me = nix::unistd::geteuid().as_raw();
+                if !md.is_dir() || md.file_type().is_symlink() {
+                    return Err("not a directory".into());
+                }
+                if md.uid() != me {
+                    return Err(format!("owned by uid {}, not by uid {me}", md.uid()));
+                }
+                if !is_cgroup2(path) {
+                    return Err("not on a cgroup2 file system".into());
+                }
+            }
+        }
+        Ok(RunCgroup {
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How long ago the cgroup was made (a run cgroup's directory never changes after that:
+    /// it has no children).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        std::fs::symlink_metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
     }
 
     /// The cgroup directory opened for `clone3(CLONE_INTO_CGROUP)`.
@@ -150,12 +267,10 @@ impl RunCgroup {
     }
 
     /// Send `sig` to every member.
-    pub fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
         for pid in self.pids() {
-            // SAFETY: kill(2) with a pid read from the cgroup; ESRCH is fine.
-            unsafe {
-                libc::kill(pid, sig);
-            }
+            // ESRCH (gone meanwhile) is fine.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
         }
     }
 
@@ -167,7 +282,7 @@ impl RunCgroup {
             .and_then(|mut f| f.write_all(b"1"))
             .is_ok();
         if !killed {
-            self.signal(libc::SIGKILL);
+            self.signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 

@@ -29,6 +29,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Validate or show the configuration.
     Config(ConfigArgs),
+    /// Give up on a dead run whose reap keeps failing: remove its state, run nothing.
+    Forget(ForgetArgs),
 }
 
 /// Where tether keeps its state, and its config file (run, janitor, status).
@@ -97,6 +99,10 @@ pub struct JanitorArgs {
     /// Keep clean (--keep-run-dir) run dirs this long before removing them [default: 24h].
     #[arg(long, value_parser = duration)]
     pub retain_failed: Option<Duration>,
+    /// Leave run cgroups of dead runs younger than this to the next holder of their app;
+    /// older ones (their state is gone) are killed and removed.
+    #[arg(long, value_parser = duration, default_value = "10m")]
+    pub orphan_age: Duration,
     #[command(flatten)]
     pub places: PlaceArgs,
     #[command(flatten)]
@@ -110,6 +116,16 @@ pub struct StatusArgs {
     pub json: bool,
     #[command(flatten)]
     pub places: PlaceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The dead run's id. A live run is refused.
+    pub run_id: String,
+    #[command(flatten)]
+    pub places: PlaceArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +231,31 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Janitor(args) => janitor(args),
         Command::Status(args) => status(args),
         Command::Config(args) => config_command(args),
+        Command::Forget(args) => forget(args),
+    }
+}
+
+fn forget(args: ForgetArgs) -> i32 {
+    args.output.init();
+    let cfg = match crate::config::load(args.places.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
+    args.output.adopt_config(&cfg);
+    let s = crate::settings::Settings::new(&cfg);
+    match crate::forget::forget(
+        &s.lock_dir(args.places.lock_dir),
+        &s.runs_dir(args.places.runs_dir),
+        &args.run_id,
+    ) {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::output::error(&e.message);
+            e.exit_code()
+        }
     }
 }
 
@@ -280,6 +321,7 @@ fn janitor(args: JanitorArgs) -> i32 {
         app,
         dry_run: args.dry_run,
         retain: s.retain_failed(args.retain_failed),
+        orphan_age: args.orphan_age,
     };
     match crate::janitor::sweep(&opts) {
         Ok(report) => {
@@ -322,9 +364,22 @@ fn status(args: StatusArgs) -> i32 {
         }
     };
     let s = crate::settings::Settings::new(&cfg);
-    let lock_dir = s.lock_dir(args.places.lock_dir);
-    let runs_dir = s.runs_dir(args.places.runs_dir);
-    let st = crate::status::collect(&lock_dir, &runs_dir);
+    let dirs =
+        crate::dirs::choose("lock dir", &s.lock_dir(args.places.lock_dir), 0o755).and_then(|l| {
+            let r = crate::dirs::choose("runs dir", &s.runs_dir(args.places.runs_dir), 0o700)?;
+            Ok((l.existing(), r.existing()))
+        });
+    let (lock_dir, runs_dir) = match dirs {
+        Ok(d) => d,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
+    let st = crate::status::collect(
+        lock_dir.as_ref().map(|d| &d.dir),
+        runs_dir.as_ref().map(|d| &d.dir),
+    );
     if args.json {
         match serde_json::to_string_pretty(&st) {
             Ok(text) => println!("{text}"),

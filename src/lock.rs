@@ -4,7 +4,7 @@
 //! Races closed here:
 //! - a waiter wiping the holder's metadata: lockfiles are opened without `O_TRUNC`;
 //! - a symlink or FIFO planted in a lockfile's place: `O_NOFOLLOW`, `O_NONBLOCK`, and a
-//!   regular-file check on the opened fd;
+//!   regular-file check on the opened fd; every open is relative to the lock dir's fd;
 //! - the lock leaking into the command or a daemon it starts: `O_CLOEXEC`;
 //! - two holders across unlink/recreate (a janitor unlinks a lockfile while a waiter is
 //!   blocked on the old inode): after every acquisition the fd's (dev, inode) must still be
@@ -14,78 +14,41 @@
 //! report on a pipe, so the single-threaded core keeps waiting on its signal funnel at the
 //! same time. That thread never forks and has ended before any process is spawned.
 
+use crate::safe_fs::{same_file, Dir};
 use nix::fcntl::OFlag;
-use std::fs::{File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 
-/// Open (creating if needed) a lockfile the safe way. Never truncates, never follows a symlink.
-pub fn open_lockfile(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o644)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).bits())
-        .open(path)
-        .map_err(|e| explain_open_error(path, e))?;
-    let md = file.metadata()?;
-    if !md.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", path.display()),
-        ));
-    }
-    Ok(file)
+/// Open (creating if needed) the lockfile `name` in `dir`. Never truncates, never follows a
+/// symlink, never blocks on a FIFO, and refuses anything but a regular file.
+pub fn open_lockfile(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
+    dir.open_file(name, OFlag::O_RDWR | OFlag::O_CREAT, 0o644)
 }
 
 /// Open an existing lockfile without creating one (probes and janitors).
-pub fn open_existing(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).bits())
-        .open(path)
-        .map_err(|e| explain_open_error(path, e))?;
-    if !file.metadata()?.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", path.display()),
-        ));
-    }
-    Ok(file)
+pub fn open_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
+    dir.open_file(name, OFlag::O_RDWR, 0)
 }
 
-fn explain_open_error(path: &Path, e: io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(libc::ELOOP) => io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is a symlink; refusing to follow it", path.display()),
-        ),
-        Some(libc::EISDIR) => io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is a directory, not a lockfile", path.display()),
-        ),
-        _ => io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())),
-    }
-}
-
-/// Does the open file still sit at `path`? (Same device and inode, via `lstat`.)
-pub fn identity_matches(file: &File, path: &Path) -> bool {
-    let (Ok(a), Ok(b)) = (file.metadata(), std::fs::symlink_metadata(path)) else {
+/// Does the open file still sit at `name` in `dir`? (Same device and inode, via `fstatat`
+/// without following a symlink.)
+pub fn identity_matches(file: &File, dir: &Dir, name: impl AsRef<OsStr>) -> bool {
+    let (Ok(a), Ok(b)) = (nix::sys::stat::fstat(file.as_fd()), dir.stat_at(name)) else {
         return false;
     };
-    a.dev() == b.dev() && a.ino() == b.ino()
+    same_file(&a, &b)
 }
 
 /// A held, identity-checked lock. Dropping it (closing the fd) releases it.
 #[derive(Debug)]
 pub struct HeldLock {
     file: File,
-    path: PathBuf,
+    dir: Dir,
+    name: OsString,
 }
 
 impl HeldLock {
@@ -93,8 +56,15 @@ impl HeldLock {
         &self.file
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The lockfile's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Unlink the lockfile while still holding it (the janitor's tidy-up, PROTOCOL.md): waiters
+    /// blocked on this inode wake up, fail their identity check, and re-open the path.
+    pub fn unlink(&self) -> io::Result<()> {
+        self.dir.unlink(&self.name)
     }
 
     /// Release by closing; never unlinks (a waiter may be blocked on this inode).
@@ -110,13 +80,14 @@ pub enum TryLock {
     Busy(File),
 }
 
-/// Try once to take the lock at `path`, repeating only across unlink/recreate races.
-pub fn try_acquire(path: &Path) -> io::Result<TryLock> {
+/// Try once to take the lock `name` in `dir`, repeating only across unlink/recreate races.
+pub fn try_acquire(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<TryLock> {
+    let name = name.as_ref();
     loop {
-        let file = open_lockfile(path)?;
+        let file = open_lockfile(dir, name)?;
         match file.try_lock() {
             Ok(()) => {
-                if let Some(held) = confirm(file, path) {
+                if let Some(held) = confirm(file, dir, name) {
                     return Ok(TryLock::Held(held));
                 }
             }
@@ -127,25 +98,28 @@ pub fn try_acquire(path: &Path) -> io::Result<TryLock> {
 }
 
 /// Try to lock an existing file without creating it. `Ok(None)` = busy or vanished.
-pub fn try_acquire_existing(path: &Path) -> io::Result<Option<HeldLock>> {
-    let file = match open_existing(path) {
+pub fn try_acquire_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<Option<HeldLock>> {
+    let name = name.as_ref();
+    let file = match open_existing(dir, name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     match file.try_lock() {
-        Ok(()) => Ok(confirm(file, path)),
+        Ok(()) => Ok(confirm(file, dir, name)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
-/// The identity check that makes a lock "held": the locked inode is still the one at `path`.
-pub fn confirm(file: File, path: &Path) -> Option<HeldLock> {
-    if identity_matches(&file, path) {
+/// The identity check that makes a lock "held": the locked inode is still `name` in `dir`.
+pub fn confirm(file: File, dir: &Dir, name: impl AsRef<OsStr>) -> Option<HeldLock> {
+    let name = name.as_ref();
+    if identity_matches(&file, dir, name) {
         Some(HeldLock {
             file,
-            path: path.to_owned(),
+            dir: dir.clone(),
+            name: name.to_owned(),
         })
     } else {
         None

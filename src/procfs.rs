@@ -111,6 +111,54 @@ pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
     out
 }
 
+/// Processes of a dead run known only by its id: their environment carries
+/// `TETHER_RUN_ID=<id>` and a `TETHER_RUN_TOKEN=<id>.<core pid>.<core start>` whose core is no
+/// longer alive (a shell that merely exported the id, or a live run's process, never matches).
+pub fn pids_of_dead_run(id: &str) -> Vec<i32> {
+    let id_var = format!("TETHER_RUN_ID={id}");
+    let token_prefix = format!("TETHER_RUN_TOKEN={id}.");
+    let mut out = Vec::new();
+    for pid in all_pids() {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if !vars.contains(&id_var.as_bytes()) {
+            continue;
+        }
+        let core = vars.iter().find_map(|v| {
+            let rest = std::str::from_utf8(v.strip_prefix(token_prefix.as_bytes())?).ok()?;
+            core_of_token_tail(rest)
+        });
+        if let Some((core_pid, core_start)) = core {
+            if start_time(core_pid) != Some(core_start) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// `<pid>.<start>` (the end of a run token) as numbers.
+pub fn core_of_token_tail(tail: &str) -> Option<(i32, u64)> {
+    let (pid, start) = tail.split_once('.')?;
+    Some((pid.parse().ok()?, start.parse().ok()?))
+}
+
+/// Split a run token `<run-id>.<core pid>.<core start>` (run ids may contain dots).
+pub fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
+    let mut parts = token.rsplitn(3, '.');
+    let start = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    let id = parts.next()?;
+    (!id.is_empty()).then_some((id, pid, start))
+}
+
+/// Is the process `pid` that started at `start` still alive?
+pub fn core_alive(pid: i32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
 /// This host's name, for records.
 pub fn hostname() -> String {
     nix::unistd::gethostname()
@@ -131,6 +179,14 @@ mod tests {
         let mut d = descendants_in(&parents, 10);
         d.sort();
         assert_eq!(d, vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn tokens_split_from_the_right() {
+        assert_eq!(parse_token("a.b-1.42.7"), Some(("a.b-1", 42, 7)));
+        assert_eq!(parse_token("r.42"), None);
+        assert_eq!(parse_token(".42.7"), None);
+        assert_eq!(core_of_token_tail("42.7"), Some((42, 7)));
     }
 
     #[test]

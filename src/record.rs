@@ -4,14 +4,20 @@
 //! Readers must survive a torn or corrupt file (a holder killed mid-write): they parse the
 //! first JSON value and ignore trailing bytes, and treat anything unparsable as "unknown".
 //! Nothing in either record is ever executed by a reader except the teardown command taken
-//! from `run.json`, which lives in an owner-only (0700) directory.
+//! from `run.json`, and only from a record that is a regular file owned by tether's uid (or
+//! root) in a run dir that passed the trust checks (PROTOCOL.md, "Trust model").
 
 use crate::ci_env::CiInfo;
+use crate::safe_fs::{Dir, ReadError};
+use nix::fcntl::OFlag;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+
+/// The run record's name in its run dir.
+pub const RECORD_FILE: &str = "run.json";
 
 pub const VERSION: u32 = 1;
 
@@ -98,6 +104,10 @@ pub struct RunRecord {
     /// How many janitor sweeps failed to reap this run (its teardown failed).
     #[serde(default)]
     pub reap_failures: u32,
+    /// `--keep-run-dir`: a clean record in a dir that is still there is kept on purpose (until
+    /// the janitor's retention passes), not left by a run that died after its teardown.
+    #[serde(default)]
+    pub keep: bool,
 }
 
 /// Parse the first JSON value of `bytes`; trailing bytes (a torn rewrite) are ignored.
@@ -108,20 +118,33 @@ pub fn parse_first<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
         .and_then(Result::ok)
 }
 
-/// Read lock metadata through an open lockfile (never by path: the path may name another inode).
+/// The most a record or lock metadata may weigh. A real one is a few KiB (the command line is
+/// the big part); anything larger is not tether's and is not read.
+pub const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+/// Read lock metadata through an open lockfile (never by path: the path may name another
+/// inode). `None` when torn or corrupt, and when the file is not one tether may trust: not a
+/// regular file, owned by someone other than tether's uid or root, or oversized.
 pub fn read_meta(file: &File) -> Option<LockMeta> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut f = file;
-    // Read from offset 0 without disturbing anyone: each open has its own offset.
+    let st = nix::sys::stat::fstat(file.as_fd()).ok()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if crate::safe_fs::kind(&st) != crate::safe_fs::Kind::File
+        || (st.st_uid != me && st.st_uid != 0)
+        || st.st_size as u64 > MAX_RECORD_BYTES
+    {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(st.st_size as usize);
     let mut chunk = [0u8; 4096];
     let mut off = 0u64;
+    // Read from offset 0 without disturbing anyone: each open has its own offset.
     loop {
-        match f.read_at(&mut chunk, off) {
+        match file.read_at(&mut chunk, off) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 off += n as u64;
-                if buf.len() > 1 << 20 {
+                if off > MAX_RECORD_BYTES {
                     return None;
                 }
             }
@@ -129,7 +152,6 @@ pub fn read_meta(file: &File) -> Option<LockMeta> {
             Err(_) => return None,
         }
     }
-    let _ = &mut f;
     parse_first(&buf)
 }
 
@@ -141,23 +163,37 @@ pub fn write_meta(file: &File, meta: &LockMeta) -> io::Result<()> {
     file.set_len(text.len() as u64)
 }
 
-/// Read `run.json`; `None` when missing, unreadable or corrupt.
-pub fn read_record(path: &Path) -> Option<RunRecord> {
-    let mut buf = Vec::new();
-    File::open(path).ok()?.read_to_end(&mut buf).ok()?;
-    parse_first(&buf)
+/// Read `run.json` of the run dir `dir`. `Missing` when there is none; `Refused` (with the
+/// reason) when it is not a regular file owned by tether's uid (or root), is oversized, or
+/// is not a whole record (corrupt, empty after a power loss).
+pub fn read_record(dir: &Dir) -> Result<RunRecord, ReadError> {
+    let bytes = dir.read_owned(RECORD_FILE, MAX_RECORD_BYTES)?;
+    parse_first(&bytes).ok_or_else(|| {
+        ReadError::Refused(format!(
+            "{} is not a whole run record ({} bytes)",
+            dir.join(RECORD_FILE).display(),
+            bytes.len()
+        ))
+    })
 }
 
 /// Replace `run.json` atomically, so a reader sees the old or the new record, never half of
 /// one: write a sibling, swap it in (`swap_in`), unlink what the sibling name holds then.
 /// For writers other than the run itself (a reaper settling a dead run's record).
-pub fn write_record(path: &Path, record: &RunRecord) -> io::Result<()> {
+pub fn write_record(dir: &Dir, record: &RunRecord) -> io::Result<()> {
     // Per writer: a reaper may settle a record while a run reusing the id holds the dir.
-    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
-    write_sibling(&tmp, &render(record)?)?;
-    let swapped = swap_in(&tmp, path);
+    let tmp = format!("{RECORD_FILE}.tmp-{}", std::process::id());
+    let file = dir.open_file(
+        &tmp,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
+        0o600,
+    )?;
+    // Owner-only: the teardown command in it is what a root reaper executes.
+    file.write_all_at(&render(record)?, 0)?;
+    drop(file);
+    let swapped = swap_in(dir, &tmp);
     if !matches!(swapped, Ok(Swap::Renamed)) {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = dir.unlink(&tmp);
     }
     swapped.map(|_| ())
 }
@@ -175,31 +211,27 @@ pub fn write_record(path: &Path, record: &RunRecord) -> io::Result<()> {
 /// unlinking an inode costs ~0.1 ms more. An exchange is not a "replace", and writing into an
 /// existing empty inode allocates none. tether never fsyncs records (no step of a run could
 /// survive a power loss anyway); after one, a record may read old or empty, and an empty
-/// record is handled like a missing one (§4.3: the reaper's own teardown).
-pub fn write_record_into_spare(spare: &Path, path: &Path, record: &RunRecord) -> io::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(spare)?;
+/// record is handled as an unknown dead run (killed by its marks, the reaper's own teardown).
+pub fn write_record_into_spare(dir: &Dir, spare: &str, record: &RunRecord) -> io::Result<()> {
+    let file = dir.open_file(spare, OFlag::O_WRONLY, 0)?;
     file.write_all_at(&render(record)?, 0)?;
     drop(file);
-    swap_in(spare, path).map(|_| ())
+    swap_in(dir, spare).map(|_| ())
 }
 
 /// Make `spare` a fresh, empty, owner-only inode that no reader has ever opened (whatever the
 /// name held before is unlinked).
-pub fn create_spare(spare: &Path) -> io::Result<()> {
-    match std::fs::remove_file(spare) {
+pub fn create_spare(dir: &Dir, spare: &str) -> io::Result<()> {
+    match dir.unlink(spare) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(spare)
-        .map(drop)
+    dir.open_file(
+        spare,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+        0o600,
+    )
+    .map(drop)
 }
 
 fn render(record: &RunRecord) -> io::Result<Vec<u8>> {
@@ -208,27 +240,17 @@ fn render(record: &RunRecord) -> io::Result<Vec<u8>> {
     Ok(text)
 }
 
-fn write_sibling(path: &Path, text: &[u8]) -> io::Result<()> {
-    // Owner-only: the teardown command in it is what a root reaper executes.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    file.write_all_at(text, 0)
-}
-
 enum Swap {
-    /// `path` now has the new content; `tmp` names the old one.
+    /// `run.json` now has the new content; `tmp` names the old one.
     Exchanged,
     /// There was nothing to exchange with (or no `RENAME_EXCHANGE` here): `tmp` is gone.
     Renamed,
 }
 
-fn swap_in(tmp: &Path, path: &Path) -> io::Result<Swap> {
-    match exchange(tmp, path) {
+/// Put `tmp` in `run.json`'s place: `renameat2(RENAME_EXCHANGE)`, or a plain rename when
+/// there is nothing to exchange with (or the file system cannot exchange).
+fn swap_in(dir: &Dir, tmp: &str) -> io::Result<Swap> {
+    match dir.exchange(tmp, RECORD_FILE) {
         Ok(()) => Ok(Swap::Exchanged),
         Err(e)
             if matches!(
@@ -236,31 +258,9 @@ fn swap_in(tmp: &Path, path: &Path) -> io::Result<Swap> {
                 Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS)
             ) =>
         {
-            std::fs::rename(tmp, path).map(|()| Swap::Renamed)
+            dir.rename(tmp, dir, RECORD_FILE).map(|()| Swap::Renamed)
         }
         Err(e) => Err(e),
-    }
-}
-
-/// `renameat2(a, b, RENAME_EXCHANGE)`: swap two existing names atomically.
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let a = std::ffi::CString::new(a.as_os_str().as_bytes())?;
-    let b = std::ffi::CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: two valid NUL-terminated paths; renameat2 does not keep the pointers.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -319,10 +319,11 @@ mod tests {
             lock_wait_ms: None,
             runtime_ms: None,
             reap_failures: 0,
+            keep: false,
         }
     }
 
-    fn names(dir: &Path) -> Vec<String> {
+    fn names(dir: &std::path::Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -333,41 +334,48 @@ mod tests {
 
     #[test]
     fn the_runs_writer_writes_into_a_fresh_spare_and_swaps_it_in() {
+        use std::io::Read;
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
+        let d = Dir::open_unchecked(dir.path()).unwrap();
         let path = dir.path().join("run.json");
-        let spare = |n: u32| dir.path().join(format!("run.json.spare-{n}"));
+        let spare = |n: u32| format!("run.json.spare-{n}");
         for n in 0..3 {
-            create_spare(&spare(n)).unwrap();
+            create_spare(&d, &spare(n)).unwrap();
         }
         // First write: nothing to exchange with, so the spare becomes run.json.
-        write_record_into_spare(&spare(0), &path, &record(State::Queued, "q")).unwrap();
+        write_record_into_spare(&d, &spare(0), &record(State::Queued, "q")).unwrap();
         assert_eq!(
             names(dir.path()),
             ["run.json", "run.json.spare-1", "run.json.spare-2"]
         );
-        assert_eq!(read_record(&path), Some(record(State::Queued, "q")));
+        assert_eq!(read_record(&d).ok(), Some(record(State::Queued, "q")));
 
         // A reader that opened the queued record before the next writes.
         let mut reader = File::open(&path).unwrap();
-        let fresh = std::fs::metadata(spare(1)).unwrap().ino();
-        write_record_into_spare(&spare(1), &path, &record(State::Running, "r")).unwrap();
-        assert_eq!(read_record(&path), Some(record(State::Running, "r")));
+        let fresh = std::fs::metadata(dir.path().join(spare(1))).unwrap().ino();
+        write_record_into_spare(&d, &spare(1), &record(State::Running, "r")).unwrap();
+        assert_eq!(read_record(&d).ok(), Some(record(State::Running, "r")));
         assert_eq!(
             std::fs::metadata(&path).unwrap().ino(),
             fresh,
             "the prepared inode"
         );
         // The previous record stays whole under the spare's name.
-        assert_eq!(read_record(&spare(1)), Some(record(State::Queued, "q")));
-        write_record_into_spare(&spare(2), &path, &record(State::TearingDown, "t")).unwrap();
-        assert_eq!(read_record(&path), Some(record(State::TearingDown, "t")));
+        let old = std::fs::read(dir.path().join(spare(1))).unwrap();
+        assert_eq!(parse_first(&old), Some(record(State::Queued, "q")));
+        write_record_into_spare(&d, &spare(2), &record(State::TearingDown, "t")).unwrap();
+        assert_eq!(read_record(&d).ok(), Some(record(State::TearingDown, "t")));
 
         // No write ever went into an inode a reader had seen as run.json.
         let mut seen = Vec::new();
         reader.read_to_end(&mut seen).unwrap();
         assert_eq!(parse_first(&seen), Some(record(State::Queued, "q")));
-        for p in [path.clone(), spare(1), spare(2)] {
+        for p in [
+            path.clone(),
+            dir.path().join(spare(1)),
+            dir.path().join(spare(2)),
+        ] {
             assert_eq!(
                 std::fs::metadata(&p).unwrap().mode() & 0o777,
                 0o600,
@@ -379,10 +387,10 @@ mod tests {
     #[test]
     fn another_writer_leaves_no_sibling_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run.json");
-        write_record(&path, &record(State::Running, "x")).unwrap();
-        write_record(&path, &record(State::Clean, "x")).unwrap();
-        assert_eq!(read_record(&path), Some(record(State::Clean, "x")));
+        let d = Dir::open_unchecked(dir.path()).unwrap();
+        write_record(&d, &record(State::Running, "x")).unwrap();
+        write_record(&d, &record(State::Clean, "x")).unwrap();
+        assert_eq!(read_record(&d).ok(), Some(record(State::Clean, "x")));
         assert_eq!(names(dir.path()), ["run.json"]);
     }
 
@@ -391,18 +399,16 @@ mod tests {
     #[test]
     fn a_reader_always_finds_a_whole_record_while_it_is_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, spare) = (
-            dir.path().join("run.json"),
-            dir.path().join("run.json.spare"),
-        );
+        let d = Dir::open_unchecked(dir.path()).unwrap();
+        let spare = "run.json.spare";
         let long = "x".repeat(3000);
-        write_record(&path, &record(State::Queued, &long)).unwrap();
+        write_record(&d, &record(State::Queued, &long)).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (reads, bad) = std::thread::scope(|s| {
             let reader = s.spawn(|| {
                 let (mut reads, mut bad) = (0u32, 0u32);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match read_record(&path) {
+                    match read_record(&d).ok() {
                         Some(r) if r.command == [long.clone()] || r.command == ["short"] => {}
                         _ => bad += 1,
                     }
@@ -413,10 +419,10 @@ mod tests {
             for i in 0..2000 {
                 let command = if i % 2 == 0 { "short" } else { long.as_str() };
                 if i % 4 < 2 {
-                    create_spare(&spare).unwrap();
-                    write_record_into_spare(&spare, &path, &record(State::Running, command))
+                    create_spare(&d, spare).unwrap();
+                    write_record_into_spare(&d, spare, &record(State::Running, command))
                 } else {
-                    write_record(&path, &record(State::Running, command))
+                    write_record(&d, &record(State::Running, command))
                 }
                 .unwrap();
             }

@@ -20,9 +20,10 @@ use crate::lifetime::{self, Event, Funnel};
 use crate::lock::{self, HeldLock, TryLock, Waiter};
 use crate::names::{Domain, RunId};
 use crate::output;
-use crate::reconcile::{DeadRun, Reaper};
+use crate::reconcile::{DeadRun, ReapFailed, Reaper};
 use crate::record::{self, LockMeta, RunRecord, State};
 use crate::rundir::{self, RunDir};
+use crate::safe_fs::Dir;
 use crate::settings::Settings;
 use crate::spawn::{self, Resolved, SpawnSpec};
 use crate::summary::Summary;
@@ -43,8 +44,8 @@ const SLOT_POLL: Duration = Duration::from_millis(20);
 struct Plan {
     app: Domain,
     run_id: RunId,
-    lock_dir: PathBuf,
-    runs_dir: PathBuf,
+    lock_dir: Dir,
+    runs_dir: Dir,
     deadline: Duration,
     grace: Duration,
     lock_timeout: Option<Duration>,
@@ -81,8 +82,8 @@ impl Plan {
             (None, None) => ci_env::local_run_id(record::unix_now(), std::process::id()),
         };
         let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
-        let lock_dir = settings.lock_dir(args.places.lock_dir);
-        let runs_dir = settings.runs_dir(args.places.runs_dir);
+        let lock_place = settings.lock_dir(args.places.lock_dir);
+        let runs_place = settings.runs_dir(args.places.runs_dir);
         let run_as = match &cfg.run_as {
             Some(ra) => Some(crate::identity::resolve(ra)?),
             None => None,
@@ -97,39 +98,24 @@ impl Plan {
             Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),
         };
         // Directories: check both before creating either, so a bad one leaves nothing.
-        dirs::check_dir("lock dir", &lock_dir)?;
-        dirs::check_dir("runs dir", &runs_dir)?;
-        let lock_path = app_lock_path(&lock_dir, &app);
-        if let Ok(md) = std::fs::symlink_metadata(&lock_path) {
-            if !md.file_type().is_file() {
-                let what = if md.file_type().is_symlink() {
-                    "a symlink"
-                } else if md.is_dir() {
-                    "a directory"
-                } else {
-                    "not a regular file"
-                };
-                return Err(Error::tether(format!(
-                    "lockfile {} is {what}; refusing to use it",
-                    lock_path.display()
-                )));
-            }
+        // With run_as the command must traverse the runs dir to its tmp/ (never list it).
+        let runs_mode = if run_as.is_some() { 0o711 } else { 0o700 };
+        let lock_choice = dirs::choose("lock dir", &lock_place, 0o755)?;
+        let runs_choice = dirs::choose("runs dir", &runs_place, runs_mode)?;
+        if let Some(existing) = lock_choice.existing_dir() {
+            check_lockfile_place(existing, &app_lock_name(&app))?;
         }
-        dirs::ensure_dir("lock dir", &lock_dir, 0o755)?;
-        dirs::ensure_dir("runs dir", &runs_dir, 0o700)?;
-        if run_as.is_some() {
-            // The run_as user must traverse to its tmp/ (never list or write).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| Error::path("cannot chmod runs dir", &runs_dir, e))?;
+        let lock = lock_choice.open()?;
+        let runs = runs_choice.open()?;
+        if let Some(id) = &run_as {
+            runs.check_reachable_by(&id.user, id.uid, &id.groups)?;
+            runs.dir
+                .chmod(runs_mode)
+                .map_err(|e| Error::path("cannot chmod runs dir", runs.dir.path(), e))?;
         }
-        dirs::check_writable("lock dir", &lock_dir)?;
-        dirs::check_writable("runs dir", &runs_dir)?;
-        // Absolute from here on: the command and teardown may run elsewhere.
-        let lock_dir = std::path::absolute(&lock_dir)
-            .map_err(|e| Error::path("cannot resolve lock dir", &lock_dir, e))?;
-        let runs_dir = std::path::absolute(&runs_dir)
-            .map_err(|e| Error::path("cannot resolve runs dir", &runs_dir, e))?;
+        dirs::check_writable("lock dir", &lock.dir)?;
+        dirs::check_writable("runs dir", &runs.dir)?;
+        let (lock_dir, runs_dir) = (lock.dir, runs.dir);
         let group = args
             .group
             .or_else(|| ci.as_ref().and_then(CiInfo::default_group));
@@ -162,8 +148,27 @@ impl Plan {
     }
 }
 
-pub fn app_lock_path(lock_dir: &Path, app: &Domain) -> PathBuf {
-    lock_dir.join(format!("app-{app}.lock"))
+/// The app lockfile's name in the lock dir.
+pub fn app_lock_name(app: &Domain) -> String {
+    format!("app-{app}.lock")
+}
+
+/// Refuse a symlink, directory or other non-file where the app lockfile goes (before anything
+/// is created: the open would refuse it too, but later).
+fn check_lockfile_place(lock_dir: &Dir, name: &str) -> Result<()> {
+    let Ok(st) = lock_dir.stat_at(name) else {
+        return Ok(());
+    };
+    let what = match crate::safe_fs::kind(&st) {
+        crate::safe_fs::Kind::File => return Ok(()),
+        crate::safe_fs::Kind::Symlink => "a symlink",
+        crate::safe_fs::Kind::Dir => "a directory",
+        crate::safe_fs::Kind::Other => "not a regular file",
+    };
+    Err(Error::tether(format!(
+        "lockfile {} is {what}; refusing to use it",
+        lock_dir.join(name).display()
+    )))
 }
 
 /// `tether run`. Returns the exit code.
@@ -283,6 +288,7 @@ impl Run {
             lock_wait_ms: None,
             runtime_ms: None,
             reap_failures: 0,
+            keep: plan.keep_run_dir,
         };
         Run {
             plan,
@@ -365,11 +371,10 @@ impl Run {
         }
         self.check_funnel()?;
         // 4. The app lock.
-        let lock_path = app_lock_path(&self.plan.lock_dir, &self.plan.app);
         let t0 = Instant::now();
         self.lock_wait_since = Some(t0);
         let app = self.plan.app.clone();
-        let held = self.acquire(&lock_path, &app, true)?;
+        let held = self.acquire(&app, true)?;
         self.lock_wait = t0.elapsed();
         self.lock_wait_since = None;
         self.app_lock = Some(held);
@@ -422,12 +427,15 @@ impl Run {
 
     /// `run_env` dirs under the run dir are created (and, with `run_as`, owned by that user,
     /// like `tmp/`); the run dir becomes traversable (0711) so the user can reach them, while
-    /// `run.json` stays owner-only.
+    /// `run.json` stays owner-only. Setup and teardown get a `tether-tmp/` of their own. All
+    /// through the run dir's fd: nothing here follows a symlink.
     fn prepare_run_as_dirs(&self) -> Result<(), Stop> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
-        let base = dir.path().to_owned();
+        let base = dir.path();
+        let run_dir = dir.dir();
+        let fail = |what: &str, p: &Path, e: std::io::Error| Stop::Fail(Error::path(what, p, e));
         let slot = self.slot.as_ref().map(|s| s.label()).unwrap_or_default();
         let base_text = base.display().to_string();
         let vars = RunVars {
@@ -436,27 +444,54 @@ impl Run {
             app: self.plan.app.as_str(),
             slot: &slot,
         };
-        let mut dirs_for_user = vec![dir.tmp_path()];
+        let tmp = run_dir
+            .open_dir(rundir::TMP_DIR)
+            .map_err(|e| fail("cannot open", &dir.tmp_path(), e))?;
+        let mut for_user = vec![tmp];
         for (_, value) in self.plan.env_policy.expanded_run_env(&vars) {
             let p = PathBuf::from(&value);
-            if p.starts_with(&base) && p != base {
-                std::fs::create_dir_all(&p)
-                    .map_err(|e| Stop::Fail(Error::path("cannot create run_env dir", &p, e)))?;
-                dirs_for_user.push(p);
+            let Ok(rel) = p.strip_prefix(&base) else {
+                continue;
+            };
+            if rel.as_os_str().is_empty() {
+                continue;
             }
+            let mut cur = run_dir.clone();
+            for comp in rel.components() {
+                let std::path::Component::Normal(name) = comp else {
+                    return Err(Stop::Fail(Error::tether(format!(
+                        "run_env dir {} is not a plain path below the run dir",
+                        p.display()
+                    ))));
+                };
+                match cur.create_dir(name, 0o755) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(fail("cannot create run_env dir", &p, e)),
+                }
+                cur = cur
+                    .open_dir(name)
+                    .map_err(|e| fail("cannot open run_env dir", &p, e))?;
+            }
+            for_user.push(cur);
         }
         if let Some(id) = &self.plan.run_as {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| Stop::Fail(Error::path("cannot chmod run dir", &base, e)))?;
-            for p in dirs_for_user {
-                nix::unistd::chown(&p, Some(id.uid), Some(id.gid)).map_err(|e| {
+            run_dir
+                .chmod(0o711)
+                .map_err(|e| fail("cannot chmod run dir", &base, e))?;
+            for d in for_user {
+                d.chown(id.uid, id.gid).map_err(|e| {
                     Stop::Fail(Error::tether(format!(
                         "cannot chown {} to {}: {e}",
-                        p.display(),
+                        d.path().display(),
                         id.user
                     )))
                 })?;
+            }
+            match run_dir.create_dir(rundir::OWN_TMP_DIR, 0o700) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fail("cannot create", &base.join(rundir::OWN_TMP_DIR), e)),
             }
         }
         Ok(())
@@ -471,7 +506,7 @@ impl Run {
         };
         dir.prepare(fresh)
             .and_then(|()| dir.prepare_spares())
-            .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", dir.path(), e)))
+            .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", &dir.path(), e)))
     }
 
     /// Make a waiting run visible (`status`, a reaper after a crash) as `queued`, once.
@@ -511,13 +546,15 @@ impl Run {
         }
     }
 
-    /// Take a lock at `path`, waiting visibly (and interruptibly) while it is busy.
-    fn acquire(&mut self, path: &Path, app: &Domain, is_our_app: bool) -> Result<HeldLock, Stop> {
+    /// Take the lock of `app`, waiting visibly (and interruptibly) while it is busy.
+    fn acquire(&mut self, app: &Domain, is_our_app: bool) -> Result<HeldLock, Stop> {
         let app = app.clone();
+        let lock_dir = self.plan.lock_dir.clone();
+        let name = app_lock_name(&app);
         let started = Instant::now();
         let mut announced = false;
         loop {
-            let file = match lock::try_acquire(path) {
+            let file = match lock::try_acquire(&lock_dir, &name) {
                 Ok(TryLock::Held(h)) => {
                     if announced {
                         announce_acquired(&app, started);
@@ -580,7 +617,7 @@ impl Run {
             let file = waiter
                 .finish()
                 .map_err(|e| Stop::Fail(Error::tether(format!("app lock: {e}"))))?;
-            if let Some(held) = lock::confirm(file, path) {
+            if let Some(held) = lock::confirm(file, &lock_dir, &name) {
                 announce_acquired(&app, started);
                 return Ok(held);
             }
@@ -636,17 +673,27 @@ impl Run {
         {
             return;
         }
-        let run_dir = PathBuf::from(&meta.run_dir);
-        if run_dir.parent() != Some(self.plan.runs_dir.as_path()) {
+        // Only a run of our runs dir, whose own record (not the world-readable lockfile) says
+        // it is of our group, and whose pid is the lock's holder in the kernel's lock table
+        // and still the process that wrote the record (start time).
+        let Ok(id) = RunId::parse(&meta.run_id) else {
+            return;
+        };
+        if Path::new(&meta.run_dir) != rundir::path_of(&self.plan.runs_dir, &id) {
             return;
         }
-        let Some(rec) = record::read_record(&run_dir.join(rundir::RECORD_FILE)) else {
+        let Some(rec) = rundir::open_trusted(&self.plan.runs_dir, id.as_str())
+            .ok()
+            .and_then(|d| record::read_record(&d).ok())
+        else {
             return;
         };
         if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
             return;
         }
-        if crate::procfs::start_time(meta.pid) != Some(meta.pid_start) {
+        if crate::proc_locks::holder_of(file) != Some(meta.pid)
+            || crate::procfs::start_time(meta.pid) != Some(meta.pid_start)
+        {
             return;
         }
         output::emit(
@@ -658,9 +705,14 @@ impl Run {
                 ("group", group.clone().into()),
             ],
         );
-        // SAFETY: kill(2) on the verified holder pid.
-        unsafe {
-            libc::kill(meta.pid, libc::SIGTERM);
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(meta.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        ) {
+            output::warn(
+                "cancelling",
+                &format!("cannot signal run {} (pid {}): {e}", meta.run_id, meta.pid),
+            );
         }
         self.cancelled.insert(meta.run_id);
     }
@@ -668,6 +720,8 @@ impl Run {
     fn reaper(&mut self) -> Reaper<'_> {
         Reaper {
             funnel: &mut self.funnel,
+            runs: Some(self.plan.runs_dir.clone()),
+            cgroup: self.cgroup.clone(),
             fallback_teardown: self.plan.teardown.clone(),
             teardown_timeout: self.plan.teardown_timeout,
             grace: self.plan.grace,
@@ -682,35 +736,36 @@ impl Run {
         let Some(app_lock) = self.app_lock.take() else {
             return Ok(());
         };
-        let own_dead = self.own_dead.clone();
+        let own_dir = self.dir.as_ref().map(|d| d.dir().clone());
+        // Re-read under the app lock: another reaper may have settled it since our claim.
+        let own_dead = match (&self.own_dead, &self.dir) {
+            (Some(d), Some(dir)) => dir
+                .read_record()
+                .ok()
+                .filter(|r| r.meta.state != State::Clean && r.meta.run_id == d.meta.run_id),
+            _ => None,
+        };
         let app = self.plan.app.clone();
-        let runs_dir = self.plan.runs_dir.clone();
         let own_id = self.plan.run_id.to_string();
         let mut reaper = self.reaper();
         let mut result = Ok(());
-        // Re-read under the app lock: another reaper may have settled it since our claim.
-        let own_dead = own_dead.and_then(|d| {
-            record::read_record(&PathBuf::from(&d.meta.run_dir).join(rundir::RECORD_FILE))
-                .filter(|r| r.meta.state != State::Clean && r.meta.run_id == d.meta.run_id)
-        });
         if let Some(dead) = own_dead {
             result = reaper.reap(DeadRun {
                 meta: dead.meta.clone(),
                 record: Some(dead),
                 dir: None,
+                record_dir: own_dir,
                 remove_dir: false,
             });
         }
         if result.is_ok() {
-            result = reaper
-                .reconcile(&app, &app_lock, &runs_dir, Some(&own_id))
-                .map(|_| ());
+            result = reaper.reconcile(&app, &app_lock, Some(&own_id)).map(|_| ());
         }
         let deferred = std::mem::take(&mut reaper.deferred);
         drop(reaper);
         self.app_lock = Some(app_lock);
         if let Err(e) = result {
-            return Err(Stop::Fail(Error::tether(format!("cannot start: {}", e.0))));
+            return Err(Stop::Fail(self.reap_failed(e)));
         }
         self.act_on(deferred)
     }
@@ -719,27 +774,47 @@ impl Run {
     fn reap_own_dead_of_other_app(&mut self, dead: RunRecord) -> Result<(), Stop> {
         let other = Domain::parse(&dead.meta.app)
             .map_err(|e| Stop::Fail(Error::tether(format!("dead run record: {e}"))))?;
-        let path = app_lock_path(&self.plan.lock_dir, &other);
-        let held = self.acquire(&path, &other, false)?;
-        let runs_dir = self.plan.runs_dir.clone();
+        let held = self.acquire(&other, false)?;
+        let own_dir = self.dir.as_ref().map(|d| d.dir().clone());
         let mut reaper = self.reaper();
         let mut result = reaper.reap(DeadRun {
             meta: dead.meta.clone(),
             record: Some(dead),
             dir: None,
+            record_dir: own_dir,
             remove_dir: false,
         });
         if result.is_ok() {
-            result = reaper.reconcile(&other, &held, &runs_dir, None).map(|_| ());
+            result = reaper.reconcile(&other, &held, None).map(|_| ());
         }
         let deferred = std::mem::take(&mut reaper.deferred);
         drop(reaper);
         held.release();
         if let Err(e) = result {
-            return Err(Stop::Fail(Error::tether(format!("cannot start: {}", e.0))));
+            return Err(Stop::Fail(self.reap_failed(e)));
         }
         self.prepare_dir(false)?;
         self.act_on(deferred)
+    }
+
+    /// A dead run could not be reaped: the run refuses to start (D7), and says how to give up
+    /// on the dead run if its teardown can never succeed.
+    fn reap_failed(&self, e: ReapFailed) -> Error {
+        let hint = e
+            .run_id
+            .as_deref()
+            .map(|id| {
+                format!(
+                    "; if its teardown can never succeed, give up on it with: {}",
+                    crate::forget::hint(
+                        Some(self.plan.lock_dir.path()),
+                        Some(self.plan.runs_dir.path()),
+                        id
+                    )
+                )
+            })
+            .unwrap_or_default();
+        Error::tether(format!("cannot start: {}{hint}", e.message))
     }
 
     /// Lock metadata only (the record is about to be deleted with its dir).
@@ -757,22 +832,7 @@ impl Run {
 
     fn set_state(&mut self, state: State) {
         self.record.meta.state = state;
-        if let Some(dir) = &mut self.dir {
-            if let Err(e) = dir.write_record(&self.record) {
-                output::warn(
-                    "record",
-                    &format!("cannot write {}: {e}", dir.record_path().display()),
-                );
-            }
-        }
-        if let Some(lock) = &self.app_lock {
-            if let Err(e) = record::write_meta(lock.file(), &self.record.meta) {
-                output::warn(
-                    "record",
-                    &format!("cannot write lock metadata {}: {e}", lock.path().display()),
-                );
-            }
-        }
+        write_state(&mut self.dir, self.app_lock.as_ref(), &self.record);
     }
 
     /// The run's environment (SPEC §6.1). `for_command` applies `env.allow` and, under
@@ -791,11 +851,14 @@ impl Run {
         environment::set(&mut env, "TETHER_APP", self.plan.app.as_str().into());
         environment::set(&mut env, "TETHER_RUN_ID", self.plan.run_id.as_str().into());
         environment::set(&mut env, "TETHER_RUN_DIR", dir.clone().into_os_string());
-        environment::set(
-            &mut env,
-            "TMPDIR",
-            dir.join(rundir::TMP_DIR).into_os_string(),
-        );
+        // Under run_as the command's tmp/ is the run_as user's: setup and teardown (tether's
+        // side, root) get one the command cannot plant symlinks in.
+        let tmp = if !for_command && self.plan.run_as.is_some() {
+            rundir::OWN_TMP_DIR
+        } else {
+            rundir::TMP_DIR
+        };
+        environment::set(&mut env, "TMPDIR", dir.join(tmp).into_os_string());
         if self.slot.is_some() {
             environment::set(&mut env, "TETHER_SLOT", slot.clone().into());
         }
@@ -934,7 +997,7 @@ impl Run {
                 None => Some(std::process::id() as i32),
             },
             cgroup: self.cgroup.clone(),
-            env_markers: Vec::new(),
+            ..Members::default()
         };
         let killed = tree::terminate(&members, self.plan.grace, &mut self.funnel);
         self.log_ignored(&killed.events);
@@ -959,6 +1022,7 @@ impl Run {
             );
         }
 
+        self.record.runtime_ms = Some(self.runtime().as_millis() as u64);
         let outcome = self.plan.teardown.clone().map(|script| {
             let mut env = self.run_env(false);
             env.push(("TETHER_REASON".into(), cause.reason().into()));
@@ -966,18 +1030,36 @@ impl Run {
                 "TETHER_EXIT_CODE".into(),
                 cause.exit_code().to_string().into(),
             ));
+            // Carried by what the teardown starts, so a reaper finds its leftovers by token
+            // even without a cgroup.
+            if let Some(token) = &self.record.meta.token {
+                env.push(("TETHER_RUN_TOKEN".into(), token.clone().into()));
+            }
             let mut events = Vec::new();
+            let (dir, app_lock, record) = (&mut self.dir, self.app_lock.as_ref(), &mut self.record);
+            // "Teardown done" is recorded the moment the command exits 0, before its leftovers
+            // are killed: a core killed after this point leaves a `clean` record, which no
+            // reaper runs the teardown for again (DECISIONS D25).
+            let mut on_exit = |o: &teardown::Outcome| {
+                if o.ok() {
+                    record.meta.state = State::Clean;
+                    write_state(dir, app_lock, record);
+                }
+            };
             let o = teardown::run_shell(
                 &script,
                 &env,
                 self.plan.cwd.as_deref().filter(|p| p.is_dir()),
+                self.cgroup.as_ref(),
                 self.plan.teardown_timeout,
                 &mut self.funnel,
                 &mut events,
+                &mut on_exit,
             );
             self.log_ignored(&events);
             o
         });
+        lifetime::fault_pause("TETHER_FAULT_PAUSE_AFTER_TEARDOWN");
         let teardown_ok = outcome.as_ref().is_none_or(teardown::Outcome::ok);
         if let Some(o) = outcome.as_ref().filter(|o| !o.ok()) {
             output::error(&format!(
@@ -985,21 +1067,23 @@ impl Run {
                 o.describe()
             ));
         }
-        self.record.runtime_ms = Some(self.runtime().as_millis() as u64);
         let mut retired = None;
         if teardown_ok {
-            if self.plan.keep_run_dir {
-                self.set_state(State::Clean);
-            } else {
-                // The record goes with its dir: only the lock metadata needs the verdict.
-                self.set_meta_state(State::Clean);
+            if outcome.is_none() {
+                if self.plan.keep_run_dir {
+                    self.set_state(State::Clean);
+                } else {
+                    // No teardown command, so nothing that could run twice: the record goes
+                    // with its dir, and only the lock metadata needs the verdict.
+                    self.set_meta_state(State::Clean);
+                }
             }
             if let Some(dir) = self.dir.take() {
                 if self.plan.keep_run_dir {
                     output::info("kept", &format!("run dir kept: {}", dir.path().display()));
                     dir.release();
                 } else {
-                    let path = dir.path().to_owned();
+                    let path = dir.path();
                     match dir.retire() {
                         Ok(r) => retired = Some(r),
                         Err(e) => output::warn(
@@ -1024,8 +1108,9 @@ impl Run {
         }
         // Housekeeping after the release, so the next run of the app is not kept waiting:
         // the retired run dir's contents and the (empty) cgroup.
-        if let Some(path) = retired {
-            if let Err(e) = rundir::remove_tree(&path) {
+        if let Some(retired) = retired {
+            let path = retired.path();
+            if let Err(e) = retired.remove() {
                 output::warn("cleanup", &format!("cannot remove {}: {e}", path.display()));
             }
         }
@@ -1137,6 +1222,26 @@ impl Run {
             } else if let Err(e) = dir.remove() {
                 output::warn("cleanup", &format!("cannot remove run dir: {e}"));
             }
+        }
+    }
+}
+
+/// Write the record (into the run dir) and the lock metadata (into the app lockfile).
+fn write_state(dir: &mut Option<RunDir>, app_lock: Option<&HeldLock>, record: &RunRecord) {
+    if let Some(dir) = dir {
+        if let Err(e) = dir.write_record(record) {
+            output::warn(
+                "record",
+                &format!("cannot write {}: {e}", dir.record_path().display()),
+            );
+        }
+    }
+    if let Some(lock) = app_lock {
+        if let Err(e) = record::write_meta(lock.file(), &record.meta) {
+            output::warn(
+                "record",
+                &format!("cannot write lock metadata {}: {e}", lock.path().display()),
+            );
         }
     }
 }

@@ -3,25 +3,31 @@
 //!
 //! All of a run's state is keyed by run id, never by app: two runs of one app (one waiting,
 //! one running) never share a file. `run.lock` is held for the run's whole life, so "is this
-//! run alive?" is answered by the kernel (try-lock), never by a pid file or an age.
+//! run alive?" is answered by the kernel (try-lock), never by a pid file or an age. Everything
+//! here happens relative to the runs dir's and the run dir's fds (`safe_fs`).
 
 use crate::error::{Error, Result};
 use crate::lock::{self, HeldLock, TryLock};
 use crate::names::RunId;
 use crate::record::{self, RunRecord};
+use crate::safe_fs::{same_file, Dir, ReadError};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const LOCK_FILE: &str = "run.lock";
-pub const RECORD_FILE: &str = "run.json";
+pub use crate::record::RECORD_FILE;
 /// Prefix of the fresh inodes a run prepares for its record writes before it takes the app
 /// lock (`run.json.spare-0`, `-1`): each is written once and swapped in
 /// (`record::write_record_into_spare`), then holds the record it replaced.
 pub const SPARE_PREFIX: &str = "run.json.spare-";
-/// The record writes a run makes once it holds the app lock: `running`, `tearing-down`.
-pub const SPARES_PER_RUN: usize = 2;
+/// The record writes a run makes once it holds the app lock: `running`, `tearing-down`, and
+/// `clean` once a teardown command has run (so a crash after it cannot repeat it).
+pub const SPARES_PER_RUN: usize = 3;
+/// The command's `TMPDIR`.
 pub const TMP_DIR: &str = "tmp";
+/// Setup's and teardown's `TMPDIR` under `run_as`: owned by tether's uid, so nothing the
+/// command plants can redirect a root `echo … > $TMPDIR/x` (PROTOCOL.md, "Trust model").
+pub const OWN_TMP_DIR: &str = "tether-tmp";
 /// How long a claim waits out a `run.lock` that is busy although the dir has no record yet.
 const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -31,10 +37,12 @@ pub const RETIRED_PREFIX: &str = ".retired-";
 /// A claimed run dir: we hold its `run.lock`.
 #[derive(Debug)]
 pub struct RunDir {
-    path: PathBuf,
+    runs: Dir,
+    name: String,
+    dir: Dir,
     lock: Option<HeldLock>,
     /// Fresh spare inodes, in the order the next record writes use them.
-    spares: std::collections::VecDeque<PathBuf>,
+    spares: std::collections::VecDeque<String>,
     /// How many spares were ever made (the next one's number).
     spares_made: usize,
 }
@@ -49,28 +57,67 @@ pub struct Claim {
     pub existed: bool,
 }
 
-pub fn path_of(runs_dir: &Path, id: &RunId) -> PathBuf {
-    runs_dir.join(id.as_str())
+pub fn path_of(runs: &Dir, id: &RunId) -> PathBuf {
+    runs.join(id.as_str())
+}
+
+/// Open an existing run dir of the runs dir for inspection: a real directory (no symlink),
+/// owned by tether's uid, writable by nobody else. `Err` says why it is not one.
+pub fn open_trusted(runs: &Dir, name: &str) -> io::Result<Dir> {
+    let dir = runs.open_dir(name).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTDIR | libc::ELOOP) => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", runs.join(name).display()),
+        ),
+        _ => e,
+    })?;
+    let st = dir.stat()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {}, not by tether's uid {me}",
+                dir.path().display(),
+                st.st_uid
+            ),
+        ));
+    }
+    if st.st_mode & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is group/world writable (mode {:o})",
+                dir.path().display(),
+                st.st_mode & 0o7777
+            ),
+        ));
+    }
+    Ok(dir)
 }
 
 /// Claim `<runs dir>/<id>`: create it (or adopt a dead run's) and take its `run.lock`.
-pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
-    let path = path_of(runs_dir, id);
+pub fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
+    let name = id.as_str();
+    let path = path_of(runs, id);
     let patience = std::time::Instant::now() + CLAIM_PATIENCE;
     loop {
-        let created = match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+        let created = match runs.create_dir(name, 0o700) {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(Error::path("cannot create run dir", &path, e)),
         };
-        if !created {
-            check_existing(&path)?;
-        }
-        let lock_path = path.join(LOCK_FILE);
-        let held = match lock::try_acquire(&lock_path) {
+        let dir = match open_trusted(runs, name) {
+            Ok(d) => d,
+            // Removed by a reaper between our mkdir and open: start over.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::tether(format!("run dir: {e}"))),
+        };
+        let held = match lock::try_acquire(&dir, LOCK_FILE) {
             Ok(TryLock::Held(h)) => h,
             Ok(TryLock::Busy(_))
-                if !path.join(RECORD_FILE).exists() && std::time::Instant::now() < patience =>
+                if matches!(dir.stat_at(RECORD_FILE), Err(ref e) if e.kind() == io::ErrorKind::NotFound)
+                    && std::time::Instant::now() < patience =>
             {
                 // Busy without a record: another claimer between its mkdir and its first
                 // record, or a janitor probing the dir. Neither is a live run: look again.
@@ -78,8 +125,9 @@ pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
                 continue;
             }
             Ok(TryLock::Busy(file)) => {
-                let pid = record::read_record(&path.join(RECORD_FILE))
+                let pid = record::read_record(&dir)
                     .map(|r| r.meta.pid.to_string())
+                    .ok()
                     .or_else(|| crate::proc_locks::holder_of(&file).map(|p| p.to_string()))
                     .unwrap_or_else(|| "unknown".into());
                 return Err(Error::tether(format!("run id {id} is in use by pid {pid}")));
@@ -88,73 +136,78 @@ pub fn claim(runs_dir: &Path, id: &RunId) -> Result<Claim> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
                 if created {
-                    let _ = std::fs::remove_dir_all(&path);
+                    let _ = runs.remove_tree(name);
                 }
                 return Err(Error::tether(format!("run dir {}: {e}", path.display())));
             }
         };
+        // The dir we locked must still be the one the runs dir names: a finished run renames
+        // its dir away (retire) while holding its run.lock, and a claimer that opened the old
+        // dir meanwhile must not keep it (DECISIONS D23).
+        let still_there = match (dir.stat(), runs.stat_at(name)) {
+            (Ok(a), Ok(b)) => same_file(&a, &b),
+            _ => false,
+        };
+        if !still_there {
+            held.release();
+            continue;
+        }
         let dead = if created {
             None
         } else {
-            record::read_record(&path.join(RECORD_FILE))
+            record::read_record(&dir)
+                .ok()
                 .filter(|r| r.meta.state != record::State::Clean)
         };
         return Ok(Claim {
-            dir: RunDir::adopt(path, held),
+            dir: RunDir::adopt(runs.clone(), name.to_owned(), dir, held),
             dead,
             existed: !created,
         });
     }
 }
 
-fn check_existing(path: &Path) -> Result<()> {
-    let md = std::fs::symlink_metadata(path).map_err(|e| Error::path("run dir", path, e))?;
-    if !md.file_type().is_dir() {
-        return Err(Error::tether(format!(
-            "run dir {} exists and is not a directory",
-            path.display()
-        )));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if md.uid() != me {
-        return Err(Error::tether(format!(
-            "run dir {} is owned by uid {}, not by uid {me}",
-            path.display(),
-            md.uid()
-        )));
-    }
-    Ok(())
-}
-
 impl RunDir {
     /// Adopt a run dir whose `run.lock` the caller already holds (reconcile, janitor).
-    pub fn adopt(path: PathBuf, lock: HeldLock) -> RunDir {
+    pub fn adopt(runs: Dir, name: String, dir: Dir, lock: HeldLock) -> RunDir {
         RunDir {
-            path,
+            runs,
+            name,
+            dir,
             lock: Some(lock),
             spares: Default::default(),
             spares_made: 0,
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The run dir's path (for messages and the command's environment).
+    pub fn path(&self) -> PathBuf {
+        self.runs.join(&self.name)
+    }
+
+    /// The run dir, open.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
     }
 
     pub fn record_path(&self) -> PathBuf {
-        self.path.join(RECORD_FILE)
+        self.path().join(RECORD_FILE)
     }
 
     pub fn tmp_path(&self) -> PathBuf {
-        self.path.join(TMP_DIR)
+        self.path().join(TMP_DIR)
+    }
+
+    pub fn read_record(&self) -> std::result::Result<RunRecord, ReadError> {
+        record::read_record(&self.dir)
     }
 
     /// Replace `run.json` atomically; into a spare made beforehand when there is one (no new
     /// inode on the way), else through a new sibling.
     pub fn write_record(&mut self, rec: &RunRecord) -> io::Result<()> {
         match self.spares.pop_front() {
-            Some(spare) => record::write_record_into_spare(&spare, &self.record_path(), rec),
-            None => record::write_record(&self.record_path(), rec),
+            Some(spare) => record::write_record_into_spare(&self.dir, &spare, rec),
+            None => record::write_record(&self.dir, rec),
         }
     }
 
@@ -163,11 +216,9 @@ impl RunDir {
     /// write (DECISIONS D21), and the handoff between two runs of an app waits for two writes.
     pub fn prepare_spares(&mut self) -> io::Result<()> {
         while self.spares.len() < SPARES_PER_RUN {
-            let spare = self
-                .path
-                .join(format!("{SPARE_PREFIX}{}", self.spares_made));
+            let spare = format!("{SPARE_PREFIX}{}", self.spares_made);
             self.spares_made += 1;
-            record::create_spare(&spare)?;
+            record::create_spare(&self.dir, &spare)?;
             self.spares.push_back(spare);
         }
         Ok(())
@@ -176,17 +227,14 @@ impl RunDir {
     /// Empty a reused dir (a reaped dead run's leftovers) and create `tmp/`.
     pub fn prepare(&self, fresh: bool) -> io::Result<()> {
         if !fresh {
-            for entry in std::fs::read_dir(&self.path)? {
-                let entry = entry?;
-                if entry.file_name() == LOCK_FILE {
+            for (name, _) in self.dir.entries()? {
+                if name == LOCK_FILE {
                     continue;
                 }
-                remove_any(&entry.path())?;
+                self.dir.remove_tree(&name)?;
             }
         }
-        let tmp = self.tmp_path();
-        std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
-        Ok(())
+        self.dir.create_dir(TMP_DIR, 0o700)
     }
 
     /// Remove the whole dir: out of sight first (`retire`, while `run.lock` is held), then
@@ -197,37 +245,33 @@ impl RunDir {
     /// that opened the old `run.lock` fails its identity check after the rename and starts over.
     pub fn remove(self) -> io::Result<()> {
         match self.retire() {
-            Ok(retired) => remove_tree(&retired),
+            Ok(retired) => retired.remove(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
     }
 
     /// Take the dir out of sight in one step (rename to `.retired-<id>-<pid>` while still
-    /// holding `run.lock`), then release. The caller deletes the returned path afterwards,
+    /// holding `run.lock`), then release. The caller deletes it afterwards (`Retired::remove`),
     /// off the lock's critical path. Run ids never start with `.`, so the name cannot collide
     /// with a run; a leftover (crash in between) is removed by the janitor.
-    pub fn retire(mut self) -> io::Result<PathBuf> {
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let retired = self
-            .path
-            .with_file_name(format!("{RETIRED_PREFIX}{name}-{}", std::process::id()));
-        let result = std::fs::rename(&self.path, &retired);
+    pub fn retire(mut self) -> io::Result<Retired> {
+        let retired = format!("{RETIRED_PREFIX}{}-{}", self.name, std::process::id());
+        let result = self.runs.rename(&self.name, &self.runs, &retired);
         if let Some(l) = self.lock.take() {
             l.release();
         }
-        result.map(|()| retired)
+        result.map(|()| Retired {
+            runs: self.runs.clone(),
+            name: retired,
+        })
     }
 
     /// Release `run.lock` and leave the dir in place (kept runs, failed teardowns), without
     /// the spares (older copies of the record would only confuse whoever inspects the dir).
     pub fn release(mut self) {
         for n in 0..self.spares_made {
-            let _ = std::fs::remove_file(self.path.join(format!("{SPARE_PREFIX}{n}")));
+            let _ = self.dir.unlink(format!("{SPARE_PREFIX}{n}"));
         }
         if let Some(l) = self.lock.take() {
             l.release();
@@ -235,42 +279,18 @@ impl RunDir {
     }
 }
 
-fn remove_any(path: &Path) -> io::Result<()> {
-    let md = std::fs::symlink_metadata(path)?;
-    if md.file_type().is_dir() {
-        remove_tree(path)
-    } else {
-        std::fs::remove_file(path)
-    }
+/// A run dir renamed out of sight, to be deleted.
+pub struct Retired {
+    runs: Dir,
+    name: String,
 }
 
-/// `remove_dir_all` (which never follows symlinks), retried once after making every
-/// directory below writable again: a test that `chmod 000`s a dir must not leave it behind.
-pub fn remove_tree(path: &Path) -> io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(path);
-            match std::fs::remove_dir_all(path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            }
-        }
+impl Retired {
+    pub fn path(&self) -> PathBuf {
+        self.runs.join(&self.name)
     }
-}
 
-fn make_writable(dir: &Path) {
-    let Ok(md) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    if !md.file_type().is_dir() {
-        return;
-    }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            make_writable(&e.path());
-        }
+    pub fn remove(self) -> io::Result<()> {
+        self.runs.remove_tree(&self.name)
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::cli::OnBusy;
 use crate::config::Config;
-use crate::dirs;
+use crate::dirs::Place;
 use crate::duration;
 use crate::output::LogFormat;
 use std::path::PathBuf;
@@ -26,14 +26,16 @@ impl<'a> Settings<'a> {
         Settings { cfg }
     }
 
-    pub fn lock_dir(&self, flag: Option<PathBuf>) -> PathBuf {
+    pub fn lock_dir(&self, flag: Option<PathBuf>) -> Place {
         flag.or(self.cfg.lock_dir.clone())
-            .unwrap_or_else(dirs::default_lock_dir)
+            .map(Place::given)
+            .unwrap_or_else(Place::default_lock_dir)
     }
 
-    pub fn runs_dir(&self, flag: Option<PathBuf>) -> PathBuf {
+    pub fn runs_dir(&self, flag: Option<PathBuf>) -> Place {
         flag.or(self.cfg.runs_dir.clone())
-            .unwrap_or_else(dirs::default_runs_dir)
+            .map(Place::given)
+            .unwrap_or_else(Place::default_runs_dir)
     }
 
     pub fn deadline(&self, flag: Option<Duration>) -> Duration {
@@ -100,6 +102,7 @@ pub fn show(cfg: &Config) -> String {
         &mut out,
         "lock_dir",
         s.lock_dir(env_path("TETHER_LOCK_DIR"))
+            .preferred()
             .display()
             .to_string(),
         &src(cfg.lock_dir.is_some(), Some("TETHER_LOCK_DIR")),
@@ -108,6 +111,7 @@ pub fn show(cfg: &Config) -> String {
         &mut out,
         "runs_dir",
         s.runs_dir(env_path("TETHER_RUNS_DIR"))
+            .preferred()
             .display()
             .to_string(),
         &src(cfg.runs_dir.is_some(), Some("TETHER_RUNS_DIR")),

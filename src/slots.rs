@@ -8,11 +8,12 @@
 //! slots finish, and no new run takes a slot ≥ N.
 
 use crate::lock::{self, HeldLock, TryLock};
+use crate::safe_fs::Dir;
 use std::io;
-use std::path::{Path, PathBuf};
 
-pub fn slot_path(lock_dir: &Path, n: u32) -> PathBuf {
-    lock_dir.join(format!("slot-{n:02}.lock"))
+/// The slot lockfile's name in the lock dir.
+pub fn slot_name(n: u32) -> String {
+    format!("slot-{n:02}.lock")
 }
 
 /// A held slot.
@@ -30,9 +31,9 @@ impl Slot {
 }
 
 /// Try each slot from 0 to `count - 1` once; the first free one is ours.
-pub fn try_take(lock_dir: &Path, count: u32) -> io::Result<Option<Slot>> {
+pub fn try_take(lock_dir: &Dir, count: u32) -> io::Result<Option<Slot>> {
     for n in 0..count {
-        match lock::try_acquire(&slot_path(lock_dir, n))? {
+        match lock::try_acquire(lock_dir, slot_name(n))? {
             TryLock::Held(lock) => return Ok(Some(Slot { number: n, lock })),
             TryLock::Busy(_) => continue,
         }

@@ -146,36 +146,105 @@ fn prepare_and_clone(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .map(|c| c.as_ptr())
         .chain([std::ptr::null()])
         .collect();
+    let first = match spec.cgroup_dir {
+        Some(fd) => Join::Clone(fd),
+        None => Join::Not,
+    };
+    match spawn_once(&p, first)? {
+        Born::Ran(pid) => Ok(Spawned { pid }),
+        Born::KilledAtBirth(pid) => {
+            reap_now(pid);
+            let Join::Clone(fd) = first else {
+                return Err(start(io::Error::other(
+                    "the child was killed before it ran",
+                )));
+            };
+            // Linux 6.1x kills a child cloned into a cgroup whose cgroup.kill count differs
+            // from its parent's (a cgroup that was killed once: the run's, after its command's
+            // tree; or ours, by the service manager). Migrating keeps the child in the cgroup.
+            crate::output::debug(
+                "spawn",
+                "the kernel killed the child cloned into the run cgroup at birth (cgroup.kill \
+                 was used there or on ours); joining it by migration instead",
+            );
+            match spawn_once(&p, Join::Migrate(fd))? {
+                Born::Ran(pid) => Ok(Spawned { pid }),
+                Born::KilledAtBirth(pid) => {
+                    reap_now(pid);
+                    Err(start(io::Error::other(
+                        "the child was killed before it ran",
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// How the child gets into the run's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// It does not (no cgroup).
+    Not,
+    /// Created inside it (`clone3(CLONE_INTO_CGROUP)`; a plain fork migrates instead).
+    Clone(RawFd),
+    /// Moves itself in (writes `0` to `cgroup.procs`) before anything else.
+    Migrate(RawFd),
+}
+
+/// What became of a child.
+enum Born {
+    /// It ran (and exec'd: an exec failure is an error).
+    Ran(i32),
+    /// It never ran a single instruction: the kernel killed it as it was created.
+    KilledAtBirth(i32),
+}
+
+/// Reap a child that died at birth (it never ran, so nothing else waits for it).
+fn reap_now(pid: i32) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+/// One clone and exec. The child's first act is to write `R` on the close-on-exec pipe; an
+/// exec failure adds its errno. So EOF after `R` is a successful exec, and EOF before it a
+/// child that never ran.
+fn spawn_once(p: &Prepared, join: Join) -> Result<Born, SpawnError> {
+    let start = SpawnError::Start;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| start(io::Error::from(e)))?;
-
-    let pid = clone_child(&p, err_w.as_raw_fd(), spec.cgroup_dir).map_err(start)?;
+    let pid = clone_child(p, err_w.as_raw_fd(), join).map_err(start)?;
     drop(err_w);
-    // The exec reports failure as an errno on the CLOEXEC pipe; EOF means it succeeded.
-    let mut buf = [0u8; 4];
-    let n = loop {
-        match nix::unistd::read(&err_r, &mut buf) {
+    let mut buf = [0u8; 5];
+    let mut n = 0;
+    while n < buf.len() {
+        match nix::unistd::read(&err_r, &mut buf[n..]) {
             Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.unwrap_or(0),
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
         }
-    };
-    if n == 4 {
-        return Err(SpawnError::Exec(io::Error::from_raw_os_error(
-            i32::from_ne_bytes(buf),
-        )));
     }
-    Ok(Spawned { pid })
+    match n {
+        0 => Ok(Born::KilledAtBirth(pid)),
+        5 => Err(SpawnError::Exec(io::Error::from_raw_os_error(
+            i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]),
+        ))),
+        _ => Ok(Born::Ran(pid)),
+    }
 }
 
 /// Start the child: `clone3(CLONE_VM | CLONE_VFORK)` on a stack of its own, straight into the
 /// cgroup when asked, the way `posix_spawn` starts one (see [`vfork_clone3`]); where that is not
-/// available (old kernel, or not x86_64), a plain fork (plus a migration into the cgroup). Returns the child's pid;
-/// the child itself never returns from here.
-fn clone_child(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Result<i32> {
+/// available (old kernel, or not x86_64), a plain fork (plus a migration into the cgroup).
+/// Returns the child's pid; the child itself never returns from here.
+fn clone_child(p: &Prepared, err_fd: RawFd, join: Join) -> io::Result<i32> {
+    let (into, migrate) = match join {
+        Join::Not => (None, None),
+        Join::Clone(fd) => (Some(fd), None),
+        Join::Migrate(fd) => (None, Some(fd)),
+    };
     let why_fork = if fork_forced() {
         "forced by TETHER_FAULT_FORK_SPAWN".to_string()
     } else {
-        match vfork_clone3(p, err_fd, cgroup_dir) {
+        match vfork_clone3(p, err_fd, into, migrate) {
             Ok(pid) => return Ok(pid),
             // No clone3 / no CLONE_INTO_CGROUP (kernel < 5.7), or an architecture without the
             // trampoline: fork the old way.
@@ -189,7 +258,7 @@ fn clone_child(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Re
             }
             // Without a cgroup only the syscall itself can have been refused (a seccomp filter
             // answering EPERM for clone3). With one, the caller retries without it first.
-            Err(e) if cgroup_dir.is_none() => format!("clone3: {e}"),
+            Err(e) if into.is_none() => format!("clone3: {e}"),
             Err(e) => return Err(e),
         }
     };
@@ -200,21 +269,9 @@ fn clone_child(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Re
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        if let Some(dir) = cgroup_dir {
-            // SAFETY: openat + write on a valid dir fd, in the child.
-            unsafe {
-                let procs = libc::openat(
-                    dir,
-                    c"cgroup.procs".as_ptr(),
-                    libc::O_WRONLY | libc::O_CLOEXEC,
-                );
-                if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                    libc::_exit(crate::exit::TETHER_FAILURE);
-                }
-            }
-        }
-        // SAFETY: in the forked child; only raw syscalls on prepared memory.
-        unsafe { child_exec(p, err_fd) }
+        // SAFETY: in the forked child; only raw syscalls on prepared memory. A fork cannot
+        // be created inside the cgroup, so it moves itself in.
+        unsafe { child_exec(p, err_fd, into.or(migrate)) }
     }
     Ok(pid)
 }
@@ -236,6 +293,8 @@ fn fork_forced() -> bool {
 struct ChildArgs<'a> {
     prepared: &'a Prepared,
     err_fd: RawFd,
+    /// A cgroup the child moves itself into first (`Join::Migrate`).
+    migrate: Option<RawFd>,
 }
 
 /// The child's stack: only `child_exec`'s frame and libc's syscall wrappers run on it.
@@ -252,13 +311,19 @@ const CHILD_STACK: usize = 64 * 1024;
 /// so no handler can run on the child's stack before `child_exec` resets every disposition
 /// (the child has its own handler table: no CLONE_SIGHAND); errno is the one shared location
 /// the child writes, while we are suspended.
-fn vfork_clone3(p: &Prepared, err_fd: RawFd, cgroup_dir: Option<RawFd>) -> io::Result<i32> {
+fn vfork_clone3(
+    p: &Prepared,
+    err_fd: RawFd,
+    cgroup_dir: Option<RawFd>,
+    migrate: Option<RawFd>,
+) -> io::Result<i32> {
     // u128 elements: the stack top is 16-byte aligned, as the ABI requires. Left uninitialised
     // (spare capacity): a stack needs no zeroing, and only the pages the child uses get touched.
     let mut stack: Vec<u128> = Vec::with_capacity(CHILD_STACK / std::mem::size_of::<u128>());
     let args = ChildArgs {
         prepared: p,
         err_fd,
+        migrate,
     };
     let mut flags = (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
     if cgroup_dir.is_some() {
@@ -308,7 +373,7 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
     // SAFETY: `arg` points at the parent's `ChildArgs`, alive while the parent is suspended.
     unsafe {
         let args = &*(arg as *const ChildArgs<'_>);
-        child_exec(args.prepared, args.err_fd)
+        child_exec(args.prepared, args.err_fd, args.migrate)
     }
 }
 
@@ -356,16 +421,32 @@ unsafe fn raw_clone3(
     -(libc::ENOSYS as isize)
 }
 
-/// In the child: undo the core's setup and exec. Never returns. Only raw syscalls on memory
-/// prepared before the clone (async-signal-safe). Credentials go through raw syscalls so that
-/// only this thread (the only one) is affected.
-unsafe fn child_exec(p: &Prepared, err_fd: RawFd) -> ! {
+/// In the child: say it ran, join the cgroup if asked, undo the core's setup and exec. Never
+/// returns. Only raw syscalls on memory prepared before the clone (async-signal-safe).
+/// Credentials go through raw syscalls so that only this thread (the only one) is affected.
+///
+/// # Safety
+/// Call only in a freshly cloned child, with `p` prepared before the clone and `err_fd` the
+/// write end of the close-on-exec pipe.
+unsafe fn child_exec(p: &Prepared, err_fd: RawFd, migrate: Option<RawFd>) -> ! {
     let fail = |fd: RawFd| -> ! {
         let e = *libc::__errno_location();
         let bytes = e.to_ne_bytes();
         libc::write(fd, bytes.as_ptr().cast(), 4);
         libc::_exit(crate::exit::NOT_FOUND)
     };
+    libc::write(err_fd, b"R".as_ptr().cast(), 1);
+    if let Some(dir) = migrate {
+        let procs = libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+            libc::_exit(crate::exit::TETHER_FAILURE);
+        }
+        libc::close(procs);
+    }
     if libc::setpgid(0, 0) != 0 || libc::dup2(p.devnull.as_raw_fd(), 0) < 0 {
         fail(err_fd);
     }

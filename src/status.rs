@@ -8,9 +8,8 @@ use crate::duration;
 use crate::proc_locks::{self, LockEntry};
 use crate::record::{self, State};
 use crate::rundir;
+use crate::safe_fs::{kind, Dir, Kind};
 use serde::Serialize;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, Serialize)]
@@ -51,32 +50,35 @@ pub struct Status {
     pub runs: Vec<RunDirStatus>,
 }
 
-fn entries_of(table: &[LockEntry], path: &Path) -> Vec<LockEntry> {
-    std::fs::symlink_metadata(path)
-        .map(|md| proc_locks::entries_for(table, md.dev(), md.ino()))
+fn entries_of(table: &[LockEntry], dir: &Dir, name: &str) -> Vec<LockEntry> {
+    dir.stat_at(name)
+        .map(|st| proc_locks::entries_for(table, st.st_dev, st.st_ino))
         .unwrap_or_default()
 }
 
-fn read_meta_at(path: &Path) -> Option<record::LockMeta> {
-    let f = crate::lock::open_existing(path).ok()?;
+fn read_meta_at(dir: &Dir, name: &str) -> Option<record::LockMeta> {
+    let f = crate::lock::open_existing(dir, name).ok()?;
     record::read_meta(&f)
 }
 
-pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
+/// What the kernel and the records say. A dir that does not exist yet has nothing in it.
+pub fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status {
     let table = proc_locks::read();
     let mut apps = Vec::new();
     let mut slots = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(lock_dir)
-        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+    let names = lock_dir
+        .map(|d| d.entries().unwrap_or_default())
         .unwrap_or_default();
-    names.sort();
-    for name in names {
+    for (name, _) in names {
+        let Some(lock_dir) = lock_dir else { break };
         let name = name.to_string_lossy().into_owned();
-        let path = lock_dir.join(&name);
-        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        if !lock_dir
+            .stat_at(&name)
+            .is_ok_and(|st| kind(&st) == Kind::File)
+        {
             continue;
         }
-        let entries = entries_of(&table, &path);
+        let entries = entries_of(&table, lock_dir, &name);
         let holder = entries.iter().find(|e| !e.waiting).map(|e| e.pid);
         if let Some(slot) = name
             .strip_prefix("slot-")
@@ -96,7 +98,7 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
         else {
             continue;
         };
-        let meta = read_meta_at(&path);
+        let meta = read_meta_at(lock_dir, &name);
         apps.push(AppLock {
             app: app.to_owned(),
             held: holder.is_some(),
@@ -112,22 +114,25 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
         });
     }
     let mut runs = Vec::new();
-    let mut dirs: Vec<_> = std::fs::read_dir(runs_dir)
-        .map(|r| r.flatten().collect::<Vec<_>>())
+    let names = runs_dir
+        .map(|d| d.entries().unwrap_or_default())
         .unwrap_or_default();
-    dirs.sort_by_key(|e| e.file_name());
-    for de in dirs {
-        if !de.file_type().is_ok_and(|t| t.is_dir())
-            || de.file_name().to_string_lossy().starts_with('.')
-        {
+    for (name, _) in names {
+        let Some(runs_dir) = runs_dir else { break };
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
             continue;
         }
-        let path = de.path();
-        let holder = entries_of(&table, &path.join(rundir::LOCK_FILE))
+        // Only tether's run dirs (a real dir owned by tether's uid); a record is read through
+        // the dir's fd, never blocking on a FIFO in its place.
+        let Ok(dir) = rundir::open_trusted(runs_dir, name) else {
+            continue;
+        };
+        let holder = entries_of(&table, &dir, rundir::LOCK_FILE)
             .into_iter()
             .find(|e| !e.waiting)
             .map(|e| e.pid);
-        let rec = record::read_record(&path.join(rundir::RECORD_FILE));
+        let rec = record::read_record(&dir).ok();
         let status = match (&holder, &rec) {
             (Some(_), _) => "live",
             (None, Some(r)) if r.meta.state == State::Clean => "kept",
@@ -135,7 +140,7 @@ pub fn collect(lock_dir: &Path, runs_dir: &Path) -> Status {
             (None, None) => "unknown",
         };
         runs.push(RunDirStatus {
-            run_id: de.file_name().to_string_lossy().into_owned(),
+            run_id: name.to_owned(),
             status: status.into(),
             app: rec.as_ref().map(|r| r.meta.app.clone()),
             state: rec.as_ref().map(|r| r.meta.state.as_str().to_owned()),

@@ -1,11 +1,13 @@
 //! Running a teardown (or setup) shell command under a bound (SPEC §5 step 3, §4.4).
 //!
 //! The command runs by `sh -c` in its own process group, with PDEATHSIG=SIGKILL towards the
-//! core, outside the run's cgroup. It gets `--teardown-timeout`; when that passes, its whole
-//! tree is killed (TERM, a short grace, KILL). Funnel events that arrive meanwhile are handed
+//! core, in the run's cgroup when there is one (emptied of the command's processes first). It
+//! gets `--teardown-timeout` (`0`: no bound); when that passes, its whole tree is killed
+//! (TERM, a short grace, KILL). Funnel events that arrive meanwhile are handed
 //! back to the caller, which logs them (live teardown) or acts on them afterwards (reconcile):
 //! a teardown is never interrupted half-way by a second signal.
 
+use crate::cgroup::RunCgroup;
 use crate::lifetime::{self, Event, Funnel};
 use crate::spawn::{self, SpawnSpec};
 use crate::tree::{self, Members};
@@ -37,33 +39,57 @@ impl Outcome {
     }
 }
 
-/// Run `sh -c <script>` with exactly `env`, bounded by `timeout`.
+/// Run `sh -c <script>` with exactly `env`, bounded by `timeout` (zero: no bound), in
+/// `cgroup` when given (the run's own: whoever reaps a run that dies meanwhile kills what its
+/// teardown left there too).
+///
+/// `on_exit` is called the moment the command's status is known — before its leftovers are
+/// killed (which can take the whole grace period) — so the caller can record "teardown done"
+/// while nothing can cut it short yet: a reaper that finds the record afterwards must not run
+/// the teardown a second time (exactly once, PROTOCOL.md).
+#[allow(clippy::too_many_arguments)]
 pub fn run_shell(
     script: &str,
     env: &[(OsString, OsString)],
     cwd: Option<&Path>,
+    cgroup: Option<&RunCgroup>,
     timeout: Duration,
     funnel: &mut Funnel,
     events: &mut Vec<Event>,
+    on_exit: &mut dyn FnMut(&Outcome),
 ) -> Outcome {
     let sh = Path::new("/bin/sh");
     let args = [OsString::from("-c"), OsString::from(script)];
+    let cgroup_fd = cgroup.and_then(|c| c.dir_fd().ok());
     let spec = SpawnSpec {
         program: sh,
         args: &args,
         env,
         cwd,
-        cgroup_dir: None,
+        cgroup_dir: cgroup_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         core_pid: std::process::id() as i32,
         identity: None,
         rlimits: &[],
     };
-    let child = match spawn::spawn(&spec) {
+    let mut spawned = spawn::spawn(&spec);
+    if matches!(spawned, Err(spawn::SpawnError::Start(_))) && spec.cgroup_dir.is_some() {
+        // The cgroup cannot be joined (gone, or refused): run outside it.
+        spawned = spawn::spawn(&SpawnSpec {
+            cgroup_dir: None,
+            ..spec
+        });
+    }
+    drop(cgroup_fd);
+    let child = match spawned {
         Ok(c) => c,
-        Err(e) => return Outcome::SpawnFailed(e.to_string()),
+        Err(e) => {
+            let o = Outcome::SpawnFailed(e.to_string());
+            on_exit(&o);
+            return o;
+        }
     };
     let pid = child.pid;
-    let end = Instant::now() + timeout;
+    let end = (!timeout.is_zero()).then(|| Instant::now() + timeout);
     let mut status = None;
     loop {
         for (p, code) in lifetime::reap_children() {
@@ -71,26 +97,29 @@ pub fn run_shell(
                 status = Some(code);
             }
         }
-        if status.is_some() || Instant::now() >= end {
+        if status.is_some() || end.is_some_and(|e| Instant::now() >= e) {
             break;
         }
         events.extend(
             funnel
-                .wait(Some(lifetime::until(end)), None)
+                .wait(end.map(lifetime::until), None)
                 .into_iter()
                 .filter(|e| *e != Event::Child),
         );
     }
+    let outcome = match status {
+        Some(code) => Outcome::Exited(code),
+        None => Outcome::TimedOut,
+    };
+    on_exit(&outcome);
     // Whatever the teardown left behind (a daemon it started, or all of it on timeout) goes.
     let members = Members {
         pgid: Some(pid),
         descendants_of: Some(std::process::id() as i32),
+        cgroup: cgroup.cloned(),
         ..Members::default()
     };
     let killed = tree::terminate(&members, TIMEOUT_GRACE, funnel);
     events.extend(killed.events);
-    match status {
-        Some(code) => Outcome::Exited(code),
-        None => Outcome::TimedOut,
-    }
+    outcome
 }

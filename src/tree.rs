@@ -15,6 +15,8 @@
 use crate::cgroup::RunCgroup;
 use crate::lifetime::{self, Event, Funnel};
 use crate::procfs;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
 /// What belongs to a run.
@@ -27,6 +29,9 @@ pub struct Members {
     pub cgroup: Option<RunCgroup>,
     /// `NAME=value` markers that must all be in a process's environment.
     pub env_markers: Vec<String>,
+    /// A dead run known only by its id: processes carrying it and the token of a core that
+    /// is no longer alive (`procfs::pids_of_dead_run`).
+    pub dead_run: Option<String>,
 }
 
 impl Members {
@@ -40,13 +45,13 @@ impl Members {
         if let Some(cg) = &self.cgroup {
             pids.extend(cg.pids());
         }
-        if !self.env_markers.is_empty() {
+        if !self.env_markers.is_empty() || self.dead_run.is_some() {
             let ancestors = procfs::ancestors_of_self();
-            pids.extend(
-                procfs::pids_with_env(&self.env_markers)
-                    .into_iter()
-                    .filter(|p| !ancestors.contains(p)),
-            );
+            let mut found = procfs::pids_with_env(&self.env_markers);
+            if let Some(id) = &self.dead_run {
+                found.extend(procfs::pids_of_dead_run(id));
+            }
+            pids.extend(found.into_iter().filter(|p| !ancestors.contains(p)));
         }
         pids.sort_unstable();
         pids.dedup();
@@ -54,21 +59,19 @@ impl Members {
         pids
     }
 
-    fn signal(&self, sig: i32, pids: &[i32]) {
-        // SAFETY: kill(2) with plain integers; ESRCH for vanished processes is fine.
-        unsafe {
-            if let Some(pg) = self.pgid {
-                libc::kill(-pg, sig);
-            }
-            for &p in pids {
-                libc::kill(p, sig);
-                if sig == libc::SIGTERM {
-                    libc::kill(p, libc::SIGCONT);
-                }
+    fn signal(&self, sig: Signal, pids: &[i32]) {
+        // ESRCH (the process is gone already) is what we want; nothing to report.
+        if let Some(pg) = self.pgid {
+            let _ = kill(Pid::from_raw(-pg), sig);
+        }
+        for &p in pids {
+            let _ = kill(Pid::from_raw(p), sig);
+            if sig == Signal::SIGTERM {
+                let _ = kill(Pid::from_raw(p), Signal::SIGCONT);
             }
         }
         if let Some(cg) = &self.cgroup {
-            if sig == libc::SIGKILL {
+            if sig == Signal::SIGKILL {
                 cg.kill_all();
             } else {
                 cg.signal(sig);
@@ -102,7 +105,7 @@ pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Ter
         // The common case (the command exited and left nothing): no signals, no waiting.
         return out;
     }
-    members.signal(libc::SIGTERM, &remaining);
+    members.signal(Signal::SIGTERM, &remaining);
     let grace_end = Instant::now() + grace;
     loop {
         out.reaped.extend(lifetime::reap_children());
@@ -127,7 +130,7 @@ pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Ter
     out.late = remaining.clone();
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
-        members.signal(libc::SIGKILL, &remaining);
+        members.signal(Signal::SIGKILL, &remaining);
         out.reaped.extend(lifetime::reap_children());
         remaining = members.list();
         if remaining.is_empty() || Instant::now() >= give_up {
