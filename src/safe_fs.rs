@@ -401,6 +401,7 @@ impl Dir {
     }
 
     fn empty(&self, top: &Dir, depth: usize) -> io::Result<()> {
+        self.seize();
         let entries = match self.entries() {
             Ok(e) => e,
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
@@ -413,6 +414,16 @@ impl Dir {
             self.remove_entry(&name, top, depth)?;
         }
         Ok(())
+    }
+
+    /// As root, take a directory that is about to be removed away from whoever owns it (a
+    /// `run_as` user's `tmp/`), through its pinned fd: from here on no process of that user can
+    /// add entries to it, so emptying it cannot be raced forever.
+    fn seize(&self) {
+        if Uid::effective().is_root() {
+            let _ = self.chown(Uid::from_raw(0), Gid::from_raw(0));
+            let _ = self.chmod(0o700);
+        }
     }
 
     /// Give ourselves rwx on this directory (we own it; only needed when not root).

@@ -45,6 +45,7 @@ mod locks;
 mod procs;
 mod sandbox;
 mod shell;
+mod users;
 mod wait;
 
 use std::ffi::OsString;
@@ -69,6 +70,7 @@ pub use procs::{
 };
 pub use sandbox::Sandbox;
 pub use shell::{StepShell, StepShellCmd};
+pub use users::{is_root, TempUser};
 pub use wait::{
     count_lines, poll_until, read_json, read_pids, wait_count, wait_file, wait_line, wait_pids,
     wait_until,

@@ -17,13 +17,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use runner_tests::is_root;
 use runner_tests::{
     count_lines, flock_holders, log_lines, names, rid, sh_wait_for, shell_quote, tether_bin, touch,
     wait_count, wait_file, wait_line, wait_until, write_config, Finished, RunningTether, Sandbox,
-    TIMEOUT,
+    TempUser, TIMEOUT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -435,55 +434,6 @@ fn report_token_is_hidden_from_the_command_without_an_allow_list() {
 // ---------------------------------------------------------------------------------------------
 // 4. run_as
 
-/// A throw-away system user, removed (with `userdel`) when dropped — also when the test fails.
-struct TempUser {
-    name: String,
-}
-
-impl TempUser {
-    fn create() -> TempUser {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
-            .unwrap_or(0);
-        let tag = (nanos ^ ((std::process::id() as u64) << 20)) & 0xffff_ffff;
-        let name = format!("tether-t-{tag:08x}");
-        let shell = if Path::new("/usr/sbin/nologin").exists() {
-            "/usr/sbin/nologin"
-        } else {
-            "/bin/false"
-        };
-        let status = Command::new("useradd")
-            .args(["-M", "-s", shell, &name])
-            .status()
-            .expect("running useradd");
-        assert!(status.success(), "useradd {name} failed: {status}");
-        TempUser { name }
-    }
-
-    fn uid(&self) -> u32 {
-        nix::unistd::User::from_name(&self.name)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("user {} not found after useradd", self.name))
-            .uid
-            .as_raw()
-    }
-}
-
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        match Command::new("userdel").arg(&self.name).status() {
-            Ok(s) if s.success() => {}
-            other => eprintln!("userdel {} failed: {other:?}", self.name),
-        }
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// SPEC §10, CLI-CONTRACT: `run_as: {user, group}` runs the command as that user and group
 /// (its `id -u` / `id -g`), the teardown as the invoker (uid 0), and the command can write its
 /// `$TMPDIR` and its `run_env` dir under the run dir.
@@ -496,7 +446,7 @@ fn run_as_drops_the_command_but_not_the_teardown() {
     // Created before the sandbox, so it is removed after the sandbox killed its processes.
     let user = TempUser::create();
     let sb = Sandbox::new();
-    let uid = user.uid();
+    let uid = user.uid;
     // The user must be able to traverse from / to its tmp/ (tether makes the runs dir and the
     // run dir 0711; the sandbox root is the test's and is 0700 by default).
     fs::set_permissions(sb.path(), fs::Permissions::from_mode(0o711)).expect("chmod sandbox");
