@@ -354,7 +354,7 @@ fn run_dir_removal_never_chmods_outside_while_a_user_races_it() {
                 ),
             ])
             .spawn();
-        wait_file(&tmp.join("ready"), TIMEOUT);
+        wait_file(tmp.join("ready"), TIMEOUT);
         let stop = sb.mark(&format!("stop-{i}"));
         let mut attacker = user.command(&swapper);
         attacker
