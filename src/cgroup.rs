@@ -201,6 +201,7 @@ impl RunCgroup {
         if !named_after_run {
             return Err(format!("not the cgroup of run {token}"));
         }
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         match std::fs::symlink_metadata(path) {
             // Gone: nothing to kill, nothing to trust.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -231,6 +232,7 @@ impl RunCgroup {
     /// How long ago the cgroup was made (a run cgroup's directory never changes after that:
     /// it has no children).
     pub fn age(&self) -> Option<std::time::Duration> {
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         std::fs::symlink_metadata(&self.path)
             .and_then(|m| m.modified())
             .ok()
@@ -239,6 +241,7 @@ impl RunCgroup {
 
     /// The cgroup directory opened for `clone3(CLONE_INTO_CGROUP)`.
     pub fn dir_fd(&self) -> io::Result<OwnedFd> {
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         let f = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
@@ -276,6 +279,7 @@ impl RunCgroup {
 
     /// SIGKILL every member: `cgroup.kill` where the kernel has it, else one by one.
     pub fn kill_all(&self) {
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         let killed = OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.kill"))
@@ -312,6 +316,7 @@ impl RunCgroup {
                 ));
                 continue;
             }
+            // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
             if let Err(e) = std::fs::write(self.path.join(file), &value) {
                 warnings.push(format!(
                     "limits.{controller} not applied: cannot write {file}: {e}"
@@ -343,6 +348,7 @@ impl RunCgroup {
             let enabled =
                 std::fs::read_to_string(p.join("cgroup.subtree_control")).unwrap_or_default();
             if !enabled.split_whitespace().any(|c| c == controller) {
+                // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
                 std::fs::write(p.join("cgroup.subtree_control"), format!("+{controller}"))
                     .map_err(|e| format!("cannot enable it in {}: {e}", p.display()))?;
             }
@@ -352,6 +358,7 @@ impl RunCgroup {
 
     /// Remove the (empty) cgroup; a missing one is fine.
     pub fn remove(&self) -> io::Result<()> {
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         match std::fs::remove_dir(&self.path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -361,6 +368,7 @@ impl RunCgroup {
 
 fn create_dir(path: &Path) -> io::Result<()> {
     if let Some(parent) = path.parent() {
+        // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         match std::fs::create_dir(parent) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -368,8 +376,10 @@ fn create_dir(path: &Path) -> io::Result<()> {
         }
     }
     // Never adopt an existing cgroup: it belongs to another run instance.
+    // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
     std::fs::create_dir(path)?;
     // Writable cgroup.procs is what we actually need.
+    // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
     OpenOptions::new()
         .write(true)
         .open(path.join("cgroup.procs"))

@@ -110,6 +110,7 @@ pub fn fault_pause(var: &str) {
     let path = std::path::PathBuf::from(path);
     let mut waiting = path.clone().into_os_string();
     waiting.push(".waiting");
+    // path-ok: test-only fault injection marker (feature fault-injection)
     let _ = std::fs::write(&waiting, std::process::id().to_string());
     let until = Instant::now() + Duration::from_secs(60);
     while !path.exists() && Instant::now() < until {

@@ -209,6 +209,7 @@ pub fn run(args: RunArgs) -> i32 {
                 ci: None,
             };
             if let Some(path) = summary_json {
+                // path-ok: the operator's own --summary-json file, not tether's state
                 let _ = serde_json::to_vec_pretty(&s).map(|t| std::fs::write(path, t));
             }
             return e.exit_code();

@@ -445,6 +445,7 @@ impl Dir {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         let link = format!("/proc/self/fd/{}", pinned.fd.as_raw_fd());
+        // path-ok: the /proc/self/fd link of an O_PATH fd pinned with O_NOFOLLOW: that very inode
         stat::fchmodat(
             fcntl::AT_FDCWD,
             link.as_str(),
@@ -464,7 +465,7 @@ impl AsFd for Dir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::os::unix::fs::symlink;
 
     fn tmp() -> (tempfile::TempDir, Dir) {
         let t = tempfile::tempdir().unwrap();
@@ -504,8 +505,10 @@ mod tests {
         let locked = t.path().join("a/locked");
         std::fs::create_dir_all(locked.join("inner")).unwrap();
         std::fs::write(locked.join("inner/f"), "x").unwrap();
-        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
-        std::fs::set_permissions(t.path().join("a"), std::fs::Permissions::from_mode(0o500))
+        Dir::open_unchecked(&locked).unwrap().chmod(0o000).unwrap();
+        Dir::open_unchecked(&t.path().join("a"))
+            .unwrap()
+            .chmod(0o500)
             .unwrap();
         d.remove_tree("a").unwrap();
         assert!(!t.path().join("a").exists());

@@ -53,6 +53,7 @@ impl Summary {
                 .map_err(std::io::Error::other)
                 .and_then(|mut t| {
                     t.push(b'\n');
+                    // path-ok: the operator's own --summary-json file, not tether's state
                     std::fs::write(path, t)
                 });
             if let Err(e) = write {
