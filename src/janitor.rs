@@ -572,6 +572,12 @@ impl Sweep<'_, '_> {
             run_dir.release();
             return;
         }
+        let reaped = r.reason.as_deref() == Some(crate::reconcile::REAPED);
+        if !reaped && !r.keep {
+            // Its run died after its teardown: what that teardown left running (in the run's
+            // cgroup, carrying its token) goes with it.
+            self.reaper.kill_leftovers(&r.meta);
+        }
         let mut e = entry("run-dir", name, "removed");
         e.app = Some(r.meta.app.clone());
         e.run_id = Some(r.meta.run_id.clone());

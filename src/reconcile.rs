@@ -392,7 +392,7 @@ impl Reaper<'_> {
 
     /// Kill what a dead run left: its cgroup and the processes carrying its token — only
     /// when they are provably its own (containment), and never while its core is alive.
-    fn kill_leftovers(&mut self, meta: &LockMeta) {
+    pub fn kill_leftovers(&mut self, meta: &LockMeta) {
         if crate::procfs::start_time(meta.pid) == Some(meta.pid_start) {
             output::warn(
                 "reaping",
