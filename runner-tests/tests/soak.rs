@@ -10,7 +10,11 @@
 //! - SIGKILL of the front (the agent kills the step) → the core tears down, reason `parent-died`;
 //! - SIGKILL of the core (tether itself dies) → no teardown of its own; its leftovers and its
 //!   app are reaped by the next holder of the app (a run or the janitor), reason `reaped`;
-//! - SIGTERM of the front (a cancel) → forwarded, reason `signal`, exit 143.
+//! - SIGTERM of the front (a cancel) → forwarded, reason `signal`, exit 143;
+//! - SIGKILL of the core right after its teardown command finished (once its record says
+//!   `clean`), while it still kills what that teardown left (a TERM-ignoring background process
+//!   holds that window open) → no second teardown by anyone: one `exited` line; the janitor
+//!   kills the teardown's leftover.
 //!
 //! Afterwards (and after a final janitor sweep) it asserts, per app log, that no run started
 //! while another run's holding period (its start to its teardown line, which is written under
@@ -79,6 +83,8 @@ enum Fate {
     KillCore,
     /// SIGTERM of the front: forwarded, teardown, 143.
     TermFront,
+    /// SIGKILL of the core after its teardown command exited: never torn down again.
+    KillCoreAfterTeardown,
 }
 
 impl Fate {
@@ -88,6 +94,7 @@ impl Fate {
             Fate::KillFront => "parent-died",
             Fate::KillCore => "reaped",
             Fate::TermFront => "signal",
+            Fate::KillCoreAfterTeardown => "exited",
         }
     }
 }
@@ -283,11 +290,12 @@ fn soak_runs_kills_and_janitor() {
                     0 => Fate::KillFront,
                     1 => Fate::KillCore,
                     2 => Fate::TermFront,
+                    3 => Fate::KillCoreAfterTeardown,
                     _ => Fate::Normal,
                 };
                 let id = format!("s{n}-{suffix}");
                 let log_q = shell_quote(&logs[app]);
-                let nap = if fate == Fate::Normal {
+                let nap = if matches!(fate, Fate::Normal | Fate::KillCoreAfterTeardown) {
                     format!("0.0{:02}", 1 + rng.below(15))
                 } else {
                     "10".to_owned()
@@ -296,8 +304,19 @@ fn soak_runs_kills_and_janitor() {
                     r#"echo "start {app} $TETHER_RUN_ID $$" >> {log_q}; sleep {nap}; echo "end {app} $TETHER_RUN_ID $$" >> {log_q}"#,
                     app = apps[app]
                 );
-                let teardown =
+                let mut teardown =
                     format!(r#"echo "teardown $TETHER_REASON $TETHER_RUN_ID" >> {log_q}"#);
+                if fate == Fate::KillCoreAfterTeardown {
+                    // Leaves a process that shrugs off SIGTERM: the core spends the grace
+                    // killing it, after the teardown command has exited.
+                    // It is in place (ignoring SIGTERM) before the teardown command exits.
+                    let ready = shell_quote(sb.mark(&format!("bg-{n}")));
+                    teardown.push_str(&format!(
+                        "; {} --ready {ready} & {}",
+                        shell_quote(runner_tests::helper_bin!("ignore-term")),
+                        runner_tests::sh_wait_for(&ready)
+                    ));
+                }
                 let tether = sb
                     .tether_run()
                     .app(&apps[app])
@@ -329,7 +348,20 @@ fn soak_runs_kills_and_janitor() {
                 if run.fate == Fate::Normal || a.struck {
                     continue;
                 }
-                if a.started.is_none() {
+                if a.started.is_none() && run.fate == Fate::KillCoreAfterTeardown {
+                    // Its moment: the record says the teardown is done (the core is still
+                    // killing what the teardown left).
+                    if sb
+                        .run_record(&run.id)
+                        .is_some_and(|r| r["state"] == "clean")
+                    {
+                        a.started = Some(Instant::now());
+                        run.core = sb
+                            .run_record(&run.id)
+                            .and_then(|r| r["pid"].as_i64())
+                            .map(|p| p as i32);
+                    }
+                } else if a.started.is_none() {
                     let text = app_text
                         .entry(run.app)
                         .or_insert_with(|| fs::read_to_string(&logs[run.app]).unwrap_or_default());
@@ -342,7 +374,9 @@ fn soak_runs_kills_and_janitor() {
                     if t.elapsed() >= Duration::from_millis(run.delay_ms) {
                         match run.fate {
                             Fate::KillFront => kill(a.tether.pid(), Signal::SIGKILL),
-                            Fate::KillCore => kill(run.core.unwrap_or_default(), Signal::SIGKILL),
+                            Fate::KillCore | Fate::KillCoreAfterTeardown => {
+                                kill(run.core.unwrap_or_default(), Signal::SIGKILL)
+                            }
                             Fate::TermFront => kill(a.tether.pid(), Signal::SIGTERM),
                             Fate::Normal => {}
                         }
@@ -431,7 +465,7 @@ fn soak_runs_kills_and_janitor() {
         let ok = match run.fate {
             Fate::Normal => f.code == Some(0),
             Fate::KillFront => f.signal == Some(Signal::SIGKILL as i32),
-            Fate::KillCore => f.code == Some(137),
+            Fate::KillCore | Fate::KillCoreAfterTeardown => f.code == Some(137),
             Fate::TermFront => f.code == Some(143),
         };
         if !ok {
@@ -490,14 +524,15 @@ fn soak_runs_kills_and_janitor() {
 
     eprintln!(
         "soak: seed {seed}: {} runs in {:.1?} — normal {}, front SIGKILLed {}, core SIGKILLed {}, \
-         SIGTERMed {}; reaped {} (janitor reaps {} + final sweep {}), max waiters {} ({}), \
-         {} janitor sweeps",
+         SIGTERMed {}, core SIGKILLed after its teardown {}; reaped {} (janitor reaps {} + final \
+         sweep {}), max waiters {} ({}), {} janitor sweeps",
         runs.len(),
         started_at.elapsed(),
         by_fate.get(&Fate::Normal).unwrap_or(&0),
         by_fate.get(&Fate::KillFront).unwrap_or(&0),
         by_fate.get(&Fate::KillCore).unwrap_or(&0),
         by_fate.get(&Fate::TermFront).unwrap_or(&0),
+        by_fate.get(&Fate::KillCoreAfterTeardown).unwrap_or(&0),
         reaped_lines,
         janitor_reaps.load(Ordering::Relaxed),
         last_reaps,
