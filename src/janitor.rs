@@ -418,6 +418,10 @@ impl Sweep<'_, '_> {
                 return;
             }
             let name = name.to_string_lossy().into_owned();
+            if name.starts_with('.') && !name.starts_with(rundir::RETIRED_PREFIX) {
+                // tether's own files (`.forgotten.jsonl`): no run id starts with a dot.
+                continue;
+            }
             let mut e = entry("run-dir", &name, "skipped");
             match runs.stat_at(&name) {
                 Ok(st) if kind(&st) == Kind::Dir => {}

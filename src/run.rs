@@ -502,11 +502,12 @@ impl Run {
     /// has to wait (`note_queued`): an uncontended run goes straight to `running`. A run dir
     /// without a record is safe from janitors while its `run.lock` is held.
     fn prepare_dir(&mut self, fresh: bool) -> Result<(), Stop> {
+        let spares = rundir::spares_needed(self.plan.teardown.is_some());
         let Some(dir) = &mut self.dir else {
             return Ok(());
         };
         dir.prepare(fresh)
-            .and_then(|()| dir.prepare_spares())
+            .and_then(|()| dir.prepare_spares(spares))
             .map_err(|e| Stop::Fail(Error::path("cannot prepare run dir", &dir.path(), e)))
     }
 
@@ -518,6 +519,7 @@ impl Run {
             return;
         }
         self.queued_noted = true;
+        let spares = rundir::spares_needed(self.plan.teardown.is_some());
         if let Some(dir) = &mut self.dir {
             if let Err(e) = dir.write_record(&self.record) {
                 output::warn(
@@ -526,7 +528,7 @@ impl Run {
                 );
             }
             // That write used a spare; make it good while we wait.
-            let _ = dir.prepare_spares();
+            let _ = dir.prepare_spares(spares);
         }
     }
 

@@ -20,9 +20,12 @@ pub use crate::record::RECORD_FILE;
 /// lock (`run.json.spare-0`, `-1`): each is written once and swapped in
 /// (`record::write_record_into_spare`), then holds the record it replaced.
 pub const SPARE_PREFIX: &str = "run.json.spare-";
-/// The record writes a run makes once it holds the app lock: `running`, `tearing-down`, and
-/// `clean` once a teardown command has run (so a crash after it cannot repeat it).
-pub const SPARES_PER_RUN: usize = 3;
+/// The record writes a run makes once it holds the app lock: `running`, `tearing-down`, and,
+/// when it has a teardown command, `clean` the moment that command exits (so a crash after it
+/// cannot repeat it, D25).
+pub fn spares_needed(has_teardown: bool) -> usize {
+    2 + usize::from(has_teardown)
+}
 /// The command's `TMPDIR`.
 pub const TMP_DIR: &str = "tmp";
 /// Setup's and teardown's `TMPDIR` under `run_as`: owned by tether's uid, so nothing the
@@ -214,8 +217,8 @@ impl RunDir {
     /// Make the spares for the record writes under the app lock, so that no file is created in
     /// the run dir once the run holds the app: inode creation is the slow part of a record
     /// write (DECISIONS D21), and the handoff between two runs of an app waits for two writes.
-    pub fn prepare_spares(&mut self) -> io::Result<()> {
-        while self.spares.len() < SPARES_PER_RUN {
+    pub fn prepare_spares(&mut self, count: usize) -> io::Result<()> {
+        while self.spares.len() < count {
             let spare = format!("{SPARE_PREFIX}{}", self.spares_made);
             self.spares_made += 1;
             record::create_spare(&self.dir, &spare)?;

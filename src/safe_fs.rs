@@ -345,8 +345,9 @@ impl Dir {
         Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOTEMPTY)))
     }
 
-    /// Remove one entry of `self`; `top` is the directory the whole removal started in (deep
-    /// subtrees are moved up into it, so no more than `REMOVE_DEPTH` fds are open at once).
+    /// Remove one entry of `self`; `top` is the root of the tree being removed (deep subtrees
+    /// are moved up into it, so no more than `REMOVE_DEPTH` fds are open at once; at depth 0
+    /// the entry itself becomes the root).
     fn remove_entry(&self, name: &OsStr, top: &Dir, depth: usize) -> io::Result<()> {
         for _ in 0..REMOVE_ATTEMPTS {
             match self.unlink(name) {
@@ -381,8 +382,10 @@ impl Dir {
                     child.stat()?.st_ino
                 ));
                 self.rename(name, top, &moved)?;
-                return top.remove_entry(&moved, top, 0);
+                return top.remove_entry(&moved, top, 1);
             }
+            // Deep subtrees are moved up into the root of this removal (never out of it).
+            let top = if depth == 0 { &child } else { top };
             child.empty(top, depth + 1)?;
             match self.remove_dir(name) {
                 Ok(()) => return Ok(()),
