@@ -477,7 +477,17 @@ impl<'a> Step<'a> {
             self.shell.stderr().lines().any(|l| l == funnel_line),
             "expected the funnel line {funnel_line:?}\n{ctx}"
         );
-        assert_summary_last(&self.shell.stderr(), "cancelled", 143, &ctx);
+        // The step shell's own job report for the SIGKILLed front (bash: "step: line 1: <pid>
+        // Killed …", dash: "Killed") may come before or after tether's last line: only
+        // tether's lines are judged.
+        let tether_lines: String = self
+            .shell
+            .stderr()
+            .lines()
+            .filter(|l| l.starts_with("tether: "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_summary_last(&tether_lines, "cancelled", 143, &ctx);
     }
 }
 
