@@ -225,11 +225,11 @@ fn config_command(args: ConfigArgs) -> i32 {
             match crate::config::load(path.as_deref()) {
                 Ok(c) => {
                     match &c.path {
-                        Some(p) => println!("config {}: ok", p.display()),
-                        None => println!(
-                            "no config file (looked for {}): built-in defaults",
+                        Some(p) => crate::output::stdout(&format!("config {}: ok\n", p.display())),
+                        None => crate::output::stdout(&format!(
+                            "no config file (looked for {}): built-in defaults\n",
                             crate::config::default_path().display()
-                        ),
+                        )),
                     }
                     0
                 }
@@ -241,7 +241,7 @@ fn config_command(args: ConfigArgs) -> i32 {
         }
         ConfigAction::Show { config } => match crate::config::load(config.as_deref()) {
             Ok(c) => {
-                print!("{}", crate::settings::show(&c));
+                crate::output::stdout(&crate::settings::show(&c));
                 0
             }
             Err(e) => {
@@ -285,7 +285,7 @@ fn janitor(args: JanitorArgs) -> i32 {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
+                    Ok(text) => crate::output::stdout(&format!("{text}\n")),
                     Err(e) => crate::output::error(&format!("cannot encode report: {e}")),
                 }
             }
@@ -327,14 +327,14 @@ fn status(args: StatusArgs) -> i32 {
     let st = crate::status::collect(&lock_dir, &runs_dir);
     if args.json {
         match serde_json::to_string_pretty(&st) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::output::stdout(&format!("{text}\n")),
             Err(e) => {
                 crate::output::error(&format!("cannot encode status: {e}"));
                 return crate::exit::TETHER_FAILURE;
             }
         }
     } else {
-        print!("{}", st.to_text());
+        crate::output::stdout(&st.to_text());
     }
     0
 }
