@@ -96,6 +96,9 @@ impl Plan {
             Resolved::NotFound(m) => return Err(Error::new(Failure::NotFound, m)),
             Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),
         };
+        if let Some(path) = &args.summary_json {
+            crate::summary::check_json_path(path)?;
+        }
         // Directories: check both before creating either, so a bad one leaves nothing.
         dirs::check_dir("lock dir", &lock_dir)?;
         dirs::check_dir("runs dir", &runs_dir)?;
@@ -204,7 +207,7 @@ pub fn run(args: RunArgs) -> i32 {
                 ci: None,
             };
             if let Some(path) = summary_json {
-                let _ = serde_json::to_vec_pretty(&s).map(|t| std::fs::write(path, t));
+                let _ = s.write_json(&path);
             }
             return e.exit_code();
         }
