@@ -51,14 +51,16 @@ pub fn next_action(phase: Phase, event: Event) -> Action {
 
 /// Rank of a teardown cause when several arrive in one batch. The kernel keeps no order
 /// between signals pending at the same time (it hands out the lowest number first: SIGINT
-/// before SIGTERM), so "the first signal decides" is defined as: parent death, then SIGTERM,
-/// then SIGINT, then SIGHUP, then the deadline.
+/// before SIGTERM), so "the first signal decides" is defined as: SIGTERM, SIGINT, SIGHUP,
+/// then parent death, then the deadline. A signal tether received wins over its parent's
+/// death: an agent that signals the step's process group kills the step shell with the same
+/// signal, and `TETHER_REASON` must not depend on which died first (D14).
 fn precedence(cause: Cause) -> u8 {
     match cause {
-        Cause::ParentDied => 0,
-        Cause::Signal(Sig::Term) => 1,
-        Cause::Signal(Sig::Int) => 2,
-        Cause::Signal(Sig::Hup) => 3,
+        Cause::Signal(Sig::Term) => 0,
+        Cause::Signal(Sig::Int) => 1,
+        Cause::Signal(Sig::Hup) => 2,
+        Cause::ParentDied => 3,
         Cause::Deadline => 4,
         Cause::Exited(_) => 5,
     }
@@ -179,6 +181,19 @@ mod tests {
         assert_eq!(losers, vec![Event::Signal(Sig::Int)]);
         let (action, _) = decide_batch(Phase::Preparing, &[Event::Deadline, Event::ParentDied]);
         assert_eq!(action, Action::TearDown(Cause::ParentDied));
+        // A received signal wins over parent death (the agent's group TERM also kills the
+        // step shell).
+        let (action, losers) = decide_batch(
+            Phase::Running,
+            &[Event::ParentDied, Event::Signal(Sig::Term)],
+        );
+        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Term)));
+        assert_eq!(losers, vec![Event::ParentDied]);
+        let (action, _) = decide_batch(
+            Phase::Running,
+            &[Event::Signal(Sig::Hup), Event::ParentDied],
+        );
+        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Hup)));
         let (action, losers) = decide_batch(Phase::TearingDown, &[Event::Signal(Sig::Hup)]);
         assert_eq!(action, Action::LogIgnored);
         assert_eq!(losers.len(), 1);

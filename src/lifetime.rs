@@ -6,13 +6,21 @@
 //! shell), INT/TERM/KILL to the top process only (GitHub). With two processes every one of
 //! them reaches the core's teardown:
 //! - the **front** stays in the agent's process group; PDEATHSIG=SIGTERM towards the step
-//!   shell; it forwards TERM/INT/HUP to the core and exits with the core's code;
+//!   shell; it forwards TERM/INT/HUP to the core, tells it when its parent died, and exits
+//!   with the core's code;
 //! - the **core** runs in its own session (a group kill cannot reach it), with
 //!   PDEATHSIG=SIGTERM towards the front, so the front's death (even by SIGKILL) reaches it.
 //!
-//! All asynchronous signals are blocked and read from one `signalfd`, so they become [`Event`]s
-//! in exactly one place ([`Funnel::wait`]) and no handler ever runs concurrently with teardown.
-//! The split happens before any thread or runtime exists.
+//! All asynchronous signals are blocked and read from one `signalfd` in each process, so they
+//! become [`Event`]s in exactly one place ([`Funnel::wait`]) and no handler ever runs
+//! concurrently with teardown. The split happens before any thread or runtime exists, and the
+//! front stays single-threaded (PDEATHSIG fires when the *thread* that forked exits).
+//!
+//! The front tells the core *why* with `sigqueue` tokens, because the siginfo is the only
+//! thing that survives the kernel merging signals: a TERM the front received from anyone but
+//! a dying parent goes on as a forwarded signal, its parent's death as parent death, and the
+//! core recognises the front's own death by its PDEATHSIG naming the front as sender without
+//! a token (D14).
 
 use crate::duration;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
@@ -22,8 +30,20 @@ use nix::unistd::{fork, getpid, getppid, setsid, ForkResult, Pid};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// Marker the front puts in `sigqueue` data when it forwards its own parent's death.
+/// Markers the front puts in `sigqueue` data. The front never signals the core without one,
+/// so a TERM from the front *without* a token is the front's PDEATHSIG: the front died.
 const PARENT_DIED_TOKEN: u64 = 0x7e7e_0001;
+/// A TERM/INT/HUP the front received (from anyone but its dying parent), passed on.
+const FORWARD_TOKEN: u64 = 0x7e7e_0002;
+
+/// Every signal the funnel takes over (blocked from the start, read from a signalfd).
+const FUNNEL_SIGNALS: [Signal; 5] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGALRM,
+    Signal::SIGCHLD,
+];
 
 /// The three external signals tether funnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,19 +82,16 @@ pub enum Event {
 pub struct Funnel {
     sfd: SignalFd,
     front: Pid,
+    /// A core under a front (`split`), not the janitor's standalone funnel: only then does a
+    /// token-less TERM from `front` mean the front died.
+    has_front: bool,
     /// Events noticed outside `wait` (a parent already dead at start-up).
     pending: Vec<Event>,
 }
 
 fn funnel_set() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGALRM,
-        Signal::SIGCHLD,
-    ] {
+    for s in FUNNEL_SIGNALS {
         set.add(s);
     }
     set
@@ -83,13 +100,7 @@ fn funnel_set() -> SigSet {
 /// Undo an agent's `SIG_IGN` (an ignored signal is discarded even while blocked, so the
 /// funnel would never see it), then block the set so only the signalfd receives them.
 fn take_over_signals() -> nix::Result<()> {
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGALRM,
-        Signal::SIGCHLD,
-    ] {
+    for s in FUNNEL_SIGNALS {
         // SAFETY: installing SIG_DFL is always sound; no handler code runs.
         unsafe { signal::signal(s, SigHandler::SigDfl)? };
     }
@@ -131,14 +142,26 @@ pub fn split() -> nix::Result<Funnel> {
     // The parent may have died before PDEATHSIG was armed: then no signal will ever come.
     let parent_already_gone = getppid() != original_parent;
     let front = getpid();
+    // Made before the fork, so that failing to make it fails like any other guard: before
+    // anything exists.
+    let front_sfd = SignalFd::with_flags(
+        &funnel_set(),
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?;
 
     // SAFETY: single-threaded at this point (nothing has spawned a thread yet), so the child
     // may keep running ordinary Rust code.
     match unsafe { fork() }? {
-        ForkResult::Child => core_guards(front),
-        ForkResult::Parent { child } => {
-            front_loop(child, original_parent, parent_already_gone);
+        ForkResult::Child => {
+            drop(front_sfd);
+            core_guards(front)
         }
+        ForkResult::Parent { child } => Front {
+            core: child,
+            original_parent,
+            sfd: front_sfd,
+        }
+        .run(parent_already_gone),
     }
 }
 
@@ -155,6 +178,7 @@ pub fn standalone() -> nix::Result<Funnel> {
     Ok(Funnel {
         sfd,
         front: getppid(),
+        has_front: false,
         pending: Vec::new(),
     })
 }
@@ -175,82 +199,119 @@ fn core_guards(front: Pid) -> nix::Result<Funnel> {
     Ok(Funnel {
         sfd,
         front,
+        has_front: true,
         pending,
     })
 }
 
-/// The front: forward, wait, mirror the core's status. Never returns.
-fn front_loop(core: Pid, original_parent: Pid, parent_already_gone: bool) -> ! {
-    let forward_parent_death = || {
-        let value = libc::sigval {
-            sival_ptr: PARENT_DIED_TOKEN as usize as *mut libc::c_void,
-        };
-        // SAFETY: sigqueue(2) to our own child with a plain value.
-        unsafe { libc::sigqueue(core.as_raw(), libc::SIGTERM, value) };
-    };
-    if parent_already_gone {
-        forward_parent_death();
-    }
-    let set = funnel_set();
-    loop {
-        let first = match set.wait() {
-            Ok(s) => s,
-            Err(_) => continue,
-        };
-        // Signals pending together come out lowest number first (INT before TERM); collect
-        // them all and forward in the core's precedence order, TERM first.
-        let mut batch = vec![first];
-        batch.extend(pending_now(&set));
-        batch.sort_by_key(|s| match s {
-            Signal::SIGCHLD => 0,
-            Signal::SIGTERM => 1,
-            Signal::SIGINT => 2,
-            Signal::SIGHUP => 3,
-            _ => 4,
-        });
-        for sig in batch {
-            front_handle(sig, core, original_parent, &forward_parent_death);
-        }
-    }
+/// One signal as the front read it: who sent it matters (D14).
+struct Arrival {
+    signo: i32,
+    pid: i32,
 }
 
-/// Take every signal of `set` that is already pending, without waiting.
-fn pending_now(set: &SigSet) -> Vec<Signal> {
-    let mut out = Vec::new();
-    let zero = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    loop {
-        // SAFETY: sigtimedwait with a valid set and a zero timeout; no siginfo wanted.
-        let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
-        match Signal::try_from(n) {
-            Ok(s) if n > 0 => out.push(s),
-            _ => return out,
-        }
-    }
+/// The front: forward, mirror the core's status.
+struct Front {
+    core: Pid,
+    original_parent: Pid,
+    sfd: SignalFd,
 }
 
-fn front_handle(sig: Signal, core: Pid, original_parent: Pid, forward_parent_death: &dyn Fn()) {
-    {
-        match sig {
-            Signal::SIGCHLD => loop {
-                match waitpid(core, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
-                    Ok(WaitStatus::Signaled(_, s, _)) => {
-                        std::process::exit(crate::exit::from_signal(s as i32))
-                    }
-                    Ok(WaitStatus::StillAlive) => break,
-                    Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => std::process::exit(crate::exit::TETHER_FAILURE),
-                }
-            },
-            Signal::SIGTERM if getppid() != original_parent => forward_parent_death(),
-            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP => {
-                let _ = signal::kill(core, sig);
+impl Front {
+    /// Never returns: the front exits with the core's status.
+    fn run(self, parent_already_gone: bool) -> ! {
+        if parent_already_gone {
+            self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
+        }
+        loop {
+            self.wait();
+            let arrivals = self.drain();
+            if arrivals.iter().any(|a| a.signo == libc::SIGCHLD) {
+                self.mirror_core_if_done();
             }
-            _ => {}
+            // Tell the core in its precedence order (D14): received signals (TERM first, the
+            // kernel hands out INT before it), then parent death.
+            let mut forward: Vec<Signal> = Vec::new();
+            let mut parent_died = false;
+            for a in &arrivals {
+                match a.signo {
+                    libc::SIGTERM if self.sent_by_dying_parent(a) => parent_died = true,
+                    libc::SIGTERM => forward.push(Signal::SIGTERM),
+                    libc::SIGINT => forward.push(Signal::SIGINT),
+                    libc::SIGHUP => forward.push(Signal::SIGHUP),
+                    _ => {}
+                }
+            }
+            forward.sort_by_key(|s| match s {
+                Signal::SIGTERM => 0,
+                Signal::SIGINT => 1,
+                _ => 2,
+            });
+            for sig in forward {
+                self.notify(sig, FORWARD_TOKEN);
+            }
+            if parent_died {
+                self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
+            }
+        }
+    }
+
+    /// A TERM is our parent's death only if the parent sent it (PDEATHSIG names the dying
+    /// parent as sender) and is gone now. Anything else is a signal someone sent us: the agent
+    /// signalling the step's process group marks TERM pending here before the shell can die,
+    /// and the shell's PDEATHSIG then merges into it, so the siginfo is the agent's.
+    fn sent_by_dying_parent(&self, a: &Arrival) -> bool {
+        a.pid == self.original_parent.as_raw() && getppid() != self.original_parent
+    }
+
+    fn notify(&self, sig: Signal, token: u64) {
+        let value = libc::sigval {
+            sival_ptr: token as usize as *mut libc::c_void,
+        };
+        // SAFETY: sigqueue(2) to our own child with a plain value (never dereferenced).
+        unsafe { libc::sigqueue(self.core.as_raw(), sig as libc::c_int, value) };
+    }
+
+    /// Block until a signal is pending.
+    fn wait(&self) {
+        let mut fds = [libc::pollfd {
+            fd: self.sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: poll(2) on a valid array of pollfds we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 && nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+            // poll itself failing (ENOMEM) must not cost us the signals: pace the retries;
+            // the signalfd is still drained on every turn.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every signal already pending, with its sender.
+    fn drain(&self) -> Vec<Arrival> {
+        let mut out = Vec::new();
+        while let Ok(Some(info)) = self.sfd.read_signal() {
+            out.push(Arrival {
+                signo: info.ssi_signo as i32,
+                pid: info.ssi_pid as i32,
+            });
+        }
+        out
+    }
+
+    fn mirror_core_if_done(&self) {
+        loop {
+            match waitpid(self.core, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                Ok(WaitStatus::Signaled(_, s, _)) => {
+                    std::process::exit(crate::exit::from_signal(s as i32))
+                }
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => std::process::exit(crate::exit::TETHER_FAILURE),
+            }
         }
     }
 }
@@ -322,7 +383,9 @@ impl Funnel {
 
     fn drain(&mut self, events: &mut Vec<Event>) {
         while let Ok(Some(info)) = self.sfd.read_signal() {
-            let ev = self.classify(&info);
+            let Some(ev) = self.classify(&info) else {
+                continue;
+            };
             // SIGCHLDs merge anyway; keep one.
             if ev == Event::Child && events.contains(&Event::Child) {
                 continue;
@@ -331,23 +394,28 @@ impl Funnel {
         }
     }
 
-    fn classify(&self, info: &libc::signalfd_siginfo) -> Event {
-        match info.ssi_signo as i32 {
+    fn classify(&self, info: &libc::signalfd_siginfo) -> Option<Event> {
+        let from_front = self.has_front && info.ssi_pid as i32 == self.front.as_raw();
+        let token = (from_front && info.ssi_code == libc::SI_QUEUE).then_some(info.ssi_ptr);
+        let ev = match info.ssi_signo as i32 {
             libc::SIGCHLD => Event::Child,
             libc::SIGALRM => Event::Deadline,
             libc::SIGINT => Event::Signal(Sig::Int),
             libc::SIGHUP => Event::Signal(Sig::Hup),
-            _ => {
-                let queued_by_front = info.ssi_code == libc::SI_QUEUE
-                    && info.ssi_pid as i32 == self.front.as_raw()
-                    && info.ssi_ptr == PARENT_DIED_TOKEN;
-                if queued_by_front || getppid() != self.front {
-                    Event::ParentDied
-                } else {
-                    Event::Signal(Sig::Term)
-                }
-            }
-        }
+            libc::SIGTERM => match token {
+                Some(PARENT_DIED_TOKEN) => Event::ParentDied,
+                // Forwarded by the front (or sent by it some other way): a received signal.
+                Some(_) => Event::Signal(Sig::Term),
+                // The front never signals us without a token: this is its PDEATHSIG.
+                None if from_front => Event::ParentDied,
+                // Someone else (an operator, `--on-busy cancel-older`). The janitor's
+                // standalone funnel keeps the old rule: a TERM after its parent is gone.
+                None if !self.has_front && getppid() != self.front => Event::ParentDied,
+                None => Event::Signal(Sig::Term),
+            },
+            _ => return None,
+        };
+        Some(ev)
     }
 }
 
