@@ -182,6 +182,13 @@ pub struct RunArgs {
     /// Keep the run dir after a successful teardown (for inspection).
     #[arg(long)]
     pub keep_run_dir: bool,
+    /// Do not tear down when the reader of tether's stdout/stderr pipe goes away (by default
+    /// that is taken as the CI agent's death: reason agent-gone, exit 143).
+    #[arg(long, overrides_with = "agent_watch")]
+    pub no_agent_watch: bool,
+    /// Watch stdout/stderr even if the config file says `agent_watch: false`.
+    #[arg(long, overrides_with = "no_agent_watch")]
+    pub agent_watch: bool,
     #[command(flatten)]
     pub places: PlaceArgs,
     /// Write the summary as JSON to this file.
@@ -195,6 +202,17 @@ pub struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// `--agent-watch` / `--no-agent-watch`, whichever came last; `None` for neither.
+    pub fn agent_watch_flag(&self) -> Option<bool> {
+        match (self.agent_watch, self.no_agent_watch) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 /// Parse argv and run; returns the process exit code.

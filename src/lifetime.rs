@@ -6,8 +6,9 @@
 //! shell), INT/TERM/KILL to the top process only (GitHub). With two processes every one of
 //! them reaches the core's teardown:
 //! - the **front** stays in the agent's process group; PDEATHSIG=SIGTERM towards the step
-//!   shell; it forwards TERM/INT/HUP to the core, tells it when its parent died, and exits
-//!   with the core's code;
+//!   shell; it forwards TERM/INT/HUP to the core, tells it when its parent died or when the
+//!   reader of its stdout/stderr went away (the agent died, D26), and exits with the core's
+//!   code;
 //! - the **core** runs in its own session (a group kill cannot reach it), with
 //!   PDEATHSIG=SIGTERM towards the front, so the front's death (even by SIGKILL) reaches it.
 //!
@@ -35,14 +36,21 @@ use std::time::{Duration, Instant};
 const PARENT_DIED_TOKEN: u64 = 0x7e7e_0001;
 /// A TERM/INT/HUP the front received (from anyone but its dying parent), passed on.
 const FORWARD_TOKEN: u64 = 0x7e7e_0002;
+/// The reader of the front's stdout/stderr went away.
+const AGENT_GONE_TOKEN: u64 = 0x7e7e_0003;
+
+/// Agent-gone travels on a signal of its own, never merged with a TERM: when the config turns
+/// the watch off the core drops it, and a real SIGTERM merged into it would be lost with it.
+const AGENT_GONE_SIGNAL: Signal = Signal::SIGUSR1;
 
 /// Every signal the funnel takes over (blocked from the start, read from a signalfd).
-const FUNNEL_SIGNALS: [Signal; 5] = [
+const FUNNEL_SIGNALS: [Signal; 6] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
     Signal::SIGALRM,
     Signal::SIGCHLD,
+    AGENT_GONE_SIGNAL,
 ];
 
 /// The three external signals tether funnels.
@@ -72,6 +80,8 @@ pub enum Event {
     Deadline,
     /// The front (or the front's parent) died.
     ParentDied,
+    /// The reader of the front's stdout/stderr (the CI agent) went away.
+    AgentGone,
     /// Some child changed state: the caller reaps.
     Child,
     /// The extra fd passed to [`Funnel::wait`] became readable.
@@ -85,6 +95,8 @@ pub struct Funnel {
     /// A core under a front (`split`), not the janitor's standalone funnel: only then does a
     /// token-less TERM from `front` mean the front died.
     has_front: bool,
+    /// Whether an agent-gone notice tears down (`--no-agent-watch`, `agent_watch: false`).
+    agent_watch: bool,
     /// Events noticed outside `wait` (a parent already dead at start-up).
     pending: Vec<Event>,
 }
@@ -133,8 +145,10 @@ pub fn fault_pause(var: &str) {
 pub fn fault_pause(_var: &str) {}
 
 /// Split into front and core. Returns only in the core; the front forwards signals and
-/// exits with the core's status.
-pub fn split() -> nix::Result<Funnel> {
+/// exits with the core's status. `watch_agent`: whether the front watches its stdout/stderr
+/// (false only for `--no-agent-watch`; the config file's `agent_watch` is read later, by the
+/// core, see [`Funnel::set_agent_watch`]).
+pub fn split(watch_agent: bool) -> nix::Result<Funnel> {
     take_over_signals()?;
     let original_parent = getppid();
     fault_pause("TETHER_FAULT_PAUSE_BEFORE_GUARD");
@@ -148,21 +162,42 @@ pub fn split() -> nix::Result<Funnel> {
         &funnel_set(),
         SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
     )?;
+    let watched = if watch_agent { agent_fds() } else { Vec::new() };
 
     // SAFETY: single-threaded at this point (nothing has spawned a thread yet), so the child
     // may keep running ordinary Rust code.
     match unsafe { fork() }? {
         ForkResult::Child => {
             drop(front_sfd);
-            core_guards(front)
+            core_guards(front, watch_agent)
         }
         ForkResult::Parent { child } => Front {
             core: child,
             original_parent,
             sfd: front_sfd,
+            watched,
         }
         .run(parent_already_gone),
     }
+}
+
+/// fds 1 and 2 when they are pipes or sockets: whoever reads them is the CI agent collecting
+/// the step's output. A file or a terminal has no reader to lose.
+fn agent_fds() -> Vec<RawFd> {
+    use std::os::fd::AsFd;
+    let is_pipe_or_socket = |fd: std::os::fd::BorrowedFd<'_>| {
+        // A closed fd (EBADF) is not watched.
+        nix::sys::stat::fstat(fd)
+            .is_ok_and(|st| matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK))
+    };
+    let mut fds = Vec::new();
+    if is_pipe_or_socket(std::io::stdout().as_fd()) {
+        fds.push(libc::STDOUT_FILENO);
+    }
+    if is_pipe_or_socket(std::io::stderr().as_fd()) {
+        fds.push(libc::STDERR_FILENO);
+    }
+    fds
 }
 
 /// A funnel without the front/core split, for `tether janitor` (run from cron or a timer, it
@@ -179,11 +214,12 @@ pub fn standalone() -> nix::Result<Funnel> {
         sfd,
         front: getppid(),
         has_front: false,
+        agent_watch: false,
         pending: Vec::new(),
     })
 }
 
-fn core_guards(front: Pid) -> nix::Result<Funnel> {
+fn core_guards(front: Pid, agent_watch: bool) -> nix::Result<Funnel> {
     setsid()?;
     set_pdeathsig(Signal::SIGTERM)?;
     let mut pending = Vec::new();
@@ -200,6 +236,7 @@ fn core_guards(front: Pid) -> nix::Result<Funnel> {
         sfd,
         front,
         has_front: true,
+        agent_watch,
         pending,
     })
 }
@@ -210,27 +247,30 @@ struct Arrival {
     pid: i32,
 }
 
-/// The front: forward, mirror the core's status.
+/// The front: watch, forward, mirror the core's status.
 struct Front {
     core: Pid,
     original_parent: Pid,
     sfd: SignalFd,
+    /// fds 1/2 while they are watched. Emptied after the first hang-up: POLLERR on a pipe whose
+    /// reader is gone stays raised, and the core needs to hear it once.
+    watched: Vec<RawFd>,
 }
 
 impl Front {
     /// Never returns: the front exits with the core's status.
-    fn run(self, parent_already_gone: bool) -> ! {
+    fn run(mut self, parent_already_gone: bool) -> ! {
         if parent_already_gone {
             self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
         }
         loop {
-            self.wait();
+            let agent_gone = self.wait();
             let arrivals = self.drain();
             if arrivals.iter().any(|a| a.signo == libc::SIGCHLD) {
                 self.mirror_core_if_done();
             }
             // Tell the core in its precedence order (D14): received signals (TERM first, the
-            // kernel hands out INT before it), then parent death.
+            // kernel hands out INT before it), then parent death, then the agent.
             let mut forward: Vec<Signal> = Vec::new();
             let mut parent_died = false;
             for a in &arrivals {
@@ -253,6 +293,9 @@ impl Front {
             if parent_died {
                 self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
             }
+            if agent_gone {
+                self.notify(AGENT_GONE_SIGNAL, AGENT_GONE_TOKEN);
+            }
         }
     }
 
@@ -272,20 +315,48 @@ impl Front {
         unsafe { libc::sigqueue(self.core.as_raw(), sig as libc::c_int, value) };
     }
 
-    /// Block until a signal is pending.
-    fn wait(&self) {
-        let mut fds = [libc::pollfd {
+    /// Block until a signal is pending or a watched fd reports that its reader is gone.
+    /// Returns true the one time a hang-up is seen.
+    fn wait(&mut self) -> bool {
+        let mut fds = vec![libc::pollfd {
             fd: self.sfd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
+        // No events asked: POLLERR (a pipe's reader is gone) and POLLHUP (a socket's peer
+        // closed) are always reported.
+        fds.extend(self.watched.iter().map(|&fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        }));
         // SAFETY: poll(2) on a valid array of pollfds we own.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 && nix::errno::Errno::last() != nix::errno::Errno::EINTR {
-            // poll itself failing (ENOMEM) must not cost us the signals: pace the retries;
-            // the signalfd is still drained on every turn.
-            std::thread::sleep(Duration::from_millis(10));
+        if n < 0 {
+            if nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                // poll itself failing (ENOMEM) must not cost us the signals: stop watching,
+                // and pace the retries; the signalfd is still drained on every turn.
+                self.watched.clear();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return false;
         }
+        let watched = &fds[1..];
+        if watched
+            .iter()
+            .any(|p| p.revents & (libc::POLLERR | libc::POLLHUP) != 0)
+        {
+            self.watched.clear();
+            return true;
+        }
+        // POLLNVAL: the fd is not open; nothing to watch there.
+        let invalid: Vec<RawFd> = watched
+            .iter()
+            .filter(|p| p.revents & libc::POLLNVAL != 0)
+            .map(|p| p.fd)
+            .collect();
+        self.watched.retain(|fd| !invalid.contains(fd));
+        false
     }
 
     /// Every signal already pending, with its sender.
@@ -339,6 +410,12 @@ impl Funnel {
 
     pub fn front_pid(&self) -> Pid {
         self.front
+    }
+
+    /// The effective agent watch, once the config file is read (flag > file > on). Off, an
+    /// agent-gone notice from the front is dropped (logged at debug level).
+    pub fn set_agent_watch(&mut self, on: bool) {
+        self.agent_watch = on;
     }
 
     /// Wait up to `timeout` (None = forever) for signals or for `extra` to become readable.
@@ -413,6 +490,19 @@ impl Funnel {
                 None if !self.has_front && getppid() != self.front => Event::ParentDied,
                 None => Event::Signal(Sig::Term),
             },
+            n if n == AGENT_GONE_SIGNAL as i32 => {
+                if token != Some(AGENT_GONE_TOKEN) {
+                    return None;
+                }
+                if !self.agent_watch {
+                    crate::output::debug(
+                        "agent-gone",
+                        "the reader of stdout/stderr is gone; agent watch is off — carrying on",
+                    );
+                    return None;
+                }
+                Event::AgentGone
+            }
             _ => return None,
         };
         Some(ev)

@@ -3,7 +3,9 @@
 //!
 //! Each line is formatted whole and written with one `write` so lines of concurrent runs
 //! sharing a CI log never interleave mid-line. A failed write to stderr is ignored: losing a
-//! log line must never stop a teardown. Nothing here uses `eprintln!`/`println!`, which panic
+//! log line must never stop a teardown. That is the normal case once the CI agent died: its
+//! end of the pipe is gone, every write fails with EPIPE (Rust ignores SIGPIPE), and the run
+//! still has its teardown to do (D26). Nothing here uses `eprintln!`/`println!`, which panic
 //! on a failed write.
 
 use serde_json::{Map, Value};

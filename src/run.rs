@@ -176,7 +176,7 @@ pub fn run(args: RunArgs) -> i32 {
     let summary_json = args.summary_json.clone();
 
     // 1. Lifetime guards, before anything else is done.
-    let funnel = match lifetime::split() {
+    let mut funnel = match lifetime::split(args.agent_watch_flag() != Some(false)) {
         Ok(f) => f,
         Err(e) => {
             output::error(&format!("cannot install lifetime guards: {e}"));
@@ -187,8 +187,9 @@ pub fn run(args: RunArgs) -> i32 {
     // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
     let resolved = crate::config::load(args.places.config.as_deref()).and_then(|cfg| {
         args.output.adopt_config(&cfg);
-        let deadline = Settings::new(&cfg).deadline(args.deadline);
-        funnel.arm_deadline(deadline);
+        let settings = Settings::new(&cfg);
+        funnel.arm_deadline(settings.deadline(args.deadline));
+        funnel.set_agent_watch(settings.agent_watch(args.agent_watch_flag()));
         Plan::resolve(args, &cfg)
     });
     let plan = match resolved {
@@ -1049,6 +1050,7 @@ impl Run {
                 Event::Signal(s) => format!("received {} during teardown — ignored", s.name()),
                 Event::Deadline => "deadline reached during teardown — ignored".into(),
                 Event::ParentDied => "parent died during teardown — ignored".into(),
+                Event::AgentGone => "agent gone during teardown — ignored".into(),
                 _ => continue,
             };
             output::info("ignored", &what);
@@ -1168,6 +1170,10 @@ fn announce(cause: Cause, deadline: Duration) {
             ),
         ),
         Cause::ParentDied => ("parent-died", "parent died — tearing down".to_string()),
+        Cause::AgentGone => (
+            "agent-gone",
+            "agent gone (stdout/stderr has no reader) — tearing down".to_string(),
+        ),
         Cause::Exited(_) => return,
     };
     output::info(event, &msg);

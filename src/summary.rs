@@ -25,7 +25,7 @@ pub struct Summary {
     pub runtime_ms: u64,
     /// ok | failed | none
     pub teardown: String,
-    /// exited | signal | deadline | parent-died | busy | error
+    /// exited | signal | deadline | parent-died | agent-gone | busy | error
     pub reason: String,
     pub ci: Option<CiInfo>,
 }
