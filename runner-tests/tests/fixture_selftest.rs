@@ -411,6 +411,30 @@ fn sandbox_drop_kills_processes_that_mention_it() {
     assert!(!root.exists(), "the sandbox dir is removed");
 }
 
+/// A KillOnDrop whose group leader was already reaped still kills the members left in its
+/// group (they keep the number reserved, so it cannot name anyone else's group); the group
+/// kill is skipped only when a different process owns the number now.
+#[test]
+fn kill_on_drop_kills_a_reaped_leaders_group_members() {
+    let sb = Sandbox::new();
+    let ready = sb.mark("member.ready");
+    let script = format!(
+        "{helper} --ready {ready} & {poll}; exit 0",
+        helper = shell_quote(helper_bin!("ignore-term")),
+        ready = shell_quote(&ready),
+        poll = runner_tests::sh_wait_for(&shell_quote(&ready)),
+    );
+    let mut leader = KillOnDrop::spawn(Command::new("sh").args(["-c", &script]).process_group(0));
+    let status = leader.wait_exit(TIMEOUT);
+    assert_eq!(KillOnDrop::code_of(status), 0);
+    let member = read_pids(&ready)[0];
+    sb.guard().pid(member);
+    assert_eq!(proc_info(member).map(|i| i.pgid), Some(leader.pid()));
+    assert!(proc_info(leader.pid()).is_none(), "the leader is reaped");
+    drop(leader);
+    wait_pid_gone(member, TIMEOUT);
+}
+
 #[test]
 fn process_guard_kills_recorded_pids_once() {
     let sb = Sandbox::new();
