@@ -198,6 +198,13 @@ pub struct RunArgs {
     /// Keep the run dir after a successful teardown (for inspection).
     #[arg(long)]
     pub keep_run_dir: bool,
+    /// Do not tear down when the reader of tether's stdout/stderr pipe goes away (by default
+    /// that is taken as the CI agent's death: reason agent-gone, exit 143).
+    #[arg(long, overrides_with = "agent_watch")]
+    pub no_agent_watch: bool,
+    /// Watch stdout/stderr even if the config file says `agent_watch: false`.
+    #[arg(long, overrides_with = "no_agent_watch")]
+    pub agent_watch: bool,
     #[command(flatten)]
     pub places: PlaceArgs,
     /// Write the summary as JSON to this file.
@@ -211,6 +218,17 @@ pub struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// `--agent-watch` / `--no-agent-watch`, whichever came last; `None` for neither.
+    pub fn agent_watch_flag(&self) -> Option<bool> {
+        match (self.agent_watch, self.no_agent_watch) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 /// Parse argv and run; returns the process exit code.
@@ -266,11 +284,11 @@ fn config_command(args: ConfigArgs) -> i32 {
             match crate::config::load(path.as_deref()) {
                 Ok(c) => {
                     match &c.path {
-                        Some(p) => println!("config {}: ok", p.display()),
-                        None => println!(
-                            "no config file (looked for {}): built-in defaults",
+                        Some(p) => crate::output::stdout(&format!("config {}: ok\n", p.display())),
+                        None => crate::output::stdout(&format!(
+                            "no config file (looked for {}): built-in defaults\n",
                             crate::config::default_path().display()
-                        ),
+                        )),
                     }
                     0
                 }
@@ -282,7 +300,7 @@ fn config_command(args: ConfigArgs) -> i32 {
         }
         ConfigAction::Show { config } => match crate::config::load(config.as_deref()) {
             Ok(c) => {
-                print!("{}", crate::settings::show(&c));
+                crate::output::stdout(&crate::settings::show(&c));
                 0
             }
             Err(e) => {
@@ -327,7 +345,7 @@ fn janitor(args: JanitorArgs) -> i32 {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
+                    Ok(text) => crate::output::stdout(&format!("{text}\n")),
                     Err(e) => crate::output::error(&format!("cannot encode report: {e}")),
                 }
             }
@@ -382,14 +400,14 @@ fn status(args: StatusArgs) -> i32 {
     );
     if args.json {
         match serde_json::to_string_pretty(&st) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => crate::output::stdout(&format!("{text}\n")),
             Err(e) => {
                 crate::output::error(&format!("cannot encode status: {e}"));
                 return crate::exit::TETHER_FAILURE;
             }
         }
     } else {
-        print!("{}", st.to_text());
+        crate::output::stdout(&st.to_text());
     }
     0
 }

@@ -65,6 +65,8 @@ pub struct Config {
     pub on_busy: Option<OnBusy>,
     pub retain_failed: Option<Duration>,
     pub log_format: Option<LogFormat>,
+    /// Tear down when the reader of stdout/stderr goes away (the CI agent died).
+    pub agent_watch: Option<bool>,
     pub env_allow: Option<Vec<String>>,
     pub env_set: Vec<(String, String)>,
     pub run_env: Vec<(String, String)>,
@@ -85,6 +87,7 @@ const TOP_KEYS: &[&str] = &[
     "on_busy",
     "retain_failed",
     "log_format",
+    "agent_watch",
     "env",
     "run_env",
     "run_as",
@@ -203,6 +206,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config> {
                     }
                 }
             }
+            "agent_watch" => cfg.agent_watch = ctx.opt_bool(node)?,
             "env" => {
                 for (k, kl, v) in ctx.map(node)? {
                     let sub = Ctx { name, key: k };
@@ -360,6 +364,22 @@ impl Ctx<'_> {
             Some(s) => duration::parse(s)
                 .map(Some)
                 .map_err(|e| self.err(node.line, e)),
+        }
+    }
+
+    /// `true` / `false` (YAML 1.2 core spellings), unquoted: a quoted "false" is a string, and
+    /// a string where a switch belongs is a mistake worth naming.
+    fn opt_bool(&self, node: &Node) -> Result<Option<bool>> {
+        if let Value::Scalar(s, false) = &node.value {
+            match s.as_str() {
+                "true" | "True" | "TRUE" => return Ok(Some(true)),
+                "false" | "False" | "FALSE" => return Ok(Some(false)),
+                _ => {}
+            }
+        }
+        match self.scalar(node)? {
+            None => Ok(None),
+            Some(s) => Err(self.err(node.line, format!("expected true or false, got {s:?}"))),
         }
     }
 
@@ -552,6 +572,27 @@ report:
         );
         assert_eq!(c.limits.memory, Some(2 << 30));
         assert_eq!(c.run_as.map(|r| r.user), Some("ci".into()));
+        assert_eq!(c.agent_watch, None);
+    }
+
+    #[test]
+    fn agent_watch_is_a_switch() {
+        for (text, want) in [
+            ("agent_watch: false\n", Some(false)),
+            ("agent_watch: true\n", Some(true)),
+            ("agent_watch: False\n", Some(false)),
+            ("agent_watch:\n", None),
+        ] {
+            assert_eq!(
+                parse(text, "t.yml").expect(text).agent_watch,
+                want,
+                "{text}"
+            );
+        }
+        assert!(msg("agent_watch: \"false\"\n")
+            .contains(":1: key \"agent_watch\": expected true or false, got \"false\""));
+        assert!(msg("agent_watch: no\n").contains("expected true or false, got \"no\""));
+        assert!(msg("agent_wacth: false\n").contains("(did you mean \"agent_watch\"?)"));
     }
 
     fn msg(text: &str) -> String {

@@ -24,6 +24,8 @@ pub enum Cause {
     Signal(Sig),
     Deadline,
     ParentDied,
+    /// The reader of tether's stdout/stderr went away: the CI agent died (D32).
+    AgentGone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +43,7 @@ pub fn next_action(phase: Phase, event: Event) -> Action {
         Event::Signal(s) => Cause::Signal(s),
         Event::Deadline => Cause::Deadline,
         Event::ParentDied => Cause::ParentDied,
+        Event::AgentGone => Cause::AgentGone,
         Event::Child | Event::Ready => return Action::Continue,
     };
     match phase {
@@ -51,16 +54,19 @@ pub fn next_action(phase: Phase, event: Event) -> Action {
 
 /// Rank of a teardown cause when several arrive in one batch. The kernel keeps no order
 /// between signals pending at the same time (it hands out the lowest number first: SIGINT
-/// before SIGTERM), so "the first signal decides" is defined as: parent death, then SIGTERM,
-/// then SIGINT, then SIGHUP, then the deadline.
+/// before SIGTERM), so "the first signal decides" is defined as: SIGTERM, SIGINT, SIGHUP,
+/// then parent death, then the agent gone, then the deadline. A signal tether received wins
+/// over its parent's death: an agent that signals the step's process group kills the step
+/// shell with the same signal, and `TETHER_REASON` must not depend on which died first (D14).
 fn precedence(cause: Cause) -> u8 {
     match cause {
-        Cause::ParentDied => 0,
-        Cause::Signal(Sig::Term) => 1,
-        Cause::Signal(Sig::Int) => 2,
-        Cause::Signal(Sig::Hup) => 3,
-        Cause::Deadline => 4,
-        Cause::Exited(_) => 5,
+        Cause::Signal(Sig::Term) => 0,
+        Cause::Signal(Sig::Int) => 1,
+        Cause::Signal(Sig::Hup) => 2,
+        Cause::ParentDied => 3,
+        Cause::AgentGone => 4,
+        Cause::Deadline => 5,
+        Cause::Exited(_) => 6,
     }
 }
 
@@ -98,6 +104,7 @@ impl Cause {
             Cause::Signal(_) => "signal",
             Cause::Deadline => "deadline",
             Cause::ParentDied => "parent-died",
+            Cause::AgentGone => "agent-gone",
         }
     }
 
@@ -105,7 +112,7 @@ impl Cause {
     pub fn exit_code(self) -> i32 {
         match self {
             Cause::Exited(code) => code,
-            Cause::Signal(Sig::Term) | Cause::ParentDied => exit::TERMINATED,
+            Cause::Signal(Sig::Term) | Cause::ParentDied | Cause::AgentGone => exit::TERMINATED,
             Cause::Signal(Sig::Int) => exit::INTERRUPTED,
             Cause::Signal(Sig::Hup) => exit::HUNG_UP,
             Cause::Deadline => exit::DEADLINE,
@@ -125,7 +132,7 @@ impl Cause {
         match self {
             Cause::Exited(0) if teardown_ok => "passed",
             Cause::Exited(_) => "failed",
-            Cause::Signal(_) | Cause::ParentDied => "cancelled",
+            Cause::Signal(_) | Cause::ParentDied | Cause::AgentGone => "cancelled",
             Cause::Deadline => "deadline",
         }
     }
@@ -145,6 +152,7 @@ mod tests {
             Event::Signal(Sig::Hup),
             Event::Deadline,
             Event::ParentDied,
+            Event::AgentGone,
         ] {
             assert_eq!(next_action(Phase::TearingDown, ev), Action::LogIgnored);
         }
@@ -179,6 +187,30 @@ mod tests {
         assert_eq!(losers, vec![Event::Signal(Sig::Int)]);
         let (action, _) = decide_batch(Phase::Preparing, &[Event::Deadline, Event::ParentDied]);
         assert_eq!(action, Action::TearDown(Cause::ParentDied));
+        // A received signal wins over parent death (the agent's group TERM also kills the
+        // step shell), parent death over the agent's death, and that over the deadline.
+        let (action, losers) = decide_batch(
+            Phase::Running,
+            &[
+                Event::ParentDied,
+                Event::Signal(Sig::Term),
+                Event::AgentGone,
+            ],
+        );
+        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Term)));
+        assert_eq!(losers, vec![Event::ParentDied, Event::AgentGone]);
+        let (action, _) = decide_batch(
+            Phase::Running,
+            &[Event::Signal(Sig::Hup), Event::ParentDied],
+        );
+        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Hup)));
+        let (action, _) = decide_batch(
+            Phase::Running,
+            &[Event::Deadline, Event::AgentGone, Event::ParentDied],
+        );
+        assert_eq!(action, Action::TearDown(Cause::ParentDied));
+        let (action, _) = decide_batch(Phase::Running, &[Event::Deadline, Event::AgentGone]);
+        assert_eq!(action, Action::TearDown(Cause::AgentGone));
         let (action, losers) = decide_batch(Phase::TearingDown, &[Event::Signal(Sig::Hup)]);
         assert_eq!(action, Action::LogIgnored);
         assert_eq!(losers.len(), 1);
@@ -201,5 +233,8 @@ mod tests {
         assert_eq!(Cause::Exited(0).result(false), "failed");
         assert_eq!(Cause::Exited(0).result(true), "passed");
         assert_eq!(Cause::ParentDied.reason(), "parent-died");
+        assert_eq!(Cause::AgentGone.reason(), "agent-gone");
+        assert_eq!(Cause::AgentGone.exit_code(), 143);
+        assert_eq!(Cause::AgentGone.result(true), "cancelled");
     }
 }

@@ -6,13 +6,22 @@
 //! shell), INT/TERM/KILL to the top process only (GitHub). With two processes every one of
 //! them reaches the core's teardown:
 //! - the **front** stays in the agent's process group; PDEATHSIG=SIGTERM towards the step
-//!   shell; it forwards TERM/INT/HUP to the core and exits with the core's code;
+//!   shell; it forwards TERM/INT/HUP to the core, tells it when its parent died or when the
+//!   reader of its stdout/stderr went away (the agent died, D32), and exits with the core's
+//!   code;
 //! - the **core** runs in its own session (a group kill cannot reach it), with
 //!   PDEATHSIG=SIGTERM towards the front, so the front's death (even by SIGKILL) reaches it.
 //!
-//! All asynchronous signals are blocked and read from one `signalfd`, so they become [`Event`]s
-//! in exactly one place ([`Funnel::wait`]) and no handler ever runs concurrently with teardown.
-//! The split happens before any thread or runtime exists.
+//! All asynchronous signals are blocked and read from one `signalfd` in each process, so they
+//! become [`Event`]s in exactly one place ([`Funnel::wait`]) and no handler ever runs
+//! concurrently with teardown. The split happens before any thread or runtime exists, and the
+//! front stays single-threaded (PDEATHSIG fires when the *thread* that forked exits).
+//!
+//! The front tells the core *why* with `sigqueue` tokens, because the siginfo is the only
+//! thing that survives the kernel merging signals: a TERM the front received from anyone but
+//! a dying parent goes on as a forwarded signal, its parent's death as parent death, and the
+//! core recognises the front's own death by its PDEATHSIG naming the front as sender without
+//! a token (D14).
 
 use crate::duration;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
@@ -22,8 +31,27 @@ use nix::unistd::{fork, getpid, getppid, setsid, ForkResult, Pid};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// Marker the front puts in `sigqueue` data when it forwards its own parent's death.
+/// Markers the front puts in `sigqueue` data. The front never signals the core without one,
+/// so a TERM from the front *without* a token is the front's PDEATHSIG: the front died.
 const PARENT_DIED_TOKEN: u64 = 0x7e7e_0001;
+/// A TERM/INT/HUP the front received (from anyone but its dying parent), passed on.
+const FORWARD_TOKEN: u64 = 0x7e7e_0002;
+/// The reader of the front's stdout/stderr went away.
+const AGENT_GONE_TOKEN: u64 = 0x7e7e_0003;
+
+/// Agent-gone travels on a signal of its own, never merged with a TERM: when the config turns
+/// the watch off the core drops it, and a real SIGTERM merged into it would be lost with it.
+const AGENT_GONE_SIGNAL: Signal = Signal::SIGUSR1;
+
+/// Every signal the funnel takes over (blocked from the start, read from a signalfd).
+const FUNNEL_SIGNALS: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGALRM,
+    Signal::SIGCHLD,
+    AGENT_GONE_SIGNAL,
+];
 
 /// The three external signals tether funnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +80,8 @@ pub enum Event {
     Deadline,
     /// The front (or the front's parent) died.
     ParentDied,
+    /// The reader of the front's stdout/stderr (the CI agent) went away.
+    AgentGone,
     /// Some child changed state: the caller reaps.
     Child,
     /// The extra fd passed to [`Funnel::wait`] became readable.
@@ -62,19 +92,18 @@ pub enum Event {
 pub struct Funnel {
     sfd: SignalFd,
     front: Pid,
+    /// A core under a front (`split`), not the janitor's standalone funnel: only then does a
+    /// token-less TERM from `front` mean the front died.
+    has_front: bool,
+    /// Whether an agent-gone notice tears down (`--no-agent-watch`, `agent_watch: false`).
+    agent_watch: bool,
     /// Events noticed outside `wait` (a parent already dead at start-up).
     pending: Vec<Event>,
 }
 
 fn funnel_set() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGALRM,
-        Signal::SIGCHLD,
-    ] {
+    for s in FUNNEL_SIGNALS {
         set.add(s);
     }
     set
@@ -83,13 +112,7 @@ fn funnel_set() -> SigSet {
 /// Undo an agent's `SIG_IGN` (an ignored signal is discarded even while blocked, so the
 /// funnel would never see it), then block the set so only the signalfd receives them.
 fn take_over_signals() -> nix::Result<()> {
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGALRM,
-        Signal::SIGCHLD,
-    ] {
+    for s in FUNNEL_SIGNALS {
         // SAFETY: installing SIG_DFL is always sound; no handler code runs.
         unsafe { signal::signal(s, SigHandler::SigDfl)? };
     }
@@ -123,8 +146,10 @@ pub fn fault_pause(var: &str) {
 pub fn fault_pause(_var: &str) {}
 
 /// Split into front and core. Returns only in the core; the front forwards signals and
-/// exits with the core's status.
-pub fn split() -> nix::Result<Funnel> {
+/// exits with the core's status. `watch_agent`: whether the front watches its stdout/stderr
+/// (false only for `--no-agent-watch`; the config file's `agent_watch` is read later, by the
+/// core, see [`Funnel::set_agent_watch`]).
+pub fn split(watch_agent: bool) -> nix::Result<Funnel> {
     take_over_signals()?;
     let original_parent = getppid();
     fault_pause("TETHER_FAULT_PAUSE_BEFORE_GUARD");
@@ -132,15 +157,48 @@ pub fn split() -> nix::Result<Funnel> {
     // The parent may have died before PDEATHSIG was armed: then no signal will ever come.
     let parent_already_gone = getppid() != original_parent;
     let front = getpid();
+    // Made before the fork, so that failing to make it fails like any other guard: before
+    // anything exists.
+    let front_sfd = SignalFd::with_flags(
+        &funnel_set(),
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?;
+    let watched = if watch_agent { agent_fds() } else { Vec::new() };
 
     // SAFETY: single-threaded at this point (nothing has spawned a thread yet), so the child
     // may keep running ordinary Rust code.
     match unsafe { fork() }? {
-        ForkResult::Child => core_guards(front),
-        ForkResult::Parent { child } => {
-            front_loop(child, original_parent, parent_already_gone);
+        ForkResult::Child => {
+            drop(front_sfd);
+            core_guards(front, watch_agent)
         }
+        ForkResult::Parent { child } => Front {
+            core: child,
+            original_parent,
+            sfd: front_sfd,
+            watched,
+        }
+        .run(parent_already_gone),
     }
+}
+
+/// fds 1 and 2 when they are pipes or sockets: whoever reads them is the CI agent collecting
+/// the step's output. A file or a terminal has no reader to lose.
+fn agent_fds() -> Vec<RawFd> {
+    use std::os::fd::AsFd;
+    let is_pipe_or_socket = |fd: std::os::fd::BorrowedFd<'_>| {
+        // A closed fd (EBADF) is not watched.
+        nix::sys::stat::fstat(fd)
+            .is_ok_and(|st| matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK))
+    };
+    let mut fds = Vec::new();
+    if is_pipe_or_socket(std::io::stdout().as_fd()) {
+        fds.push(libc::STDOUT_FILENO);
+    }
+    if is_pipe_or_socket(std::io::stderr().as_fd()) {
+        fds.push(libc::STDERR_FILENO);
+    }
+    fds
 }
 
 /// A funnel without the front/core split, for `tether janitor` (run from cron or a timer, it
@@ -156,11 +214,13 @@ pub fn standalone() -> nix::Result<Funnel> {
     Ok(Funnel {
         sfd,
         front: getppid(),
+        has_front: false,
+        agent_watch: false,
         pending: Vec::new(),
     })
 }
 
-fn core_guards(front: Pid) -> nix::Result<Funnel> {
+fn core_guards(front: Pid, agent_watch: bool) -> nix::Result<Funnel> {
     setsid()?;
     set_pdeathsig(Signal::SIGTERM)?;
     let mut pending = Vec::new();
@@ -176,82 +236,154 @@ fn core_guards(front: Pid) -> nix::Result<Funnel> {
     Ok(Funnel {
         sfd,
         front,
+        has_front: true,
+        agent_watch,
         pending,
     })
 }
 
-/// The front: forward, wait, mirror the core's status. Never returns.
-fn front_loop(core: Pid, original_parent: Pid, parent_already_gone: bool) -> ! {
-    let forward_parent_death = || {
-        let value = libc::sigval {
-            sival_ptr: PARENT_DIED_TOKEN as usize as *mut libc::c_void,
-        };
-        // SAFETY: sigqueue(2) to our own child with a plain value.
-        unsafe { libc::sigqueue(core.as_raw(), libc::SIGTERM, value) };
-    };
-    if parent_already_gone {
-        forward_parent_death();
-    }
-    let set = funnel_set();
-    loop {
-        let first = match set.wait() {
-            Ok(s) => s,
-            Err(_) => continue,
-        };
-        // Signals pending together come out lowest number first (INT before TERM); collect
-        // them all and forward in the core's precedence order, TERM first.
-        let mut batch = vec![first];
-        batch.extend(pending_now(&set));
-        batch.sort_by_key(|s| match s {
-            Signal::SIGCHLD => 0,
-            Signal::SIGTERM => 1,
-            Signal::SIGINT => 2,
-            Signal::SIGHUP => 3,
-            _ => 4,
-        });
-        for sig in batch {
-            front_handle(sig, core, original_parent, &forward_parent_death);
-        }
-    }
+/// One signal as the front read it: who sent it matters (D14).
+struct Arrival {
+    signo: i32,
+    pid: i32,
 }
 
-/// Take every signal of `set` that is already pending, without waiting.
-fn pending_now(set: &SigSet) -> Vec<Signal> {
-    let mut out = Vec::new();
-    let zero = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    loop {
-        // SAFETY: sigtimedwait with a valid set and a zero timeout; no siginfo wanted.
-        let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
-        match Signal::try_from(n) {
-            Ok(s) if n > 0 => out.push(s),
-            _ => return out,
-        }
-    }
+/// The front: watch, forward, mirror the core's status.
+struct Front {
+    core: Pid,
+    original_parent: Pid,
+    sfd: SignalFd,
+    /// fds 1/2 while they are watched. Emptied after the first hang-up: POLLERR on a pipe whose
+    /// reader is gone stays raised, and the core needs to hear it once.
+    watched: Vec<RawFd>,
 }
 
-fn front_handle(sig: Signal, core: Pid, original_parent: Pid, forward_parent_death: &dyn Fn()) {
-    {
-        match sig {
-            Signal::SIGCHLD => loop {
-                match waitpid(core, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
-                    Ok(WaitStatus::Signaled(_, s, _)) => {
-                        std::process::exit(crate::exit::from_signal(s as i32))
-                    }
-                    Ok(WaitStatus::StillAlive) => break,
-                    Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => std::process::exit(crate::exit::TETHER_FAILURE),
-                }
-            },
-            Signal::SIGTERM if getppid() != original_parent => forward_parent_death(),
-            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP => {
-                let _ = signal::kill(core, sig);
+impl Front {
+    /// Never returns: the front exits with the core's status.
+    fn run(mut self, parent_already_gone: bool) -> ! {
+        if parent_already_gone {
+            self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
+        }
+        loop {
+            let agent_gone = self.wait();
+            let arrivals = self.drain();
+            if arrivals.iter().any(|a| a.signo == libc::SIGCHLD) {
+                self.mirror_core_if_done();
             }
-            _ => {}
+            // Tell the core in its precedence order (D14): received signals (TERM first, the
+            // kernel hands out INT before it), then parent death, then the agent.
+            let mut forward: Vec<Signal> = Vec::new();
+            let mut parent_died = false;
+            for a in &arrivals {
+                match a.signo {
+                    libc::SIGTERM if self.sent_by_dying_parent(a) => parent_died = true,
+                    libc::SIGTERM => forward.push(Signal::SIGTERM),
+                    libc::SIGINT => forward.push(Signal::SIGINT),
+                    libc::SIGHUP => forward.push(Signal::SIGHUP),
+                    _ => {}
+                }
+            }
+            forward.sort_by_key(|s| match s {
+                Signal::SIGTERM => 0,
+                Signal::SIGINT => 1,
+                _ => 2,
+            });
+            for sig in forward {
+                self.notify(sig, FORWARD_TOKEN);
+            }
+            if parent_died {
+                self.notify(Signal::SIGTERM, PARENT_DIED_TOKEN);
+            }
+            if agent_gone {
+                self.notify(AGENT_GONE_SIGNAL, AGENT_GONE_TOKEN);
+            }
+        }
+    }
+
+    /// A TERM is our parent's death only if the parent sent it (PDEATHSIG names the dying
+    /// parent as sender) and is gone now. Anything else is a signal someone sent us: the agent
+    /// signalling the step's process group marks TERM pending here before the shell can die,
+    /// and the shell's PDEATHSIG then merges into it, so the siginfo is the agent's.
+    fn sent_by_dying_parent(&self, a: &Arrival) -> bool {
+        a.pid == self.original_parent.as_raw() && getppid() != self.original_parent
+    }
+
+    fn notify(&self, sig: Signal, token: u64) {
+        let value = libc::sigval {
+            sival_ptr: token as usize as *mut libc::c_void,
+        };
+        // SAFETY: sigqueue(2) to our own child with a plain value (never dereferenced).
+        unsafe { libc::sigqueue(self.core.as_raw(), sig as libc::c_int, value) };
+    }
+
+    /// Block until a signal is pending or a watched fd reports that its reader is gone.
+    /// Returns true the one time a hang-up is seen.
+    fn wait(&mut self) -> bool {
+        let mut fds = vec![libc::pollfd {
+            fd: self.sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // No events asked: POLLERR (a pipe's reader is gone) and POLLHUP (a socket's peer
+        // closed) are always reported.
+        fds.extend(self.watched.iter().map(|&fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        }));
+        // SAFETY: poll(2) on a valid array of pollfds we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                // poll itself failing (ENOMEM) must not cost us the signals: stop watching,
+                // and pace the retries; the signalfd is still drained on every turn.
+                self.watched.clear();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return false;
+        }
+        let watched = &fds[1..];
+        if watched
+            .iter()
+            .any(|p| p.revents & (libc::POLLERR | libc::POLLHUP) != 0)
+        {
+            self.watched.clear();
+            return true;
+        }
+        // POLLNVAL: the fd is not open; nothing to watch there.
+        let invalid: Vec<RawFd> = watched
+            .iter()
+            .filter(|p| p.revents & libc::POLLNVAL != 0)
+            .map(|p| p.fd)
+            .collect();
+        self.watched.retain(|fd| !invalid.contains(fd));
+        false
+    }
+
+    /// Every signal already pending, with its sender.
+    fn drain(&self) -> Vec<Arrival> {
+        let mut out = Vec::new();
+        while let Ok(Some(info)) = self.sfd.read_signal() {
+            out.push(Arrival {
+                signo: info.ssi_signo as i32,
+                pid: info.ssi_pid as i32,
+            });
+        }
+        out
+    }
+
+    fn mirror_core_if_done(&self) {
+        loop {
+            match waitpid(self.core, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                Ok(WaitStatus::Signaled(_, s, _)) => {
+                    std::process::exit(crate::exit::from_signal(s as i32))
+                }
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => std::process::exit(crate::exit::TETHER_FAILURE),
+            }
         }
     }
 }
@@ -279,6 +411,12 @@ impl Funnel {
 
     pub fn front_pid(&self) -> Pid {
         self.front
+    }
+
+    /// The effective agent watch, once the config file is read (flag > file > on). Off, an
+    /// agent-gone notice from the front is dropped (logged at debug level).
+    pub fn set_agent_watch(&mut self, on: bool) {
+        self.agent_watch = on;
     }
 
     /// Wait up to `timeout` (None = forever) for signals or for `extra` to become readable.
@@ -323,7 +461,9 @@ impl Funnel {
 
     fn drain(&mut self, events: &mut Vec<Event>) {
         while let Ok(Some(info)) = self.sfd.read_signal() {
-            let ev = self.classify(&info);
+            let Some(ev) = self.classify(&info) else {
+                continue;
+            };
             // SIGCHLDs merge anyway; keep one.
             if ev == Event::Child && events.contains(&Event::Child) {
                 continue;
@@ -332,23 +472,41 @@ impl Funnel {
         }
     }
 
-    fn classify(&self, info: &libc::signalfd_siginfo) -> Event {
-        match info.ssi_signo as i32 {
+    fn classify(&self, info: &libc::signalfd_siginfo) -> Option<Event> {
+        let from_front = self.has_front && info.ssi_pid as i32 == self.front.as_raw();
+        let token = (from_front && info.ssi_code == libc::SI_QUEUE).then_some(info.ssi_ptr);
+        let ev = match info.ssi_signo as i32 {
             libc::SIGCHLD => Event::Child,
             libc::SIGALRM => Event::Deadline,
             libc::SIGINT => Event::Signal(Sig::Int),
             libc::SIGHUP => Event::Signal(Sig::Hup),
-            _ => {
-                let queued_by_front = info.ssi_code == libc::SI_QUEUE
-                    && info.ssi_pid as i32 == self.front.as_raw()
-                    && info.ssi_ptr == PARENT_DIED_TOKEN;
-                if queued_by_front || getppid() != self.front {
-                    Event::ParentDied
-                } else {
-                    Event::Signal(Sig::Term)
+            libc::SIGTERM => match token {
+                Some(PARENT_DIED_TOKEN) => Event::ParentDied,
+                // Forwarded by the front (or sent by it some other way): a received signal.
+                Some(_) => Event::Signal(Sig::Term),
+                // The front never signals us without a token: this is its PDEATHSIG.
+                None if from_front => Event::ParentDied,
+                // Someone else (an operator, `--on-busy cancel-older`). The janitor's
+                // standalone funnel keeps the old rule: a TERM after its parent is gone.
+                None if !self.has_front && getppid() != self.front => Event::ParentDied,
+                None => Event::Signal(Sig::Term),
+            },
+            n if n == AGENT_GONE_SIGNAL as i32 => {
+                if token != Some(AGENT_GONE_TOKEN) {
+                    return None;
                 }
+                if !self.agent_watch {
+                    crate::output::debug(
+                        "agent-gone",
+                        "the reader of stdout/stderr is gone; agent watch is off — carrying on",
+                    );
+                    return None;
+                }
+                Event::AgentGone
             }
-        }
+            _ => return None,
+        };
+        Some(ev)
     }
 }
 

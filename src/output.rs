@@ -3,7 +3,10 @@
 //!
 //! Each line is formatted whole and written with one `write` so lines of concurrent runs
 //! sharing a CI log never interleave mid-line. A failed write to stderr is ignored: losing a
-//! log line must never stop a teardown.
+//! log line must never stop a teardown. That is the normal case once the CI agent died: its
+//! end of the pipe is gone, every write fails with EPIPE (Rust ignores SIGPIPE), and the run
+//! still has its teardown to do (D32). Nothing here uses `eprintln!`/`println!`, which panic
+//! on a failed write.
 
 use serde_json::{Map, Value};
 use std::io::Write;
@@ -115,6 +118,12 @@ pub fn emit_forced(level: Level, event: &str, msg: &str, fields: &[(&str, Value)
         }
     };
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Text for stdout (`--json` documents, `status`, `config show`), written whole; a failed
+/// write (a closed pipe: `tether status | head -1`) is ignored instead of panicking.
+pub fn stdout(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 pub fn info(event: &str, msg: &str) {

@@ -97,6 +97,9 @@ impl Plan {
             Resolved::NotFound(m) => return Err(Error::new(Failure::NotFound, m)),
             Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),
         };
+        if let Some(path) = &args.summary_json {
+            crate::summary::check_json_path(path)?;
+        }
         // Directories: check both before creating either, so a bad one leaves nothing.
         // With run_as the command must traverse the runs dir to its tmp/ (never list it).
         let runs_mode = if run_as.is_some() { 0o711 } else { 0o700 };
@@ -178,7 +181,7 @@ pub fn run(args: RunArgs) -> i32 {
     let summary_json = args.summary_json.clone();
 
     // 1. Lifetime guards, before anything else is done.
-    let funnel = match lifetime::split() {
+    let mut funnel = match lifetime::split(args.agent_watch_flag() != Some(false)) {
         Ok(f) => f,
         Err(e) => {
             output::error(&format!("cannot install lifetime guards: {e}"));
@@ -189,8 +192,9 @@ pub fn run(args: RunArgs) -> i32 {
     // 2. Resolve and validate: any error exits 125 (126/127) with nothing created.
     let resolved = crate::config::load(args.places.config.as_deref()).and_then(|cfg| {
         args.output.adopt_config(&cfg);
-        let deadline = Settings::new(&cfg).deadline(args.deadline);
-        funnel.arm_deadline(deadline);
+        let settings = Settings::new(&cfg);
+        funnel.arm_deadline(settings.deadline(args.deadline));
+        funnel.set_agent_watch(settings.agent_watch(args.agent_watch_flag()));
         Plan::resolve(args, &cfg)
     });
     let plan = match resolved {
@@ -209,8 +213,7 @@ pub fn run(args: RunArgs) -> i32 {
                 ci: None,
             };
             if let Some(path) = summary_json {
-                // path-ok: the operator's own --summary-json file, not tether's state
-                let _ = serde_json::to_vec_pretty(&s).map(|t| std::fs::write(path, t));
+                let _ = s.write_json(&path);
             }
             return e.exit_code();
         }
@@ -1134,6 +1137,7 @@ impl Run {
                 Event::Signal(s) => format!("received {} during teardown — ignored", s.name()),
                 Event::Deadline => "deadline reached during teardown — ignored".into(),
                 Event::ParentDied => "parent died during teardown — ignored".into(),
+                Event::AgentGone => "agent gone during teardown — ignored".into(),
                 _ => continue,
             };
             output::info("ignored", &what);
@@ -1273,6 +1277,10 @@ fn announce(cause: Cause, deadline: Duration) {
             ),
         ),
         Cause::ParentDied => ("parent-died", "parent died — tearing down".to_string()),
+        Cause::AgentGone => (
+            "agent-gone",
+            "agent gone (stdout/stderr has no reader) — tearing down".to_string(),
+        ),
         Cause::Exited(_) => return,
     };
     output::info(event, &msg);

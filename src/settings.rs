@@ -59,6 +59,11 @@ impl<'a> Settings<'a> {
         flag.or(self.cfg.on_busy).unwrap_or(OnBusy::Wait)
     }
 
+    /// Watch stdout/stderr for the CI agent's death (D32): on unless turned off.
+    pub fn agent_watch(&self, flag: Option<bool>) -> bool {
+        flag.or(self.cfg.agent_watch).unwrap_or(true)
+    }
+
     pub fn log_format(&self, flag: Option<LogFormat>) -> LogFormat {
         flag.or(self.cfg.log_format).unwrap_or_default()
     }
@@ -161,6 +166,12 @@ pub fn show(cfg: &Config) -> String {
         "log_format",
         lf.into(),
         &src(cfg.log_format.is_some(), None),
+    );
+    line(
+        &mut out,
+        "agent_watch",
+        s.agent_watch(None).to_string(),
+        &src(cfg.agent_watch.is_some(), None),
     );
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
     line(

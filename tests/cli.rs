@@ -76,3 +76,29 @@ fn usage_error_message_snapshot() {
     ]);
     insta::assert_snapshot!(String::from_utf8_lossy(&out.stderr));
 }
+
+/// Output to a closed stdout (`tether status | head -0`, a dead agent) fails with EPIPE;
+/// tether carries on and exits with its own code instead of panicking (`println!` would).
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.yml");
+    std::fs::write(&config, "deadline: 5m\n").expect("writing the config");
+    for args in [&["config", "show"][..], &["status", "--json"]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("TETHER_CONFIG", &config)
+            .env("TETHER_LOCK_DIR", dir.path().join("locks"))
+            .env("TETHER_RUNS_DIR", dir.path().join("runs"))
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running tether");
+        let out = child.wait_with_output().expect("waiting for tether");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

@@ -229,9 +229,10 @@ impl<'a> TetherCmd<'a> {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {command_line}: {e}"));
+        let start = crate::procs::proc_info(child.id() as i32).map(|i| i.start_time);
         RunningTether {
             child,
-            own_group: self.own_group,
+            own_group: self.own_group.then_some(start),
             stdout_path,
             stderr_path,
             command_line,
@@ -250,7 +251,8 @@ impl<'a> TetherCmd<'a> {
 #[derive(Debug)]
 pub struct RunningTether {
     pub child: Child,
-    own_group: bool,
+    /// tether leads its own process group; the front's start time (see `kill_own_group`).
+    own_group: Option<Option<u64>>,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
     pub command_line: String,
@@ -375,8 +377,8 @@ impl RunningTether {
     }
 
     fn kill_now(&mut self) {
-        if self.own_group {
-            let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
+        if let Some(start) = self.own_group {
+            crate::procs::kill_own_group(self.pid(), start);
         }
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();

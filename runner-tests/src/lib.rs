@@ -9,6 +9,8 @@
 //! - ways to start tether: [`TetherCmd`] → [`RunningTether`] → [`Finished`] (stderr goes to a
 //!   file, so lines can be awaited while tether runs), and [`StepShell`] for tether started
 //!   *inside* a `sh -e`/`bash -e` step script in its own process group, as a CI agent does;
+//!   [`FakeAgent`] for a step whose output an agent reads through a pipe, so the test can kill
+//!   the agent and leave the step shell alive (Buildbot);
 //! - observation without luck: `wait_*` helpers block on a file, a line, a pid's death or a
 //!   flock waiter against a deadline and panic with context on timeout; `poll_*` helpers return
 //!   `bool` instead. Nothing here sleeps to hope for an ordering: every remaining sleep is a
@@ -39,6 +41,7 @@
 //! `cargo test --workspace` (which also unifies the `fault-injection` feature into it), or point
 //! `TETHER_BIN` at a binary.
 
+mod agent;
 mod command;
 mod files;
 mod locks;
@@ -54,6 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use agent::{FakeAgent, FakeAgentCmd};
 pub use command::{Finished, RunningTether, TetherCmd};
 pub use files::{
     log_lines, names, rid, sh_wait_for, snapshot, suffix, touch, wait_holder_pid, write_config,
@@ -174,7 +178,7 @@ fn warn_if_stale(bin: &Path) {
 }
 
 /// Path of one of this crate's helper binaries (`tree-helper`, `fd-lister`, `exit-with`,
-/// `ignore-term`, `lock-holder`, `no-clone3`): `CARGO_BIN_EXE_<name>` from the environment when
+/// `ignore-term`, `lock-holder`, `no-clone3`, `fake-agent`): `CARGO_BIN_EXE_<name>` from the environment when
 /// set, else the directory the tether binary is built to. Panics when missing.
 ///
 /// In this crate's integration tests prefer the [`helper_bin!`] macro, which Cargo resolves at

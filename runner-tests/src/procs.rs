@@ -188,6 +188,23 @@ pub fn wait_all_gone(pids: &[i32], timeout: Duration) {
     }
 }
 
+/// SIGKILLs the process group `pgid` that the process started at clock tick `leader_start` led,
+/// unless that number now names another process. Once a reaped leader's group is empty its pid is
+/// free; with a small `pid_max` (32768 here) a parallel suite reuses it within seconds, and a
+/// blind `kill(-pid)` would then hit whatever group the new owner leads — another test's tether.
+/// While any member of our group lives, the number cannot be reused, so the kill reaches exactly
+/// our leftovers.
+pub(crate) fn kill_own_group(pgid: i32, leader_start: Option<u64>) {
+    let recycled = match (proc_info(pgid), leader_start) {
+        (Some(now), Some(then)) => now.start_time != then,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if pgid > 1 && !recycled {
+        let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
+    }
+}
+
 /// SIGKILLs recorded pids and process groups when dropped (or on [`ProcessGuard::kill_all`]).
 ///
 /// A pid is recorded with its start time and killed only if the same process still exists, so
@@ -272,7 +289,9 @@ impl Drop for ProcessGuard {
 pub struct KillOnDrop {
     child: Child,
     what: String,
-    own_group: bool,
+    /// The child leads its own process group; its start time, to tell it from a later process
+    /// that got the same pid.
+    own_group: Option<Option<u64>>,
 }
 
 impl KillOnDrop {
@@ -284,7 +303,9 @@ impl KillOnDrop {
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let own_group = proc_info(child.id() as i32).is_some_and(|i| i.pgid == i.pid);
+        let own_group = proc_info(child.id() as i32)
+            .filter(|i| i.pgid == i.pid)
+            .map(|i| Some(i.start_time));
         KillOnDrop {
             child,
             what,
@@ -343,8 +364,8 @@ impl KillOnDrop {
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // The group first: its other members may outlive an already-exited leader.
-        if self.own_group {
-            let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
+        if let Some(start) = self.own_group {
+            kill_own_group(self.pid(), start);
         }
         if !matches!(self.child.try_wait(), Ok(Some(_))) {
             let _ = self.child.kill();

@@ -175,6 +175,11 @@ impl Sandbox {
         StepShellCmd::new(self, script)
     }
 
+    /// A CI agent reading the output of `sh -c <script>` through a pipe (see [`crate::FakeAgent`]).
+    pub fn fake_agent(&self, script: &str) -> crate::FakeAgentCmd<'_> {
+        crate::FakeAgentCmd::new(self, script)
+    }
+
     /// Live (non-zombie) processes other than this one whose command line, environment or
     /// working directory mentions the sandbox, described. For "nothing outlives the run" checks.
     pub fn leftovers(&self) -> Vec<String> {

@@ -81,8 +81,10 @@ impl<'a> StepShellCmd<'a> {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {command_line}: {e}"));
+        let leader_start = crate::procs::proc_info(child.id() as i32).map(|i| i.start_time);
         StepShell {
             child,
+            leader_start,
             stdout_path,
             stderr_path,
             command_line,
@@ -94,6 +96,8 @@ impl<'a> StepShellCmd<'a> {
 #[derive(Debug)]
 pub struct StepShell {
     pub child: Child,
+    /// The shell's start time (see `kill_own_group`).
+    leader_start: Option<u64>,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
     pub command_line: String,
@@ -190,7 +194,7 @@ impl StepShell {
     }
 
     fn kill_now(&mut self) {
-        let _ = kill(Pid::from_raw(-self.pgid()), Signal::SIGKILL);
+        crate::procs::kill_own_group(self.pgid(), self.leader_start);
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();

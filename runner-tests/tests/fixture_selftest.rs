@@ -14,9 +14,9 @@ use std::time::Duration;
 use runner_tests::{
     children_of, count_lines, descendants_of, flock_holders, flock_waiters, helper_bin, hold_lock,
     inheritable_fds, lock_is_free, pid_alive, proc_info, read_fd_listing, read_pids,
-    resolve_tether_bin, sig_ignored, start_lock_holder, wait_all_gone, wait_child_named, wait_file,
-    wait_flock_waiters, wait_line, wait_pid_gone, wait_pids, wait_until, Finished, KillOnDrop,
-    ProcessGuard, Sandbox, Signal, TIMEOUT,
+    resolve_tether_bin, shell_quote, sig_ignored, start_lock_holder, wait_all_gone,
+    wait_child_named, wait_file, wait_flock_waiters, wait_line, wait_pid_gone, wait_pids,
+    wait_until, Finished, KillOnDrop, ProcessGuard, Sandbox, Signal, TIMEOUT,
 };
 
 /// A panic's message, for asserting on what a failing fixture says.
@@ -314,6 +314,70 @@ fn step_shell_runs_commands_under_a_shell_in_its_own_group() {
     }
 }
 
+/// The fake agent reads the step's stdout and stderr (one pipe, or a socket; stderr to a file
+/// when asked), exits with the step's status when the step ends, and once killed nobody reads
+/// the step's output: the step's next write fails with EPIPE.
+#[test]
+fn fake_agent_reads_the_step_and_its_death_closes_the_pipe() {
+    let sb = Sandbox::new();
+    for (socket, stderr_to_file) in [(false, false), (true, false), (false, true)] {
+        let what = format!("socket={socket} stderr_to_file={stderr_to_file}");
+        let started = sb.fresh_mark("step.started");
+        let release = sb.fresh_mark("step.release");
+        let result = sb.fresh_mark("step.result");
+        // SIGPIPE ignored in the step, so a write to the closed pipe fails instead of killing.
+        let script = format!(
+            "trap '' PIPE; echo out; echo err >&2; : > {started}; {wait}; \
+             if echo more 2>/dev/null; then echo written > {result}; \
+             else echo failed > {result}; fi",
+            started = shell_quote(&started),
+            wait = runner_tests::sh_wait_for(&shell_quote(&release)),
+            result = shell_quote(&result),
+        );
+        let mut cmd = sb.fake_agent(&script);
+        if socket {
+            cmd = cmd.socket();
+        }
+        if stderr_to_file {
+            cmd = cmd.stderr_to_file();
+        }
+        let mut agent = cmd.spawn();
+        wait_file(&started, TIMEOUT);
+        assert_eq!(
+            proc_info(agent.shell_pid).map(|i| i.ppid),
+            Some(agent.pid()),
+            "{what}: the step shell is the agent's child"
+        );
+        wait_line(&agent.log, "out", TIMEOUT);
+        match &agent.stderr_path {
+            Some(path) => {
+                wait_line(path, "err", TIMEOUT);
+                assert!(
+                    !agent.output().contains("err"),
+                    "{what}: {}",
+                    agent.output()
+                );
+            }
+            None => {
+                wait_line(&agent.log, "err", TIMEOUT);
+            }
+        }
+        agent.kill();
+        assert!(
+            pid_alive(agent.shell_pid),
+            "{what}: the step outlives its agent"
+        );
+        fs::write(&release, "").expect("releasing the step");
+        wait_file(&result, TIMEOUT);
+        wait_line(&result, "failed", TIMEOUT);
+        wait_pid_gone(agent.shell_pid, TIMEOUT);
+    }
+    // A step that ends by itself: the agent copies it all and exits with its status.
+    let mut agent = sb.fake_agent("echo bye; exit 7").spawn();
+    assert_eq!(agent.try_wait_exit(TIMEOUT), Some(7));
+    assert_eq!(agent.output(), "bye\n");
+}
+
 #[test]
 fn step_shell_exits_with_the_failing_command_status() {
     let sb = Sandbox::new();
@@ -345,6 +409,30 @@ fn sandbox_drop_kills_processes_that_mention_it() {
     assert!(!pid_alive(pid), "the sandbox sweep killed it");
     stray.wait().expect("reap stray");
     assert!(!root.exists(), "the sandbox dir is removed");
+}
+
+/// A KillOnDrop whose group leader was already reaped still kills the members left in its
+/// group (they keep the number reserved, so it cannot name anyone else's group); the group
+/// kill is skipped only when a different process owns the number now.
+#[test]
+fn kill_on_drop_kills_a_reaped_leaders_group_members() {
+    let sb = Sandbox::new();
+    let ready = sb.mark("member.ready");
+    let script = format!(
+        "{helper} --ready {ready} & {poll}; exit 0",
+        helper = shell_quote(helper_bin!("ignore-term")),
+        ready = shell_quote(&ready),
+        poll = runner_tests::sh_wait_for(&shell_quote(&ready)),
+    );
+    let mut leader = KillOnDrop::spawn(Command::new("sh").args(["-c", &script]).process_group(0));
+    let status = leader.wait_exit(TIMEOUT);
+    assert_eq!(KillOnDrop::code_of(status), 0);
+    let member = read_pids(&ready)[0];
+    sb.guard().pid(member);
+    assert_eq!(proc_info(member).map(|i| i.pgid), Some(leader.pid()));
+    assert!(proc_info(leader.pid()).is_none(), "the leader is reaped");
+    drop(leader);
+    wait_pid_gone(member, TIMEOUT);
 }
 
 #[test]
