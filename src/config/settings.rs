@@ -4,10 +4,10 @@
 //! so the order here is "what clap gave" > file > default. The built-in defaults live here and
 //! nowhere else.
 
-use crate::cli::OnBusy;
+use super::places::Place;
+use super::OnBusy;
+use crate::config::duration;
 use crate::config::Config;
-use crate::dirs::Place;
-use crate::duration;
 use crate::output::LogFormat;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,10 +7,10 @@
 //! back to the caller, which logs them (live teardown) or acts on them afterwards (reconcile):
 //! a teardown is never interrupted half-way by a second signal.
 
-use crate::cgroup::RunCgroup;
-use crate::lifetime::{self, Event, Funnel};
-use crate::spawn::{self, SpawnSpec};
-use crate::tree::{self, Members};
+use crate::sys::cgroup::RunCgroup;
+use crate::sys::lifetime::{self, Event, Funnel};
+use crate::sys::spawn::{self, SpawnSpec};
+use crate::sys::tree::{self, Members};
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};

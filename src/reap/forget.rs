@@ -7,13 +7,14 @@
 //! removes the run dir. The app itself may still be deployed: that is the operator's call,
 //! and the line says so.
 
-use crate::dirs::{self, Place};
+use crate::config::places::Place;
 use crate::error::{Error, Result};
-use crate::lock::{self, TryLock};
-use crate::names::RunId;
+use crate::ident::names::RunId;
 use crate::output;
-use crate::record::{self, State};
-use crate::rundir::{self, RunDir};
+use crate::state::dirs;
+use crate::state::lock::{self, TryLock};
+use crate::state::record::{self, State};
+use crate::state::rundir::{self, RunDir};
 use nix::fcntl::OFlag;
 use std::io::Write;
 use std::path::Path;
@@ -68,7 +69,7 @@ pub fn forget(lock_place: &Place, runs_place: &Place, id: &str) -> Result<()> {
     let held = match lock::try_acquire(&dir, rundir::LOCK_FILE) {
         Ok(TryLock::Held(h)) => h,
         Ok(TryLock::Busy(file)) => {
-            let pid = crate::proc_locks::holder_of(&file)
+            let pid = crate::sys::proc_locks::holder_of(&file)
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "unknown".into());
             return Err(Error::tether(format!(
@@ -146,7 +147,7 @@ pub fn forget(lock_place: &Place, runs_place: &Place, id: &str) -> Result<()> {
 /// Mark the app's lock metadata clean when it names the forgotten run (only when the lock is
 /// free: a live holder's metadata names that holder).
 fn settle_lock_metadata(lock_place: &Place, app: &str, id: &str) {
-    let Ok(app) = crate::names::Domain::parse(app) else {
+    let Ok(app) = crate::ident::names::Domain::parse(app) else {
         return;
     };
     let Some(lock) = dirs::choose("lock dir", lock_place, 0o755)
@@ -155,7 +156,7 @@ fn settle_lock_metadata(lock_place: &Place, app: &str, id: &str) {
     else {
         return;
     };
-    let name = crate::run::app_lock_name(&app);
+    let name = crate::state::lock::app_lock_name(&app);
     if let Ok(Some(held)) = lock::try_acquire_existing(&lock.dir, &name) {
         if let Some(mut meta) = record::read_meta(held.file()) {
             if meta.run_id == id && meta.state != State::Clean {

@@ -113,10 +113,12 @@ pub fn orphans() -> Vec<Orphan> {
             let Some(token) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
                 continue;
             };
-            let Some((id, pid, start)) = crate::procfs::parse_token(token) else {
+            let Some((id, pid, start)) = crate::sys::procfs::parse_token(token) else {
                 continue;
             };
-            if !e.file_type().is_ok_and(|t| t.is_dir()) || crate::procfs::core_alive(pid, start) {
+            if !e.file_type().is_ok_and(|t| t.is_dir())
+                || crate::sys::procfs::core_alive(pid, start)
+            {
                 continue;
             }
             out.push(Orphan {
@@ -172,14 +174,14 @@ impl RunCgroup {
         Err(tried.join("; "))
     }
 
-    /// The cgroup a (dead) run's record or lock metadata names — only if it is provably that
-    /// run's: a plain path under the cgroup2 mount, named after the run's token
+    /// The cgroup a (dead) run's record or lock metadata names (`cgroup`) — only if it is
+    /// provably the run's whose token is `token`: a plain path under the cgroup2 mount, named
+    /// after that token
     /// (`<mount>/tether/<token>` or `…/tether-<token>`), and, when it exists, a cgroup2
     /// directory owned by tether's uid. Anything else could make a reaper kill every process
     /// of some other cgroup (PROTOCOL.md, "Trust model").
-    pub fn recorded(meta: &crate::record::LockMeta) -> Result<RunCgroup, String> {
-        let path = Path::new(meta.cgroup.as_deref().ok_or("no cgroup recorded")?);
-        let token = format!("{}.{}.{}", meta.run_id, meta.pid, meta.pid_start);
+    pub fn recorded(cgroup: Option<&str>, token: &str) -> Result<RunCgroup, String> {
+        let path = Path::new(cgroup.ok_or("no cgroup recorded")?);
         if !path.is_absolute()
             || path
                 .components()

@@ -4,11 +4,11 @@
 //! bot polling it reads the previous document or the new one, never a torn one; its directory
 //! is checked before the run starts, so a typo in `--summary-json` fails fast (D31).
 
-use crate::ci_env::CiInfo;
-use crate::duration::human;
+use crate::config::duration::human;
 use crate::error::{Error, Result};
+use crate::ident::ci_env::CiInfo;
 use crate::output;
-use crate::safe_fs::Dir;
+use crate::sys::safe_fs::Dir;
 use serde::Serialize;
 use std::io;
 use std::path::Path;

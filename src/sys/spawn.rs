@@ -29,7 +29,7 @@ pub struct SpawnSpec<'a> {
     /// The core's pid: if the child's parent is no longer this, the core died mid-fork.
     pub core_pid: i32,
     /// Drop to this user (run_as) before exec.
-    pub identity: Option<&'a crate::identity::Identity>,
+    pub identity: Option<&'a crate::ident::identity::Identity>,
     /// `(resource, limit)` pairs set with setrlimit before exec.
     pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
 }

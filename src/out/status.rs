@@ -4,11 +4,11 @@
 //! lockfile can be stale, the kernel's lock table cannot. Run ids and states come from the
 //! records. Reading never disturbs a run: no lock is taken, nothing is written.
 
-use crate::duration;
-use crate::proc_locks::{self, LockEntry};
-use crate::record::{self, State};
-use crate::rundir;
-use crate::safe_fs::{kind, Dir, Kind};
+use crate::config::duration;
+use crate::state::record::{self, State};
+use crate::state::rundir;
+use crate::sys::proc_locks::{self, LockEntry};
+use crate::sys::safe_fs::{kind, Dir, Kind};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ pub struct AppLock {
     pub age_s: Option<u64>,
     pub state: Option<String>,
     /// The holder's CI origin (system, repo, PR, commit, link).
-    pub ci: Option<crate::ci_env::CiInfo>,
+    pub ci: Option<crate::ident::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,7 +40,7 @@ pub struct RunDirStatus {
     pub app: Option<String>,
     pub state: Option<String>,
     pub pid: Option<i32>,
-    pub ci: Option<crate::ci_env::CiInfo>,
+    pub ci: Option<crate::ident::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,7 +57,7 @@ fn entries_of(table: &[LockEntry], dir: &Dir, name: &str) -> Vec<LockEntry> {
 }
 
 fn read_meta_at(dir: &Dir, name: &str) -> Option<record::LockMeta> {
-    let f = crate::lock::open_existing(dir, name).ok()?;
+    let f = crate::state::lock::open_existing(dir, name).ok()?;
     record::read_meta(&f)
 }
 
@@ -108,7 +108,7 @@ pub fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status {
             age_s: meta
                 .as_ref()
                 .filter(|_| holder.is_some())
-                .map(|m| crate::record::unix_now().saturating_sub(m.started_at)),
+                .map(|m| crate::state::record::unix_now().saturating_sub(m.started_at)),
             state: meta.as_ref().map(|m| m.state.as_str().to_owned()),
             ci: meta.as_ref().and_then(|m| m.ci.clone()),
         });
@@ -210,4 +210,51 @@ impl Status {
         }
         out
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub places: crate::config::args::PlaceArgs,
+}
+
+/// `tether status`.
+pub fn main(args: StatusArgs) -> i32 {
+    let cfg = match crate::config::args::load(&args.places, None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let s = crate::config::settings::Settings::new(&cfg);
+    let dirs = crate::state::dirs::choose("lock dir", &s.lock_dir(args.places.lock_dir), 0o755)
+        .and_then(|l| {
+            let r =
+                crate::state::dirs::choose("runs dir", &s.runs_dir(args.places.runs_dir), 0o700)?;
+            Ok((l.existing(), r.existing()))
+        });
+    let (lock_dir, runs_dir) = match dirs {
+        Ok(d) => d,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
+    let st = collect(
+        lock_dir.as_ref().map(|d| &d.dir),
+        runs_dir.as_ref().map(|d| &d.dir),
+    );
+    if args.json {
+        match serde_json::to_string_pretty(&st) {
+            Ok(text) => crate::output::stdout(&format!("{text}\n")),
+            Err(e) => {
+                crate::output::error(&format!("cannot encode status: {e}"));
+                return crate::exit::TETHER_FAILURE;
+            }
+        }
+    } else {
+        crate::output::stdout(&st.to_text());
+    }
+    0
 }

@@ -12,9 +12,9 @@
 //! Termination is TERM (+CONT for stopped ones), a grace period, then KILL, repeated until a
 //! fresh look finds nothing: a process forked between two looks is caught by the next.
 
-use crate::cgroup::RunCgroup;
-use crate::lifetime::{self, Event, Funnel};
-use crate::procfs;
+use crate::sys::cgroup::RunCgroup;
+use crate::sys::lifetime::{self, Event, Funnel};
+use crate::sys::procfs;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};

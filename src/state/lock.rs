@@ -14,7 +14,7 @@
 //! report on a pipe, so the single-threaded core keeps waiting on its signal funnel at the
 //! same time. That thread never forks and has ended before any process is spawned.
 
-use crate::safe_fs::{same_file, Dir};
+use crate::sys::safe_fs::{same_file, Dir};
 use nix::fcntl::OFlag;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -22,6 +22,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+
+/// The app lockfile's name in the lock dir (`app-<domain>.lock`).
+pub fn app_lock_name(app: &crate::ident::names::Domain) -> String {
+    format!("app-{app}.lock")
+}
 
 /// Open (creating if needed) the lockfile `name` in `dir`. Never truncates, never follows a
 /// symlink, never blocks on a FIFO, and refuses anything but a regular file.

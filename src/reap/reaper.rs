@@ -14,16 +14,16 @@
 //! process marker must be that run's token, and nothing is killed while the recorded core is
 //! alive.
 
-use crate::cgroup::RunCgroup;
-use crate::lifetime::{Event, Funnel};
-use crate::lock::{self, HeldLock};
-use crate::names::{Domain, RunId};
+use crate::ident::names::{Domain, RunId};
 use crate::output;
-use crate::record::{self, LockMeta, RunRecord, State};
-use crate::rundir::{self, RunDir};
-use crate::safe_fs::{Dir, ReadError};
-use crate::teardown;
-use crate::tree::{self, Members};
+use crate::state::lock::{self, HeldLock};
+use crate::state::record::{self, LockMeta, RunRecord, State};
+use crate::state::rundir::{self, RunDir};
+use crate::sys::cgroup::RunCgroup;
+use crate::sys::lifetime::{Event, Funnel};
+use crate::sys::safe_fs::{Dir, ReadError};
+use crate::sys::shell;
+use crate::sys::tree::{self, Members};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -212,7 +212,7 @@ impl Reaper<'_> {
         if state == State::Queued {
             // It never held the app lock, so it never touched the app: only its (empty)
             // cgroup and its run dir are left.
-            if let Ok(cg) = RunCgroup::recorded(&dead.meta) {
+            if let Ok(cg) = dead.meta.run_cgroup() {
                 let _ = cg.remove();
             }
             finish_dir(dead.dir, dead.remove_dir);
@@ -301,7 +301,7 @@ impl Reaper<'_> {
             dead_run: Some(id.to_string()),
             ..Members::default()
         };
-        let cgroups = crate::cgroup::orphans_of_run(id.as_str());
+        let cgroups = crate::sys::cgroup::orphans_of_run(id.as_str());
         let killed = self.terminate_all(&mut members, &cgroups);
         if killed > 0 {
             output::info(
@@ -373,10 +373,10 @@ impl Reaper<'_> {
         script: &str,
         env: &[(OsString, OsString)],
         cwd: &Path,
-        on_exit: &mut dyn FnMut(&teardown::Outcome),
-    ) -> teardown::Outcome {
+        on_exit: &mut dyn FnMut(&shell::Outcome),
+    ) -> shell::Outcome {
         let mut events = Vec::new();
-        let o = teardown::run_shell(
+        let o = shell::run_shell(
             script,
             env,
             Some(cwd),
@@ -393,7 +393,7 @@ impl Reaper<'_> {
     /// Kill what a dead run left: its cgroup and the processes carrying its token — only
     /// when they are provably its own (containment), and never while its core is alive.
     pub fn kill_leftovers(&mut self, meta: &LockMeta) {
-        if crate::procfs::start_time(meta.pid) == Some(meta.pid_start) {
+        if crate::sys::procfs::start_time(meta.pid) == Some(meta.pid_start) {
             output::warn(
                 "reaping",
                 &format!(
@@ -404,7 +404,7 @@ impl Reaper<'_> {
             return;
         }
         let mut members = Members::default();
-        let cgroup = match (&meta.cgroup, RunCgroup::recorded(meta)) {
+        let cgroup = match (&meta.cgroup, meta.run_cgroup()) {
             (None, _) => None,
             (Some(_), Ok(cg)) => Some(cg),
             (Some(path), Err(why)) => {
@@ -418,7 +418,7 @@ impl Reaper<'_> {
                 None
             }
         };
-        let token = format!("{}.{}.{}", meta.run_id, meta.pid, meta.pid_start);
+        let token = meta.expected_token();
         if meta.token.as_deref() == Some(token.as_str()) {
             members.env_markers = vec![
                 format!("TETHER_RUN_ID={}", meta.run_id),

@@ -7,28 +7,32 @@
 //! failure exits fast with a typed error and leaves nothing behind. After it, tether "must
 //! finish": it never bails out, it logs, tears down, and reports.
 
-use crate::cgroup::RunCgroup;
-use crate::ci_env::{self, CiInfo};
-use crate::cli::{OnBusy, RunArgs};
+pub mod args;
+pub mod decide;
+
+use crate::config::duration::{self, human};
+use crate::config::env::{self as environment, EnvPolicy, RunVars};
+use crate::config::settings::Settings;
 use crate::config::Config;
-use crate::decide::{decide_batch, Action, Cause, Phase};
-use crate::dirs;
-use crate::duration::{self, human};
-use crate::environment::{self, EnvPolicy, RunVars};
+use crate::config::OnBusy;
 use crate::error::{Error, Failure, Result};
-use crate::lifetime::{self, Event, Funnel};
-use crate::lock::{self, HeldLock, TryLock, Waiter};
-use crate::names::{Domain, RunId};
+use crate::ident::ci_env::{self, CiInfo};
+use crate::ident::names::{Domain, RunId};
+use crate::out::summary::Summary;
 use crate::output;
-use crate::reconcile::{DeadRun, ReapFailed, Reaper};
-use crate::record::{self, LockMeta, RunRecord, State};
-use crate::rundir::{self, RunDir};
-use crate::safe_fs::Dir;
-use crate::settings::Settings;
-use crate::spawn::{self, Resolved, SpawnSpec};
-use crate::summary::Summary;
-use crate::teardown;
-use crate::tree::{self, Members};
+use crate::reap::reaper::{DeadRun, ReapFailed, Reaper};
+use crate::run::decide::{decide_batch, Action, Cause, Phase};
+use crate::state::dirs;
+use crate::state::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
+use crate::state::record::{self, LockMeta, RunRecord, State};
+use crate::state::rundir::{self, RunDir};
+use crate::sys::cgroup::RunCgroup;
+use crate::sys::lifetime::{self, Event, Funnel};
+use crate::sys::safe_fs::Dir;
+use crate::sys::shell;
+use crate::sys::spawn::{self, Resolved, SpawnSpec};
+use crate::sys::tree::{self, Members};
+pub use args::RunArgs;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -57,7 +61,7 @@ struct Plan {
     keep_run_dir: bool,
     slots: Option<u32>,
     env_policy: EnvPolicy,
-    run_as: Option<crate::identity::Identity>,
+    run_as: Option<crate::ident::identity::Identity>,
     limits: crate::config::Limits,
     report: Option<crate::config::Report>,
     summary_json: Option<PathBuf>,
@@ -85,7 +89,7 @@ impl Plan {
         let lock_place = settings.lock_dir(args.places.lock_dir);
         let runs_place = settings.runs_dir(args.places.runs_dir);
         let run_as = match &cfg.run_as {
-            Some(ra) => Some(crate::identity::resolve(ra)?),
+            Some(ra) => Some(crate::ident::identity::resolve(ra)?),
             None => None,
         };
         let Some((program, rest)) = args.command.split_first() else {
@@ -98,7 +102,7 @@ impl Plan {
             Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),
         };
         if let Some(path) = &args.summary_json {
-            crate::summary::check_json_path(path)?;
+            crate::out::summary::check_json_path(path)?;
         }
         // Directories: check both before creating either, so a bad one leaves nothing.
         // With run_as the command must traverse the runs dir to its tmp/ (never list it).
@@ -151,22 +155,17 @@ impl Plan {
     }
 }
 
-/// The app lockfile's name in the lock dir.
-pub fn app_lock_name(app: &Domain) -> String {
-    format!("app-{app}.lock")
-}
-
 /// Refuse a symlink, directory or other non-file where the app lockfile goes (before anything
 /// is created: the open would refuse it too, but later).
 fn check_lockfile_place(lock_dir: &Dir, name: &str) -> Result<()> {
     let Ok(st) = lock_dir.stat_at(name) else {
         return Ok(());
     };
-    let what = match crate::safe_fs::kind(&st) {
-        crate::safe_fs::Kind::File => return Ok(()),
-        crate::safe_fs::Kind::Symlink => "a symlink",
-        crate::safe_fs::Kind::Dir => "a directory",
-        crate::safe_fs::Kind::Other => "not a regular file",
+    let what = match crate::sys::safe_fs::kind(&st) {
+        crate::sys::safe_fs::Kind::File => return Ok(()),
+        crate::sys::safe_fs::Kind::Symlink => "a symlink",
+        crate::sys::safe_fs::Kind::Dir => "a directory",
+        crate::sys::safe_fs::Kind::Other => "not a regular file",
     };
     Err(Error::tether(format!(
         "lockfile {} is {what}; refusing to use it",
@@ -239,7 +238,7 @@ struct Run {
     /// A dead run's unclean record found in our run dir (same run id reused).
     own_dead: Option<RunRecord>,
     app_lock: Option<HeldLock>,
-    slot: Option<crate::slots::Slot>,
+    slot: Option<crate::state::slots::Slot>,
     /// Run ids this run has already asked to cancel (signal each once).
     cancelled: HashSet<String>,
     record: RunRecord,
@@ -259,7 +258,7 @@ struct Run {
 impl Run {
     fn new(plan: Plan, funnel: Funnel) -> Run {
         let pid = std::process::id() as i32;
-        let pid_start = crate::procfs::start_time(pid).unwrap_or(0);
+        let pid_start = crate::sys::procfs::start_time(pid).unwrap_or(0);
         let run_dir = rundir::path_of(&plan.runs_dir, &plan.run_id);
         let record = RunRecord {
             meta: LockMeta {
@@ -268,7 +267,7 @@ impl Run {
                 run_id: plan.run_id.to_string(),
                 pid,
                 pid_start,
-                host: crate::procfs::hostname(),
+                host: crate::sys::procfs::hostname(),
                 started_at: record::unix_now(),
                 state: State::Queued,
                 run_dir: run_dir.display().to_string(),
@@ -637,7 +636,7 @@ impl Run {
     fn take_slot(&mut self, count: u32) -> Result<(), Stop> {
         let mut next_progress = Instant::now();
         loop {
-            match crate::slots::try_take(&self.plan.lock_dir, count) {
+            match crate::state::slots::try_take(&self.plan.lock_dir, count) {
                 Ok(Some(slot)) => {
                     output::debug("slot", &format!("took slot {}", slot.label()));
                     let meta = &self.record.meta;
@@ -697,8 +696,8 @@ impl Run {
         if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
             return;
         }
-        if crate::proc_locks::holder_of(file) != Some(meta.pid)
-            || crate::procfs::start_time(meta.pid) != Some(meta.pid_start)
+        if crate::sys::proc_locks::holder_of(file) != Some(meta.pid)
+            || crate::sys::procfs::start_time(meta.pid) != Some(meta.pid_start)
         {
             return;
         }
@@ -812,7 +811,7 @@ impl Run {
             .map(|id| {
                 format!(
                     "; if its teardown can never succeed, give up on it with: {}",
-                    crate::forget::hint(
+                    crate::reap::forget::hint(
                         Some(self.plan.lock_dir.path()),
                         Some(self.plan.runs_dir.path()),
                         id
@@ -1046,13 +1045,13 @@ impl Run {
             // "Teardown done" is recorded the moment the command exits 0, before its leftovers
             // are killed: a core killed after this point leaves a `clean` record, which no
             // reaper runs the teardown for again (DECISIONS D25).
-            let mut on_exit = |o: &teardown::Outcome| {
+            let mut on_exit = |o: &shell::Outcome| {
                 if o.ok() {
                     record.meta.state = State::Clean;
                     write_state(dir, app_lock, record);
                 }
             };
-            let o = teardown::run_shell(
+            let o = shell::run_shell(
                 &script,
                 &env,
                 self.plan.cwd.as_deref().filter(|p| p.is_dir()),
@@ -1066,7 +1065,7 @@ impl Run {
             o
         });
         lifetime::fault_pause("TETHER_FAULT_PAUSE_AFTER_TEARDOWN");
-        let teardown_ok = outcome.as_ref().is_none_or(teardown::Outcome::ok);
+        let teardown_ok = outcome.as_ref().is_none_or(shell::Outcome::ok);
         if let Some(o) = outcome.as_ref().filter(|o| !o.ok()) {
             output::error(&format!(
                 "teardown command {}; run dir and lock state kept for the janitor",
@@ -1182,7 +1181,7 @@ impl Run {
         summary.publish(self.plan.summary_json.as_deref());
         // After teardown and after the exit code is fixed: reporting cannot change either.
         if let Some(r) = &self.plan.report {
-            crate::report::publish(r, &summary);
+            crate::out::report::publish(r, &summary);
         }
         exit
     }
@@ -1292,7 +1291,7 @@ fn describe_holder(file: &std::fs::File) -> String {
             let age = Duration::from_secs(record::unix_now().saturating_sub(m.started_at));
             format!("run {} (pid {}, {})", m.run_id, m.pid, human(age))
         }
-        None => match crate::proc_locks::holder_of(file) {
+        None => match crate::sys::proc_locks::holder_of(file) {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
             None => "an unknown run (pid unknown, age unknown)".into(),
         },

@@ -23,7 +23,7 @@
 //! core recognises the front's own death by its PDEATHSIG naming the front as sender without
 //! a token (D14).
 
-use crate::duration;
+use crate::config::duration;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};

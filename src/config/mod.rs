@@ -6,14 +6,26 @@
 //! silently become "no teardown". Precedence (SPEC §2): flag > environment > file > default;
 //! this module only reads the file, `run`/`cli` apply the order.
 
-use crate::cli::OnBusy;
-use crate::dirs;
-use crate::duration;
+pub mod args;
+pub mod duration;
+pub mod env;
+pub mod places;
+pub mod settings;
+pub mod yaml;
+
 use crate::error::{Error, Result};
 use crate::output::LogFormat;
-use crate::yaml::{self, Node, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use yaml::{Node, Value};
+
+/// What a run does when another run holds its app (`--on-busy`, config `on_busy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBusy {
+    Wait,
+    Fail,
+    CancelOlder,
+}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunAs {
@@ -99,7 +111,7 @@ const TOP_KEYS: &[&str] = &[
 pub const TEMPLATE_VARS: &[&str] = &["run_dir", "run_id", "app", "slot"];
 
 pub fn default_path() -> PathBuf {
-    if dirs::is_root() {
+    if places::is_root() {
         PathBuf::from("/etc/tether/config.yml")
     } else {
         std::env::var_os("XDG_CONFIG_HOME")

@@ -7,8 +7,8 @@
 //! takes the *lowest* free slot below the current N; lowering N is safe: runs holding higher
 //! slots finish, and no new run takes a slot ≥ N.
 
-use crate::lock::{self, HeldLock, TryLock};
-use crate::safe_fs::Dir;
+use crate::state::lock::{self, HeldLock, TryLock};
+use crate::sys::safe_fs::Dir;
 use std::io;
 
 /// The slot lockfile's name in the lock dir.

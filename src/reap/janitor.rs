@@ -12,19 +12,20 @@
 //! `--dry-run` takes no lock at all: it reads the kernel's lock table instead, so it cannot
 //! make a starting run see a busy lock.
 
-use crate::dirs::{self, Place};
-use crate::duration;
+use crate::config::duration;
+use crate::config::places::Place;
 use crate::error::{Error, Result};
-use crate::lifetime::{self, Event};
-use crate::lock;
-use crate::names::{Domain, RunId};
+use crate::ident::names::{Domain, RunId};
 use crate::output;
-use crate::proc_locks;
-use crate::reconcile::Reaper;
-use crate::record::{self, State};
-use crate::rundir;
-use crate::safe_fs::{kind, Dir, Kind, ReadError};
-use crate::tree::{self, Members};
+use crate::reap::reaper::Reaper;
+use crate::state::dirs;
+use crate::state::lock;
+use crate::state::record::{self, State};
+use crate::state::rundir;
+use crate::sys::lifetime::{self, Event};
+use crate::sys::proc_locks;
+use crate::sys::safe_fs::{kind, Dir, Kind, ReadError};
+use crate::sys::tree::{self, Members};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -184,7 +185,7 @@ impl Sweep<'_, '_> {
     /// `tether forget …` for a run whose reap keeps failing (the exact command, dirs included
     /// when they are not the defaults).
     fn forget_hint(&self, run_id: &str) -> String {
-        crate::forget::hint(
+        crate::reap::forget::hint(
             self.lock.as_ref().map(|d| d.path()),
             self.runs_path.as_deref(),
             run_id,
@@ -556,7 +557,7 @@ impl Sweep<'_, '_> {
     /// A clean record whose dir is still there: kept on purpose (`--keep-run-dir`) until its
     /// retention passes; otherwise (reaped, or its run died after its teardown) it goes now.
     fn past_retention(&self, dir: &Dir, r: &record::RunRecord) -> bool {
-        let reaped = r.reason.as_deref() == Some(crate::reconcile::REAPED);
+        let reaped = r.reason.as_deref() == Some(crate::reap::reaper::REAPED);
         if reaped || !r.keep {
             return true;
         }
@@ -576,7 +577,7 @@ impl Sweep<'_, '_> {
             run_dir.release();
             return;
         }
-        let reaped = r.reason.as_deref() == Some(crate::reconcile::REAPED);
+        let reaped = r.reason.as_deref() == Some(crate::reap::reaper::REAPED);
         if !reaped && !r.keep {
             // Its run died after its teardown: what that teardown left running (in the run's
             // cgroup, carrying its token) goes with it.
@@ -585,13 +586,15 @@ impl Sweep<'_, '_> {
         let mut e = entry("run-dir", name, "removed");
         e.app = Some(r.meta.app.clone());
         e.run_id = Some(r.meta.run_id.clone());
-        e.detail = Some(if r.reason.as_deref() == Some(crate::reconcile::REAPED) {
-            "run dir of a reaped run".into()
-        } else if r.keep {
-            "clean run dir past its retention".into()
-        } else {
-            "run dir of a run that died after its teardown".into()
-        });
+        e.detail = Some(
+            if r.reason.as_deref() == Some(crate::reap::reaper::REAPED) {
+                "run dir of a reaped run".into()
+            } else if r.keep {
+                "clean run dir past its retention".into()
+            } else {
+                "run dir of a run that died after its teardown".into()
+            },
+        );
         if let Err(err) = run_dir.remove() {
             e.action = "failed";
             e.detail = Some(format!("cannot remove: {err}"));
@@ -647,7 +650,7 @@ impl Sweep<'_, '_> {
                 }
             }
         };
-        let lock_name = crate::run::app_lock_name(app);
+        let lock_name = crate::state::lock::app_lock_name(app);
         let held = match lock::try_acquire(&lock, &lock_name) {
             Ok(lock::TryLock::Held(h)) => h,
             Ok(lock::TryLock::Busy(_)) => {
@@ -732,7 +735,7 @@ impl Sweep<'_, '_> {
         if self.opts.app.is_some() || self.stop_requested() {
             return;
         }
-        for orphan in crate::cgroup::orphans() {
+        for orphan in crate::sys::cgroup::orphans() {
             if self.stop_requested() {
                 return;
             }

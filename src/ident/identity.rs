@@ -22,7 +22,7 @@ pub struct Identity {
 }
 
 pub fn resolve(ra: &RunAs) -> Result<Identity> {
-    if !crate::dirs::is_root() {
+    if !crate::config::places::is_root() {
         return Err(Error::tether(format!(
             "run_as user {:?} needs tether to run as root (it runs as uid {})",
             ra.user,

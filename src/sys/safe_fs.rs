@@ -494,7 +494,10 @@ mod tests {
         std::fs::write(deep.join("f"), "x").unwrap();
         d.remove_tree("tree").unwrap();
         assert!(!t.path().join("tree").exists());
-        assert_eq!(crate::safe_fs::tests::names(t.path()), Vec::<String>::new());
+        assert_eq!(
+            crate::sys::safe_fs::tests::names(t.path()),
+            Vec::<String>::new()
+        );
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         assert_eq!(
             std::fs::read_to_string(outside.path().join("vdir/f")).unwrap(),

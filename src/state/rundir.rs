@@ -7,15 +7,15 @@
 //! here happens relative to the runs dir's and the run dir's fds (`safe_fs`).
 
 use crate::error::{Error, Result};
-use crate::lock::{self, HeldLock, TryLock};
-use crate::names::RunId;
-use crate::record::{self, RunRecord};
-use crate::safe_fs::{same_file, Dir, ReadError};
+use crate::ident::names::RunId;
+use crate::state::lock::{self, HeldLock, TryLock};
+use crate::state::record::{self, RunRecord};
+use crate::sys::safe_fs::{same_file, Dir, ReadError};
 use std::io;
 use std::path::PathBuf;
 
 pub const LOCK_FILE: &str = "run.lock";
-pub use crate::record::RECORD_FILE;
+pub use crate::state::record::RECORD_FILE;
 /// Prefix of the fresh inodes a run prepares for its record writes before it takes the app
 /// lock (`run.json.spare-0`, `-1`): each is written once and swapped in
 /// (`record::write_record_into_spare`), then holds the record it replaced.
@@ -131,7 +131,7 @@ pub fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
                 let pid = record::read_record(&dir)
                     .map(|r| r.meta.pid.to_string())
                     .ok()
-                    .or_else(|| crate::proc_locks::holder_of(&file).map(|p| p.to_string()))
+                    .or_else(|| crate::sys::proc_locks::holder_of(&file).map(|p| p.to_string()))
                     .unwrap_or_else(|| "unknown".into());
                 return Err(Error::tether(format!("run id {id} is in use by pid {pid}")));
             }

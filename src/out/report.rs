@@ -6,11 +6,11 @@
 //! answers and connection errors; a failure is one warning line. The HTTP client is `ureq`
 //! (blocking, no runtime, no threads — see DECISIONS.md).
 
-use crate::ci_env::CiInfo;
+use crate::config::duration::human;
 use crate::config::{CommentReport, Report};
-use crate::duration::human;
+use crate::ident::ci_env::CiInfo;
+use crate::out::summary::Summary;
 use crate::output;
-use crate::summary::Summary;
 use std::time::{Duration, Instant};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,8 +7,8 @@
 //! from `run.json`, and only from a record that is a regular file owned by tether's uid (or
 //! root) in a run dir that passed the trust checks (PROTOCOL.md, "Trust model").
 
-use crate::ci_env::CiInfo;
-use crate::safe_fs::{Dir, ReadError};
+use crate::ident::ci_env::CiInfo;
+use crate::sys::safe_fs::{Dir, ReadError};
 use nix::fcntl::OFlag;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -72,6 +72,19 @@ pub struct LockMeta {
     pub token: Option<String>,
 }
 
+impl LockMeta {
+    /// The token this run's processes carry (`TETHER_RUN_TOKEN`) and its cgroup is named
+    /// after, derived from the recorded identity (never taken from the `token` field alone).
+    pub fn expected_token(&self) -> String {
+        format!("{}.{}.{}", self.run_id, self.pid, self.pid_start)
+    }
+
+    /// The recorded cgroup, if it passes containment (`RunCgroup::recorded`).
+    pub fn run_cgroup(&self) -> Result<crate::sys::cgroup::RunCgroup, String> {
+        crate::sys::cgroup::RunCgroup::recorded(self.cgroup.as_deref(), &self.expected_token())
+    }
+}
+
 /// The run record: the metadata plus what a reaper needs to finish a dead run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -128,7 +141,7 @@ pub const MAX_RECORD_BYTES: u64 = 4 << 20;
 pub fn read_meta(file: &File) -> Option<LockMeta> {
     let st = nix::sys::stat::fstat(file.as_fd()).ok()?;
     let me = nix::unistd::geteuid().as_raw();
-    if crate::safe_fs::kind(&st) != crate::safe_fs::Kind::File
+    if crate::sys::safe_fs::kind(&st) != crate::sys::safe_fs::Kind::File
         || (st.st_uid != me && st.st_uid != 0)
         || st.st_size as u64 > MAX_RECORD_BYTES
     {
