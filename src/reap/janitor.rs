@@ -17,17 +17,17 @@ use crate::config::places::Place;
 use crate::error::{Error, Result};
 use crate::ident::names::{Domain, RunId};
 use crate::output;
-use crate::reap::reaper::Reaper;
+use crate::reap::reaper::{ReapPolicy, Reaper};
+use crate::state::applock::{AppLocks, Attempt};
 use crate::state::dirs;
 use crate::state::lock;
 use crate::state::record::{self, State};
 use crate::state::rundir;
-use crate::sys::lifetime::{self, Event};
 use crate::sys::proc_locks;
 use crate::sys::safe_fs::{kind, Dir, Kind, ReadError};
+use crate::sys::supervisor::Supervisor;
 use crate::sys::tree::{self, Members};
 use serde::Serialize;
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -101,7 +101,7 @@ fn entry(kind: &'static str, name: &str, action: &'static str) -> Entry {
 pub fn sweep(opts: &Options) -> Result<Report> {
     let lock = dirs::choose("lock dir", &opts.lock_dir, 0o755)?.existing();
     let runs = dirs::choose("runs dir", &opts.runs_dir, 0o700)?.existing();
-    let mut funnel = lifetime::standalone()
+    let mut sup = Supervisor::standalone()
         .map_err(|e| Error::tether(format!("cannot set up signal handling: {e}")))?;
     let mut report = Report {
         dry_run: opts.dry_run,
@@ -111,17 +111,16 @@ pub fn sweep(opts: &Options) -> Result<Report> {
         opts,
         lock: lock.map(|s| s.dir),
         runs_path: runs.as_ref().map(|s| s.dir.path().to_owned()),
-        reaper: Reaper {
-            funnel: &mut funnel,
-            runs: runs.map(|s| s.dir),
-            fallback_teardown: opts.teardown.clone(),
-            teardown_timeout: opts.teardown_timeout,
-            grace: opts.grace,
-            cgroup: None,
-            deferred: Vec::new(),
-            reaped: HashSet::new(),
-            index: None,
-        },
+        reaper: Reaper::new(
+            &mut sup,
+            runs.map(|s| s.dir),
+            ReapPolicy {
+                fallback_teardown: opts.teardown.clone(),
+                teardown_timeout: opts.teardown_timeout,
+                grace: opts.grace,
+            },
+            None,
+        ),
         report: &mut report,
     };
     sweep.locks();
@@ -170,11 +169,8 @@ fn say(e: &Entry) {
 }
 
 impl Sweep<'_, '_> {
-    fn stop_requested(&self) -> bool {
-        self.reaper
-            .deferred
-            .iter()
-            .any(|e| matches!(e, Event::Signal(_) | Event::ParentDied | Event::Deadline))
+    fn stop_requested(&mut self) -> bool {
+        self.reaper.supervisor().stop_requested()
     }
 
     fn push(&mut self, e: Entry) {
@@ -246,11 +242,11 @@ impl Sweep<'_, '_> {
             }
             if self.opts.dry_run {
                 if let Some(id) = self.dry_run_lock(&lock, &name, &domain, &table) {
-                    self.reaper.reaped.insert(id);
+                    self.reaper.note_reaped(id);
                 }
                 continue;
             }
-            let held = match lock::try_acquire_existing(&lock, &name) {
+            let held = match AppLocks::flock(lock.clone()).try_acquire_existing(&domain) {
                 Ok(Some(h)) => h,
                 Ok(None) => {
                     self.report_live(&lock, &name, &domain);
@@ -262,7 +258,7 @@ impl Sweep<'_, '_> {
                     continue;
                 }
             };
-            let meta = record::read_meta(held.file());
+            let meta = held.meta();
             match self.reaper.reconcile(&domain, &held, None) {
                 Ok(n) => {
                     let mut e = entry("lockfile", &name, if n > 0 { "reaped" } else { "removed" });
@@ -304,7 +300,7 @@ impl Sweep<'_, '_> {
 
     /// The record of run `id` in our runs dir, if it is there and readable.
     fn record_of(&self, id: &str) -> Option<record::RunRecord> {
-        let runs = self.reaper.runs.as_ref()?;
+        let runs = self.reaper.runs()?;
         let dir = rundir::open_trusted(runs, id).ok()?;
         record::read_record(&dir).ok()
     }
@@ -406,7 +402,7 @@ impl Sweep<'_, '_> {
     }
 
     fn run_dirs(&mut self) {
-        let Some(runs) = self.reaper.runs.clone() else {
+        let Some(runs) = self.reaper.runs().cloned() else {
             return;
         };
         let table = if self.opts.dry_run {
@@ -443,7 +439,7 @@ impl Sweep<'_, '_> {
                 self.remove_retired(&runs, &name);
                 continue;
             }
-            if self.reaper.reaped.contains(&name) {
+            if self.reaper.has_reaped(&name) {
                 if self.opts.dry_run {
                     // Listed, but counted once: it is the dead run of a lockfile above.
                     let mut e = entry("run-dir", &name, "would-reap");
@@ -650,10 +646,9 @@ impl Sweep<'_, '_> {
                 }
             }
         };
-        let lock_name = crate::state::lock::app_lock_name(app);
-        let held = match lock::try_acquire(&lock, &lock_name) {
-            Ok(lock::TryLock::Held(h)) => h,
-            Ok(lock::TryLock::Busy(_)) => {
+        let held = match AppLocks::flock(lock).try_acquire(app) {
+            Ok(Attempt::Held(h)) => h,
+            Ok(Attempt::Busy(_)) => {
                 let mut e = entry("run-dir", name, "live");
                 e.app = Some(app.to_string());
                 e.run_id = Some(run_id.to_owned());
@@ -676,9 +671,7 @@ impl Sweep<'_, '_> {
             Ok(n) => {
                 e.detail = Some(format!("reaped {n} dead run(s) of its app"));
                 // Leave no lockfile we created just for this reap.
-                let empty_or_clean = record::read_meta(held.file())
-                    .map(|m| m.state == State::Clean)
-                    .unwrap_or(true);
+                let empty_or_clean = held.meta().map(|m| m.state == State::Clean).unwrap_or(true);
                 if empty_or_clean {
                     let _ = held.unlink();
                 }
@@ -771,9 +764,8 @@ impl Sweep<'_, '_> {
                 cgroup: Some(orphan.cgroup.clone()),
                 ..Members::default()
             };
-            let n = members.list().len();
-            let done = tree::terminate(&members, self.opts.grace, self.reaper.funnel);
-            self.reaper.deferred.extend(done.events);
+            let done = tree::terminate(&members, self.opts.grace, self.reaper.supervisor());
+            let n = done.found;
             e.detail = Some(format!(
                 "cgroup of dead run {} (core pid {}): {n} process(es) killed",
                 orphan.run_id, orphan.core_pid
@@ -791,7 +783,7 @@ impl Sweep<'_, '_> {
 
     /// Count failed reaps in the kept record, so operators see a run that keeps failing.
     fn record_failure(&self, run_id: &str) {
-        let Some(runs) = &self.reaper.runs else {
+        let Some(runs) = self.reaper.runs() else {
             return;
         };
         let Ok(dir) = rundir::open_trusted(runs, run_id) else {

@@ -16,13 +16,14 @@
 
 use crate::ident::names::{Domain, RunId};
 use crate::output;
-use crate::state::lock::{self, HeldLock};
+use crate::state::applock::AppLock;
+use crate::state::lock;
 use crate::state::record::{self, LockMeta, RunRecord, State};
 use crate::state::rundir::{self, RunDir};
 use crate::sys::cgroup::RunCgroup;
-use crate::sys::lifetime::{Event, Funnel};
 use crate::sys::safe_fs::{Dir, ReadError};
 use crate::sys::shell;
+use crate::sys::supervisor::Supervisor;
 use crate::sys::tree::{self, Members};
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -32,26 +33,33 @@ use std::time::Duration;
 /// `reason` of a record a reaper settled: its run dir can go at once (no retention).
 pub const REAPED: &str = "reaped";
 
-/// What a reaper brings: its own bounds and fallback teardown, and the funnel to wait on.
-pub struct Reaper<'a> {
-    pub funnel: &'a mut Funnel,
-    /// The runs dir (open): the only place dead runs' dirs and records are looked for.
-    pub runs: Option<Dir>,
+/// A reaper's bounds and fallback.
+#[derive(Debug, Clone)]
+pub struct ReapPolicy {
     /// Used when a dead run has no readable record (and says so).
     pub fallback_teardown: Option<String>,
     pub teardown_timeout: Duration,
+    /// SIGTERM→SIGKILL grace for a dead run's leftovers.
     pub grace: Duration,
+}
+
+/// Reaps dead runs for whoever holds their app lock (a run at step 5, the janitor). Funnel
+/// events that arrive while it works stay queued in the supervisor; the caller acts on them
+/// afterwards.
+pub struct Reaper<'a> {
+    sup: &'a mut Supervisor,
+    /// The runs dir (open): the only place dead runs' dirs and records are looked for.
+    runs: Option<Dir>,
+    policy: ReapPolicy,
     /// Where a reap's teardown command runs: the reaping run's own cgroup, so that if the
     /// reaper dies mid-reap, whoever reaps *it* kills what that teardown left.
-    pub cgroup: Option<RunCgroup>,
-    /// Funnel events that arrived while reaping; the caller acts on them afterwards.
-    pub deferred: Vec<Event>,
+    cgroup: Option<RunCgroup>,
     /// Run ids reaped so far (never twice in one pass).
-    pub reaped: HashSet<String>,
+    reaped: HashSet<String>,
     /// Unclean run records by app, read once per pass (a janitor reconciles thousands of
     /// apps; re-reading the runs dir for each would be quadratic). Every candidate is
     /// re-checked under its `run.lock` before anything is done to it, so staleness is safe.
-    pub index: Option<std::collections::HashMap<String, Vec<(String, RunRecord)>>>,
+    index: Option<std::collections::HashMap<String, Vec<(String, RunRecord)>>>,
 }
 
 /// A dead run found by a lock probe.
@@ -83,19 +91,56 @@ impl ReapFailed {
     }
 }
 
+impl<'a> Reaper<'a> {
+    pub fn new(
+        sup: &'a mut Supervisor,
+        runs: Option<Dir>,
+        policy: ReapPolicy,
+        cgroup: Option<RunCgroup>,
+    ) -> Reaper<'a> {
+        Reaper {
+            sup,
+            runs,
+            policy,
+            cgroup,
+            reaped: HashSet::new(),
+            index: None,
+        }
+    }
+
+    /// The supervisor the reaper waits with (the janitor asks whether to stop, and kills
+    /// orphan cgroups with it).
+    pub fn supervisor(&mut self) -> &mut Supervisor {
+        self.sup
+    }
+
+    /// The runs dir it reaps in.
+    pub fn runs(&self) -> Option<&Dir> {
+        self.runs.as_ref()
+    }
+
+    /// Whether run `id` was reaped (or planned to be, in a dry run) in this pass.
+    pub fn has_reaped(&self, id: &str) -> bool {
+        self.reaped.contains(id)
+    }
+
+    /// Count run `id` as dealt with in this pass (a dry run's plan).
+    pub fn note_reaped(&mut self, id: String) {
+        self.reaped.insert(id);
+    }
+}
+
 impl Reaper<'_> {
     /// Reconcile `app`, whose lock the caller holds. `own` is the run id of the caller (a run
     /// reusing a dead run's id reaps that one itself, through `reap`).
     pub fn reconcile(
         &mut self,
         app: &Domain,
-        app_lock: &HeldLock,
+        app_lock: &AppLock,
         own: Option<&str>,
     ) -> Result<usize, ReapFailed> {
         let mut count = 0;
-        let file = app_lock.file();
-        let raw_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        match record::read_meta(file) {
+        match app_lock.meta() {
             // Metadata of another app in this app's lockfile is not a record tether wrote.
             Some(meta) if meta.app != app.as_str() => {
                 self.reap_unknown(app, "its lock metadata names another app")?;
@@ -113,7 +158,7 @@ impl Reaper<'_> {
                 mark_meta_clean(app_lock);
             }
             Some(_) => {}
-            None if raw_len > 0 => {
+            None if app_lock.has_content() => {
                 self.reap_unknown(app, "its lock metadata is unreadable")?;
                 count += 1;
                 mark_meta_clean(app_lock);
@@ -224,7 +269,7 @@ impl Reaper<'_> {
             Some(rec) => rec.teardown.clone(),
             None => {
                 self.say_no_record(&format!("dead run {id}"));
-                self.fallback_teardown.clone()
+                self.policy.fallback_teardown.clone()
             }
         };
         let settle = |dir: &Option<Dir>| {
@@ -310,7 +355,7 @@ impl Reaper<'_> {
             );
         }
         self.say_no_record(&format!("dead run {id}"));
-        if let Some(script) = self.fallback_teardown.clone() {
+        if let Some(script) = self.policy.fallback_teardown.clone() {
             let mut env = base_env();
             env.push(("TETHER_RUN_ID".into(), id.as_str().into()));
             env.push(("TETHER_RUN_DIR".into(), dir.path().into_os_string()));
@@ -331,7 +376,7 @@ impl Reaper<'_> {
     }
 
     fn say_no_record(&self, whom: &str) {
-        let msg = match &self.fallback_teardown {
+        let msg = match &self.policy.fallback_teardown {
             Some(_) => format!("no readable run record for {whom}: using the configured teardown"),
             None => format!(
                 "no readable run record for {whom} and no teardown configured \
@@ -346,7 +391,7 @@ impl Reaper<'_> {
             "reaping",
             &format!("reaping dead run unknown of {app} ({why})"),
         );
-        let Some(script) = self.fallback_teardown.clone() else {
+        let Some(script) = self.policy.fallback_teardown.clone() else {
             output::warn(
                 "reaping",
                 &format!(
@@ -375,19 +420,15 @@ impl Reaper<'_> {
         cwd: &Path,
         on_exit: &mut dyn FnMut(&shell::Outcome),
     ) -> shell::Outcome {
-        let mut events = Vec::new();
-        let o = shell::run_shell(
+        shell::run_shell(
             script,
             env,
             Some(cwd),
             self.cgroup.as_ref(),
-            self.teardown_timeout,
-            self.funnel,
-            &mut events,
+            self.policy.teardown_timeout,
+            self.sup,
             on_exit,
-        );
-        self.deferred.extend(events);
-        o
+        )
     }
 
     /// Kill what a dead run left: its cgroup and the processes carrying its token — only
@@ -434,9 +475,8 @@ impl Reaper<'_> {
     fn terminate_all(&mut self, members: &mut Members, cgroups: &[RunCgroup]) -> usize {
         let mut killed = 0;
         let mut pass = |members: &Members, this: &mut Self| {
-            killed += members.list().len();
-            let done = tree::terminate(members, this.grace, this.funnel);
-            this.deferred.extend(done.events);
+            let done = tree::terminate(members, this.policy.grace, this.sup);
+            killed += done.found;
             if !done.survivors.is_empty() {
                 output::warn(
                     "reaping",
@@ -482,12 +522,12 @@ fn finish_dir(dir: Option<RunDir>, remove: bool) {
     }
 }
 
-fn mark_meta_clean(app_lock: &HeldLock) {
-    if let Some(mut meta) = record::read_meta(app_lock.file()) {
+fn mark_meta_clean(app_lock: &AppLock) {
+    if let Some(mut meta) = app_lock.meta() {
         meta.state = State::Clean;
-        let _ = record::write_meta(app_lock.file(), &meta);
+        let _ = app_lock.write_meta(&meta);
     } else {
-        let _ = app_lock.file().set_len(0);
+        let _ = app_lock.clear_meta();
     }
 }
 

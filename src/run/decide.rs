@@ -3,7 +3,7 @@
 //! teardown) is unit-tested without a kernel; the real-kernel suite proves the wiring.
 
 use crate::exit;
-use crate::sys::lifetime::{Event, Sig};
+use crate::sys::signals::{Event, Sig};
 
 /// Where the run is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

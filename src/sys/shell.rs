@@ -3,13 +3,14 @@
 //! The command runs by `sh -c` in its own process group, with PDEATHSIG=SIGKILL towards the
 //! core, in the run's cgroup when there is one (emptied of the command's processes first). It
 //! gets `--teardown-timeout` (`0`: no bound); when that passes, its whole tree is killed
-//! (TERM, a short grace, KILL). Funnel events that arrive meanwhile are handed
-//! back to the caller, which logs them (live teardown) or acts on them afterwards (reconcile):
-//! a teardown is never interrupted half-way by a second signal.
+//! (TERM, a short grace, KILL). Funnel events that arrive meanwhile stay queued in the
+//! supervisor; the caller logs them (live teardown) or acts on them afterwards (reconcile): a
+//! teardown is never interrupted half-way by a second signal.
 
 use crate::sys::cgroup::RunCgroup;
-use crate::sys::lifetime::{self, Event, Funnel};
+use crate::sys::signals::until;
 use crate::sys::spawn::{self, SpawnSpec};
+use crate::sys::supervisor::Supervisor;
 use crate::sys::tree::{self, Members};
 use std::ffi::OsString;
 use std::path::Path;
@@ -54,8 +55,7 @@ pub fn run_shell(
     cwd: Option<&Path>,
     cgroup: Option<&RunCgroup>,
     timeout: Duration,
-    funnel: &mut Funnel,
-    events: &mut Vec<Event>,
+    sup: &mut Supervisor,
     on_exit: &mut dyn FnMut(&Outcome),
 ) -> Outcome {
     let sh = Path::new("/bin/sh");
@@ -63,6 +63,7 @@ pub fn run_shell(
     let cgroup_fd = cgroup.and_then(|c| c.dir_fd().ok());
     let spec = SpawnSpec {
         program: sh,
+        argv0: None,
         args: &args,
         env,
         cwd,
@@ -71,10 +72,10 @@ pub fn run_shell(
         identity: None,
         rlimits: &[],
     };
-    let mut spawned = spawn::spawn(&spec);
+    let mut spawned = sup.spawn(&spec);
     if matches!(spawned, Err(spawn::SpawnError::Start(_))) && spec.cgroup_dir.is_some() {
         // The cgroup cannot be joined (gone, or refused): run outside it.
-        spawned = spawn::spawn(&SpawnSpec {
+        spawned = sup.spawn(&SpawnSpec {
             cgroup_dir: None,
             ..spec
         });
@@ -88,25 +89,18 @@ pub fn run_shell(
             return o;
         }
     };
-    let pid = child.pid;
     let end = (!timeout.is_zero()).then(|| Instant::now() + timeout);
-    let mut status = None;
-    loop {
-        for (p, code) in lifetime::reap_children() {
-            if p == pid {
-                status = Some(code);
-            }
+    let status = loop {
+        if let Some(code) = sup.exit_status(child) {
+            break Some(code);
         }
-        if status.is_some() || end.is_some_and(|e| Instant::now() >= e) {
-            break;
+        if end.is_some_and(|e| Instant::now() >= e) {
+            break None;
         }
-        events.extend(
-            funnel
-                .wait(end.map(lifetime::until), None)
-                .into_iter()
-                .filter(|e| *e != Event::Child),
-        );
-    }
+        // Funnel events stay queued: a teardown is never cut short by a second signal.
+        let events = sup.wait(end.map(until), None);
+        sup.queue(events);
+    };
     let outcome = match status {
         Some(code) => Outcome::Exited(code),
         None => Outcome::TimedOut,
@@ -114,12 +108,11 @@ pub fn run_shell(
     on_exit(&outcome);
     // Whatever the teardown left behind (a daemon it started, or all of it on timeout) goes.
     let members = Members {
-        pgid: Some(pid),
+        pgid: Some(child.pgid()),
         descendants_of: Some(std::process::id() as i32),
         cgroup: cgroup.cloned(),
         ..Members::default()
     };
-    let killed = tree::terminate(&members, TIMEOUT_GRACE, funnel);
-    events.extend(killed.events);
+    tree::terminate(&members, TIMEOUT_GRACE, sup);
     outcome
 }

@@ -16,8 +16,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 pub struct SpawnSpec<'a> {
-    /// Absolute path of the program (resolved before anything was created).
+    /// Absolute path of the program (resolved before anything was created): what is exec'd.
     pub program: &'a Path,
+    /// `argv[0]` as the user typed it (`ps` shows `sleep 100`, not `/usr/bin/sleep 100`, as
+    /// with `flock(1)`, `timeout(1)`, `env(1)`); `None`: the program's path.
+    pub argv0: Option<&'a std::ffi::OsStr>,
     /// Arguments after argv[0].
     pub args: &'a [OsString],
     /// The complete environment (the child gets exactly this).
@@ -102,7 +105,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
 fn prepare_and_clone(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let start = SpawnError::Start;
     let path = cstring(spec.program.as_os_str().as_bytes()).map_err(start)?;
-    let mut argv = vec![path.clone()];
+    let argv0 = match spec.argv0 {
+        Some(a) => cstring(a.as_bytes()).map_err(start)?,
+        None => path.clone(),
+    };
+    let mut argv = vec![argv0];
     for a in spec.args {
         argv.push(cstring(a.as_bytes()).map_err(start)?);
     }

@@ -13,8 +13,9 @@
 //! fresh look finds nothing: a process forked between two looks is caught by the next.
 
 use crate::sys::cgroup::RunCgroup;
-use crate::sys::lifetime::{self, Event, Funnel};
 use crate::sys::procfs;
+use crate::sys::signals::until;
+use crate::sys::supervisor::Supervisor;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
@@ -83,24 +84,24 @@ impl Members {
 /// Outcome of a termination.
 #[derive(Debug, Default)]
 pub struct Terminated {
+    /// How many processes there were when it began.
+    pub found: usize,
     /// Processes that needed SIGKILL after the grace period.
     pub killed_after_grace: usize,
     /// Which processes those were (for the debug line).
     pub late: Vec<i32>,
-    /// Exit statuses of our own children reaped meanwhile.
-    pub reaped: Vec<(i32, i32)>,
-    /// Funnel events that arrived meanwhile (the caller logs or defers them).
-    pub events: Vec<Event>,
     /// Processes still alive after the KILL phase gave up (should be empty).
     pub survivors: Vec<i32>,
 }
 
 /// TERM the run's processes, wait up to `grace`, KILL what remains, and return when nothing
-/// remains. Our own children are reaped along the way.
-pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Terminated {
+/// remains. Our own children are reaped along the way (into the supervisor's table), and funnel
+/// events that arrive meanwhile stay queued in the supervisor: a termination is never cut short.
+pub fn terminate(members: &Members, grace: Duration, sup: &mut Supervisor) -> Terminated {
     let mut out = Terminated::default();
-    out.reaped.extend(lifetime::reap_children());
+    sup.reap();
     let mut remaining = members.list();
+    out.found = remaining.len();
     if remaining.is_empty() {
         // The common case (the command exited and left nothing): no signals, no waiting.
         return out;
@@ -108,20 +109,14 @@ pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Ter
     members.signal(Signal::SIGTERM, &remaining);
     let grace_end = Instant::now() + grace;
     loop {
-        out.reaped.extend(lifetime::reap_children());
+        sup.reap();
         remaining = members.list();
         if remaining.is_empty() || Instant::now() >= grace_end {
             break;
         }
         // Woken early by SIGCHLD; otherwise look again soon (exits of non-children do not
         // signal us).
-        let step = lifetime::until(grace_end).min(Duration::from_millis(10));
-        out.events.extend(
-            funnel
-                .wait(Some(step), None)
-                .into_iter()
-                .filter(|e| *e != Event::Child),
-        );
+        sup.pause(until(grace_end).min(Duration::from_millis(10)));
     }
     if remaining.is_empty() {
         return out;
@@ -131,19 +126,14 @@ pub fn terminate(members: &Members, grace: Duration, funnel: &mut Funnel) -> Ter
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         members.signal(Signal::SIGKILL, &remaining);
-        out.reaped.extend(lifetime::reap_children());
+        sup.reap();
         remaining = members.list();
         if remaining.is_empty() || Instant::now() >= give_up {
             break;
         }
-        out.events.extend(
-            funnel
-                .wait(Some(Duration::from_millis(5)), None)
-                .into_iter()
-                .filter(|e| *e != Event::Child),
-        );
+        sup.pause(Duration::from_millis(5));
     }
-    out.reaped.extend(lifetime::reap_children());
+    sup.reap();
     out.survivors = remaining;
     out
 }
