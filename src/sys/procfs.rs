@@ -154,9 +154,15 @@ pub fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
     (!id.is_empty()).then_some((id, pid, start))
 }
 
-/// Is the process `pid` that started at `start` still alive?
+/// Is the process `pid` that started at `start` still alive? A zombie is not: a core killed a
+/// moment ago is a zombie until its front reaps it, while the next holder already has its
+/// lock (the kernel drops flocks as a process exits) and must reap what it left.
 pub fn core_alive(pid: i32, start: u64) -> bool {
-    start_time(pid) == Some(start)
+    let Some(f) = stat_fields(pid) else {
+        return false;
+    };
+    let state = f.first().map(String::as_str);
+    !matches!(state, Some("Z" | "X")) && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
 }
 
 /// This host's name, for records.
@@ -187,6 +193,25 @@ mod tests {
         assert_eq!(parse_token("r.42"), None);
         assert_eq!(parse_token(".42.7"), None);
         assert_eq!(core_of_token_tail("42.7"), Some((42, 7)));
+    }
+
+    #[test]
+    fn a_zombie_core_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = start_time(pid).unwrap();
+        // Dead but not reaped: a zombie, whose /proc entry still has its start time.
+        let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() != Some("Z") {
+            assert!(std::time::Instant::now() < gone, "never a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(2)); // poll step, bounded
+        }
+        assert_eq!(start_time(pid), Some(start));
+        assert!(!core_alive(pid, start));
+        child.wait().unwrap();
+        assert!(!core_alive(pid, start));
+        let me = std::process::id() as i32;
+        assert!(core_alive(me, start_time(me).unwrap()));
     }
 
     #[test]
