@@ -154,15 +154,23 @@ pub fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
     (!id.is_empty()).then_some((id, pid, start))
 }
 
-/// Is the process `pid` that started at `start` still alive? A zombie is not: a core killed a
-/// moment ago is a zombie until its front reaps it, while the next holder already has its
-/// lock (the kernel drops flocks as a process exits) and must reap what it left.
+/// `PF_EXITING` in `/proc/<pid>/stat`'s flags: the process is in `exit()`.
+const PF_EXITING: u64 = 0x4;
+
+/// Is the process `pid` that started at `start` still alive — not exiting, not a zombie? A
+/// core killed a moment ago drops its flocks early in `exit()` (before it is even a zombie,
+/// and a zombie until its front reaps it), so the next holder of its lock may look while it
+/// still has a `/proc` entry: it must count as dead, or its leftovers would not be reaped.
 pub fn core_alive(pid: i32, start: u64) -> bool {
     let Some(f) = stat_fields(pid) else {
         return false;
     };
     let state = f.first().map(String::as_str);
-    !matches!(state, Some("Z" | "X")) && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
+    // After ")" the fields start at field 3 (state): flags (field 9) is index 6.
+    let flags: u64 = f.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
+    !matches!(state, Some("Z" | "X"))
+        && flags & PF_EXITING == 0
+        && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
 }
 
 /// This host's name, for records.
