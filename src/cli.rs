@@ -12,7 +12,9 @@ use std::time::Duration;
 #[command(
     name = "tether",
     version,
-    about = "CI harness runner: one app lock, one teardown, nothing outlives a dead run"
+    about = "CI harness runner: one app lock, one teardown, nothing outlives a dead run",
+    // A flag given twice: the last one wins (as with most tools; a wrapper may add defaults).
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -154,9 +154,23 @@ pub fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
     (!id.is_empty()).then_some((id, pid, start))
 }
 
-/// Is the process `pid` that started at `start` still alive?
+/// `PF_EXITING` in `/proc/<pid>/stat`'s flags: the process is in `exit()`.
+const PF_EXITING: u64 = 0x4;
+
+/// Is the process `pid` that started at `start` still alive — not exiting, not a zombie? A
+/// core killed a moment ago drops its flocks early in `exit()` (before it is even a zombie,
+/// and a zombie until its front reaps it), so the next holder of its lock may look while it
+/// still has a `/proc` entry: it must count as dead, or its leftovers would not be reaped.
 pub fn core_alive(pid: i32, start: u64) -> bool {
-    start_time(pid) == Some(start)
+    let Some(f) = stat_fields(pid) else {
+        return false;
+    };
+    let state = f.first().map(String::as_str);
+    // After ")" the fields start at field 3 (state): flags (field 9) is index 6.
+    let flags: u64 = f.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
+    !matches!(state, Some("Z" | "X"))
+        && flags & PF_EXITING == 0
+        && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
 }
 
 /// This host's name, for records.
@@ -187,6 +201,25 @@ mod tests {
         assert_eq!(parse_token("r.42"), None);
         assert_eq!(parse_token(".42.7"), None);
         assert_eq!(core_of_token_tail("42.7"), Some((42, 7)));
+    }
+
+    #[test]
+    fn a_zombie_core_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = start_time(pid).unwrap();
+        // Dead but not reaped: a zombie, whose /proc entry still has its start time.
+        let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() != Some("Z") {
+            assert!(std::time::Instant::now() < gone, "never a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(2)); // poll step, bounded
+        }
+        assert_eq!(start_time(pid), Some(start));
+        assert!(!core_alive(pid, start));
+        child.wait().unwrap();
+        assert!(!core_alive(pid, start));
+        let me = std::process::id() as i32;
+        assert!(core_alive(me, start_time(me).unwrap()));
     }
 
     #[test]

@@ -393,7 +393,7 @@ impl Reaper<'_> {
     /// Kill what a dead run left: its cgroup and the processes carrying its token — only
     /// when they are provably its own (containment), and never while its core is alive.
     pub fn kill_leftovers(&mut self, meta: &LockMeta) {
-        if crate::procfs::start_time(meta.pid) == Some(meta.pid_start) {
+        if crate::procfs::core_alive(meta.pid, meta.pid_start) {
             output::warn(
                 "reaping",
                 &format!(

@@ -23,6 +23,9 @@ use crate::sandbox::Sandbox;
 use crate::wait::{count_lines, find_line, poll_until};
 use crate::{shell_quote, tether_bin, TIMEOUT};
 
+/// `--orphan-age` of every janitor the fixture starts, unless the test gives its own.
+pub const FIXTURE_ORPHAN_AGE: &str = "1000h";
+
 /// Builder of one tether invocation inside a [`Sandbox`]:
 /// `tether <subcommand> --lock-dir L --runs-dir R [--app A] [--run-id I] [--teardown T]
 /// [args…] [-- command…]`.
@@ -162,6 +165,13 @@ impl<'a> TetherCmd<'a> {
             argv.push(self.sb.lock_dir().into());
             argv.push("--runs-dir".into());
             argv.push(self.sb.runs_dir().into());
+        }
+        if self.subcommand == "janitor" {
+            // The janitor's orphan-cgroup sweep is host-wide, and tests run in parallel: by
+            // default a test's janitor sweeps no other test's orphan. A test of the sweep sets
+            // its own `--orphan-age` (the last one given wins).
+            argv.push("--orphan-age".into());
+            argv.push(FIXTURE_ORPHAN_AGE.into());
         }
         for (flag, value) in [
             ("--app", &self.app),

@@ -77,8 +77,29 @@ pub(crate) fn describe_pid(pid: i32) -> String {
                         .replace('\0', " ")
                 })
                 .unwrap_or_default();
+            // Whose it is: the run id it carries and its cgroup (for leftovers).
+            let run = fs::read(format!("/proc/{pid}/environ"))
+                .ok()
+                .and_then(|env| {
+                    env.split(|&b| b == 0)
+                        .find_map(|v| v.strip_prefix(b"TETHER_RUN_ID".as_slice()))
+                        .map(|v| {
+                            String::from_utf8_lossy(v.strip_prefix(b"=").unwrap_or(v)).into_owned()
+                        })
+                })
+                .map(|id| format!(" run {id}"))
+                .unwrap_or_default();
+            let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("0::"))
+                        .map(str::to_owned)
+                })
+                .map(|c| format!(" cgroup {c}"))
+                .unwrap_or_default();
             format!(
-                "pid {pid} ({}) state {} ppid {} pgid {} sid {}: {cmdline}",
+                "pid {pid} ({}) state {} ppid {} pgid {} sid {}{run}{cgroup}: {cmdline}",
                 i.comm, i.state, i.ppid, i.pgid, i.sid
             )
         }

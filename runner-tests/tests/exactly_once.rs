@@ -40,8 +40,8 @@ fn run_cmd<'a>(sb: &'a Sandbox, app: &str, id: &str, cgroup: bool) -> TetherCmd<
     }
 }
 
-/// The janitor with a short grace (and the default `--orphan-age`: tests run in parallel on
-/// one host, and a young orphan cgroup is another test's dead run).
+/// The janitor with a short grace (the fixture keeps other tests' orphan cgroups out of its
+/// reach: `FIXTURE_ORPHAN_AGE`).
 fn janitor(sb: &Sandbox) -> TetherCmd<'_> {
     sb.tether_janitor().args(["--grace", "1s"])
 }
@@ -313,11 +313,11 @@ fn orphan_cgroup_of_a_vanished_run_is_swept() {
         .spawn();
     wait_holder_pid(&sb, "live.example.org", &live_id);
 
-    let young = janitor(&sb).run();
+    let young = janitor(&sb).args(["--orphan-age", "10m"]).run();
     young.assert_code(0);
     assert!(pid_alive(leftover), "a young orphan was swept\n{young}");
     backdate(Path::new(&cg), 3600);
-    let j = janitor(&sb).run();
+    let j = janitor(&sb).args(["--orphan-age", "10m"]).run();
     j.assert_code(0);
     assert!(
         poll_pid_gone(leftover, TIMEOUT),

@@ -298,7 +298,9 @@ fn soak_runs_kills_and_janitor() {
                 let nap = if matches!(fate, Fate::Normal | Fate::KillCoreAfterTeardown) {
                     format!("0.0{:02}", 1 + rng.below(15))
                 } else {
-                    "10".to_owned()
+                    // Longer than the test: a leftover of a SIGKILLed core must be killed by
+                    // whoever reaps it, not outlive its own sleep.
+                    "1000".to_owned()
                 };
                 let script = format!(
                     r#"echo "start {app} $TETHER_RUN_ID $$" >> {log_q}; sleep {nap}; echo "end {app} $TETHER_RUN_ID $$" >> {log_q}"#,
