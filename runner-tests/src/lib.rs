@@ -72,8 +72,8 @@ pub use sandbox::Sandbox;
 pub use shell::{StepShell, StepShellCmd};
 pub use users::{is_root, TempUser};
 pub use wait::{
-    count_lines, poll_until, read_json, read_pids, wait_count, wait_file, wait_line, wait_pids,
-    wait_until,
+    count_lines, poll_some, poll_some_every, poll_until, read_json, read_pids, wait_count,
+    wait_file, wait_line, wait_pids, wait_some, wait_until,
 };
 
 /// Default bound for every wait in the suite: generous, because a loaded CI host is slow, and
