@@ -19,7 +19,7 @@
 //!
 //! Invariants the tests can rely on:
 //! - every helper binary announces readiness by creating a file atomically (write `F.tmp`,
-//!   rename to `F`), so `wait_file(F)` then reading F never sees a partial file;
+//!   rename to `F`, see [`helper`]), so `wait_file(F)` then reading F never sees a partial file;
 //! - `pid_alive` is false for zombies, so "killed but not yet reaped by its parent" counts as dead;
 //! - commands started here never inherit the test's CI environment (`TETHER_*`, Drone,
 //!   Woodpecker, GitHub, GitLab variables are removed) unless a test sets them.
@@ -41,6 +41,7 @@
 
 mod command;
 mod files;
+pub mod helper;
 mod locks;
 mod procs;
 mod sandbox;
