@@ -9,6 +9,7 @@
 //! - ways to start tether: [`TetherCmd`] → [`RunningTether`] → [`Finished`] (stderr goes to a
 //!   file, so lines can be awaited while tether runs), and [`StepShell`] for tether started
 //!   *inside* a `sh -e`/`bash -e` step script in its own process group, as a CI agent does;
+//!   [`start_held_run`] for a run that holds its app until the test releases it;
 //! - observation without luck: `wait_*` helpers block on a file, a line, a pid's death or a
 //!   flock waiter against a deadline and panic with context on timeout; `poll_*` helpers return
 //!   `bool` instead. Nothing here sleeps to hope for an ordering: every remaining sleep is a
@@ -41,6 +42,7 @@
 
 mod command;
 mod files;
+mod held;
 pub mod helper;
 mod locks;
 mod procs;
@@ -59,6 +61,7 @@ pub use command::{Finished, RunningTether, TetherCmd};
 pub use files::{
     log_lines, names, rid, sh_wait_for, snapshot, suffix, touch, wait_holder_pid, write_config,
 };
+pub use held::{start_held_run, HeldRun};
 pub use locks::{
     flock_holders, flock_waiters, hold_lock, lock_is_free, poll_lock_free, wait_flock_waiters,
     wait_hold_lock, wait_lock_free,
