@@ -23,7 +23,7 @@
 //!   rename to `F`, see [`helper`]), so `wait_file(F)` then reading F never sees a partial file;
 //! - `pid_alive` is false for zombies, so "killed but not yet reaped by its parent" counts as dead;
 //! - commands started here never inherit the test's CI environment (`TETHER_*`, Drone,
-//!   Woodpecker, GitHub, GitLab variables are removed) unless a test sets them.
+//!   Woodpecker, GitHub, GitLab variables are removed, see [`ci_vars`]) unless a test sets them.
 //!
 //! Environment facts to keep in mind:
 //! - fds the test process itself inherited without `FD_CLOEXEC` (from whatever started
@@ -276,25 +276,33 @@ pub fn shell_quote(s: impl AsRef<std::ffi::OsStr>) -> String {
     }
 }
 
+/// The names of this process's environment variables that a command started by the suite (or
+/// by the bench) must not inherit, as they would change what tether does: `TETHER_*`, `CI` and
+/// the CI-detection variables of SPEC §6.2 (Drone, Woodpecker, GitHub, GitLab). The one list
+/// of them.
+pub fn ci_vars() -> Vec<OsString> {
+    const PREFIXES: [&str; 6] = [
+        "TETHER_",
+        "DRONE",
+        "CI_",
+        "GITHUB_",
+        "GITLAB_",
+        "WOODPECKER",
+    ];
+    std::env::vars_os()
+        .map(|(key, _)| key)
+        .filter(|key| {
+            let key = key.to_string_lossy();
+            key == "CI" || PREFIXES.iter().any(|p| key.starts_with(p))
+        })
+        .collect()
+}
+
 /// Removes from `cmd` the variables of the test's own environment that would change what
-/// tether does: `TETHER_*` and the CI-detection variables of SPEC §6.2.
+/// tether does: those of [`ci_vars`].
 pub(crate) fn scrub_env(cmd: &mut std::process::Command) {
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        let ci = [
-            "TETHER_",
-            "DRONE",
-            "CI_",
-            "GITHUB_",
-            "GITLAB_",
-            "WOODPECKER",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-            || k == "CI";
-        if ci {
-            cmd.env_remove(&key);
-        }
+    for key in ci_vars() {
+        cmd.env_remove(key);
     }
 }
 

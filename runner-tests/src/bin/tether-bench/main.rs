@@ -136,30 +136,13 @@ fn main() {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file());
-    let scrub = std::env::vars_os()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            let k = k.to_string_lossy();
-            [
-                "TETHER_",
-                "DRONE",
-                "CI_",
-                "GITHUB_",
-                "GITLAB_",
-                "WOODPECKER",
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-                || k == "CI"
-        })
-        .collect();
     let ctx = Ctx {
         quick: opts.quick,
         tether,
         stamp,
         tree,
         python,
-        scrub,
+        scrub: runner_tests::ci_vars(),
         tether_env: opts.tether_env.clone(),
     };
 
