@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::figures::Figure;
 use crate::machine::{fs_type, machine};
+use crate::measure::Samples;
 use crate::stats::{num, stats, Stats};
 use crate::util::first_line;
 use crate::world::Ctx;
@@ -54,6 +55,14 @@ impl Row {
     pub fn with_tether(mut self, values: &[f64]) -> Row {
         self.tether = stats(values);
         self
+    }
+
+    /// The A/B samples of a figure: tether's, and the baseline's (named `base_name`), with
+    /// the ratio of their medians.
+    pub fn with_ab(self, base_name: &str, samples: &Samples) -> Row {
+        self.with_tether(&samples.tether)
+            .with_base(base_name, &samples.base)
+            .median_ratio()
     }
 
     /// Ratio of the medians, tether over baseline.

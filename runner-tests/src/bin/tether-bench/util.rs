@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use runner_tests::poll_some_every;
+
 /// Poll step of the latency-sensitive waits (a bounded loop each time).
 pub const STEP: Duration = Duration::from_micros(200);
 /// Bound on any single wait: far beyond any sane figure; hitting it is an error.
@@ -26,16 +28,8 @@ pub fn wait_for(
     step: Duration,
     mut cond: impl FnMut() -> bool,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("timed out after {timeout:?} waiting for {what}"));
-        }
-        std::thread::sleep(step); // poll step of a bounded wait
-    }
+    poll_some_every(timeout, step, || cond().then_some(()))
+        .ok_or_else(|| format!("timed out after {timeout:?} waiting for {what}"))
 }
 
 pub fn wait_file(path: &Path) -> Result<(), String> {
@@ -101,22 +95,29 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus, Str
             }
         }
     } else {
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) => return Ok(st),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(STEP),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("pid {pid} still running after {timeout:?}: killed"));
-                }
-                Err(e) => return Err(format!("waiting for pid {pid}: {e}")),
-            }
-        }
+        let polled = poll_some_every(timeout, STEP, || match child.try_wait() {
+            Ok(Some(st)) => Some(Ok(st)),
+            Ok(None) => None,
+            Err(e) => Some(Err(format!("waiting for pid {pid}: {e}"))),
+        });
+        return polled.unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("pid {pid} still running after {timeout:?}: killed"))
+        });
     }
     child
         .wait()
         .map_err(|e| format!("waiting for pid {pid}: {e}"))
+}
+
+/// Spawns `cmd` and waits (bounded by `timeout`) for it to exit: its status and the time from
+/// just before the spawn to the exit, in ms.
+pub fn timed_run(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, f64), String> {
+    let t0 = Instant::now();
+    let mut child = spawn(cmd)?;
+    let st = wait_exit(&mut child, timeout)?;
+    Ok((st, ms(t0.elapsed())))
 }
 
 /// Exit code the way a shell reports it.

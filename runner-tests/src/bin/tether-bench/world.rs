@@ -4,11 +4,8 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use runner_tests::Sandbox;
-
-use crate::measure::Budget;
 
 pub struct Ctx {
     pub quick: bool,
@@ -16,23 +13,20 @@ pub struct Ctx {
     pub stamp: PathBuf,
     pub tree: PathBuf,
     pub python: Option<PathBuf>,
+    /// The CI variables of this environment (`runner_tests::ci_vars`), removed from every
+    /// command's.
     pub scrub: Vec<OsString>,
     /// `--tether-env K=V`: extra environment for tether only (for investigations).
     pub tether_env: Vec<(String, String)>,
 }
 
 impl Ctx {
+    /// `quick` in quick mode, else `full`.
     pub fn n(&self, quick: usize, full: usize) -> usize {
         if self.quick {
             quick
         } else {
             full
-        }
-    }
-
-    pub fn budget(&self, secs: u64) -> Budget {
-        Budget {
-            until: (!self.quick).then(|| Instant::now() + Duration::from_secs(secs)),
         }
     }
 

@@ -1,11 +1,11 @@
 //! B1: wall time of a full, uncontended run.
 
-use std::fs::{self};
-use std::time::Instant;
+use std::fs;
+use std::time::Duration;
 
-use crate::measure::{pair_order, Side};
+use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
-use crate::util::{code_of, ms, spawn, wait_exit, LIMIT};
+use crate::util::{code_of, timed_run, LIMIT};
 use crate::world::{log_file, log_tail, Ctx, World};
 
 /// What the figure measures, for the report.
@@ -20,44 +20,34 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let (log_t, log_b) = (log_file(sb, "tether")?, log_file(sb, "base")?);
     let app = "b1.bench.localhost";
     let flock_lock = w.lock("b1-flock.lock");
-    let (warm, n) = (ctx.n(2, 5), ctx.n(10, 60));
-    let budget = ctx.budget(15);
-    let (mut t, mut b) = (Vec::new(), Vec::new());
+    let plan = Plan {
+        id: "B1",
+        warm: ctx.n(2, 5),
+        n: ctx.n(10, 60),
+        budget: Duration::from_secs(15),
+        min_samples: 30,
+        unit: "pairs",
+        reap: false,
+    };
     let mut failures = Vec::new();
-    for i in 0..warm + n {
-        if budget.over() && t.len() >= 30 {
-            rep.note(
-                "B1",
-                format!("stopped by its time budget after {} pairs", t.len()),
-            );
-            break;
-        }
-        for side in pair_order(i) {
-            let id = format!("b1-{i}");
-            let mut cmd = match side {
-                Side::Tether => ctx.tether_run(&w.dirs, &log_t, (app, &id), &[], &["true"]),
-                Side::Base => {
-                    let mut c = ctx.command("timeout", &log_b);
-                    c.args(["60", "flock"]).arg(&flock_lock).arg("true");
-                    c
-                }
-            };
-            let t0 = Instant::now();
-            let mut child = spawn(&mut cmd)?;
-            let st = wait_exit(&mut child, LIMIT)?;
-            let dt = ms(t0.elapsed());
-            if !st.success() {
-                failures.push(format!("{side:?} run {i} exited {}", code_of(st)));
-                continue;
+    let samples = measure_pairs(ctx, rep, &plan, |side, it| {
+        let i = it.index;
+        let id = format!("b1-{i}");
+        let mut cmd = match side {
+            Side::Tether => ctx.tether_run(&w.dirs, &log_t, (app, &id), &[], &["true"]),
+            Side::Base => {
+                let mut c = ctx.command("timeout", &log_b);
+                c.args(["60", "flock"]).arg(&flock_lock).arg("true");
+                c
             }
-            if i >= warm {
-                match side {
-                    Side::Tether => t.push(dt),
-                    Side::Base => b.push(dt),
-                }
-            }
+        };
+        let (st, dt) = timed_run(&mut cmd, LIMIT)?;
+        if !st.success() {
+            failures.push(format!("{side:?} run {i} exited {}", code_of(st)));
+            return Ok(None);
         }
-    }
+        Ok(Some(dt))
+    })?;
     if !failures.is_empty() {
         rep.note(
             "B1",
@@ -88,9 +78,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         "wall time, `tether run -- true` (ms)",
         "median ≤ 1.5× baseline",
     )
-    .with_tether(&t)
-    .with_base("`timeout 60 flock L true`", &b)
-    .median_ratio();
+    .with_ab("`timeout 60 flock L true`", &samples);
     let pass = row.ratio.is_some_and(|r| r <= 1.5) && failures.is_empty();
     rep.rows.push(row.judge(pass));
     Ok(())

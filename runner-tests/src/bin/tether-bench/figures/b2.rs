@@ -3,10 +3,11 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Child;
+use std::time::Duration;
 
 use runner_tests::flock_waiters;
 
-use crate::measure::{pair_order, Side};
+use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
 use crate::util::{
     code_of, os, read_ns, spawn, touch, wait_exit, wait_file, wait_for, LIMIT, STEP,
@@ -38,8 +39,15 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let t_lock = w.dirs.lock_path(app);
     let b_lock = w.lock("b2-flock.lock");
     touch(&b_lock)?;
-    let (warm, n) = (ctx.n(3, 10), ctx.n(20, 200));
-    let budget = ctx.budget(35);
+    let plan = Plan {
+        id: "B2",
+        warm: ctx.n(3, 10),
+        n: ctx.n(20, 200),
+        budget: Duration::from_secs(35),
+        min_samples: 30,
+        unit: "handoffs",
+        reap: false,
+    };
 
     let start_link = |side: Side, k: usize| -> Result<Link, String> {
         let tag = if side == Side::Tether { "t" } else { "b" };
@@ -75,58 +83,41 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     wait_file(&cur_t.start)?;
     let mut cur_b = start_link(Side::Base, 0)?;
     wait_file(&cur_b.start)?;
-    let (mut t, mut b) = (Vec::new(), Vec::new());
-    let mut k = 0;
-    while k < warm + n {
-        if budget.over() && t.len() >= 30 {
-            rep.note(
-                "B2",
-                format!("stopped by its time budget after {} handoffs", t.len()),
-            );
-            break;
+    let samples = measure_pairs(ctx, rep, &plan, |side, it| {
+        let k = it.index;
+        let (cur, lock) = match side {
+            Side::Tether => (&mut cur_t, &t_lock),
+            Side::Base => (&mut cur_b, &b_lock),
+        };
+        let next = start_link(side, k + 1)?;
+        // The waiter must be blocked in the kernel before the holder is released.
+        wait_for(
+            &format!("a blocked flock waiter on {}", lock.display()),
+            LIMIT,
+            STEP,
+            || !flock_waiters(lock).is_empty(),
+        )?;
+        touch(&cur.gate)?;
+        let st = wait_exit(&mut cur.child, LIMIT)?;
+        if !st.success() {
+            return Err(format!(
+                "B2 {side:?} holder {k} exited {}; log tail:\n    {}",
+                code_of(st),
+                log_tail(
+                    sb,
+                    if side == Side::Tether {
+                        "tether"
+                    } else {
+                        "base"
+                    }
+                )
+            ));
         }
-        for side in pair_order(k) {
-            let (cur, lock) = match side {
-                Side::Tether => (&mut cur_t, &t_lock),
-                Side::Base => (&mut cur_b, &b_lock),
-            };
-            let next = start_link(side, k + 1)?;
-            // The waiter must be blocked in the kernel before the holder is released.
-            wait_for(
-                &format!("a blocked flock waiter on {}", lock.display()),
-                LIMIT,
-                STEP,
-                || !flock_waiters(lock).is_empty(),
-            )?;
-            touch(&cur.gate)?;
-            let st = wait_exit(&mut cur.child, LIMIT)?;
-            if !st.success() {
-                return Err(format!(
-                    "B2 {side:?} holder {k} exited {}; log tail:\n    {}",
-                    code_of(st),
-                    log_tail(
-                        sb,
-                        if side == Side::Tether {
-                            "tether"
-                        } else {
-                            "base"
-                        }
-                    )
-                ));
-            }
-            wait_file(&next.start)?;
-            let lat_ns = read_ns(&next.start)? as i64 - read_ns(&cur.end)? as i64;
-            if k >= warm {
-                let v = lat_ns as f64 / 1e6;
-                match side {
-                    Side::Tether => t.push(v),
-                    Side::Base => b.push(v),
-                }
-            }
-            *cur = next;
-        }
-        k += 1;
-    }
+        wait_file(&next.start)?;
+        let lat_ns = read_ns(&next.start)? as i64 - read_ns(&cur.end)? as i64;
+        *cur = next;
+        Ok(Some(lat_ns as f64 / 1e6))
+    })?;
     for cur in [&mut cur_t, &mut cur_b] {
         touch(&cur.gate)?;
         wait_exit(&mut cur.child, LIMIT)?;
@@ -136,9 +127,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         "handoff latency: holder's command end → waiter's command start (ms)",
         "p50 ≤ 2 ms, p99 ≤ 10 ms",
     )
-    .with_tether(&t)
-    .with_base("`flock L cmd` chain", &b)
-    .median_ratio();
+    .with_ab("`flock L cmd` chain", &samples);
     let pass = row.tether.is_some_and(|s| s.median <= 2.0 && s.p99 <= 10.0);
     // The handoff is mostly the fork + exec of the next command, the same work the flock(1)
     // chain does; when that alone is over the target, no harness in front of flock can meet it.

@@ -1,9 +1,11 @@
 //! B4: teardown latency of a 100-process tree that ignores SIGTERM.
 
-use super::b3::TreeRun;
-use crate::measure::Side;
+use std::time::Duration;
+
+use super::tree::TreeRun;
+use crate::measure::{measure, Plan, Side};
 use crate::report::{Report, Row};
-use crate::world::{log_file, Ctx, World};
+use crate::world::Ctx;
 
 /// What the figure measures, for the report.
 pub const ABOUT: &str = "\
@@ -11,37 +13,28 @@ pub const ABOUT: &str = "\
     grace.";
 
 pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
-    let w = World::new("b4")?;
-    let sb = &w.sb;
-    let log = log_file(sb, "all")?;
-    let runner = TreeRun {
-        ctx,
-        w: &w,
-        log: &log,
-        app: "b4.bench.localhost",
-        ignore_term: true,
-        grace: "1s",
+    let runner = TreeRun::new(ctx, "b4", true, "1s")?;
+    let plan = Plan {
+        id: "B4",
+        warm: ctx.n(0, 1),
+        n: ctx.n(3, 30),
+        budget: Duration::from_secs(40),
+        min_samples: 10,
+        unit: "runs",
+        reap: false,
     };
-    let (warm, n) = (ctx.n(0, 1), ctx.n(3, 30));
-    let budget = ctx.budget(40);
-    let (mut t, mut surv, mut bad_codes) = (Vec::new(), 0, Vec::new());
-    for i in 0..warm + n {
-        if budget.over() && t.len() >= 10 {
-            rep.note(
-                "B4",
-                format!("stopped by its time budget after {} runs", t.len()),
-            );
-            break;
-        }
-        let s = runner.once(Side::Tether, i)?;
+    let (mut surv, mut bad_codes) = (0, Vec::new());
+    let samples = measure(ctx, rep, &plan, |it, samples| {
+        let s = runner.once(Side::Tether, it.index)?;
         if s.code != 143 {
             bad_codes.push(s.code.to_string());
         }
-        if i >= warm {
-            t.push(s.total);
+        if !it.warm_up {
             surv += s.survivors;
         }
-    }
+        samples.record(it, Side::Tether, s.total);
+        Ok(())
+    })?;
     if surv > 0 || !bad_codes.is_empty() {
         rep.note(
             "B4",
@@ -56,7 +49,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         "teardown: same, tree ignores TERM, `--grace 1s` (ms)",
         "median ≤ 1050 ms (grace + 50)",
     )
-    .with_tether(&t);
+    .with_tether(&samples.tether);
     let pass = row.tether.is_some_and(|s| s.median <= 1050.0) && surv == 0 && bad_codes.is_empty();
     rep.rows.push(row.judge(pass));
     Ok(())

@@ -3,13 +3,13 @@
 use std::fs::{self, File};
 use std::path::PathBuf;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use runner_tests::{flock_holders, pid_alive, Sandbox};
 
-use crate::measure::{pair_order, Side};
+use crate::measure::{measure, Plan, Side};
 use crate::report::{Report, Row};
-use crate::util::{code_of, ms, spawn, term, wait_exit, wait_for, LIMIT, STEP};
+use crate::util::{code_of, spawn, term, timed_run, wait_exit, wait_for, LIMIT, STEP};
 use crate::world::{log_file, log_tail, Ctx, Dirs, World};
 
 /// What the figure measures, for the report.
@@ -42,7 +42,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         );
         held.push((app, spawn(&mut cmd)?));
     }
-    let result = b5_measure(ctx, rep, (sb, dirs), (&log_t, &log_b), &held);
+    let result = measure_held(ctx, rep, (sb, dirs), (&log_t, &log_b), &held);
     for (_, child) in &held {
         term(child.id());
     }
@@ -52,7 +52,8 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     result
 }
 
-pub fn b5_measure(
+/// The figure proper, while the ten runs of `held` hold their apps.
+fn measure_held(
     ctx: &Ctx,
     rep: &mut Report,
     (sb, dirs): (&Sandbox, &Dirs),
@@ -118,32 +119,29 @@ pub fn b5_measure(
     let scale = (B5_CLEAN + B5_HELD) as f64 / sampled as f64;
     let script = r#"d=$1; shift; for g in "$@"; do for f in "$d"/$g; do flock -n "$f" true || echo "busy: $f"; done; done"#;
 
-    let (warm, n) = (1, ctx.n(3, 30));
+    let plan = Plan {
+        id: "B5",
+        warm: 1,
+        n: ctx.n(3, 30),
+        budget: Duration::from_secs(65),
+        min_samples: 10,
+        unit: "iterations",
+        reap: false,
+    };
     let base_every = if ctx.quick { usize::MAX } else { 10 };
-    let budget = ctx.budget(65);
-    let (mut jan, mut sta, mut base) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..warm + n {
-        if budget.over() && jan.len() >= 10 {
-            rep.note(
-                "B5",
-                format!("stopped by its time budget after {} iterations", jan.len()),
-            );
-            break;
-        }
+    // Samples: the janitor (tether) and the baseline loop (base); `tether status` aside.
+    let mut sta = Vec::new();
+    let samples = measure(ctx, rep, &plan, |it, samples| {
         populate()?;
-        let measured = i >= warm;
-        let with_base = measured && (i - warm) % base_every == 0;
-        for side in pair_order(i) {
+        let with_base = !it.warm_up && (it.index - plan.warm).is_multiple_of(base_every);
+        for side in it.order() {
             match side {
                 Side::Tether => {
-                    let mut c = ctx.tether("status", dirs, log_t);
-                    let t0 = Instant::now();
-                    let st = wait_exit(&mut spawn(&mut c)?, LIMIT)?;
-                    let dt = ms(t0.elapsed());
+                    let (st, dt) = timed_run(&mut ctx.tether("status", dirs, log_t), LIMIT)?;
                     if !st.success() {
                         return Err(format!("tether status exited {}", code_of(st)));
                     }
-                    if measured {
+                    if !it.warm_up {
                         sta.push(dt);
                     }
                 }
@@ -154,21 +152,17 @@ pub fn b5_measure(
                         .arg("bench-b5")
                         .arg(&dirs.locks)
                         .args(globs);
-                    let t0 = Instant::now();
-                    let st = wait_exit(&mut spawn(&mut c)?, Duration::from_secs(180))?;
-                    let dt = ms(t0.elapsed());
+                    let (st, dt) = timed_run(&mut c, Duration::from_secs(180))?;
                     if !st.success() {
                         return Err(format!("the flock -n loop exited {}", code_of(st)));
                     }
-                    base.push(dt * scale);
+                    samples.record(it, Side::Base, dt * scale);
                 }
                 Side::Base => {}
             }
         }
         let mut c = ctx.tether("janitor", dirs, log_t);
-        let t0 = Instant::now();
-        let st = wait_exit(&mut spawn(&mut c)?, Duration::from_secs(120))?;
-        let dt = ms(t0.elapsed());
+        let (st, dt) = timed_run(&mut c, Duration::from_secs(120))?;
         if !st.success() {
             return Err(format!(
                 "tether janitor exited {}; log tail:\n    {}",
@@ -176,9 +170,7 @@ pub fn b5_measure(
                 log_tail(sb, "tether")
             ));
         }
-        if measured {
-            jan.push(dt);
-        }
+        samples.record(it, Side::Tether, dt);
         let left = fs::read_dir(&dirs.locks)
             .map(|d| d.count())
             .map_err(|e| format!("listing the lock dir: {e}"))?;
@@ -187,7 +179,8 @@ pub fn b5_measure(
                 "after the janitor the lock dir holds {left} entries, expected the {B5_HELD} held"
             ));
         }
-    }
+        Ok(())
+    })?;
     for (app, child) in held {
         if !pid_alive(child.id() as i32) {
             return Err(format!("the run holding {app} died during B5"));
@@ -210,9 +203,7 @@ pub fn b5_measure(
         "`tether janitor`, 10,000 clean unheld + 10 held lockfiles (ms)",
         "median ≤ 1000 ms",
     )
-    .with_tether(&jan)
-    .with_base("shell loop of `flock -n`", &base)
-    .median_ratio();
+    .with_ab("shell loop of `flock -n`", &samples);
     let pj = rj.tether.is_some_and(|s| s.median <= 1000.0);
     rep.rows.push(rj.judge(pj));
     let rs = Row::new(
@@ -221,7 +212,7 @@ pub fn b5_measure(
         "median ≤ 1000 ms",
     )
     .with_tether(&sta)
-    .with_base("shell loop of `flock -n`", &base)
+    .with_base("shell loop of `flock -n`", &samples.base)
     .median_ratio();
     let ps = rs.tether.is_some_and(|s| s.median <= 1000.0);
     rep.rows.push(rs.judge(ps));

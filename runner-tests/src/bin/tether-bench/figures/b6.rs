@@ -1,11 +1,12 @@
 //! B6: peak memory.
 
-use std::fs::{self};
+use std::fs;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use crate::measure::{measure, Plan, Side};
 use crate::report::{Report, Row};
-use crate::util::{children_of, code_of, proc_kb, reap_orphans, spawn, LIMIT, MIB};
+use crate::util::{children_of, code_of, proc_kb, spawn, LIMIT, MIB};
 use crate::world::{log_file, Ctx, World};
 
 /// What the figure measures, for the report.
@@ -48,18 +49,19 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let py_script = sb.path().join("harness.py");
     fs::write(&py_script, PY_HARNESS).map_err(|e| format!("writing the python harness: {e}"))?;
     let app = "b6.bench.localhost";
-    let (warm, n) = (ctx.n(1, 1), ctx.n(3, 30));
-    let budget = ctx.budget(40);
-    let (mut t_hwm, mut t_pss, mut f_hwm, mut f_pss, mut p_hwm, mut p_pss) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for i in 0..warm + n {
-        if budget.over() && t_hwm.len() >= 10 {
-            rep.note(
-                "B6",
-                format!("stopped by its time budget after {} runs", t_hwm.len()),
-            );
-            break;
-        }
+    let plan = Plan {
+        id: "B6",
+        warm: ctx.n(1, 1),
+        n: ctx.n(3, 30),
+        budget: Duration::from_secs(40),
+        min_samples: 10,
+        unit: "runs",
+        reap: true,
+    };
+    // Samples: peak RSS of tether (front + core) and of flock(1); the rest aside.
+    let (mut t_pss, mut f_pss, mut p_hwm, mut p_pss) = (vec![], vec![], vec![], vec![]);
+    let samples = measure(ctx, rep, &plan, |it, samples| {
+        let i = it.index;
         // The three run side by side (memory does not depend on the order); the spawn order
         // rotates.
         let mut cmds: Vec<(usize, Command)> = Vec::new();
@@ -144,18 +146,18 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         if core_pid.is_none() {
             return Err("B6: never saw tether's core process".to_owned());
         }
-        if i >= warm {
-            t_hwm.push((front.hwm + core.hwm) as f64 / MIB);
+        samples.record(it, Side::Tether, (front.hwm + core.hwm) as f64 / MIB);
+        samples.record(it, Side::Base, flock.hwm as f64 / MIB);
+        if !it.warm_up {
             t_pss.push(pss_t as f64 / MIB);
-            f_hwm.push(flock.hwm as f64 / MIB);
             f_pss.push(pss_f as f64 / MIB);
             if ctx.python.is_some() {
                 p_hwm.push(py.hwm as f64 / MIB);
                 p_pss.push(pss_p as f64 / MIB);
             }
         }
-        reap_orphans();
-    }
+        Ok(())
+    })?;
     rep.note(
         "B6",
         "sampled every 5 ms from /proc during a run of `sleep 1` (the command itself is not \
@@ -170,15 +172,12 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         row.judge(pass)
     };
     rep.rows.push(judge(
-        Row::new("B6", "peak RSS, tether front + core (MiB)", target)
-            .with_tether(&t_hwm)
-            .with_base("flock(1)", &f_hwm)
-            .median_ratio(),
+        Row::new("B6", "peak RSS, tether front + core (MiB)", target).with_ab("flock(1)", &samples),
     ));
     if ctx.python.is_some() {
         rep.rows.push(judge(
             Row::new("B6", "peak RSS, tether front + core (MiB)", target)
-                .with_tether(&t_hwm)
+                .with_tether(&samples.tether)
                 .with_base("python3 flock+prctl harness", &p_hwm)
                 .median_ratio(),
         ));

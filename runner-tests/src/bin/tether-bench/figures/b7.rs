@@ -3,12 +3,12 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::sync::Barrier;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::measure::{pair_order, Side};
+use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
 use crate::stats::stats;
-use crate::util::{os, read_ns, reap_orphans, spawn, wait_exit, LIMIT};
+use crate::util::{os, read_ns, spawn, wait_exit, LIMIT};
 use crate::world::{log_file, Ctx, World};
 
 /// What the figure measures, for the report.
@@ -132,40 +132,36 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     // would be 48,000 runs per side — over the bench's 5-minute budget, and deep into the
     // churn regime of a journal-less ext4 (see settle_disk). One trial's throughput swings by
     // ±20 % on a shared 2-core VM, so one is not enough either.
-    let (warm, n) = (1, ctx.n(1, 5));
-    let budget = ctx.budget(60);
-    let (mut t, mut b) = (Vec::new(), Vec::new());
+    let plan = Plan {
+        id: "B7",
+        warm: 1,
+        n: ctx.n(1, 5),
+        budget: Duration::from_secs(60),
+        min_samples: 1,
+        unit: "trials",
+        reap: true,
+    };
     let (mut t_ov, mut b_ov, mut t_fail, mut b_fail) = (0, 0, 0, 0);
-    for trial in 0..warm + n {
-        if budget.over() && !t.is_empty() {
-            rep.note(
-                "B7",
-                format!("stopped by its time budget after {} trials", t.len()),
-            );
-            break;
-        }
-        let runs = if trial < warm { 5 } else { runs };
-        for side in pair_order(trial) {
-            let r = b7_trial(ctx, &w, &log, side, (trial, runs))?;
-            if trial < warm {
-                continue;
-            }
+    let samples = measure_pairs(ctx, rep, &plan, |side, it| {
+        let trial = it.index;
+        let runs = if it.warm_up { 5 } else { runs };
+        let r = b7_trial(ctx, &w, &log, side, (trial, runs))?;
+        if !it.warm_up {
             let ov = r.overlaps + r.excl_overlaps;
             match side {
                 Side::Tether => {
-                    t.push(r.throughput);
                     t_ov += ov;
                     t_fail += r.failures;
                 }
                 Side::Base => {
-                    b.push(r.throughput);
                     b_ov += ov;
                     b_fail += r.failures;
                 }
             }
         }
-        reap_orphans();
-    }
+        Ok(Some(r.throughput))
+    })?;
+    let (t, b) = (&samples.tether, &samples.base);
     rep.note(
         "B7",
         format!(
@@ -175,7 +171,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
              {b_ov}; failed runs: tether {t_fail}, flock(1) {b_fail}. Figures are runs/s per \
              trial (higher is better); ratio = tether / flock(1). Median of the per-pair \
              ratios (each tether trial over the flock(1) trial next to it): {:.2}×.",
-            stats(&t.iter().zip(&b).map(|(t, b)| t / b).collect::<Vec<_>>())
+            stats(&t.iter().zip(b).map(|(t, b)| t / b).collect::<Vec<_>>())
                 .map_or(f64::NAN, |s| s.median)
         ),
     );
@@ -184,9 +180,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         "contention: 8 workers × 100 runs, one app (runs/s)",
         "0 overlaps; ≥ 0.5× flock(1)",
     )
-    .with_tether(&t)
-    .with_base("`flock L cmd` loop", &b)
-    .median_ratio();
+    .with_ab("`flock L cmd` loop", &samples);
     let pass = row.ratio.is_some_and(|r| r >= 0.5) && t_ov == 0 && t_fail == 0;
     rep.rows.push(row.judge(pass));
     Ok(())

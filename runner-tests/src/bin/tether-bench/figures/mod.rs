@@ -13,6 +13,7 @@ pub mod b5;
 pub mod b6;
 pub mod b7;
 pub mod b8;
+mod tree;
 
 pub struct Figure {
     pub id: &'static str,
