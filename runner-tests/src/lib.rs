@@ -63,8 +63,8 @@ pub use files::{
 };
 pub use held::{start_held_run, HeldRun};
 pub use locks::{
-    flock_holders, flock_waiters, hold_lock, lock_is_free, poll_lock_free, wait_flock_waiters,
-    wait_hold_lock, wait_lock_free,
+    flock_holders, flock_waiters, hold_lock, lock_is_free, open_lock_file, poll_lock_free,
+    wait_flock_waiters, wait_hold_lock, wait_lock_free,
 };
 pub use nix::sys::signal::Signal;
 pub use procs::{

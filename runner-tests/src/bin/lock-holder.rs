@@ -6,11 +6,10 @@
 //! waits forever. F existing means the lock is held. The lock goes when the process dies —
 //! exactly what tether and the janitor must rely on. Exit status 2 on bad usage, 1 on an OS error.
 
-use std::fs::OpenOptions;
 use std::io::{Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 
 use runner_tests::helper::Cli;
+use runner_tests::open_lock_file;
 
 fn main() {
     let mut cli = Cli::new(
@@ -29,14 +28,7 @@ fn main() {
     let path = cli.required(path, "--path");
     let ready = cli.required(ready, "--ready");
 
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
+    let mut file = open_lock_file(&path)
         .unwrap_or_else(|e| cli.fail(&format!("opening {}: {e}", path.display())));
     if let Err(e) = file.lock() {
         cli.fail(&format!("flock(LOCK_EX) {}: {e}", path.display()));
