@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use crate::procs::{describe_pid, wait_child_named};
 use crate::sandbox::Sandbox;
-use crate::wait::{count_lines, find_line, poll_until};
+use crate::wait::{find_line, poll_count, poll_exit, poll_some};
 use crate::{shell_quote, tether_bin, TIMEOUT};
 
 /// `--orphan-age` of every janitor the fixture starts, unless the test gives its own.
@@ -298,27 +298,21 @@ impl RunningTether {
     /// Waits for a stderr line containing `pattern`; returns it. Panics, with the stderr so
     /// far, on timeout or when tether exits without printing it.
     pub fn wait_line(&mut self, pattern: &str, timeout: Duration) -> String {
-        let mut found = None;
-        let mut exited = None;
-        let path = self.stderr_path.clone();
+        let path = &self.stderr_path;
         let child = &mut self.child;
-        poll_until(timeout, || {
-            found = find_line(&path, pattern);
-            if found.is_none() {
-                exited = child.try_wait().ok().flatten();
-                if exited.is_some() {
-                    // One last look: the line may have been written just before exiting.
-                    found = find_line(&path, pattern);
-                    return true;
-                }
-            }
-            found.is_some()
+        // `Ok(line)`, or `Err(status)` when tether exited without printing it.
+        let outcome = poll_some(timeout, || match find_line(path, pattern) {
+            Some(line) => Some(Ok(line)),
+            // One last look after an exit: the line may have been written just before it.
+            None => child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|status| find_line(path, pattern).ok_or(status)),
         });
-        if let Some(line) = found {
-            return line;
-        }
-        let why = match exited {
-            Some(status) => format!(
+        let why = match outcome {
+            Some(Ok(line)) => return line,
+            Some(Err(status)) => format!(
                 "tether exited ({}) without printing it",
                 status_text(status)
             ),
@@ -334,12 +328,8 @@ impl RunningTether {
 
     /// Waits until at least `n` stderr lines contain `pattern`; returns the count.
     pub fn wait_count(&mut self, pattern: &str, n: usize, timeout: Duration) -> usize {
-        let mut count = 0;
-        let path = self.stderr_path.clone();
-        if poll_until(timeout, || {
-            count = count_lines(&path, pattern);
-            count >= n
-        }) {
+        let (found, count) = poll_count(&self.stderr_path, pattern, n, timeout);
+        if found {
             return count;
         }
         panic!(
@@ -353,13 +343,7 @@ impl RunningTether {
     /// Waits up to `timeout` for tether to exit; `None` if it is still running. Repeated
     /// calls after an exit return the same outcome.
     pub fn try_wait_exit(&mut self, timeout: Duration) -> Option<Finished> {
-        let mut status = None;
-        let child = &mut self.child;
-        poll_until(timeout, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status.map(|status| self.finished(status))
+        poll_exit(&mut self.child, timeout).map(|status| self.finished(status))
     }
 
     /// Waits for tether to exit. On timeout, SIGKILLs it and panics with its stderr.

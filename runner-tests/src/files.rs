@@ -113,16 +113,13 @@ pub fn snapshot(root: &Path, skip: &[&str]) -> Vec<String> {
 /// Waits until the app lock of `domain` names run `id` as `running`; returns the holder's pid
 /// from the metadata (the core's pid, CLI-CONTRACT).
 pub fn wait_holder_pid(sb: &Sandbox, domain: &str, id: &str) -> i32 {
-    let mut pid = None;
-    crate::wait_until(
+    crate::wait_some(
         &format!("lock metadata of {domain} naming run {id} as running"),
         crate::TIMEOUT,
         || {
-            pid = sb.lock_metadata(domain).and_then(|m| {
+            sb.lock_metadata(domain).and_then(|m| {
                 (m["run_id"] == id && m["state"] == "running").then(|| m["pid"].as_i64())?
-            });
-            pid.is_some()
+            })
         },
-    );
-    pid.unwrap_or_default() as i32
+    ) as i32
 }

@@ -10,7 +10,8 @@
 //!   file, so lines can be awaited while tether runs), and [`StepShell`] for tether started
 //!   *inside* a `sh -e`/`bash -e` step script in its own process group, as a CI agent does;
 //!   [`FakeAgent`] for a step whose output an agent reads through a pipe, so the test can kill
-//!   the agent and leave the step shell alive (Buildbot);
+//!   the agent and leave the step shell alive (Buildbot); [`start_held_run`] for a run that
+//!   holds its app until the test releases it;
 //! - observation without luck: `wait_*` helpers block on a file, a line, a pid's death or a
 //!   flock waiter against a deadline and panic with context on timeout; `poll_*` helpers return
 //!   `bool` instead. Nothing here sleeps to hope for an ordering: every remaining sleep is a
@@ -21,10 +22,10 @@
 //!
 //! Invariants the tests can rely on:
 //! - every helper binary announces readiness by creating a file atomically (write `F.tmp`,
-//!   rename to `F`), so `wait_file(F)` then reading F never sees a partial file;
+//!   rename to `F`, see [`helper`]), so `wait_file(F)` then reading F never sees a partial file;
 //! - `pid_alive` is false for zombies, so "killed but not yet reaped by its parent" counts as dead;
 //! - commands started here never inherit the test's CI environment (`TETHER_*`, Drone,
-//!   Woodpecker, GitHub, GitLab variables are removed) unless a test sets them.
+//!   Woodpecker, GitHub, GitLab variables are removed, see [`ci_vars`]) unless a test sets them.
 //!
 //! Environment facts to keep in mind:
 //! - fds the test process itself inherited without `FD_CLOEXEC` (from whatever started
@@ -44,6 +45,8 @@
 mod agent;
 mod command;
 mod files;
+mod held;
+pub mod helper;
 mod locks;
 mod procs;
 mod sandbox;
@@ -62,9 +65,10 @@ pub use command::{Finished, RunningTether, TetherCmd};
 pub use files::{
     log_lines, names, rid, sh_wait_for, snapshot, suffix, touch, wait_holder_pid, write_config,
 };
+pub use held::{start_held_run, HeldRun};
 pub use locks::{
-    flock_holders, flock_waiters, hold_lock, lock_is_free, poll_lock_free, wait_flock_waiters,
-    wait_hold_lock, wait_lock_free,
+    flock_holders, flock_waiters, hold_lock, lock_is_free, open_lock_file, poll_lock_free,
+    wait_flock_waiters, wait_hold_lock, wait_lock_free,
 };
 pub use nix::sys::signal::Signal;
 pub use procs::{
@@ -76,8 +80,8 @@ pub use sandbox::Sandbox;
 pub use shell::{StepShell, StepShellCmd};
 pub use users::{is_root, TempUser};
 pub use wait::{
-    count_lines, poll_until, read_json, read_pids, wait_count, wait_file, wait_line, wait_pids,
-    wait_until,
+    count_lines, poll_some, poll_some_every, poll_until, read_json, read_pids, wait_count,
+    wait_file, wait_line, wait_pids, wait_some, wait_until,
 };
 
 /// Default bound for every wait in the suite: generous, because a loaded CI host is slow, and
@@ -276,25 +280,33 @@ pub fn shell_quote(s: impl AsRef<std::ffi::OsStr>) -> String {
     }
 }
 
+/// The names of this process's environment variables that a command started by the suite (or
+/// by the bench) must not inherit, as they would change what tether does: `TETHER_*`, `CI` and
+/// the CI-detection variables of SPEC §6.2 (Drone, Woodpecker, GitHub, GitLab). The one list
+/// of them.
+pub fn ci_vars() -> Vec<OsString> {
+    const PREFIXES: [&str; 6] = [
+        "TETHER_",
+        "DRONE",
+        "CI_",
+        "GITHUB_",
+        "GITLAB_",
+        "WOODPECKER",
+    ];
+    std::env::vars_os()
+        .map(|(key, _)| key)
+        .filter(|key| {
+            let key = key.to_string_lossy();
+            key == "CI" || PREFIXES.iter().any(|p| key.starts_with(p))
+        })
+        .collect()
+}
+
 /// Removes from `cmd` the variables of the test's own environment that would change what
-/// tether does: `TETHER_*` and the CI-detection variables of SPEC §6.2.
+/// tether does: those of [`ci_vars`].
 pub(crate) fn scrub_env(cmd: &mut std::process::Command) {
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        let ci = [
-            "TETHER_",
-            "DRONE",
-            "CI_",
-            "GITHUB_",
-            "GITLAB_",
-            "WOODPECKER",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-            || k == "CI";
-        if ci {
-            cmd.env_remove(&key);
-        }
+    for key in ci_vars() {
+        cmd.env_remove(key);
     }
 }
 

@@ -56,7 +56,9 @@ pub fn wait_lock_free(path: impl AsRef<Path>, timeout: Duration) {
     }
 }
 
-fn open_for_lock(path: &Path) -> File {
+/// Opens `path` the way a holder of it does (the test itself, or the `lock-holder` helper):
+/// read-write, created 0644 if missing, never truncated, `O_NOFOLLOW`; close-on-exec.
+pub fn open_lock_file(path: impl AsRef<Path>) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -65,7 +67,10 @@ fn open_for_lock(path: &Path) -> File {
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .unwrap_or_else(|e| panic!("opening {} to lock it: {e}", path.display()))
+}
+
+fn open_for_lock(path: &Path) -> File {
+    open_lock_file(path).unwrap_or_else(|e| panic!("opening {} to lock it: {e}", path.display()))
 }
 
 /// Takes an exclusive flock on `path` for the test process itself (creating the file 0644 if

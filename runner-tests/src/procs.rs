@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::wait::poll_until;
+use crate::wait::{poll_exit, poll_some, poll_until};
 
 /// What `/proc/<pid>/stat` says about a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +77,29 @@ pub(crate) fn describe_pid(pid: i32) -> String {
                         .replace('\0', " ")
                 })
                 .unwrap_or_default();
+            // Whose it is: the run id it carries and its cgroup (for leftovers).
+            let run = fs::read(format!("/proc/{pid}/environ"))
+                .ok()
+                .and_then(|env| {
+                    env.split(|&b| b == 0)
+                        .find_map(|v| v.strip_prefix(b"TETHER_RUN_ID".as_slice()))
+                        .map(|v| {
+                            String::from_utf8_lossy(v.strip_prefix(b"=").unwrap_or(v)).into_owned()
+                        })
+                })
+                .map(|id| format!(" run {id}"))
+                .unwrap_or_default();
+            let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("0::"))
+                        .map(str::to_owned)
+                })
+                .map(|c| format!(" cgroup {c}"))
+                .unwrap_or_default();
             format!(
-                "pid {pid} ({}) state {} ppid {} pgid {} sid {}: {cmdline}",
+                "pid {pid} ({}) state {} ppid {} pgid {} sid {}{run}{cgroup}: {cmdline}",
                 i.comm, i.state, i.ppid, i.pgid, i.sid
             )
         }
@@ -136,14 +157,12 @@ pub fn descendants_of(pid: i32) -> Vec<i32> {
 /// Waits until `parent` has a live child whose `comm` is `comm`; returns its pid. Used to find
 /// tether's front under a [`crate::StepShell`], or tether's core under the front.
 pub fn wait_child_named(parent: i32, comm: &str, timeout: Duration) -> i32 {
-    let mut found = None;
-    if poll_until(timeout, || {
-        found = children_of(parent)
+    if let Some(child) = poll_some(timeout, || {
+        children_of(parent)
             .into_iter()
-            .find(|&c| pid_alive(c) && pid_comm(c).as_deref() == Some(comm));
-        found.is_some()
+            .find(|&c| pid_alive(c) && pid_comm(c).as_deref() == Some(comm))
     }) {
-        return found.unwrap_or_default();
+        return child;
     }
     let kids: Vec<String> = children_of(parent).into_iter().map(describe_pid).collect();
     panic!(
@@ -331,13 +350,7 @@ impl KillOnDrop {
     /// Waits for the process to exit and reaps it; `None` on timeout. Repeated calls return the
     /// same status.
     pub fn try_wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        let child = &mut self.child;
-        poll_until(timeout, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status
+        poll_exit(&mut self.child, timeout)
     }
 
     /// Waits for the process to exit and reaps it; panics on timeout.

@@ -118,16 +118,11 @@ impl Sandbox {
 
     /// Waits (bounded by `TIMEOUT`) until run `id`'s record is in `state`; returns it.
     pub fn wait_record(&self, id: &str, state: &str) -> serde_json::Value {
-        let mut rec = None;
-        crate::wait::wait_until(
+        crate::wait::wait_some(
             &format!("run.json of {id} in state {state}"),
             crate::TIMEOUT,
-            || {
-                rec = self.run_record(id).filter(|r| r["state"] == state);
-                rec.is_some()
-            },
-        );
-        rec.unwrap_or_default()
+            || self.run_record(id).filter(|r| r["state"] == state),
+        )
     }
 
     /// The metadata in the app lockfile of `domain`, parsed; `None` if missing or torn.

@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use crate::command::{status_text, Finished};
 use crate::procs::{describe_pid, wait_child_named};
 use crate::sandbox::Sandbox;
-use crate::wait::{find_line, poll_until};
+use crate::wait::{find_line, poll_exit, poll_some};
 
 /// Builder of a [`StepShell`]; see [`Sandbox::step_shell`].
 #[derive(Debug, Clone)]
@@ -139,12 +139,8 @@ impl StepShell {
     /// Waits for a stderr line containing `pattern`; returns it. Panics with the stderr so far
     /// on timeout (the shell exiting does not end the wait: its children may still write).
     pub fn wait_line(&self, pattern: &str, timeout: Duration) -> String {
-        let mut found = None;
-        if poll_until(timeout, || {
-            found = find_line(&self.stderr_path, pattern);
-            found.is_some()
-        }) {
-            return found.unwrap_or_default();
+        if let Some(line) = poll_some(timeout, || find_line(&self.stderr_path, pattern)) {
+            return line;
         }
         panic!(
             "timed out after {timeout:?} waiting for a step stderr line containing {pattern:?}\n\
@@ -157,14 +153,8 @@ impl StepShell {
 
     /// Waits up to `timeout` for the shell to exit and reaps it; `None` if still running.
     pub fn try_wait_exit(&mut self, timeout: Duration) -> Option<Finished> {
-        let mut status = None;
-        let child = &mut self.child;
-        poll_until(timeout, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
         Some(Finished::collect(
-            status?,
+            poll_exit(&mut self.child, timeout)?,
             &self.stdout_path,
             &self.stderr_path,
             &self.command_line,

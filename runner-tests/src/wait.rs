@@ -10,25 +10,55 @@ use std::time::{Duration, Instant};
 
 use crate::POLL;
 
-/// Calls `cond` until it returns true or `timeout` passes; returns whether it did.
-pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// The one poll loop of the crate: calls `probe` (at least once) every `step` until it returns
+/// `Some` or `timeout` passes; returns what it found. Every other wait of the fixture, of the
+/// helper binaries and of the bench (with its finer steps) goes through this function.
+pub fn poll_some_every<T>(
+    timeout: Duration,
+    step: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        if cond() {
-            return true;
+        if let Some(found) = probe() {
+            return Some(found);
         }
         if Instant::now() >= deadline {
-            return false;
+            return None;
         }
-        std::thread::sleep(POLL); // ordering-free: poll step under a deadline
+        std::thread::sleep(step); // ordering-free: poll step under a deadline
     }
 }
 
-/// Like [`poll_until`], but panics on timeout saying what was awaited.
-pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
-    if !poll_until(timeout, cond) {
-        panic!("timed out after {timeout:?} waiting for {what}");
+/// [`poll_some_every`] with the suite's step, [`POLL`].
+pub fn poll_some<T>(timeout: Duration, probe: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_some_every(timeout, POLL, probe)
+}
+
+/// Like [`poll_some`], but panics on timeout saying what was awaited.
+pub fn wait_some<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    match poll_some(timeout, probe) {
+        Some(found) => found,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
     }
+}
+
+/// Calls `cond` until it returns true or `timeout` passes; returns whether it did.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    poll_some(timeout, || cond().then_some(())).is_some()
+}
+
+/// Like [`poll_until`], but panics on timeout saying what was awaited.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_some(what, timeout, || cond().then_some(()))
+}
+
+/// Polls `child` until it exits, reaping it; `None` if it is still running after `timeout`.
+pub(crate) fn poll_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    poll_some(timeout, || child.try_wait().ok().flatten())
 }
 
 /// Waits until `path` exists.
@@ -75,12 +105,8 @@ pub(crate) fn find_line(path: &Path, substring: &str) -> Option<String> {
 /// Waits for a complete line containing `substring` in `file`; returns that line.
 pub fn wait_line(file: impl AsRef<Path>, substring: &str, timeout: Duration) -> String {
     let file = file.as_ref();
-    let mut found = None;
-    if poll_until(timeout, || {
-        found = find_line(file, substring);
-        found.is_some()
-    }) {
-        return found.unwrap_or_default();
+    if let Some(line) = poll_some(timeout, || find_line(file, substring)) {
+        return line;
     }
     panic!(
         "timed out after {timeout:?} waiting for a line containing {substring:?} in {}\n\
@@ -98,14 +124,27 @@ pub fn count_lines(file: impl AsRef<Path>, substring: &str) -> usize {
         .count()
 }
 
+/// Polls until `file` has at least `n` complete lines containing `substring`: whether it did
+/// in time, and the last count seen.
+pub(crate) fn poll_count(
+    file: &Path,
+    substring: &str,
+    n: usize,
+    timeout: Duration,
+) -> (bool, usize) {
+    let mut count = 0;
+    let found = poll_until(timeout, || {
+        count = count_lines(file, substring);
+        count >= n
+    });
+    (found, count)
+}
+
 /// Waits until `file` has at least `n` complete lines containing `substring`; returns the count.
 pub fn wait_count(file: impl AsRef<Path>, substring: &str, n: usize, timeout: Duration) -> usize {
     let file = file.as_ref();
-    let mut count = 0;
-    if poll_until(timeout, || {
-        count = count_lines(file, substring);
-        count >= n
-    }) {
+    let (found, count) = poll_count(file, substring, n, timeout);
+    if found {
         return count;
     }
     panic!(

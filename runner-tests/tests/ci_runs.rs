@@ -23,9 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    count_lines, log_lines, names, rid, sh_wait_for, shell_quote, suffix, touch, wait_file,
-    wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox, TetherCmd,
-    TIMEOUT,
+    count_lines, log_lines, names, rid, sh_wait_for, shell_quote, start_held_run, suffix, touch,
+    wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox,
+    TetherCmd, TIMEOUT,
 };
 use serde_json::Value;
 
@@ -77,8 +77,8 @@ fn line_index(f: &Finished, parts: &[&str]) -> Option<usize> {
         .position(|l| parts.iter().all(|p| l.contains(p)))
 }
 
-/// A holder run: its command touches a fresh `started` marker, then waits for `release`; its
-/// teardown appends `td <name> $TETHER_REASON` to `log`. Returned once it holds the app.
+/// A holder run ([`start_held_run`]: its command waits for `release`) whose teardown appends
+/// `td <name> $TETHER_REASON` to `log`. Returned once it holds the app.
 fn start_holder(
     sb: &Sandbox,
     app: &str,
@@ -88,26 +88,11 @@ fn start_holder(
     log: &Path,
     extra: &[&str],
 ) -> RunningTether {
-    let started = sb.fresh_mark("holder.started");
-    let script = format!(
-        "touch {}; {}",
-        shell_quote(&started),
-        sh_wait_for(&shell_quote(release))
-    );
-    let holder = sb
-        .tether_run()
-        .app(app)
-        .run_id(id)
-        .teardown(format!(
-            r#"echo "td {name} $TETHER_REASON" >> {}"#,
-            shell_quote(log)
-        ))
-        .args(extra)
-        .command(["sh", "-c", &script])
-        .spawn();
-    wait_file(&started, TIMEOUT);
-    wait_holder_pid(sb, app, id);
-    holder
+    let teardown = format!(r#"echo "td {name} $TETHER_REASON" >> {}"#, shell_quote(log));
+    start_held_run(sb, app, id, release, |cmd| {
+        cmd.teardown(teardown).args(extra)
+    })
+    .run
 }
 
 /// A command that appends `ran <name>` to `log`.

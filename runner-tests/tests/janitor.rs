@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 use runner_tests::{
     helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, sh_wait_for,
-    shell_quote, snapshot, start_lock_holder, suffix, touch, wait_file, wait_line, wait_pids,
-    wait_until, Finished, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    shell_quote, snapshot, start_held_run, start_lock_holder, suffix, touch, wait_file, wait_line,
+    wait_pids, wait_until, Finished, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
 };
 use serde_json::{json, Value};
 
@@ -312,35 +312,17 @@ fn assert_reaped(sb: &Sandbox, dead: &Dead) {
     }
 }
 
-/// A live run whose command writes its pid to a file and waits for `release`, then exits 0.
-struct Live {
-    run: RunningTether,
-    core: i32,
-    /// The command's own pid (`sh`).
-    cmd_pid: i32,
-}
-
-fn start_live_run(sb: &Sandbox, app: &str, id: &str, release: &Path, teardown: &str) -> Live {
-    let pid_file = sb.fresh_mark("live.pid");
-    let script = format!(
-        "echo $$ > {p}.tmp && mv {p}.tmp {p}; {wait}",
-        p = shell_quote(&pid_file),
-        wait = sh_wait_for(&shell_quote(release))
-    );
-    let run = sb
-        .tether_run()
-        .app(app)
-        .run_id(id)
-        .teardown(teardown)
-        .args(["--grace", GRACE])
-        .command(["sh", "-c", &script])
-        .spawn();
-    let cmd_pid = wait_pids(&pid_file, TIMEOUT)[0];
-    let core = sb.wait_record(id, "running")["pid"]
+/// A live run ([`start_held_run`]: its command waits for `release`, then exits 0) with
+/// `--grace` and a teardown; its run record names its core.
+fn start_live_run(sb: &Sandbox, app: &str, id: &str, release: &Path, teardown: &str) -> HeldRun {
+    let live = start_held_run(sb, app, id, release, |cmd| {
+        cmd.teardown(teardown).args(["--grace", GRACE])
+    });
+    let recorded = sb.wait_record(id, "running")["pid"]
         .as_i64()
         .unwrap_or_default() as i32;
-    assert_eq!(core, run.wait_core_pid(TIMEOUT));
-    Live { run, core, cmd_pid }
+    assert_eq!(recorded, live.core, "the run record names the core");
+    live
 }
 
 fn unix_now() -> u64 {

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use runner_tests::{
     flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
-    read_fd_listing, rid, sh_wait_for, shell_quote, snapshot, touch, wait_all_gone, wait_file,
-    wait_flock_waiters, wait_holder_pid, wait_line, wait_pids, wait_until, Finished, RunningTether,
-    Sandbox, Signal, TIMEOUT,
+    read_fd_listing, rid, sh_wait_for, shell_quote, snapshot, start_held_run, touch, wait_all_gone,
+    wait_file, wait_flock_waiters, wait_holder_pid, wait_line, wait_pids, wait_until, Finished,
+    RunningTether, Sandbox, Signal, TIMEOUT,
 };
 
 /// The `pid` of run `id`'s record once its state is `state`.
@@ -171,7 +171,7 @@ fn different_apps_overlap() {
     }
 }
 
-/// Starts a holder run of `app` whose command touches `started` and then waits for `release`;
+/// Starts a holder run of `app` ([`start_held_run`]: its command waits for `release`);
 /// returns it once it holds the app, with its core pid (from the lock metadata).
 fn start_holder(
     sb: &Sandbox,
@@ -180,28 +180,8 @@ fn start_holder(
     release: &Path,
     extra: &[&str],
 ) -> (RunningTether, i32) {
-    let started = sb.fresh_mark("holder.started");
-    let script = format!(
-        "touch {}; {}",
-        shell_quote(&started),
-        sh_wait_for(&shell_quote(release))
-    );
-    let holder = sb
-        .tether_run()
-        .app(app)
-        .run_id(id)
-        .args(extra)
-        .command(["sh", "-c", &script])
-        .spawn();
-    wait_file(&started, TIMEOUT);
-    let core = wait_holder_pid(sb, app, id);
-    assert_eq!(
-        core,
-        holder.wait_core_pid(TIMEOUT),
-        "metadata pid is the core's"
-    );
-    assert_ne!(core, holder.pid(), "the core is not the front");
-    (holder, core)
+    let held = start_held_run(sb, app, id, release, |cmd| cmd.args(extra));
+    (held.run, held.core)
 }
 
 /// SPEC §7, CLI-CONTRACT: the waiting line names the holder's run id and core pid, and is

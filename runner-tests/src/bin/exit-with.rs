@@ -8,28 +8,18 @@
 
 use std::process::exit;
 
-fn usage(msg: &str) -> ! {
-    eprintln!("exit-with: {msg}");
-    eprintln!("usage: exit-with --code N | exit-with --signal N");
-    exit(2)
-}
-
-fn number(v: Option<std::ffi::OsString>, flag: &str) -> i32 {
-    v.as_ref()
-        .and_then(|v| v.to_str())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| usage(&format!("{flag} takes a number")))
-}
+use runner_tests::helper::Cli;
 
 fn main() {
-    let mut it = std::env::args_os().skip(1);
-    let flag = it
+    let mut cli = Cli::new("exit-with", "exit-with --code N | exit-with --signal N");
+    let flag = cli
         .next()
-        .unwrap_or_else(|| usage("missing --code or --signal"));
+        .unwrap_or_else(|| cli.usage("missing --code or --signal"));
     let flag = flag.to_str().unwrap_or("");
-    let n = number(it.next(), flag);
-    if let Some(extra) = it.next() {
-        usage(&format!("unexpected argument {extra:?}"));
+    let value = cli.next();
+    let n: i32 = cli.parse_number(value, flag);
+    if let Some(extra) = cli.next() {
+        cli.unexpected(&extra);
     }
     match flag {
         "--code" => exit(n),
@@ -50,6 +40,6 @@ fn main() {
             eprintln!("exit-with: signal {n} did not terminate the process");
             exit(1)
         }
-        _ => usage(&format!("unexpected argument {flag:?}")),
+        _ => cli.usage(&format!("unexpected argument {flag:?}")),
     }
 }

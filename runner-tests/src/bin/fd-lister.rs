@@ -8,30 +8,19 @@
 //! Exit status 2 on bad usage, 1 on an I/O error.
 
 use std::fs;
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::exit;
 
-fn usage(msg: &str) -> ! {
-    eprintln!("fd-lister: {msg}");
-    eprintln!("usage: fd-lister --out F");
-    exit(2)
-}
+use runner_tests::helper::Cli;
 
 fn main() {
+    let mut cli = Cli::new("fd-lister", "fd-lister --out F");
     let mut out = None;
-    let mut it = std::env::args_os().skip(1);
-    while let Some(arg) = it.next() {
+    while let Some(arg) = cli.next() {
         match arg.to_str() {
-            Some("--out") => {
-                out = Some(PathBuf::from(
-                    it.next().unwrap_or_else(|| usage("--out needs a value")),
-                ))
-            }
-            _ => usage(&format!("unexpected argument {arg:?}")),
+            Some("--out") => out = Some(cli.path("--out")),
+            _ => cli.unexpected(&arg),
         }
     }
-    let out = out.unwrap_or_else(|| usage("--out is required"));
+    let out = cli.required(out, "--out");
 
     // List the numbers first and drop the directory handle, so its own fd is gone (its
     // readlink then fails with ENOENT and is skipped).
@@ -40,10 +29,7 @@ fn main() {
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
             .collect(),
-        Err(e) => {
-            eprintln!("fd-lister: reading /proc/self/fd: {e}");
-            exit(1)
-        }
+        Err(e) => cli.fail(&format!("reading /proc/self/fd: {e}")),
     };
     fds.sort_unstable();
     let mut listing = String::new();
@@ -52,15 +38,5 @@ fn main() {
             listing.push_str(&format!("{fd} -> {}\n", target.display()));
         }
     }
-
-    let mut tmp = out.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let written = fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(listing.as_bytes()))
-        .and_then(|()| fs::rename(&tmp, &out));
-    if let Err(e) = written {
-        eprintln!("fd-lister: writing {}: {e}", out.display());
-        exit(1);
-    }
+    cli.write_ready(&out, listing);
 }

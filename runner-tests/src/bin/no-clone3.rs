@@ -10,11 +10,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::process::exit;
 
-fn usage(msg: &str) -> ! {
-    eprintln!("no-clone3: {msg}");
-    eprintln!("usage: no-clone3 ERRNO PROGRAM [ARGS...]");
-    exit(2)
-}
+use runner_tests::helper::Cli;
 
 fn stmt(code: u32, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -26,17 +22,19 @@ fn stmt(code: u32, k: u32) -> libc::sock_filter {
 }
 
 fn main() {
-    let mut args = std::env::args_os().skip(1);
-    let errno: u32 = args
+    let mut cli = Cli::new("no-clone3", "no-clone3 ERRNO PROGRAM [ARGS...]");
+    let errno: u32 = cli
         .next()
         .and_then(|e| e.to_str().and_then(|s| s.parse().ok()))
         .filter(|&e| e > 0 && e < 4096)
-        .unwrap_or_else(|| usage("ERRNO must be a number in 1..4095"));
+        .unwrap_or_else(|| cli.usage("ERRNO must be a number in 1..4095"));
+    let args: Vec<_> = cli.by_ref().collect();
     let argv: Vec<CString> = args
-        .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| usage("NUL byte in argument")))
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| cli.usage("NUL byte in argument")))
         .collect();
     if argv.is_empty() {
-        usage("missing PROGRAM");
+        cli.usage("missing PROGRAM");
     }
 
     // offsetof(struct seccomp_data, nr) == 0.

@@ -20,9 +20,11 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
 use std::process::exit;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use runner_tests::helper::Cli;
+use runner_tests::poll_some_every;
 
 fn now_ns() -> u128 {
     let mut ts = libc::timespec {
@@ -34,50 +36,29 @@ fn now_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("stamp: {msg}");
-    eprintln!("usage: stamp [--start F] [--excl T] [--wait M [--wait-timeout-ms N]] [--end F]");
-    exit(2)
-}
-
-fn write_atomic(path: &Path, ns: u128) {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    if let Err(e) = fs::write(&tmp, format!("{ns}\n")).and_then(|()| fs::rename(&tmp, path)) {
-        eprintln!("stamp: writing {}: {e}", path.display());
-        exit(1);
-    }
-}
-
 fn main() {
     let t_start = now_ns();
+    let mut cli = Cli::new(
+        "stamp",
+        "stamp [--start F] [--excl T] [--wait M [--wait-timeout-ms N]] [--end F]",
+    );
     let (mut start, mut excl, mut wait, mut end) = (None, None, None, None);
     let mut wait_timeout = Duration::from_secs(60);
-    let mut it = std::env::args_os().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{arg:?} needs a value")))
-        };
+    while let Some(arg) = cli.next() {
         match arg.to_str() {
-            Some("--start") => start = Some(PathBuf::from(value())),
-            Some("--excl") => excl = Some(PathBuf::from(value())),
-            Some("--wait") => wait = Some(PathBuf::from(value())),
-            Some("--end") => end = Some(PathBuf::from(value())),
+            Some("--start") => start = Some(cli.path("--start")),
+            Some("--excl") => excl = Some(cli.path("--excl")),
+            Some("--wait") => wait = Some(cli.path("--wait")),
+            Some("--end") => end = Some(cli.path("--end")),
             Some("--wait-timeout-ms") => {
-                let ms = value()
-                    .to_str()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| usage("--wait-timeout-ms takes a number"));
-                wait_timeout = Duration::from_millis(ms);
+                wait_timeout = Duration::from_millis(cli.number("--wait-timeout-ms"))
             }
-            _ => usage(&format!("unexpected argument {arg:?}")),
+            _ => cli.unexpected(&arg),
         }
     }
 
     if let Some(start) = &start {
-        write_atomic(start, t_start);
+        cli.write_ready(start, format!("{t_start}\n"));
     }
 
     let mut overlapped = false;
@@ -96,30 +77,24 @@ fn main() {
                 );
                 overlapped = true;
             }
-            Err(e) => {
-                eprintln!("stamp: creating {}: {e}", token.display());
-                exit(1);
-            }
+            Err(e) => cli.fail(&format!("creating {}: {e}", token.display())),
         }
     }
 
     if let Some(marker) = &wait {
-        let until = Instant::now() + wait_timeout;
-        while !marker.exists() {
-            if Instant::now() >= until {
-                eprintln!(
-                    "stamp: {} did not appear within {wait_timeout:?}",
-                    marker.display()
-                );
-                exit(98);
-            }
-            std::thread::sleep(Duration::from_micros(200)); // bounded poll for the marker
+        let step = Duration::from_micros(200);
+        if poll_some_every(wait_timeout, step, || marker.exists().then_some(())).is_none() {
+            eprintln!(
+                "stamp: {} did not appear within {wait_timeout:?}",
+                marker.display()
+            );
+            exit(98);
         }
     }
 
     let t_end = now_ns();
     if let Some(end) = &end {
-        write_atomic(end, t_end);
+        cli.write_ready(end, format!("{t_end}\n"));
     }
     if excl_created {
         if let Some(token) = &excl {

@@ -13,46 +13,37 @@
 //! directory is gone or no longer ours (root removed it, or took it over to remove it). Exit 0; 2 on bad usage; 1 when the loop could not even start.
 
 use std::ffi::CString;
-use std::path::PathBuf;
 use std::process::exit;
 use std::time::{Duration, Instant};
 
-fn usage(msg: &str) -> ! {
-    eprintln!("swapper: {msg}");
-    eprintln!("usage: swapper --mode flip|swap --target T [--name N] [--go F] [--stop F] [--deadline-ms MS]");
-    exit(2)
-}
-
-fn c(s: &str) -> CString {
-    CString::new(s).unwrap_or_else(|_| usage("NUL in an argument"))
-}
+use runner_tests::helper::Cli;
 
 fn main() {
+    let mut cli = Cli::new(
+        "swapper",
+        "swapper --mode flip|swap --target T [--name N] [--go F] [--stop F] [--deadline-ms MS]",
+    );
     let (mut mode, mut target, mut name, mut go, mut stop) = (None, None, None, None, None);
     let mut deadline = Duration::from_secs(10);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
-        };
-        match arg.as_str() {
-            "--mode" => mode = Some(value()),
-            "--target" => target = Some(value()),
-            "--name" => name = Some(value()),
-            "--go" => go = Some(PathBuf::from(value())),
-            "--stop" => stop = Some(PathBuf::from(value())),
-            "--deadline-ms" => {
-                deadline = Duration::from_millis(
-                    value()
-                        .parse()
-                        .unwrap_or_else(|_| usage("--deadline-ms needs a number")),
-                )
+    while let Some(arg) = cli.next() {
+        match arg.to_str() {
+            Some("--mode") => mode = Some(cli.text("--mode")),
+            Some("--target") => target = Some(cli.text("--target")),
+            Some("--name") => name = Some(cli.text("--name")),
+            Some("--go") => go = Some(cli.path("--go")),
+            Some("--stop") => stop = Some(cli.path("--stop")),
+            Some("--deadline-ms") => {
+                let ms = cli.text("--deadline-ms");
+                let ms = ms
+                    .parse()
+                    .unwrap_or_else(|_| cli.usage("--deadline-ms needs a number"));
+                deadline = Duration::from_millis(ms);
             }
-            _ => usage(&format!("unexpected argument {arg}")),
+            _ => cli.unexpected(&arg),
         }
     }
-    let target = c(&target.unwrap_or_else(|| usage("--target is required")));
+    let c = |s: &str| CString::new(s).unwrap_or_else(|_| cli.usage("NUL in an argument"));
+    let target = c(&cli.required(target, "--target"));
     let end = Instant::now() + deadline;
     let stopped = || stop.as_ref().is_some_and(|s| s.exists()) || Instant::now() >= end;
     let mut announced = false;
@@ -64,7 +55,7 @@ fn main() {
     };
     match mode.as_deref() {
         Some("flip") => {
-            let name = c(&name.unwrap_or_else(|| usage("--name is required for flip")));
+            let name = c(&name.unwrap_or_else(|| cli.usage("--name is required for flip")));
             while !stopped() {
                 // SAFETY: symlink/unlink with valid NUL-terminated strings.
                 unsafe {
@@ -145,6 +136,6 @@ fn main() {
                 }
             }
         }
-        _ => usage("--mode flip|swap is required"),
+        _ => cli.usage("--mode flip|swap is required"),
     }
 }

@@ -17,12 +17,13 @@
 //! its own pid, the plain children, the setsid child, the double-fork grandchild. No sleeps.
 //! Exit status 2 on bad usage, 1 when the tree could not be built.
 
-use std::ffi::OsString;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::exit;
+
+use runner_tests::helper::Cli;
 
 struct Args {
     pids_file: PathBuf,
@@ -32,44 +33,22 @@ struct Args {
     ignore_term: bool,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("tree-helper: {msg}");
-    eprintln!(
-        "usage: tree-helper --pids-file F [--children N] [--setsid] [--double-fork] [--ignore-term]"
-    );
-    exit(2)
-}
-
-fn parse_args() -> Args {
+fn parse_args(cli: &mut Cli) -> Args {
     let mut pids_file = None;
     let mut children = 3usize;
     let (mut setsid, mut double_fork, mut ignore_term) = (false, false, false);
-    let mut it = std::env::args_os().skip(1);
-    while let Some(arg) = it.next() {
+    while let Some(arg) = cli.next() {
         match arg.to_str() {
-            Some("--pids-file") => {
-                pids_file = Some(PathBuf::from(
-                    it.next()
-                        .unwrap_or_else(|| usage("--pids-file needs a value")),
-                ))
-            }
-            Some("--children") => {
-                let v: OsString = it
-                    .next()
-                    .unwrap_or_else(|| usage("--children needs a value"));
-                children = v
-                    .to_str()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_else(|| usage("--children takes a number"));
-            }
+            Some("--pids-file") => pids_file = Some(cli.path("--pids-file")),
+            Some("--children") => children = cli.number("--children"),
             Some("--setsid") => setsid = true,
             Some("--double-fork") => double_fork = true,
             Some("--ignore-term") => ignore_term = true,
-            _ => usage(&format!("unexpected argument {arg:?}")),
+            _ => cli.unexpected(&arg),
         }
     }
     Args {
-        pids_file: pids_file.unwrap_or_else(|| usage("--pids-file is required")),
+        pids_file: cli.required(pids_file, "--pids-file"),
         children,
         setsid,
         double_fork,
@@ -120,7 +99,11 @@ fn fork_child(close_in_child: Option<libc::c_int>, body: impl FnOnce()) -> libc:
 }
 
 fn main() {
-    let args = parse_args();
+    let mut cli = Cli::new(
+        "tree-helper",
+        "tree-helper --pids-file F [--children N] [--setsid] [--double-fork] [--ignore-term]",
+    );
+    let args = parse_args(&mut cli);
 
     if args.ignore_term {
         // SAFETY: setting a disposition to SIG_IGN is always sound; inherited by forks.
@@ -218,15 +201,6 @@ fn main() {
     for (_, pid) in &by_role {
         out.push_str(&format!("{pid}\n"));
     }
-    let mut tmp = args.pids_file.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let written = fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(out.as_bytes()))
-        .and_then(|()| fs::rename(&tmp, &args.pids_file));
-    if let Err(e) = written {
-        eprintln!("tree-helper: writing {}: {e}", args.pids_file.display());
-        exit(1);
-    }
+    cli.write_ready(&args.pids_file, out);
     pause_forever()
 }
