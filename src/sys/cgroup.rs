@@ -132,6 +132,17 @@ pub fn orphans() -> Vec<Orphan> {
     out
 }
 
+impl Orphan {
+    /// The cgroup's directory name.
+    pub fn name(&self) -> String {
+        self.cgroup
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
 /// The orphan cgroups of the dead run `id`.
 pub fn orphans_of_run(id: &str) -> Vec<RunCgroup> {
     orphans()
