@@ -4,6 +4,8 @@
 //! `reap` (dead runs) < `out` (what tether reports) < `run` (the life of one run) < `cli`.
 //! `error`, `exit` and `output` are leaves every layer may use.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -5,7 +5,7 @@
 //! forge token) leaking into a test command that prints its environment. With `env.allow`
 //! only listed names pass; the report token's variable never passes unless allowed by name.
 
-use crate::config::{self, Config};
+use crate::config::Config;
 use std::ffi::OsString;
 
 /// Names tether itself sets; an inherited value must never shadow them.
@@ -60,7 +60,7 @@ impl EnvPolicy {
             return true;
         }
         match &self.allow {
-            Some(globs) => globs.iter().any(|g| config::glob_match(g, name)),
+            Some(globs) => globs.iter().any(|g| glob_match(g, name)),
             None => !self.secrets.iter().any(|s| s == name),
         }
     }
@@ -87,7 +87,7 @@ impl EnvPolicy {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    config::expand(v, vars.run_dir, vars.run_id, vars.app, vars.slot),
+                    expand(v, vars.run_dir, vars.run_id, vars.app, vars.slot),
                 )
             })
             .collect()
@@ -98,4 +98,42 @@ impl EnvPolicy {
 pub fn set(env: &mut Vec<(OsString, OsString)>, name: &str, value: OsString) {
     env.retain(|(k, _)| k != name);
     env.push((name.into(), value));
+}
+/// `Err(var)` for the first `{var}` that is not a known template variable.
+pub fn check_template(text: &str) -> std::result::Result<(), String> {
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err(after.to_owned());
+        };
+        let var = &after[..close];
+        if !super::TEMPLATE_VARS.contains(&var) {
+            return Err(var.to_owned());
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// Expand `{run_dir}`, `{run_id}`, `{app}`, `{slot}`.
+pub fn expand(text: &str, run_dir: &str, run_id: &str, app: &str, slot: &str) -> String {
+    text.replace("{run_dir}", run_dir)
+        .replace("{run_id}", run_id)
+        .replace("{app}", app)
+        .replace("{slot}", slot)
+}
+
+/// Shell-style glob with `*` and `?`, for `env.allow`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
 }

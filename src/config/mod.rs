@@ -232,7 +232,7 @@ pub fn parse(text: &str, name: &str) -> Result<Config> {
             "run_env" => {
                 cfg.run_env = ctx.str_map(node)?;
                 for (k, v) in &cfg.run_env {
-                    if let Err(var) = check_template(v) {
+                    if let Err(var) = env::check_template(v) {
                         let line = ctx
                             .map(node)?
                             .iter()
@@ -484,31 +484,6 @@ fn valid_env_name(k: &str) -> bool {
         && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// `Err(var)` for the first `{var}` that is not a known template variable.
-pub fn check_template(text: &str) -> std::result::Result<(), String> {
-    let mut rest = text;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Err(after.to_owned());
-        };
-        let var = &after[..close];
-        if !TEMPLATE_VARS.contains(&var) {
-            return Err(var.to_owned());
-        }
-        rest = &after[close + 1..];
-    }
-    Ok(())
-}
-
-/// Expand `{run_dir}`, `{run_id}`, `{app}`, `{slot}`.
-pub fn expand(text: &str, run_dir: &str, run_id: &str, app: &str, slot: &str) -> String {
-    text.replace("{run_dir}", run_dir)
-        .replace("{run_id}", run_id)
-        .replace("{app}", app)
-        .replace("{slot}", slot)
-}
-
 fn unknown_key(key: &str, known: &[&str]) -> String {
     match known
         .iter()
@@ -533,20 +508,6 @@ fn levenshtein(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
-}
-
-/// Shell-style glob with `*` and `?`, for `env.allow`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
 }
 
 #[cfg(test)]
@@ -633,6 +594,7 @@ report:
 
     #[test]
     fn globs_and_templates() {
+        use env::{check_template, expand, glob_match};
         assert!(glob_match("CI_*", "CI_REPO"));
         assert!(glob_match("*", "X"));
         assert!(!glob_match("CI_*", "GITHUB_TOKEN"));

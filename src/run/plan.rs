@@ -14,8 +14,8 @@ use crate::ident::names::{Domain, RunId};
 use crate::state::dirs::{self, Chosen};
 use crate::state::lock::app_lock_name;
 use crate::state::record;
+use crate::sys::resolve::{self, Resolved};
 use crate::sys::safe_fs::{kind, Dir, Kind};
-use crate::sys::spawn::{self, Resolved};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,7 +90,7 @@ impl Plan {
             return Err(Error::tether("missing command after `--`"));
         };
         let path_var = std::env::var_os("PATH");
-        let program = match spawn::resolve(typed, path_var.as_ref()) {
+        let program = match resolve::resolve(typed, path_var.as_ref()) {
             Resolved::Found(p) => p,
             Resolved::NotFound(m) => return Err(Error::new(Failure::NotFound, m)),
             Resolved::NotExecutable(m) => return Err(Error::new(Failure::NotExecutable, m)),

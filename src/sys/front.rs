@@ -179,7 +179,15 @@ impl Front {
             sival_ptr: token as usize as *mut libc::c_void,
         };
         // SAFETY: sigqueue(2) to our own child with a plain value (never dereferenced).
-        unsafe { libc::sigqueue(self.core.as_raw(), sig as libc::c_int, value) };
+        let rc = unsafe { libc::sigqueue(self.core.as_raw(), sig as libc::c_int, value) };
+        if rc != 0 {
+            // ESRCH: the core is gone (its status is on its way). Anything else is worth a line:
+            // the core will not hear of this cause.
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                crate::output::warn("front", &format!("cannot tell the core about {sig}: {e}"));
+            }
+        }
     }
 
     /// Block until a signal is pending or a watched fd reports that its reader is gone.

@@ -6,6 +6,7 @@ pub mod fault;
 pub mod front;
 pub mod proc_locks;
 pub mod procfs;
+pub mod resolve;
 pub mod safe_fs;
 pub mod shell;
 pub mod signals;

@@ -13,7 +13,7 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub struct SpawnSpec<'a> {
     /// Absolute path of the program (resolved before anything was created): what is exec'd.
@@ -349,13 +349,14 @@ fn vfork_clone3(
         set_tid_size: 0,
         cgroup: cgroup_dir.unwrap_or(0) as u64,
     };
-    // SAFETY: sigset_t is plain data; the full set is restored right after the clone.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
+    // Every signal blocked across the clone: no handler may run on the child's stack.
+    let mut old = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::all()),
+        Some(&mut old),
+    )
+    .map_err(io::Error::from)?;
     // SAFETY: `clone_args` describes a valid stack that outlives the child's use of it (we are
     // suspended until it execs or exits); `child_entry` gets a pointer to `args`, alive as long.
     let ret = unsafe {
@@ -365,8 +366,14 @@ fn vfork_clone3(
             &args as *const ChildArgs<'_> as *mut libc::c_void,
         )
     };
-    // SAFETY: restoring the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if let Err(e) = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&old),
+        None,
+    ) {
+        // The funnel's signals stay blocked either way; the others would be lost: say so.
+        crate::output::warn("spawn", &format!("cannot restore the signal mask: {e}"));
+    }
     drop(stack);
     if ret < 0 {
         // The syscall instruction returns -errno itself (errno is not set).
@@ -388,6 +395,10 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
 /// with nothing on it to return to, so the child must call its entry point from here (what
 /// libc's `clone()` wrapper does; libc has no wrapper for clone3). Returns the child's pid or
 /// `-errno`.
+///
+/// # Safety
+/// `args` must describe a stack the child may use until it execs or exits (the parent is
+/// suspended meanwhile with `CLONE_VFORK`), and `entry` must never return.
 #[cfg(target_arch = "x86_64")]
 unsafe fn raw_clone3(
     args: &CloneArgs,
@@ -397,28 +408,35 @@ unsafe fn raw_clone3(
     let ret: isize;
     // r12/r13 survive the syscall in both processes; the child's rsp is the new stack's top
     // (16-byte aligned, so the `call` leaves the ABI's alignment at the entry).
-    std::arch::asm!(
-        "syscall",
-        "test rax, rax",
-        "jnz 2f",
-        "xor ebp, ebp",
-        "mov rdi, r12",
-        "call r13",
-        "ud2",
-        "2:",
-        inlateout("rax") libc::SYS_clone3 => ret,
-        in("rdi") args as *const CloneArgs,
-        in("rsi") std::mem::size_of::<CloneArgs>(),
-        in("r12") arg,
-        in("r13") entry,
-        lateout("rcx") _,
-        lateout("r11") _,
-        options(nostack),
-    );
+    // SAFETY: the caller's contract (above); the asm clobbers only what it declares, and the
+    // child never comes back to this frame (it calls `entry`, which never returns).
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        )
+    };
     ret
 }
 
 /// Elsewhere: no trampoline (none that could be tested here), so `clone_child` forks.
+///
+/// # Safety
+/// None needed: it only answers `ENOSYS`.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn raw_clone3(
     _args: &CloneArgs,
@@ -436,130 +454,77 @@ unsafe fn raw_clone3(
 /// Call only in a freshly cloned child, with `p` prepared before the clone and `err_fd` the
 /// write end of the close-on-exec pipe.
 unsafe fn child_exec(p: &Prepared, err_fd: RawFd, migrate: Option<RawFd>) -> ! {
-    let fail = |fd: RawFd| -> ! {
-        let e = *libc::__errno_location();
-        let bytes = e.to_ne_bytes();
-        libc::write(fd, bytes.as_ptr().cast(), 4);
-        libc::_exit(crate::exit::NOT_FOUND)
-    };
-    libc::write(err_fd, b"R".as_ptr().cast(), 1);
-    if let Some(dir) = migrate {
-        let procs = libc::openat(
-            dir,
-            c"cgroup.procs".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        );
-        if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-            libc::_exit(crate::exit::TETHER_FAILURE);
-        }
-        libc::close(procs);
-    }
-    if libc::setpgid(0, 0) != 0 || libc::dup2(p.devnull.as_raw_fd(), 0) < 0 {
-        fail(err_fd);
-    }
-    for &(resource, value) in &p.rlimits {
-        let lim = libc::rlimit {
-            rlim_cur: value,
-            rlim_max: value,
+    // SAFETY: the caller's contract: a fresh child with prepared memory; only raw,
+    // async-signal-safe syscalls on that memory follow.
+    unsafe {
+        let fail = |fd: RawFd| -> ! {
+            let e = *libc::__errno_location();
+            let bytes = e.to_ne_bytes();
+            libc::write(fd, bytes.as_ptr().cast(), 4);
+            libc::_exit(crate::exit::NOT_FOUND)
         };
-        if libc::setrlimit(resource, &lim) != 0 {
+        libc::write(err_fd, b"R".as_ptr().cast(), 1);
+        if let Some(dir) = migrate {
+            let procs = libc::openat(
+                dir,
+                c"cgroup.procs".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if procs < 0 || libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(crate::exit::TETHER_FAILURE);
+            }
+            libc::close(procs);
+        }
+        if libc::setpgid(0, 0) != 0 || libc::dup2(p.devnull.as_raw_fd(), 0) < 0 {
             fail(err_fd);
         }
-    }
-    if let Some((gid, uid)) = p.ids {
-        if libc::syscall(libc::SYS_setgroups, p.groups.len(), p.groups.as_ptr()) != 0
-            || libc::syscall(libc::SYS_setgid, gid) != 0
-            || libc::syscall(libc::SYS_setuid, uid) != 0
+        for &(resource, value) in &p.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                fail(err_fd);
+            }
+        }
+        if let Some((gid, uid)) = p.ids {
+            if libc::syscall(libc::SYS_setgroups, p.groups.len(), p.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0
+            {
+                fail(err_fd);
+            }
+        }
+        if let Some(cwd) = &p.cwd {
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                fail(err_fd);
+            }
+        }
+        // After any credential change: changing credentials clears PDEATHSIG.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
         {
             fail(err_fd);
         }
-    }
-    if let Some(cwd) = &p.cwd {
-        if libc::chdir(cwd.as_ptr()) != 0 {
-            fail(err_fd);
+        if libc::getppid() != p.core_pid {
+            libc::_exit(crate::exit::from_signal(libc::SIGKILL));
         }
-    }
-    // After any credential change: changing credentials clears PDEATHSIG.
-    if libc::prctl(
-        libc::PR_SET_PDEATHSIG,
-        libc::SIGKILL as libc::c_ulong,
-        0,
-        0,
-        0,
-    ) != 0
-    {
-        fail(err_fd);
-    }
-    if libc::getppid() != p.core_pid {
-        libc::_exit(crate::exit::from_signal(libc::SIGKILL));
-    }
-    for sig in 1..libc::SIGRTMIN() {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
+        // The core blocks its funnel signals; a child that inherited that mask would ignore
+        // SIGTERM forever (and pass the mask on to everything it forks).
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        fail(err_fd)
     }
-    // The core blocks its funnel signals; a child that inherited that mask would ignore
-    // SIGTERM forever (and pass the mask on to everything it forks).
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
-    fail(err_fd)
-}
-
-/// How a command name resolves, checked before anything is created (SPEC §12).
-pub enum Resolved {
-    Found(PathBuf),
-    NotFound(String),
-    NotExecutable(String),
-}
-
-/// Resolve `program` the way `execvp` will: a name with a `/` is taken as a path, anything
-/// else is searched in `path_var`.
-pub fn resolve(program: &OsString, path_var: Option<&OsString>) -> Resolved {
-    let name = Path::new(program);
-    if program.is_empty() {
-        return Resolved::NotFound("empty command".into());
-    }
-    if program.as_encoded_bytes().contains(&b'/') {
-        return check_candidate(name).unwrap_or_else(|| {
-            Resolved::NotFound(format!("command not found: {}", name.display()))
-        });
-    }
-    let default_path = OsString::from("/usr/local/bin:/usr/bin:/bin");
-    let search = path_var.unwrap_or(&default_path);
-    let mut not_exec = None;
-    for dir in std::env::split_paths(search) {
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
-        match check_candidate(&dir.join(name)) {
-            Some(Resolved::Found(p)) => return Resolved::Found(p),
-            Some(Resolved::NotExecutable(m)) => not_exec = not_exec.or(Some(m)),
-            _ => {}
-        }
-    }
-    not_exec
-        .map(Resolved::NotExecutable)
-        .unwrap_or_else(|| Resolved::NotFound(format!("command not found: {}", name.display())))
-}
-
-fn check_candidate(path: &Path) -> Option<Resolved> {
-    let md = std::fs::metadata(path).ok()?;
-    if md.is_dir() {
-        return Some(Resolved::NotExecutable(format!(
-            "command is a directory: {}",
-            path.display()
-        )));
-    }
-    use nix::unistd::{access, AccessFlags};
-    if access(path, AccessFlags::X_OK).is_err() {
-        return Some(Resolved::NotExecutable(format!(
-            "command is not executable: {}",
-            path.display()
-        )));
-    }
-    Some(Resolved::Found(path.to_owned()))
 }
