@@ -7,7 +7,7 @@ use super::finish::{announce, log_ignored};
 use super::hold::Held;
 use crate::output;
 use crate::sys::spawn::{SpawnError, SpawnSpec};
-use crate::sys::supervisor::{Child, Supervisor};
+use crate::sys::supervisor::{Child, Supervisor, Waits};
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Instant;
@@ -43,7 +43,7 @@ impl Held {
             let sh = Path::new("/bin/sh");
             let args = [OsString::from("-c"), OsString::from(setup)];
             let (child, cause) = match self.spawn(sh, None, &args, &env, false, sup) {
-                Ok(child) => (Some(child), wait_for(child, &self, sup)),
+                Ok(child) => (Some(child), wait_for(child, self.ctx.spec.deadline, sup)),
                 Err(cause) => (None, cause),
             };
             match cause {
@@ -162,7 +162,7 @@ impl Running {
     pub(super) fn wait(self, sup: &mut Supervisor) -> Ended {
         let cause = match (self.ended_early, self.child) {
             (Some(cause), _) => cause,
-            (None, Some(child)) => wait_for(child, &self.held, sup),
+            (None, Some(child)) => wait_for(child, self.held.ctx.spec.deadline, sup),
             (None, None) => Cause::Exited(crate::exit::TETHER_FAILURE),
         };
         Ended {
@@ -175,15 +175,16 @@ impl Running {
     }
 }
 
-/// Wait for `child` to exit, or for a funnel event that ends the run.
-fn wait_for(child: Child, held: &Held, sup: &mut Supervisor) -> Cause {
+/// Wait for `child` to exit, or for a funnel event that ends the run (the first batch that
+/// asks for teardown decides; the events that lost are logged).
+fn wait_for(child: Child, deadline: std::time::Duration, sup: &mut impl Waits) -> Cause {
     loop {
         if let Some(code) = sup.exit_status(child) {
             return Cause::Exited(code);
         }
         let events = sup.wait(None, None);
         if let (Action::TearDown(cause), losers) = decide_batch(Phase::Running, &events) {
-            announce(cause, held.ctx.spec.deadline);
+            announce(cause, deadline);
             log_ignored(&losers);
             return cause;
         }
@@ -200,4 +201,80 @@ fn rlimits_of(limits: &crate::config::Limits) -> Vec<(libc::__rlimit_resource_t,
         out.push((libc::RLIMIT_NPROC, n));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::signals::{Event, Sig};
+    use std::collections::VecDeque;
+    use std::os::fd::RawFd;
+    use std::time::Duration;
+
+    /// A supervisor without a kernel: each `wait` hands out the next scripted batch; the
+    /// child exits when the script says so.
+    struct Fake {
+        batches: VecDeque<Vec<Event>>,
+        /// The child's status becomes available after this many waits.
+        exits_after: Option<(usize, i32)>,
+        waits: usize,
+    }
+
+    impl Waits for Fake {
+        fn exit_status(&mut self, _child: Child) -> Option<i32> {
+            match self.exits_after {
+                Some((n, code)) if self.waits >= n => Some(code),
+                _ => None,
+            }
+        }
+
+        fn wait(&mut self, _timeout: Option<Duration>, _extra: Option<RawFd>) -> Vec<Event> {
+            self.waits += 1;
+            self.batches
+                .pop_front()
+                .unwrap_or_else(|| panic!("waited more often than scripted ({})", self.waits))
+        }
+    }
+
+    fn run(batches: Vec<Vec<Event>>, exits_after: Option<(usize, i32)>) -> (Cause, usize) {
+        let mut fake = Fake {
+            batches: batches.into(),
+            exits_after,
+            waits: 0,
+        };
+        let cause = wait_for(Child { pid: 1 }, Duration::from_secs(60), &mut fake);
+        (cause, fake.waits)
+    }
+
+    #[test]
+    fn the_command_exiting_ends_the_wait_with_its_status() {
+        assert_eq!(
+            run(vec![vec![Event::Child]], Some((1, 7))),
+            (Cause::Exited(7), 1)
+        );
+        // Already exited before the first wait.
+        assert_eq!(run(vec![], Some((0, 0))), (Cause::Exited(0), 0));
+    }
+
+    #[test]
+    fn the_first_funnel_batch_decides_by_precedence() {
+        let both = vec![Event::Signal(Sig::Int), Event::Signal(Sig::Term)];
+        assert_eq!(run(vec![both], None), (Cause::Signal(Sig::Term), 1));
+        let deadline_and_parent = vec![Event::Deadline, Event::ParentDied];
+        assert_eq!(run(vec![deadline_and_parent], None), (Cause::ParentDied, 1));
+    }
+
+    #[test]
+    fn spurious_wakeups_and_ready_fds_do_not_end_the_run() {
+        let (cause, waits) = run(
+            vec![
+                vec![],
+                vec![Event::Child],
+                vec![Event::Ready],
+                vec![Event::AgentGone],
+            ],
+            None,
+        );
+        assert_eq!((cause, waits), (Cause::AgentGone, 4));
+    }
 }

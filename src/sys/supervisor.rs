@@ -38,6 +38,26 @@ impl Child {
     }
 }
 
+/// What a loop that waits for a child or the funnel needs of a supervisor: the small interface
+/// the run's and the reaper's decisions are unit-tested against, with a fake in place of the
+/// kernel (the real-kernel suite proves the real one).
+pub trait Waits {
+    /// The exit status of `child`, if it has exited (taken).
+    fn exit_status(&mut self, child: Child) -> Option<i32>;
+    /// The next funnel events (see [`Supervisor::wait`]).
+    fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event>;
+}
+
+impl Waits for Supervisor {
+    fn exit_status(&mut self, child: Child) -> Option<i32> {
+        Supervisor::exit_status(self, child)
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
+        Supervisor::wait(self, timeout, extra)
+    }
+}
+
 /// The core's supervisor (see the module doc).
 pub struct Supervisor {
     sfd: SignalFd,

@@ -53,10 +53,26 @@ pub(super) enum Step {
 
 /// Everything in reach, in the order the sweep handles it: lockfiles, run dirs, cgroups.
 pub(super) fn plan(opts: &Options, lock: Option<&Dir>, runs: Option<&Dir>) -> Vec<Step> {
-    let table = proc_locks::read();
+    // Not with --app: a cgroup does not say its app.
+    let orphans = if opts.app.is_none() {
+        cgroup::orphans()
+    } else {
+        Vec::new()
+    };
+    plan_with(opts, lock, runs, &proc_locks::read(), orphans)
+}
+
+/// The plan from a given lock table and given orphan cgroups (the kernel's, or a test's).
+fn plan_with(
+    opts: &Options,
+    lock: Option<&Dir>,
+    runs: Option<&Dir>,
+    table: &[LockEntry],
+    orphans: Vec<Orphan>,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     if let Some(lock) = lock {
-        lock_steps(opts, lock, &table, &mut steps);
+        lock_steps(opts, lock, table, &mut steps);
     }
     // The runs the lockfiles above would reap (their run dirs are the same dead runs).
     let by_lockfile: HashSet<String> = steps
@@ -71,17 +87,14 @@ pub(super) fn plan(opts: &Options, lock: Option<&Dir>, runs: Option<&Dir>) -> Ve
         })
         .collect();
     if let Some(runs) = runs {
-        run_dir_steps(opts, runs, &table, &by_lockfile, &mut steps);
+        run_dir_steps(opts, runs, table, &by_lockfile, &mut steps);
     }
-    // Not with --app: a cgroup does not say its app.
-    if opts.app.is_none() {
-        steps.extend(
-            cgroup::orphans()
-                .into_iter()
-                .filter(|o| o.cgroup.age().is_none_or(|a| a >= opts.orphan_age))
-                .map(Step::Orphan),
-        );
-    }
+    steps.extend(
+        orphans
+            .into_iter()
+            .filter(|o| o.cgroup.age().is_none_or(|a| a >= opts.orphan_age))
+            .map(Step::Orphan),
+    );
     steps
 }
 
@@ -339,5 +352,204 @@ impl Step {
                 Some((e, true))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::places::Place;
+    use crate::state::record::{RunRecord, VERSION};
+    use std::os::unix::fs::MetadataExt;
+
+    fn opts() -> Options {
+        Options {
+            lock_dir: Place::given("/nonexistent".into()),
+            runs_dir: Place::given("/nonexistent".into()),
+            teardown: None,
+            teardown_timeout: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            app: None,
+            dry_run: true,
+            retain: Duration::from_secs(3600),
+            orphan_age: Duration::from_secs(600),
+        }
+    }
+
+    fn meta(app: &str, id: &str, state: State) -> LockMeta {
+        LockMeta {
+            version: VERSION,
+            app: app.into(),
+            run_id: id.into(),
+            pid: 999_999,
+            pid_start: 1,
+            host: "h".into(),
+            started_at: 1,
+            state,
+            run_dir: format!("/runs/{id}"),
+            cgroup: None,
+            ci: None,
+            token: None,
+        }
+    }
+
+    fn record(app: &str, id: &str, state: State, keep: bool) -> String {
+        let r = RunRecord {
+            meta: meta(app, id, state),
+            command: vec!["true".into()],
+            setup: None,
+            teardown: None,
+            cwd: None,
+            group: None,
+            deadline_ms: 0,
+            grace_ms: 0,
+            teardown_timeout_ms: 0,
+            exit_code: None,
+            reason: None,
+            lock_wait_ms: None,
+            runtime_ms: None,
+            reap_failures: 0,
+            keep,
+        };
+        serde_json::to_string(&r).unwrap()
+    }
+
+    /// A lock table in which `path`'s inode is held by `pid`.
+    fn held_by(path: &std::path::Path, pid: i32) -> LockEntry {
+        let md = std::fs::metadata(path).unwrap();
+        let dev = md.dev();
+        LockEntry {
+            pid,
+            major: (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)) as u32,
+            minor: ((dev & 0xff) | ((dev >> 12) & !0xff)) as u32,
+            inode: md.ino(),
+            waiting: false,
+        }
+    }
+
+    /// (name, action, detail) of every entry a dry run would print.
+    fn would(steps: &[Step], runs: &Dir) -> Vec<(String, String, bool)> {
+        steps
+            .iter()
+            .filter_map(|s| s.would(&opts(), Some(runs)))
+            .map(|(e, counted)| (e.name, e.action.to_owned(), counted))
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_says_what_the_probes_say_without_touching_anything() {
+        let t = tempfile::tempdir().unwrap();
+        let (locks, runs) = (t.path().join("locks"), t.path().join("runs"));
+        std::fs::create_dir(&locks).unwrap();
+        std::fs::create_dir(&runs).unwrap();
+        let w = |p: std::path::PathBuf, text: &str| std::fs::write(p, text).unwrap();
+        let m = |app, id, st| serde_json::to_string(&meta(app, id, st)).unwrap();
+        w(
+            locks.join("app-live.example.org.lock"),
+            &m("live.example.org", "live", State::Running),
+        );
+        w(
+            locks.join("app-dead.example.org.lock"),
+            &m("dead.example.org", "dead", State::Running),
+        );
+        w(
+            locks.join("app-clean.example.org.lock"),
+            &m("clean.example.org", "c", State::Clean),
+        );
+        w(locks.join("app-junk.example.org.lock"), "{\"garbage");
+        w(locks.join("stray"), "");
+        w(locks.join("slot-00.lock"), "");
+        std::os::unix::fs::symlink("/etc/passwd", locks.join("app-link.example.org.lock")).unwrap();
+        for (id, rec) in [
+            (
+                "dead",
+                Some(record("dead.example.org", "dead", State::Running, false)),
+            ),
+            ("norecord", None),
+            ("garbled", Some("{\"version\":1,\"ap".to_owned())),
+            (
+                "kept",
+                Some(record("k.example.org", "kept", State::Clean, true)),
+            ),
+            (
+                "settled",
+                Some(record("k.example.org", "settled", State::Clean, false)),
+            ),
+            (
+                "unclean",
+                Some(record(
+                    "u.example.org",
+                    "unclean",
+                    State::TearingDown,
+                    false,
+                )),
+            ),
+            (".retired-x-1", None),
+        ] {
+            std::fs::create_dir(runs.join(id)).unwrap();
+            std::fs::write(runs.join(id).join("run.lock"), "").unwrap();
+            if let Some(rec) = rec {
+                std::fs::write(runs.join(id).join("run.json"), rec).unwrap();
+            }
+        }
+        w(runs.join(".forgotten.jsonl"), "{}\n");
+        w(runs.join("afile"), "");
+        let table = vec![held_by(&locks.join("app-live.example.org.lock"), 42)];
+        let (lock_dir, runs_dir) = (
+            Dir::open_unchecked(&locks).unwrap(),
+            Dir::open_unchecked(&runs).unwrap(),
+        );
+        let steps = plan_with(
+            &opts(),
+            Some(&lock_dir),
+            Some(&runs_dir),
+            &table,
+            Vec::new(),
+        );
+        let got = would(&steps, &runs_dir);
+        let has = |name: &str, action: &str| got.iter().any(|(n, a, _)| n == name && a == action);
+        assert!(has("app-live.example.org.lock", "live"), "{got:?}");
+        assert!(has("app-dead.example.org.lock", "would-reap"), "{got:?}");
+        assert!(has("app-clean.example.org.lock", "would-remove"), "{got:?}");
+        assert!(has("app-junk.example.org.lock", "would-reap"), "{got:?}");
+        assert!(has("app-link.example.org.lock", "skipped"), "{got:?}");
+        assert!(has("stray", "skipped"), "{got:?}");
+        // The dead run of a lockfile above: listed, counted once.
+        assert!(
+            got.contains(&("dead".into(), "would-reap".into(), false)),
+            "{got:?}"
+        );
+        assert!(has("norecord", "would-remove"), "{got:?}");
+        assert!(has("garbled", "would-reap"), "{got:?}");
+        assert!(has("settled", "would-remove"), "{got:?}");
+        assert!(has("unclean", "would-reap"), "{got:?}");
+        assert!(has(".retired-x-1", "would-remove"), "{got:?}");
+        assert!(has("afile", "skipped"), "{got:?}");
+        // Kept on purpose within its retention, tether's own files, slots: nothing to say.
+        for quiet in ["kept", ".forgotten.jsonl", "slot-00.lock"] {
+            assert!(got.iter().all(|(n, ..)| n != quiet), "{quiet}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_dir_whose_run_lock_is_held_is_not_a_candidate() {
+        let t = tempfile::tempdir().unwrap();
+        let runs = t.path().join("runs");
+        std::fs::create_dir_all(runs.join("busy")).unwrap();
+        std::fs::write(runs.join("busy/run.lock"), "").unwrap();
+        std::fs::write(
+            runs.join("busy/run.json"),
+            record("b.example.org", "busy", State::Running, false),
+        )
+        .unwrap();
+        let table = vec![held_by(&runs.join("busy/run.lock"), 7)];
+        let runs_dir = Dir::open_unchecked(&runs).unwrap();
+        let steps = plan_with(&opts(), None, Some(&runs_dir), &table, Vec::new());
+        assert!(would(&steps, &runs_dir).is_empty());
+        let steps = plan_with(&opts(), None, Some(&runs_dir), &[], Vec::new());
+        assert_eq!(
+            would(&steps, &runs_dir),
+            [("busy".to_owned(), "would-reap".to_owned(), true)]
+        );
     }
 }

@@ -75,6 +75,47 @@ pub struct DeadRun {
     pub remove_dir: bool,
 }
 
+/// What reaping a dead run takes, decided from what is known of it (pure, unit-tested).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReapPlan {
+    /// The state it died in (the record's when there is one: it is written first).
+    state: State,
+    what: Reap,
+    /// The teardown to run: the record's own, else (no readable record) the reaper's
+    /// fallback; `None` runs none.
+    teardown: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reap {
+    /// Already clean: only its dir may be left to remove.
+    Nothing,
+    /// It never held its app (`queued`): its (empty) cgroup and its dir.
+    DirOnly,
+    /// Kill what it left, run its teardown, settle and remove it.
+    Full,
+}
+
+impl ReapPlan {
+    fn of(meta: &LockMeta, record: Option<&RunRecord>, fallback: Option<&str>) -> ReapPlan {
+        let state = record.map(|r| r.meta.state).unwrap_or(meta.state);
+        let what = match state {
+            State::Clean => Reap::Nothing,
+            State::Queued => Reap::DirOnly,
+            State::Running | State::TearingDown => Reap::Full,
+        };
+        let teardown = match record {
+            Some(r) => r.teardown.clone(),
+            None => fallback.map(str::to_owned),
+        };
+        ReapPlan {
+            state,
+            what,
+            teardown,
+        }
+    }
+}
+
 /// Failure to reap: the dead run stays for the next holder or the janitor.
 #[derive(Debug)]
 pub struct ReapFailed {
@@ -236,12 +277,13 @@ impl Reaper<'_> {
         let id = dead.meta.run_id.clone();
         let app = dead.meta.app.clone();
         self.reaped.insert(id.clone());
-        let state = dead
-            .record
-            .as_ref()
-            .map(|r| r.meta.state)
-            .unwrap_or(dead.meta.state);
-        if state == State::Clean {
+        let plan = ReapPlan::of(
+            &dead.meta,
+            dead.record.as_ref(),
+            self.policy.fallback_teardown.as_deref(),
+        );
+        let state = plan.state;
+        if plan.what == Reap::Nothing {
             finish_dir(dead.dir, dead.remove_dir);
             return Ok(());
         }
@@ -255,7 +297,7 @@ impl Reaper<'_> {
                 ("state", state.as_str().into()),
             ],
         );
-        if state == State::Queued {
+        if plan.what == Reap::DirOnly {
             // It never held the app lock, so it never touched the app: only its (empty)
             // cgroup and its run dir are left.
             if let Ok(cg) = dead.meta.run_cgroup() {
@@ -265,14 +307,10 @@ impl Reaper<'_> {
             return Ok(());
         }
         self.kill_leftovers(&dead.meta);
-
-        let script = match &dead.record {
-            Some(rec) => rec.teardown.clone(),
-            None => {
-                self.say_no_record(&format!("dead run {id}"));
-                self.policy.fallback_teardown.clone()
-            }
-        };
+        if dead.record.is_none() {
+            self.say_no_record(&format!("dead run {id}"));
+        }
+        let script = plan.teardown;
         let settle = |dir: &Option<Dir>| {
             // Settle the record before anything else can be cut short, and before the app lock
             // that guards this reap is released, even when someone else holds its run dir for
@@ -413,4 +451,84 @@ pub fn index_unclean(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(state: State) -> LockMeta {
+        LockMeta {
+            version: record::VERSION,
+            app: "a.example.org".into(),
+            run_id: "r".into(),
+            pid: 1,
+            pid_start: 1,
+            host: "h".into(),
+            started_at: 1,
+            state,
+            run_dir: "/r".into(),
+            cgroup: None,
+            ci: None,
+            token: None,
+        }
+    }
+
+    fn record(state: State, teardown: Option<&str>) -> RunRecord {
+        RunRecord {
+            meta: meta(state),
+            command: vec![],
+            setup: None,
+            teardown: teardown.map(str::to_owned),
+            cwd: None,
+            group: None,
+            deadline_ms: 0,
+            grace_ms: 0,
+            teardown_timeout_ms: 0,
+            exit_code: None,
+            reason: None,
+            lock_wait_ms: None,
+            runtime_ms: None,
+            reap_failures: 0,
+            keep: false,
+        }
+    }
+
+    #[test]
+    fn the_record_decides_over_the_lock_metadata() {
+        // The record is written before the metadata: a clean record beats running metadata.
+        let p = ReapPlan::of(
+            &meta(State::Running),
+            Some(&record(State::Clean, Some("td"))),
+            None,
+        );
+        assert_eq!(p.what, Reap::Nothing);
+        let p = ReapPlan::of(
+            &meta(State::Clean),
+            Some(&record(State::TearingDown, Some("td"))),
+            None,
+        );
+        assert_eq!((p.what, p.teardown.as_deref()), (Reap::Full, Some("td")));
+    }
+
+    #[test]
+    fn a_queued_run_never_touched_its_app() {
+        let p = ReapPlan::of(&meta(State::Queued), None, Some("fallback"));
+        assert_eq!(p.what, Reap::DirOnly);
+    }
+
+    #[test]
+    fn the_fallback_teardown_is_only_for_a_run_without_a_record() {
+        // A record without a teardown runs none, whatever the reaper's fallback.
+        let p = ReapPlan::of(
+            &meta(State::Running),
+            Some(&record(State::Running, None)),
+            Some("fb"),
+        );
+        assert_eq!((p.what, p.teardown), (Reap::Full, None));
+        let p = ReapPlan::of(&meta(State::Running), None, Some("fb"));
+        assert_eq!((p.what, p.teardown.as_deref()), (Reap::Full, Some("fb")));
+        let p = ReapPlan::of(&meta(State::TearingDown), None, None);
+        assert_eq!((p.what, p.teardown), (Reap::Full, None));
+    }
 }
