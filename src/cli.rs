@@ -18,13 +18,13 @@ use std::ffi::OsString;
     // A flag given twice: the last one wins (as with most tools; a wrapper may add defaults).
     args_override_self = true
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run a command under the per-app lock with lifetime guards and one teardown.
     Run(RunArgs),
     /// Reap what dead runs left (leftover processes, the app, run dirs); never a live run.

@@ -7,13 +7,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;
-pub mod config;
-pub mod error;
-pub mod exit;
-pub mod ident;
-pub mod out;
-pub mod output;
-pub mod reap;
-pub mod run;
-pub mod state;
-pub mod sys;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod exit;
+pub(crate) mod ident;
+pub(crate) mod out;
+pub(crate) mod output;
+pub(crate) mod reap;
+pub(crate) mod run;
+pub(crate) mod state;
+pub(crate) mod sys;

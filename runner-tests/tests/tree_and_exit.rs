@@ -153,8 +153,8 @@ fn argv0_is_as_typed(path: SpawnPath) {
     run.signal(runner_tests::Signal::SIGTERM);
     let f = run.wait_exit(TIMEOUT);
     assert_eq!(
-        String::from_utf8_lossy(&cmdline),
-        "sleep\0100\0",
+        String::from_utf8_lossy(&cmdline).replace('\0', " "),
+        "sleep 100 ",
         "what ps shows for `tether run -- sleep 100`\n{f}"
     );
 }

@@ -10,33 +10,33 @@ use std::time::Duration;
 
 /// Where tether keeps its state, and its config file (run, janitor, status).
 #[derive(Debug, Args)]
-pub struct PlaceArgs {
+pub(crate) struct PlaceArgs {
     #[arg(long, env = "TETHER_LOCK_DIR")]
-    pub lock_dir: Option<PathBuf>,
+    pub(crate) lock_dir: Option<PathBuf>,
     #[arg(long, env = "TETHER_RUNS_DIR")]
-    pub runs_dir: Option<PathBuf>,
+    pub(crate) runs_dir: Option<PathBuf>,
     #[arg(long, env = "TETHER_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// How much tether says, and in which format (run, janitor).
 #[derive(Debug, Args)]
-pub struct OutputArgs {
+pub(crate) struct OutputArgs {
     /// [default: text]
     #[arg(long, value_enum)]
-    pub log_format: Option<LogFormat>,
+    pub(crate) log_format: Option<LogFormat>,
     /// Only warnings, errors and the summary.
     #[arg(short, long, conflicts_with = "verbose")]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// Debug lines too.
     #[arg(short, long)]
-    pub verbose: bool,
+    pub(crate) verbose: bool,
 }
 
 impl OutputArgs {
     /// Start the output with the flags; a config file's `log_format` applies later, only
     /// where no flag was given (`adopt_config`).
-    pub fn init(&self) {
+    pub(crate) fn init(&self) {
         crate::output::init(
             self.log_format.unwrap_or_default(),
             self.quiet,
@@ -44,7 +44,7 @@ impl OutputArgs {
         );
     }
 
-    pub fn adopt_config(&self, cfg: &Config) {
+    pub(crate) fn adopt_config(&self, cfg: &Config) {
         if let (None, Some(f)) = (self.log_format, cfg.log_format) {
             crate::output::set_format(f);
         }
@@ -52,13 +52,13 @@ impl OutputArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct ConfigArgs {
+pub(crate) struct ConfigArgs {
     #[command(subcommand)]
-    pub action: ConfigAction,
+    pub(crate) action: ConfigAction,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ConfigAction {
+pub(crate) enum ConfigAction {
     /// Validate a config file (default: --config / TETHER_CONFIG / the default path).
     Check {
         file: Option<PathBuf>,
@@ -74,7 +74,7 @@ pub enum ConfigAction {
 
 /// Load the config file a command names (or the default one); on error print the message
 /// and give the exit code. With `output`, a config `log_format` applies where no flag set one.
-pub fn load(places: &PlaceArgs, output: Option<&OutputArgs>) -> Result<Config, i32> {
+pub(crate) fn load(places: &PlaceArgs, output: Option<&OutputArgs>) -> Result<Config, i32> {
     match super::load(places.config.as_deref()) {
         Ok(c) => {
             if let Some(o) = output {
@@ -90,12 +90,12 @@ pub fn load(places: &PlaceArgs, output: Option<&OutputArgs>) -> Result<Config, i
 }
 
 /// clap's parser for durations (`90s`, `15m`, `1h30m`).
-pub fn duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     super::duration::parse(text)
 }
 
 /// `tether config check|show`.
-pub fn main(args: ConfigArgs) -> i32 {
+pub(crate) fn main(args: ConfigArgs) -> i32 {
     match args.action {
         ConfigAction::Check { file, config } => {
             let path = file.or(config);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 /// Parse `<n><unit>` pairs (units `ms`, `s`, `m`, `h`, `d`), e.g. `1h30m`. A bare `0` is zero.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t == "0" {
         return Ok(Duration::ZERO);
@@ -44,7 +44,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 }
 
 /// Human form for log lines: `12ms`, `4.2s`, `3m07s`, `2h05m`.
-pub fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1_000 {
         format!("{ms}ms")
@@ -60,7 +60,7 @@ pub fn human(d: Duration) -> String {
 }
 
 /// The canonical spec form of a configured duration (`60m` stays `60m`, `90s` stays `90s`).
-pub fn canonical(d: Duration) -> String {
+pub(crate) fn canonical(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         return "0s".into();

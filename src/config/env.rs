@@ -21,24 +21,24 @@ const OWN: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, Default)]
-pub struct EnvPolicy {
-    pub allow: Option<Vec<String>>,
-    pub set: Vec<(String, String)>,
-    pub run_env: Vec<(String, String)>,
+pub(crate) struct EnvPolicy {
+    pub(crate) allow: Option<Vec<String>>,
+    pub(crate) set: Vec<(String, String)>,
+    pub(crate) run_env: Vec<(String, String)>,
     /// Variables only tether's own side may see (the report token).
-    pub secrets: Vec<String>,
+    pub(crate) secrets: Vec<String>,
 }
 
 /// The values `run_env` templates expand to.
-pub struct RunVars<'a> {
-    pub run_dir: &'a str,
-    pub run_id: &'a str,
-    pub app: &'a str,
-    pub slot: &'a str,
+pub(crate) struct RunVars<'a> {
+    pub(crate) run_dir: &'a str,
+    pub(crate) run_id: &'a str,
+    pub(crate) app: &'a str,
+    pub(crate) slot: &'a str,
 }
 
 impl EnvPolicy {
-    pub fn from_config(cfg: &Config) -> EnvPolicy {
+    pub(crate) fn from_config(cfg: &Config) -> EnvPolicy {
         EnvPolicy {
             allow: cfg.env_allow.clone(),
             set: cfg.env_set.clone(),
@@ -68,7 +68,7 @@ impl EnvPolicy {
     /// The environment before tether's own variables: filtered parent env, `env.set` and the
     /// expanded `run_env`. `for_command` applies the allow-list (setup and teardown are
     /// tether's side and see everything).
-    pub fn build(&self, for_command: bool, vars: &RunVars<'_>) -> Vec<(OsString, OsString)> {
+    pub(crate) fn build(&self, for_command: bool, vars: &RunVars<'_>) -> Vec<(OsString, OsString)> {
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| k.to_str().is_some_and(|k| self.passes(k, for_command)))
             .collect();
@@ -81,7 +81,7 @@ impl EnvPolicy {
         env
     }
 
-    pub fn expanded_run_env(&self, vars: &RunVars<'_>) -> Vec<(String, String)> {
+    pub(crate) fn expanded_run_env(&self, vars: &RunVars<'_>) -> Vec<(String, String)> {
         self.run_env
             .iter()
             .map(|(k, v)| {
@@ -95,12 +95,12 @@ impl EnvPolicy {
 }
 
 /// Set or replace `name`.
-pub fn set(env: &mut Vec<(OsString, OsString)>, name: &str, value: OsString) {
+pub(crate) fn set(env: &mut Vec<(OsString, OsString)>, name: &str, value: OsString) {
     env.retain(|(k, _)| k != name);
     env.push((name.into(), value));
 }
 /// `Err(var)` for the first `{var}` that is not a known template variable.
-pub fn check_template(text: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_template(text: &str) -> std::result::Result<(), String> {
     let mut rest = text;
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
@@ -117,7 +117,7 @@ pub fn check_template(text: &str) -> std::result::Result<(), String> {
 }
 
 /// Expand `{run_dir}`, `{run_id}`, `{app}`, `{slot}`.
-pub fn expand(text: &str, run_dir: &str, run_id: &str, app: &str, slot: &str) -> String {
+pub(crate) fn expand(text: &str, run_dir: &str, run_id: &str, app: &str, slot: &str) -> String {
     text.replace("{run_dir}", run_dir)
         .replace("{run_id}", run_id)
         .replace("{app}", app)
@@ -125,7 +125,7 @@ pub fn expand(text: &str, run_dir: &str, run_id: &str, app: &str, slot: &str) ->
 }
 
 /// Shell-style glob with `*` and `?`, for `env.allow`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     fn go(p: &[u8], n: &[u8]) -> bool {
         match (p.first(), n.first()) {
             (None, None) => true,

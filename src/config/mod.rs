@@ -6,12 +6,12 @@
 //! silently become "no teardown". Precedence (SPEC §2): flag > environment > file > default;
 //! this module only reads the file, `run`/`cli` apply the order.
 
-pub mod args;
-pub mod duration;
-pub mod env;
-pub mod places;
-pub mod settings;
-pub mod yaml;
+pub(crate) mod args;
+pub(crate) mod duration;
+pub(crate) mod env;
+pub(crate) mod places;
+pub(crate) mod settings;
+pub(crate) mod yaml;
 
 use crate::error::{Error, Result};
 use crate::output::LogFormat;
@@ -21,70 +21,70 @@ use yaml::{Node, Value};
 
 /// What a run does when another run holds its app (`--on-busy`, config `on_busy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnBusy {
+pub(crate) enum OnBusy {
     Wait,
     Fail,
     CancelOlder,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RunAs {
-    pub user: String,
-    pub group: Option<String>,
+pub(crate) struct RunAs {
+    pub(crate) user: String,
+    pub(crate) group: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Bytes.
-    pub memory: Option<u64>,
-    pub pids: Option<u64>,
+    pub(crate) memory: Option<u64>,
+    pub(crate) pids: Option<u64>,
     /// CPUs (e.g. 1.5).
-    pub cpu: Option<f64>,
-    pub nofile: Option<u64>,
-    pub nproc: Option<u64>,
+    pub(crate) cpu: Option<f64>,
+    pub(crate) nofile: Option<u64>,
+    pub(crate) nproc: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct CommentReport {
+pub(crate) struct CommentReport {
     /// `gitea` (also Forgejo) or `github`.
-    pub api: String,
+    pub(crate) api: String,
     /// API base URL, e.g. `https://git.example.org` or `https://api.github.com`.
-    pub url: String,
+    pub(crate) url: String,
     /// Name of the environment variable holding the token.
-    pub token_env: String,
+    pub(crate) token_env: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Report {
-    pub comment: Option<CommentReport>,
-    pub webhook: Option<String>,
-    pub timeout: Option<Duration>,
-    pub retries: Option<u32>,
+pub(crate) struct Report {
+    pub(crate) comment: Option<CommentReport>,
+    pub(crate) webhook: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
 }
 
 /// Everything the file can say. `None` = not set in the file.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Config {
-    pub path: Option<PathBuf>,
-    pub lock_dir: Option<PathBuf>,
-    pub runs_dir: Option<PathBuf>,
-    pub deadline: Option<Duration>,
-    pub grace: Option<Duration>,
-    pub slots: Option<u32>,
-    pub setup: Option<String>,
-    pub teardown: Option<String>,
-    pub teardown_timeout: Option<Duration>,
-    pub on_busy: Option<OnBusy>,
-    pub retain_failed: Option<Duration>,
-    pub log_format: Option<LogFormat>,
+pub(crate) struct Config {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) lock_dir: Option<PathBuf>,
+    pub(crate) runs_dir: Option<PathBuf>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) grace: Option<Duration>,
+    pub(crate) slots: Option<u32>,
+    pub(crate) setup: Option<String>,
+    pub(crate) teardown: Option<String>,
+    pub(crate) teardown_timeout: Option<Duration>,
+    pub(crate) on_busy: Option<OnBusy>,
+    pub(crate) retain_failed: Option<Duration>,
+    pub(crate) log_format: Option<LogFormat>,
     /// Tear down when the reader of stdout/stderr goes away (the CI agent died).
-    pub agent_watch: Option<bool>,
-    pub env_allow: Option<Vec<String>>,
-    pub env_set: Vec<(String, String)>,
-    pub run_env: Vec<(String, String)>,
-    pub run_as: Option<RunAs>,
-    pub report: Option<Report>,
-    pub limits: Limits,
+    pub(crate) agent_watch: Option<bool>,
+    pub(crate) env_allow: Option<Vec<String>>,
+    pub(crate) env_set: Vec<(String, String)>,
+    pub(crate) run_env: Vec<(String, String)>,
+    pub(crate) run_as: Option<RunAs>,
+    pub(crate) report: Option<Report>,
+    pub(crate) limits: Limits,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -108,9 +108,9 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 /// Template variables `run_env` values may use.
-pub const TEMPLATE_VARS: &[&str] = &["run_dir", "run_id", "app", "slot"];
+pub(crate) const TEMPLATE_VARS: &[&str] = &["run_dir", "run_id", "app", "slot"];
 
-pub fn default_path() -> PathBuf {
+pub(crate) fn default_path() -> PathBuf {
     if places::is_root() {
         PathBuf::from("/etc/tether/config.yml")
     } else {
@@ -127,7 +127,7 @@ pub fn default_path() -> PathBuf {
 
 /// Load the config: `explicit` (flag or `TETHER_CONFIG`) must exist; the default path is read
 /// only if present.
-pub fn load(explicit: Option<&Path>) -> Result<Config> {
+pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
     match explicit {
         Some(p) => load_file(p),
         None => {
@@ -141,7 +141,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Config> {
     }
 }
 
-pub fn load_file(path: &Path) -> Result<Config> {
+pub(crate) fn load_file(path: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::tether(format!("config {}: cannot read: {e}", path.display())))?;
     let mut cfg = parse(&text, &path.display().to_string())?;
@@ -150,7 +150,7 @@ pub fn load_file(path: &Path) -> Result<Config> {
 }
 
 /// Parse config text; `name` is used in messages.
-pub fn parse(text: &str, name: &str) -> Result<Config> {
+pub(crate) fn parse(text: &str, name: &str) -> Result<Config> {
     let err = |line: usize, msg: String| Error::tether(format!("config {name}:{line}: {msg}"));
     let root =
         yaml::parse(text).map_err(|(line, msg)| err(line, format!("invalid YAML: {msg}")))?;

@@ -6,20 +6,20 @@
 use nix::unistd::geteuid;
 use std::path::{Path, PathBuf};
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     geteuid().is_root()
 }
 
 /// Where a state dir may live: the one place the operator named, or the built-in default
 /// followed by its fallbacks.
 #[derive(Debug, Clone)]
-pub struct Place {
+pub(crate) struct Place {
     pub(crate) candidates: Vec<PathBuf>,
 }
 
 impl Place {
     /// A dir named by flag, environment or config file: used as is, never replaced.
-    pub fn given(path: PathBuf) -> Place {
+    pub(crate) fn given(path: PathBuf) -> Place {
         Place {
             candidates: vec![path],
         }
@@ -27,7 +27,7 @@ impl Place {
 
     /// The default lock dir: `/run/lock/tether` for root (created at boot by
     /// `ci/tmpfiles.d/tether.conf`), else `<home>/.local/state/tether/locks`.
-    pub fn default_lock_dir() -> Place {
+    pub(crate) fn default_lock_dir() -> Place {
         if is_root() {
             Place {
                 candidates: vec![
@@ -42,7 +42,7 @@ impl Place {
 
     /// The default runs dir: `/var/lib/tether/runs` for root, else
     /// `<home>/.local/state/tether/runs`.
-    pub fn default_runs_dir() -> Place {
+    pub(crate) fn default_runs_dir() -> Place {
         if is_root() {
             Place::given(PathBuf::from("/var/lib/tether/runs"))
         } else {
@@ -67,7 +67,7 @@ impl Place {
     }
 
     /// The dir tether uses when nothing is wrong (for `config show`).
-    pub fn preferred(&self) -> &Path {
+    pub(crate) fn preferred(&self) -> &Path {
         &self.candidates[0]
     }
 }

@@ -12,65 +12,65 @@ use crate::output::LogFormat;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const DEADLINE: Duration = Duration::from_secs(60 * 60);
-pub const GRACE: Duration = Duration::from_secs(10);
-pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
-pub const RETAIN_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(60 * 60);
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
+pub(crate) const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub(crate) const RETAIN_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
 
-pub struct Settings<'a> {
+pub(crate) struct Settings<'a> {
     cfg: &'a Config,
 }
 
 impl<'a> Settings<'a> {
-    pub fn new(cfg: &'a Config) -> Self {
+    pub(crate) fn new(cfg: &'a Config) -> Self {
         Settings { cfg }
     }
 
-    pub fn lock_dir(&self, flag: Option<PathBuf>) -> Place {
+    pub(crate) fn lock_dir(&self, flag: Option<PathBuf>) -> Place {
         flag.or(self.cfg.lock_dir.clone())
             .map(Place::given)
             .unwrap_or_else(Place::default_lock_dir)
     }
 
-    pub fn runs_dir(&self, flag: Option<PathBuf>) -> Place {
+    pub(crate) fn runs_dir(&self, flag: Option<PathBuf>) -> Place {
         flag.or(self.cfg.runs_dir.clone())
             .map(Place::given)
             .unwrap_or_else(Place::default_runs_dir)
     }
 
-    pub fn deadline(&self, flag: Option<Duration>) -> Duration {
+    pub(crate) fn deadline(&self, flag: Option<Duration>) -> Duration {
         flag.or(self.cfg.deadline).unwrap_or(DEADLINE)
     }
 
-    pub fn grace(&self, flag: Option<Duration>) -> Duration {
+    pub(crate) fn grace(&self, flag: Option<Duration>) -> Duration {
         flag.or(self.cfg.grace).unwrap_or(GRACE)
     }
 
-    pub fn teardown_timeout(&self, flag: Option<Duration>) -> Duration {
+    pub(crate) fn teardown_timeout(&self, flag: Option<Duration>) -> Duration {
         flag.or(self.cfg.teardown_timeout)
             .unwrap_or(TEARDOWN_TIMEOUT)
     }
 
-    pub fn retain_failed(&self, flag: Option<Duration>) -> Duration {
+    pub(crate) fn retain_failed(&self, flag: Option<Duration>) -> Duration {
         flag.or(self.cfg.retain_failed).unwrap_or(RETAIN_FAILED)
     }
 
-    pub fn on_busy(&self, flag: Option<OnBusy>) -> OnBusy {
+    pub(crate) fn on_busy(&self, flag: Option<OnBusy>) -> OnBusy {
         flag.or(self.cfg.on_busy).unwrap_or(OnBusy::Wait)
     }
 
     /// Watch stdout/stderr for the CI agent's death (D32): on unless turned off.
-    pub fn agent_watch(&self, flag: Option<bool>) -> bool {
+    pub(crate) fn agent_watch(&self, flag: Option<bool>) -> bool {
         flag.or(self.cfg.agent_watch).unwrap_or(true)
     }
 
-    pub fn log_format(&self, flag: Option<LogFormat>) -> LogFormat {
+    pub(crate) fn log_format(&self, flag: Option<LogFormat>) -> LogFormat {
         flag.or(self.cfg.log_format).unwrap_or_default()
     }
 }
 
 /// `tether config show`: every key, its effective value (without flags), and its source.
-pub fn show(cfg: &Config) -> String {
+pub(crate) fn show(cfg: &Config) -> String {
     fn line(out: &mut String, key: &str, value: String, source: &str) {
         out.push_str(&format!("{key:<18} {value:<40} ({source})\n"));
     }

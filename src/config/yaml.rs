@@ -9,7 +9,7 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     /// A scalar with whether it was quoted (quoted scalars are always strings).
     Scalar(String, bool),
     Seq(Vec<Node>),
@@ -18,13 +18,13 @@ pub enum Value {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Node {
-    pub line: usize,
-    pub value: Value,
+pub(crate) struct Node {
+    pub(crate) line: usize,
+    pub(crate) value: Value,
 }
 
 impl Node {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match &self.value {
             Value::Scalar(s, false) if is_null(s) => "null",
             Value::Scalar(..) => "a scalar",
@@ -34,7 +34,7 @@ impl Node {
     }
 }
 
-pub fn is_null(s: &str) -> bool {
+pub(crate) fn is_null(s: &str) -> bool {
     matches!(s, "" | "~" | "null" | "Null" | "NULL")
 }
 
@@ -108,7 +108,7 @@ impl MarkedEventReceiver for Builder {
 }
 
 /// Parse one YAML document. `Ok(None)` for an empty file. Errors carry a 1-based line.
-pub fn parse(text: &str) -> Result<Option<Node>, (usize, String)> {
+pub(crate) fn parse(text: &str) -> Result<Option<Node>, (usize, String)> {
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(text);
     parser

@@ -24,25 +24,25 @@ use serde::{Deserialize, Serialize};
 /// What tether learned about the CI run it is part of. Every field but `system` is optional:
 /// CI systems differ in what they provide, and an empty variable counts as absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CiInfo {
+pub(crate) struct CiInfo {
     /// `"drone"`, `"woodpecker"`, `"github"` or `"gitlab"`.
-    pub system: String,
+    pub(crate) system: String,
     /// `owner/name`, or the GitLab `group/subgroup/project` path.
-    pub repo: Option<String>,
+    pub(crate) repo: Option<String>,
     /// Build / pipeline number (GitHub: the run id; GitLab: the pipeline id).
-    pub build: Option<String>,
+    pub(crate) build: Option<String>,
     /// Drone `<stage>.<step>`, Woodpecker `<workflow>.<step>`, GitHub `<job>.<attempt>`,
     /// GitLab the job id. A missing number reads `0` (no system numbers from 0, and a GitHub
     /// job key cannot start with a digit).
-    pub job: Option<String>,
+    pub(crate) job: Option<String>,
     /// PR / MR number, normalised to plain decimal digits.
-    pub pr: Option<String>,
+    pub(crate) pr: Option<String>,
     /// The branch, when the system says which (Drone/Woodpecker: the target branch of a PR;
     /// GitHub: only for branch pushes; GitLab: the ref name, which may be a tag).
-    pub branch: Option<String>,
-    pub commit: Option<String>,
+    pub(crate) branch: Option<String>,
+    pub(crate) commit: Option<String>,
     /// Link to the build (or job) page, when the system gives one.
-    pub link: Option<String>,
+    pub(crate) link: Option<String>,
 }
 
 /// Longest run id (SPEC §2).
@@ -61,7 +61,7 @@ impl CiInfo {
     /// (`DRONE=true`), GitLab CI (`GITLAB_CI=true`), GitHub Actions (`GITHUB_ACTIONS=true`;
     /// also set by Gitea/Forgejo Actions). Marker values are compared case-insensitively;
     /// every value is trimmed and an empty value counts as absent. `None` outside CI.
-    pub fn detect(get: &dyn Fn(&str) -> Option<String>) -> Option<CiInfo> {
+    pub(crate) fn detect(get: &dyn Fn(&str) -> Option<String>) -> Option<CiInfo> {
         let v = |key: &str| value(get, key);
         let is = |key: &str, want: &str| v(key).is_some_and(|x| x.eq_ignore_ascii_case(want));
 
@@ -147,7 +147,7 @@ impl CiInfo {
     }
 
     /// [`CiInfo::detect`] on the process environment (non-UTF-8 values count as absent).
-    pub fn from_process_env() -> Option<CiInfo> {
+    pub(crate) fn from_process_env() -> Option<CiInfo> {
         Self::detect(&|key| std::env::var(key).ok())
     }
 
@@ -163,7 +163,7 @@ impl CiInfo {
     ///
     /// Build number and job are kept intact up to 32 and 48 characters (real ones are far
     /// shorter); a long repo path is shortened to fit in 128, keeping its hash.
-    pub fn default_run_id(&self) -> String {
+    pub(crate) fn default_run_id(&self) -> String {
         let mut system = token(&self.system, SYSTEM_MAX);
         if system.starts_with('.') {
             system.insert_str(0, "ci");
@@ -186,7 +186,7 @@ impl CiInfo {
 
     /// Default cancel-older group (§3.6): `<repo>#pr-<n>` when a PR is known, else
     /// `<repo>@<branch>`, else `None` (also `None` without a repo).
-    pub fn default_group(&self) -> Option<String> {
+    pub(crate) fn default_group(&self) -> Option<String> {
         let repo = nonempty(&self.repo)?;
         if let Some(pr) = nonempty(&self.pr) {
             Some(format!("{repo}#pr-{pr}"))
@@ -197,7 +197,7 @@ impl CiInfo {
 }
 
 /// Outside CI: `local-<unix time>-<pid>`.
-pub fn local_run_id(unix_time: u64, pid: u32) -> String {
+pub(crate) fn local_run_id(unix_time: u64, pid: u32) -> String {
     format!("local-{unix_time}-{pid}")
 }
 

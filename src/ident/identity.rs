@@ -12,16 +12,16 @@ use std::ffi::CString;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
-pub struct Identity {
-    pub user: String,
-    pub uid: Uid,
-    pub gid: Gid,
+pub(crate) struct Identity {
+    pub(crate) user: String,
+    pub(crate) uid: Uid,
+    pub(crate) gid: Gid,
     /// Supplementary groups (initgroups equivalent).
-    pub groups: Vec<Gid>,
-    pub home: PathBuf,
+    pub(crate) groups: Vec<Gid>,
+    pub(crate) home: PathBuf,
 }
 
-pub fn resolve(ra: &RunAs) -> Result<Identity> {
+pub(crate) fn resolve(ra: &RunAs) -> Result<Identity> {
     if !crate::config::places::is_root() {
         return Err(Error::tether(format!(
             "run_as user {:?} needs tether to run as root (it runs as uid {})",

@@ -8,10 +8,10 @@ use std::fmt;
 /// A valid, lowercase DNS name: labels of `[a-z0-9-]`, 1–63 chars, no leading/trailing `-`,
 /// joined by single dots, 1–253 chars in all.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Domain(String);
+pub(crate) struct Domain(String);
 
 impl Domain {
-    pub fn parse(text: &str) -> Result<Domain, String> {
+    pub(crate) fn parse(text: &str) -> Result<Domain, String> {
         let lower = text.to_ascii_lowercase();
         let why = domain_problem(&lower);
         match why {
@@ -20,7 +20,7 @@ impl Domain {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -60,10 +60,10 @@ impl fmt::Display for Domain {
 
 /// A run id: `[A-Za-z0-9._-]`, 1–128 chars, not starting with `.`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RunId(String);
+pub(crate) struct RunId(String);
 
 impl RunId {
-    pub fn parse(text: &str) -> Result<RunId, String> {
+    pub(crate) fn parse(text: &str) -> Result<RunId, String> {
         let why = if text.is_empty() {
             Some("empty")
         } else if text.len() > 128 {
@@ -84,7 +84,7 @@ impl RunId {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -1,5 +1,5 @@
 //! What tether reports: the summary, PR comments and webhooks, `status`.
 
-pub mod report;
-pub mod status;
-pub mod summary;
+pub(crate) mod report;
+pub(crate) mod status;
+pub(crate) mod summary;

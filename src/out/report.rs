@@ -18,7 +18,7 @@ const DEFAULT_RETRIES: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The PR comment body: a short markdown table of the summary with the build link.
-pub fn comment_body(s: &Summary) -> String {
+pub(crate) fn comment_body(s: &Summary) -> String {
     let ms = |v: u64| human(Duration::from_millis(v));
     let mut body = format!(
         "### tether: run `{}` — **{}**\n\n\
@@ -41,7 +41,7 @@ pub fn comment_body(s: &Summary) -> String {
 }
 
 /// Where the comment goes: `(url, authorization header)`, or why it cannot be sent.
-pub fn comment_target(
+pub(crate) fn comment_target(
     c: &CommentReport,
     ci: Option<&CiInfo>,
     token: Option<String>,
@@ -69,7 +69,7 @@ pub fn comment_target(
 }
 
 /// Send everything configured. Never fails; logs one warning per failed target.
-pub fn publish(cfg: &Report, summary: &Summary) {
+pub(crate) fn publish(cfg: &Report, summary: &Summary) {
     let budget = cfg.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let retries = cfg.retries.unwrap_or(DEFAULT_RETRIES);
     let end = Instant::now() + budget;

@@ -13,41 +13,41 @@ use serde::Serialize;
 use std::time::Duration;
 
 #[derive(Debug, Serialize)]
-pub struct AppLock {
-    pub app: String,
-    pub held: bool,
+pub(crate) struct AppLock {
+    pub(crate) app: String,
+    pub(crate) held: bool,
     /// Holder pid from the kernel's lock table.
-    pub pid: Option<i32>,
-    pub run_id: Option<String>,
-    pub waiters: usize,
-    pub age_s: Option<u64>,
-    pub state: Option<String>,
+    pub(crate) pid: Option<i32>,
+    pub(crate) run_id: Option<String>,
+    pub(crate) waiters: usize,
+    pub(crate) age_s: Option<u64>,
+    pub(crate) state: Option<String>,
     /// The holder's CI origin (system, repo, PR, commit, link).
-    pub ci: Option<crate::ident::ci_env::CiInfo>,
+    pub(crate) ci: Option<crate::ident::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Slot {
-    pub slot: String,
-    pub pid: i32,
+pub(crate) struct Slot {
+    pub(crate) slot: String,
+    pub(crate) pid: i32,
 }
 
 #[derive(Debug, Serialize)]
-pub struct RunDirStatus {
-    pub run_id: String,
+pub(crate) struct RunDirStatus {
+    pub(crate) run_id: String,
     /// live | dead-unclean | kept | unknown
-    pub status: String,
-    pub app: Option<String>,
-    pub state: Option<String>,
-    pub pid: Option<i32>,
-    pub ci: Option<crate::ident::ci_env::CiInfo>,
+    pub(crate) status: String,
+    pub(crate) app: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) pid: Option<i32>,
+    pub(crate) ci: Option<crate::ident::ci_env::CiInfo>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Status {
-    pub apps: Vec<AppLock>,
-    pub slots: Vec<Slot>,
-    pub runs: Vec<RunDirStatus>,
+pub(crate) struct Status {
+    pub(crate) apps: Vec<AppLock>,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) runs: Vec<RunDirStatus>,
 }
 
 fn entries_of(table: &[LockEntry], dir: &Dir, name: &str) -> Vec<LockEntry> {
@@ -62,7 +62,7 @@ fn read_meta_at(dir: &Dir, name: &str) -> Option<record::LockMeta> {
 }
 
 /// What the kernel and the records say. A dir that does not exist yet has nothing in it.
-pub fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status {
+pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status {
     let table = proc_locks::read();
     let mut apps = Vec::new();
     let mut slots = Vec::new();
@@ -152,7 +152,7 @@ pub fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status {
 }
 
 impl Status {
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let mut out = String::new();
         out.push_str("APP LOCKS\n");
         if self.apps.is_empty() {
@@ -213,16 +213,16 @@ impl Status {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Print one JSON document.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
-    pub places: crate::config::args::PlaceArgs,
+    pub(crate) places: crate::config::args::PlaceArgs,
 }
 
 /// `tether status`.
-pub fn main(args: StatusArgs) -> i32 {
+pub(crate) fn main(args: StatusArgs) -> i32 {
     let cfg = match crate::config::args::load(&args.places, None) {
         Ok(c) => c,
         Err(code) => return code,

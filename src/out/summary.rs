@@ -15,23 +15,23 @@ use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub run_id: String,
-    pub app: String,
+pub(crate) struct Summary {
+    pub(crate) run_id: String,
+    pub(crate) app: String,
     /// passed | failed | cancelled | deadline
-    pub result: String,
-    pub exit: i32,
-    pub lock_wait_ms: u64,
-    pub runtime_ms: u64,
+    pub(crate) result: String,
+    pub(crate) exit: i32,
+    pub(crate) lock_wait_ms: u64,
+    pub(crate) runtime_ms: u64,
     /// ok | failed | none
-    pub teardown: String,
+    pub(crate) teardown: String,
     /// exited | signal | deadline | parent-died | agent-gone | busy | error
-    pub reason: String,
-    pub ci: Option<CiInfo>,
+    pub(crate) reason: String,
+    pub(crate) ci: Option<CiInfo>,
 }
 
 impl Summary {
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "run {} summary: app={} result={} exit={} lock_wait={} runtime={} teardown={}",
             self.run_id,
@@ -45,7 +45,7 @@ impl Summary {
     }
 
     /// Print the line (even under --quiet) and write the JSON file if asked.
-    pub fn publish(&self, json_file: Option<&Path>) {
+    pub(crate) fn publish(&self, json_file: Option<&Path>) {
         let fields = serde_json::to_value(self)
             .ok()
             .and_then(|v| v.as_object().cloned())
@@ -66,7 +66,7 @@ impl Summary {
     }
 
     /// Write the JSON document to `path`, replacing it atomically.
-    pub fn write_json(&self, path: &Path) -> io::Result<()> {
+    pub(crate) fn write_json(&self, path: &Path) -> io::Result<()> {
         let mut text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         text.push(b'\n');
         replace_file(path, &text)
@@ -83,7 +83,7 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Before anything starts: the file's directory must exist (else the summary would be lost
 /// at the very end, after a whole run), and the path must not name a directory.
-pub fn check_json_path(path: &Path) -> Result<()> {
+pub(crate) fn check_json_path(path: &Path) -> Result<()> {
     let dir = parent_dir(path);
     match std::fs::metadata(dir) {
         Ok(md) if md.is_dir() => {}

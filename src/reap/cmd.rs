@@ -6,50 +6,50 @@ use clap::Args;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
-pub struct JanitorArgs {
+pub(crate) struct JanitorArgs {
     /// Fallback teardown for dead runs without a readable run record (run by sh -c).
     #[arg(long)]
-    pub teardown: Option<String>,
+    pub(crate) teardown: Option<String>,
     /// [default: 5m]
     #[arg(long, value_parser = duration)]
-    pub teardown_timeout: Option<Duration>,
+    pub(crate) teardown_timeout: Option<Duration>,
     /// SIGTERM→SIGKILL grace for a dead run's leftover processes [default: 10s].
     #[arg(long, value_parser = duration)]
-    pub grace: Option<Duration>,
+    pub(crate) grace: Option<Duration>,
     /// Sweep this app only.
     #[arg(long)]
-    pub app: Option<String>,
+    pub(crate) app: Option<String>,
     /// Say what would be done; take no lock and change nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Print one JSON document on stdout.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Keep clean (--keep-run-dir) run dirs this long before removing them [default: 24h].
     #[arg(long, value_parser = duration)]
-    pub retain_failed: Option<Duration>,
+    pub(crate) retain_failed: Option<Duration>,
     /// Leave run cgroups of dead runs younger than this to the next holder of their app;
     /// older ones (their state is gone) are killed and removed.
     #[arg(long, value_parser = duration, default_value = "10m")]
-    pub orphan_age: Duration,
+    pub(crate) orphan_age: Duration,
     #[command(flatten)]
-    pub places: PlaceArgs,
+    pub(crate) places: PlaceArgs,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
-pub struct ForgetArgs {
+pub(crate) struct ForgetArgs {
     /// The dead run's id. A live run is refused.
-    pub run_id: String,
+    pub(crate) run_id: String,
     #[command(flatten)]
-    pub places: PlaceArgs,
+    pub(crate) places: PlaceArgs,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub(crate) output: OutputArgs,
 }
 
 /// `tether janitor`.
-pub fn janitor(args: JanitorArgs) -> i32 {
+pub(crate) fn janitor(args: JanitorArgs) -> i32 {
     args.output.init();
     let cfg = match load(&args.places, Some(&args.output)) {
         Ok(c) => c,
@@ -108,7 +108,7 @@ pub fn janitor(args: JanitorArgs) -> i32 {
 }
 
 /// `tether forget`.
-pub fn forget(args: ForgetArgs) -> i32 {
+pub(crate) fn forget(args: ForgetArgs) -> i32 {
     args.output.init();
     let cfg = match load(&args.places, Some(&args.output)) {
         Ok(c) => c,

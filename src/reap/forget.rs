@@ -20,10 +20,10 @@ use std::io::Write;
 use std::path::Path;
 
 /// The audit trail of forgotten runs, in the runs dir (a name no run id can have).
-pub const FORGOTTEN_LOG: &str = ".forgotten.jsonl";
+pub(crate) const FORGOTTEN_LOG: &str = ".forgotten.jsonl";
 
 /// The exact command that forgets `run_id`, with the dirs when they are not the defaults.
-pub fn hint(lock_dir: Option<&Path>, runs_dir: Option<&Path>, run_id: &str) -> String {
+pub(crate) fn hint(lock_dir: Option<&Path>, runs_dir: Option<&Path>, run_id: &str) -> String {
     let mut cmd = String::from("tether forget");
     let defaults = [
         (lock_dir, Place::default_lock_dir(), "--lock-dir"),
@@ -50,7 +50,7 @@ fn quote(s: &str) -> String {
 }
 
 /// Forget run `id`. Returns the exit code.
-pub fn forget(lock_place: &Place, runs_place: &Place, id: &str) -> Result<()> {
+pub(crate) fn forget(lock_place: &Place, runs_place: &Place, id: &str) -> Result<()> {
     let id = RunId::parse(id).map_err(Error::tether)?;
     let Some(runs) = dirs::choose("runs dir", runs_place, 0o700)?.existing() else {
         return Err(Error::tether(format!("no run {id}: there is no runs dir")));

@@ -1,6 +1,6 @@
 //! Dead runs: the reaper (reconcile), the janitor, and `forget`.
 
-pub mod cmd;
-pub mod forget;
-pub mod janitor;
-pub mod reaper;
+pub(crate) mod cmd;
+pub(crate) mod forget;
+pub(crate) mod janitor;
+pub(crate) mod reaper;

@@ -8,68 +8,68 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// App domain this run deploys (lock key), e.g. immi-ad3e33.ci.example.org.
     #[arg(long, env = "TETHER_APP")]
-    pub app: String,
+    pub(crate) app: String,
     /// Run id (default: derived from the CI environment, else local-<time>-<pid>).
     #[arg(long, env = "TETHER_RUN_ID")]
-    pub run_id: Option<String>,
+    pub(crate) run_id: Option<String>,
     /// Tear down when this much time has passed since tether started (0 = never) [default: 60m].
     #[arg(long, value_parser = duration)]
-    pub deadline: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
     /// SIGTERM→SIGKILL grace for the command's process tree [default: 10s].
     #[arg(long, value_parser = duration)]
-    pub grace: Option<Duration>,
+    pub(crate) grace: Option<Duration>,
     /// Give up waiting for the app lock after this long (exit 75).
     #[arg(long, value_parser = duration)]
-    pub lock_timeout: Option<Duration>,
+    pub(crate) lock_timeout: Option<Duration>,
     /// What to do when another run holds the app lock [default: wait].
     #[arg(long, value_enum)]
-    pub on_busy: Option<OnBusy>,
+    pub(crate) on_busy: Option<OnBusy>,
     /// Group key for --on-busy cancel-older (default: CI repo + PR, else repo + branch).
     #[arg(long)]
-    pub group: Option<String>,
+    pub(crate) group: Option<String>,
     /// Cap on concurrently running commands on this host, across apps.
     #[arg(long)]
-    pub slots: Option<u32>,
+    pub(crate) slots: Option<u32>,
     /// Shell command run (by sh -c) after the lock is taken, before the command.
     #[arg(long)]
-    pub setup: Option<String>,
+    pub(crate) setup: Option<String>,
     /// Shell command run (by sh -c) after the command's tree is gone.
     #[arg(long)]
-    pub teardown: Option<String>,
+    pub(crate) teardown: Option<String>,
     /// Bound on the teardown command [default: 5m].
     #[arg(long, value_parser = duration)]
-    pub teardown_timeout: Option<Duration>,
+    pub(crate) teardown_timeout: Option<Duration>,
     /// Keep the run dir after a successful teardown (for inspection).
     #[arg(long)]
-    pub keep_run_dir: bool,
+    pub(crate) keep_run_dir: bool,
     /// Do not tear down when the reader of tether's stdout/stderr pipe goes away (by default
     /// that is taken as the CI agent's death: reason agent-gone, exit 143).
     #[arg(long, overrides_with = "agent_watch")]
-    pub no_agent_watch: bool,
+    pub(crate) no_agent_watch: bool,
     /// Watch stdout/stderr even if the config file says `agent_watch: false`.
     #[arg(long, overrides_with = "no_agent_watch")]
-    pub agent_watch: bool,
+    pub(crate) agent_watch: bool,
     #[command(flatten)]
-    pub places: PlaceArgs,
+    pub(crate) places: PlaceArgs,
     /// Write the summary as JSON to this file.
     #[arg(long)]
-    pub summary_json: Option<PathBuf>,
+    pub(crate) summary_json: Option<PathBuf>,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub(crate) output: OutputArgs,
     /// How often the waiting line repeats.
     #[arg(long, hide = true, env = "TETHER_WAIT_PROGRESS_INTERVAL", default_value = "60s", value_parser = duration)]
-    pub wait_progress_interval: Duration,
+    pub(crate) wait_progress_interval: Duration,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
+    pub(crate) command: Vec<OsString>,
 }
 
 impl RunArgs {
     /// `--agent-watch` / `--no-agent-watch`, whichever came last; `None` for neither.
-    pub fn agent_watch_flag(&self) -> Option<bool> {
+    pub(crate) fn agent_watch_flag(&self) -> Option<bool> {
         match (self.agent_watch, self.no_agent_watch) {
             (true, _) => Some(true),
             (_, true) => Some(false),

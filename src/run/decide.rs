@@ -1,24 +1,16 @@
-//! The funnel's decisions, separated from the waiting: a pure function from (phase, event) to
-//! action, so every escalation (first signal tears down, a second one never starts another
-//! teardown) is unit-tested without a kernel; the real-kernel suite proves the wiring.
+//! The funnel's decisions, separated from the waiting: a pure function from a batch of events
+//! to the cause the run ends with (and the events that lost, to be logged as ignored), unit-
+//! tested without a kernel. That a later event never starts a second teardown is not decided
+//! here but held by the run's shape: `Ended::teardown` consumes the run, and events that arrive
+//! meanwhile are queued by the supervisor and only logged (run/teardown.rs); the real-kernel
+//! suite proves the wiring.
 
 use crate::exit;
 use crate::sys::signals::{Event, Sig};
 
-/// Where the run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Before the command started (claiming, waiting for the lock, reconciling, setup).
-    Preparing,
-    /// The command (or setup) runs.
-    Running,
-    /// Teardown has begun: nothing may start it again.
-    TearingDown,
-}
-
 /// Why the run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     /// The command exited by itself with this status (128+N when killed by a signal N).
     Exited(i32),
     Signal(Sig),
@@ -28,27 +20,15 @@ pub enum Cause {
     AgentGone,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Nothing to decide (a child changed state, a fd became readable).
-    Continue,
-    /// Begin the one teardown.
-    TearDown(Cause),
-    /// A funnel event during teardown: log it, change nothing.
-    LogIgnored,
-}
-
-pub fn next_action(phase: Phase, event: Event) -> Action {
-    let cause = match event {
-        Event::Signal(s) => Cause::Signal(s),
-        Event::Deadline => Cause::Deadline,
-        Event::ParentDied => Cause::ParentDied,
-        Event::AgentGone => Cause::AgentGone,
-        Event::Child | Event::Ready => return Action::Continue,
-    };
-    match phase {
-        Phase::Preparing | Phase::Running => Action::TearDown(cause),
-        Phase::TearingDown => Action::LogIgnored,
+/// The cause a funnel event ends the run with; `None` for events that only wake the wait (a
+/// child changed state, a fd became readable).
+pub(crate) fn cause_of(event: Event) -> Option<Cause> {
+    match event {
+        Event::Signal(s) => Some(Cause::Signal(s)),
+        Event::Deadline => Some(Cause::Deadline),
+        Event::ParentDied => Some(Cause::ParentDied),
+        Event::AgentGone => Some(Cause::AgentGone),
+        Event::Child | Event::Ready => None,
     }
 }
 
@@ -70,35 +50,30 @@ fn precedence(cause: Cause) -> u8 {
     }
 }
 
-/// Decide on a whole batch of events that arrived together: the winning action and the funnel
-/// events that lost (to be logged as ignored).
-pub fn decide_batch(phase: Phase, events: &[Event]) -> (Action, Vec<Event>) {
+/// Decide on a whole batch of events that arrived together: the cause that ends the run, if
+/// any, and the funnel events that lost (to be logged as ignored).
+pub(crate) fn decide_batch(events: &[Event]) -> (Option<Cause>, Vec<Event>) {
     let mut best: Option<(Cause, Event)> = None;
     let mut losers = Vec::new();
     for &ev in events {
-        match next_action(phase, ev) {
-            Action::TearDown(cause) => match best {
-                Some((b, _)) if precedence(b) <= precedence(cause) => losers.push(ev),
-                Some((_, bev)) => {
-                    losers.push(bev);
-                    best = Some((cause, ev));
-                }
-                None => best = Some((cause, ev)),
-            },
-            Action::LogIgnored => losers.push(ev),
-            Action::Continue => {}
+        let Some(cause) = cause_of(ev) else {
+            continue;
+        };
+        match best {
+            Some((b, _)) if precedence(b) <= precedence(cause) => losers.push(ev),
+            Some((_, bev)) => {
+                losers.push(bev);
+                best = Some((cause, ev));
+            }
+            None => best = Some((cause, ev)),
         }
     }
-    match best {
-        Some((cause, _)) => (Action::TearDown(cause), losers),
-        None if !losers.is_empty() => (Action::LogIgnored, losers),
-        None => (Action::Continue, losers),
-    }
+    (best.map(|(cause, _)| cause), losers)
 }
 
 impl Cause {
     /// `TETHER_REASON` for the teardown command.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Cause::Exited(_) => "exited",
             Cause::Signal(_) => "signal",
@@ -109,7 +84,7 @@ impl Cause {
     }
 
     /// The exit code before teardown's verdict.
-    pub fn exit_code(self) -> i32 {
+    pub(crate) fn exit_code(self) -> i32 {
         match self {
             Cause::Exited(code) => code,
             Cause::Signal(Sig::Term) | Cause::ParentDied | Cause::AgentGone => exit::TERMINATED,
@@ -120,7 +95,7 @@ impl Cause {
     }
 
     /// The final exit code: a teardown failure after a passing command must not look green.
-    pub fn final_exit_code(self, teardown_ok: bool) -> i32 {
+    pub(crate) fn final_exit_code(self, teardown_ok: bool) -> i32 {
         match self {
             Cause::Exited(0) if !teardown_ok => exit::TETHER_FAILURE,
             other => other.exit_code(),
@@ -128,7 +103,7 @@ impl Cause {
     }
 
     /// The summary's `result=`.
-    pub fn result(self, teardown_ok: bool) -> &'static str {
+    pub(crate) fn result(self, teardown_ok: bool) -> &'static str {
         match self {
             Cause::Exited(0) if teardown_ok => "passed",
             Cause::Exited(_) => "failed",
@@ -143,36 +118,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_signal_tears_down_second_is_only_logged() {
-        let first = next_action(Phase::Running, Event::Signal(Sig::Term));
-        assert_eq!(first, Action::TearDown(Cause::Signal(Sig::Term)));
-        for ev in [
+    fn one_cause_wins_a_batch_and_every_other_funnel_event_is_only_logged() {
+        let storm = [
             Event::Signal(Sig::Term),
             Event::Signal(Sig::Int),
+            Event::Child,
             Event::Signal(Sig::Hup),
             Event::Deadline,
             Event::ParentDied,
+            Event::Ready,
             Event::AgentGone,
-        ] {
-            assert_eq!(next_action(Phase::TearingDown, ev), Action::LogIgnored);
-        }
+        ];
+        let (cause, losers) = decide_batch(&storm);
+        assert_eq!(cause, Some(Cause::Signal(Sig::Term)));
+        // Everything but the winner and the two wake-ups is logged as ignored.
+        assert_eq!(losers.len(), storm.len() - 3);
+        assert!(!losers.contains(&Event::Child) && !losers.contains(&Event::Ready));
     }
 
     #[test]
-    fn every_funnel_source_tears_down_while_preparing() {
+    fn every_funnel_source_ends_the_run_and_wakeups_do_not() {
+        assert_eq!(cause_of(Event::Deadline), Some(Cause::Deadline));
+        assert_eq!(cause_of(Event::ParentDied), Some(Cause::ParentDied));
+        assert_eq!(cause_of(Event::AgentGone), Some(Cause::AgentGone));
         assert_eq!(
-            next_action(Phase::Preparing, Event::Deadline),
-            Action::TearDown(Cause::Deadline)
+            cause_of(Event::Signal(Sig::Hup)),
+            Some(Cause::Signal(Sig::Hup))
         );
-        assert_eq!(
-            next_action(Phase::Preparing, Event::ParentDied),
-            Action::TearDown(Cause::ParentDied)
-        );
-        assert_eq!(next_action(Phase::Running, Event::Child), Action::Continue);
-        assert_eq!(
-            next_action(Phase::TearingDown, Event::Ready),
-            Action::Continue
-        );
+        assert_eq!(cause_of(Event::Child), None);
+        assert_eq!(cause_of(Event::Ready), None);
+        assert_eq!(decide_batch(&[Event::Child, Event::Ready]), (None, vec![]));
     }
 
     #[test]
@@ -182,42 +157,26 @@ mod tests {
             Event::Child,
             Event::Signal(Sig::Term),
         ];
-        let (action, losers) = decide_batch(Phase::Running, &batch);
-        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Term)));
+        let (cause, losers) = decide_batch(&batch);
+        assert_eq!(cause, Some(Cause::Signal(Sig::Term)));
         assert_eq!(losers, vec![Event::Signal(Sig::Int)]);
-        let (action, _) = decide_batch(Phase::Preparing, &[Event::Deadline, Event::ParentDied]);
-        assert_eq!(action, Action::TearDown(Cause::ParentDied));
+        let (cause, _) = decide_batch(&[Event::Deadline, Event::ParentDied]);
+        assert_eq!(cause, Some(Cause::ParentDied));
         // A received signal wins over parent death (the agent's group TERM also kills the
         // step shell), parent death over the agent's death, and that over the deadline.
-        let (action, losers) = decide_batch(
-            Phase::Running,
-            &[
-                Event::ParentDied,
-                Event::Signal(Sig::Term),
-                Event::AgentGone,
-            ],
-        );
-        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Term)));
+        let (cause, losers) = decide_batch(&[
+            Event::ParentDied,
+            Event::Signal(Sig::Term),
+            Event::AgentGone,
+        ]);
+        assert_eq!(cause, Some(Cause::Signal(Sig::Term)));
         assert_eq!(losers, vec![Event::ParentDied, Event::AgentGone]);
-        let (action, _) = decide_batch(
-            Phase::Running,
-            &[Event::Signal(Sig::Hup), Event::ParentDied],
-        );
-        assert_eq!(action, Action::TearDown(Cause::Signal(Sig::Hup)));
-        let (action, _) = decide_batch(
-            Phase::Running,
-            &[Event::Deadline, Event::AgentGone, Event::ParentDied],
-        );
-        assert_eq!(action, Action::TearDown(Cause::ParentDied));
-        let (action, _) = decide_batch(Phase::Running, &[Event::Deadline, Event::AgentGone]);
-        assert_eq!(action, Action::TearDown(Cause::AgentGone));
-        let (action, losers) = decide_batch(Phase::TearingDown, &[Event::Signal(Sig::Hup)]);
-        assert_eq!(action, Action::LogIgnored);
-        assert_eq!(losers.len(), 1);
-        assert_eq!(
-            decide_batch(Phase::Running, &[Event::Child]).0,
-            Action::Continue
-        );
+        let (cause, _) = decide_batch(&[Event::Signal(Sig::Hup), Event::ParentDied]);
+        assert_eq!(cause, Some(Cause::Signal(Sig::Hup)));
+        let (cause, _) = decide_batch(&[Event::Deadline, Event::AgentGone, Event::ParentDied]);
+        assert_eq!(cause, Some(Cause::ParentDied));
+        let (cause, _) = decide_batch(&[Event::Deadline, Event::AgentGone]);
+        assert_eq!(cause, Some(Cause::AgentGone));
     }
 
     #[test]

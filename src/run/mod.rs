@@ -17,9 +17,9 @@
 //!   once only (step 10).
 //! - The summary and the exit code are made in one place (finish.rs).
 
-pub mod args;
+pub(crate) mod args;
 mod claim;
-pub mod decide;
+pub(crate) mod decide;
 mod env;
 mod finish;
 mod hold;
@@ -28,7 +28,7 @@ mod queue;
 mod supervise;
 mod teardown;
 
-pub use args::RunArgs;
+pub(crate) use args::RunArgs;
 
 use crate::config::settings::Settings;
 use crate::ident::ci_env::CiInfo;
@@ -46,7 +46,7 @@ use plan::{Plan, Spec};
 use std::time::{Duration, Instant};
 
 /// `tether run`. Returns the exit code.
-pub fn run(args: RunArgs) -> i32 {
+pub(crate) fn run(args: RunArgs) -> i32 {
     args.output.init();
     // 1. Lifetime guards, before anything else is done.
     let mut sup = match front::split(args.agent_watch_flag() != Some(false)) {
@@ -220,8 +220,8 @@ fn check_funnel(sup: &mut Supervisor, ctx: &Ctx) -> Result<(), Stop> {
 
 /// Before the app is touched, the first funnel event stops the run.
 fn act_on(events: Vec<crate::sys::signals::Event>, ctx: &Ctx) -> Result<(), Stop> {
-    match decide::decide_batch(decide::Phase::Preparing, &events) {
-        (decide::Action::TearDown(cause), losers) => {
+    match decide::decide_batch(&events) {
+        (Some(cause), losers) => {
             finish::announce(cause, ctx.spec.deadline);
             finish::log_ignored(&losers);
             Err(Stop::Event(cause))

@@ -21,36 +21,36 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What the run will do, resolved and validated. Nothing exists yet.
-pub struct Spec {
-    pub app: Domain,
-    pub run_id: RunId,
-    pub deadline: Duration,
-    pub grace: Duration,
-    pub lock_timeout: Option<Duration>,
-    pub on_busy: OnBusy,
-    pub group: Option<String>,
-    pub setup: Option<String>,
-    pub teardown: Option<String>,
-    pub teardown_timeout: Duration,
-    pub keep_run_dir: bool,
-    pub slots: Option<u32>,
-    pub env_policy: EnvPolicy,
-    pub run_as: Option<Identity>,
-    pub limits: Limits,
-    pub report: Option<Report>,
-    pub summary_json: Option<PathBuf>,
+pub(crate) struct Spec {
+    pub(crate) app: Domain,
+    pub(crate) run_id: RunId,
+    pub(crate) deadline: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) lock_timeout: Option<Duration>,
+    pub(crate) on_busy: OnBusy,
+    pub(crate) group: Option<String>,
+    pub(crate) setup: Option<String>,
+    pub(crate) teardown: Option<String>,
+    pub(crate) teardown_timeout: Duration,
+    pub(crate) keep_run_dir: bool,
+    pub(crate) slots: Option<u32>,
+    pub(crate) env_policy: EnvPolicy,
+    pub(crate) run_as: Option<Identity>,
+    pub(crate) limits: Limits,
+    pub(crate) report: Option<Report>,
+    pub(crate) summary_json: Option<PathBuf>,
     /// The command's executable, resolved in `PATH` (what is exec'd).
-    pub program: PathBuf,
+    pub(crate) program: PathBuf,
     /// The command as typed (`argv`, from `argv[0]` on): what the command sees and `ps` shows.
-    pub argv: Vec<OsString>,
-    pub ci: Option<CiInfo>,
-    pub wait_progress: Duration,
-    pub cwd: Option<PathBuf>,
+    pub(crate) argv: Vec<OsString>,
+    pub(crate) ci: Option<CiInfo>,
+    pub(crate) wait_progress: Duration,
+    pub(crate) cwd: Option<PathBuf>,
 }
 
 /// The spec and the state dirs it will use: checked, not yet created.
-pub struct Plan {
-    pub spec: Spec,
+pub(crate) struct Plan {
+    pub(crate) spec: Spec,
     dirs: PlannedDirs,
 }
 
@@ -61,13 +61,13 @@ struct PlannedDirs {
 }
 
 /// The state dirs, open (and created if they were missing).
-pub struct OpenDirs {
-    pub lock: Dir,
-    pub runs: Dir,
+pub(crate) struct OpenDirs {
+    pub(crate) lock: Dir,
+    pub(crate) runs: Dir,
 }
 
 impl Plan {
-    pub fn resolve(args: RunArgs, cfg: &Config) -> Result<Plan> {
+    pub(crate) fn resolve(args: RunArgs, cfg: &Config) -> Result<Plan> {
         let settings = Settings::new(cfg);
         if args.slots == Some(0) {
             return Err(Error::tether("--slots must be at least 1"));
@@ -144,7 +144,7 @@ impl Plan {
     }
 
     /// Split into the spec and the state dirs, created if they were missing and opened.
-    pub fn open(self) -> (Spec, Result<OpenDirs>) {
+    pub(crate) fn open(self) -> (Spec, Result<OpenDirs>) {
         let Plan { spec, dirs } = self;
         let opened = dirs.open(spec.run_as.as_ref());
         (spec, opened)

@@ -1,7 +1,7 @@
 //! Steps 8–9 (SPEC §3.1): setup, then the command — in their own process group, in the run's
 //! cgroup, PDEATHSIG towards the core — and the wait for the command or the funnel.
 
-use super::decide::{decide_batch, Action, Cause, Phase};
+use super::decide::{decide_batch, Cause};
 use super::env::{run_env, Side};
 use super::finish::{announce, log_ignored};
 use super::hold::Held;
@@ -183,7 +183,7 @@ fn wait_for(child: Child, deadline: std::time::Duration, sup: &mut impl Waits) -
             return Cause::Exited(code);
         }
         let events = sup.wait(None, None);
-        if let (Action::TearDown(cause), losers) = decide_batch(Phase::Running, &events) {
+        if let (Some(cause), losers) = decide_batch(&events) {
             announce(cause, deadline);
             log_ignored(&losers);
             return cause;

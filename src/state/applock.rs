@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 /// The app locks of this tether (today: the lock dir's flocks).
 #[derive(Debug, Clone)]
-pub struct AppLocks {
+pub(crate) struct AppLocks {
     backend: Backend,
 }
 
@@ -26,7 +26,7 @@ enum Backend {
 }
 
 /// What a try found.
-pub enum Attempt {
+pub(crate) enum Attempt {
     Held(AppLock),
     /// Someone else holds it; wait with [`BusyLock::wait`].
     Busy(BusyLock),
@@ -34,19 +34,19 @@ pub enum Attempt {
 
 /// A held app lock, identity-checked (PROTOCOL.md). Dropping it releases it.
 #[derive(Debug)]
-pub struct AppLock {
+pub(crate) struct AppLock {
     held: HeldLock,
 }
 
 /// An app lock someone else holds.
-pub struct BusyLock {
+pub(crate) struct BusyLock {
     file: File,
     backend: Backend,
     app: Domain,
 }
 
 /// A wait for an app lock, readable on [`WaitingLock::ready_fd`] when it is over.
-pub struct WaitingLock {
+pub(crate) struct WaitingLock {
     waiter: Waiter,
     /// The same lockfile, to read the holder's metadata for the progress lines.
     reader: Option<File>,
@@ -56,14 +56,14 @@ pub struct WaitingLock {
 
 impl AppLocks {
     /// The locks in `dir`, a lock dir that passed the trust checks (`state::dirs`).
-    pub fn flock(dir: Dir) -> AppLocks {
+    pub(crate) fn flock(dir: Dir) -> AppLocks {
         AppLocks {
             backend: Backend::Flock { dir },
         }
     }
 
     /// Try once to take the lock of `app` (created if missing).
-    pub fn try_acquire(&self, app: &Domain) -> io::Result<Attempt> {
+    pub(crate) fn try_acquire(&self, app: &Domain) -> io::Result<Attempt> {
         match &self.backend {
             Backend::Flock { dir } => Ok(match lock::try_acquire(dir, app_lock_name(app))? {
                 TryLock::Held(held) => Attempt::Held(AppLock { held }),
@@ -78,7 +78,7 @@ impl AppLocks {
 
     /// Take the lock of `app` only if it exists and is free (a janitor never creates one just
     /// to look). `None`: busy or missing.
-    pub fn try_acquire_existing(&self, app: &Domain) -> io::Result<Option<AppLock>> {
+    pub(crate) fn try_acquire_existing(&self, app: &Domain) -> io::Result<Option<AppLock>> {
         match &self.backend {
             Backend::Flock { dir } => {
                 Ok(lock::try_acquire_existing(dir, app_lock_name(app))?
@@ -88,7 +88,7 @@ impl AppLocks {
     }
 
     /// The last metadata written for `app`'s lock, read without taking the lock.
-    pub fn holder_meta(&self, app: &Domain) -> Option<LockMeta> {
+    pub(crate) fn holder_meta(&self, app: &Domain) -> Option<LockMeta> {
         match &self.backend {
             Backend::Flock { dir } => lock::open_existing(dir, app_lock_name(app))
                 .ok()
@@ -99,55 +99,55 @@ impl AppLocks {
 
 impl AppLock {
     /// Where the lock lives, for messages.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.held.path()
     }
 
     /// The metadata in the lock (`None` when torn, empty or not tether's).
-    pub fn meta(&self) -> Option<LockMeta> {
+    pub(crate) fn meta(&self) -> Option<LockMeta> {
         record::read_meta(self.held.file())
     }
 
     /// Whether the lock carries any metadata at all (garbage counts: an unknown dead run).
-    pub fn has_content(&self) -> bool {
+    pub(crate) fn has_content(&self) -> bool {
         self.held.file().metadata().map(|m| m.len()).unwrap_or(0) > 0
     }
 
     /// Rewrite the metadata in place (waiters read it while we hold the lock).
-    pub fn write_meta(&self, meta: &LockMeta) -> io::Result<()> {
+    pub(crate) fn write_meta(&self, meta: &LockMeta) -> io::Result<()> {
         record::write_meta(self.held.file(), meta)
     }
 
     /// Empty the metadata (garbage that names nobody).
-    pub fn clear_meta(&self) -> io::Result<()> {
+    pub(crate) fn clear_meta(&self) -> io::Result<()> {
         self.held.file().set_len(0)
     }
 
     /// Remove the lock while holding it (the janitor's tidy-up): waiters re-open the path.
-    pub fn unlink(&self) -> io::Result<()> {
+    pub(crate) fn unlink(&self) -> io::Result<()> {
         self.held.unlink()
     }
 
     /// Release (close; never unlink: a waiter may be blocked on it).
-    pub fn release(self) {
+    pub(crate) fn release(self) {
         self.held.release();
     }
 }
 
 impl BusyLock {
     /// The holder's metadata, for the waiting line and `cancel-older`.
-    pub fn holder(&self) -> Option<LockMeta> {
+    pub(crate) fn holder(&self) -> Option<LockMeta> {
         record::read_meta(&self.file)
     }
 
     /// The holder's pid as the kernel's lock table has it (never a pid from a file).
-    pub fn holder_pid(&self) -> Option<i32> {
+    pub(crate) fn holder_pid(&self) -> Option<i32> {
         crate::sys::proc_locks::holder_of(&self.file)
     }
 
     /// Block for the lock on a helper thread whose only job is that (DECISIONS D4); the
     /// caller keeps waiting on its funnel and `ready_fd`.
-    pub fn wait(self) -> io::Result<WaitingLock> {
+    pub(crate) fn wait(self) -> io::Result<WaitingLock> {
         let reader = self.file.try_clone().ok();
         Ok(WaitingLock {
             waiter: Waiter::start(self.file)?,
@@ -160,16 +160,16 @@ impl BusyLock {
 
 impl WaitingLock {
     /// Readable once the wait is over.
-    pub fn ready_fd(&self) -> RawFd {
+    pub(crate) fn ready_fd(&self) -> RawFd {
         self.waiter.raw_fd()
     }
 
     /// The current holder's metadata (it may change while we wait).
-    pub fn holder(&self) -> Option<LockMeta> {
+    pub(crate) fn holder(&self) -> Option<LockMeta> {
         self.reader.as_ref().and_then(record::read_meta)
     }
 
-    pub fn holder_pid(&self) -> Option<i32> {
+    pub(crate) fn holder_pid(&self) -> Option<i32> {
         self.reader
             .as_ref()
             .and_then(crate::sys::proc_locks::holder_of)
@@ -177,7 +177,7 @@ impl WaitingLock {
 
     /// The lock, once `ready_fd` was readable. `Ok(None)`: the lock we waited on was removed
     /// meanwhile (a janitor's tidy-up): try again.
-    pub fn finish(self) -> io::Result<Option<AppLock>> {
+    pub(crate) fn finish(self) -> io::Result<Option<AppLock>> {
         let file = self.waiter.finish()?;
         match &self.backend {
             Backend::Flock { dir } => {

@@ -40,8 +40,8 @@ const PARENT_MODE: u32 = 0o755;
 
 /// A state dir that passed the checks, open.
 #[derive(Debug, Clone)]
-pub struct StateDir {
-    pub dir: Dir,
+pub(crate) struct StateDir {
+    pub(crate) dir: Dir,
     /// Every directory walked to reach it, from `/` to the dir itself, with what `fstat` said.
     chain: Vec<(PathBuf, FileStat)>,
 }
@@ -55,22 +55,15 @@ enum Found {
 }
 
 /// A state dir chosen for use; missing ones are created by [`Chosen::open`].
-pub struct Chosen {
+pub(crate) struct Chosen {
     what: &'static str,
     found: Found,
     mode: u32,
 }
 
 impl Chosen {
-    pub fn path(&self) -> &Path {
-        match &self.found {
-            Found::Existing(s) => s.dir.path(),
-            Found::Missing(p) => p,
-        }
-    }
-
     /// The dir, when it exists already.
-    pub fn existing_dir(&self) -> Option<&Dir> {
+    pub(crate) fn existing_dir(&self) -> Option<&Dir> {
         match &self.found {
             Found::Existing(s) => Some(&s.dir),
             Found::Missing(_) => None,
@@ -78,7 +71,7 @@ impl Chosen {
     }
 
     /// The dir, created first if it was missing.
-    pub fn open(self) -> Result<StateDir> {
+    pub(crate) fn open(self) -> Result<StateDir> {
         match self.found {
             Found::Existing(s) => Ok(s),
             Found::Missing(path) => match walk(self.what, &path, Some(self.mode))? {
@@ -93,7 +86,7 @@ impl Chosen {
     }
 
     /// The dir if it exists (janitor, status: they create nothing).
-    pub fn existing(self) -> Option<StateDir> {
+    pub(crate) fn existing(self) -> Option<StateDir> {
         match self.found {
             Found::Existing(s) => Some(s),
             Found::Missing(_) => None,
@@ -105,7 +98,7 @@ impl Chosen {
 /// passes the checks, or a missing one that could be created. Falling back past the preferred
 /// dir is said in a warning; when no candidate is usable, the preferred one's error is
 /// returned. `mode` is what a missing dir will be created with.
-pub fn choose(what: &'static str, place: &Place, mode: u32) -> Result<Chosen> {
+pub(crate) fn choose(what: &'static str, place: &Place, mode: u32) -> Result<Chosen> {
     let mut first_error = None;
     for path in &place.candidates {
         let outcome = walk(what, path, None).and_then(|w| match w {
@@ -357,7 +350,7 @@ fn target_components(path: &Path) -> Vec<OsString> {
 
 /// Refuse a directory we cannot write (asked with `faccessat` on its fd, which knows about
 /// root, read-only mounts and ACLs).
-pub fn check_writable(what: &str, dir: &Dir) -> Result<()> {
+pub(crate) fn check_writable(what: &str, dir: &Dir) -> Result<()> {
     use nix::unistd::{faccessat, AccessFlags};
     use std::os::fd::AsFd;
     faccessat(
@@ -378,7 +371,7 @@ pub fn check_writable(what: &str, dir: &Dir) -> Result<()> {
 impl StateDir {
     /// Refuse (with the culprit named) when user `uid` (groups `gids`) cannot search every
     /// directory on the way to this one: a `run_as` command must reach its `tmp/`.
-    pub fn check_reachable_by(
+    pub(crate) fn check_reachable_by(
         &self,
         user: &str,
         uid: Uid,

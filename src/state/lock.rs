@@ -19,29 +19,29 @@ use nix::fcntl::OFlag;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 /// The app lockfile's name in the lock dir (`app-<domain>.lock`).
-pub fn app_lock_name(app: &crate::ident::names::Domain) -> String {
+pub(crate) fn app_lock_name(app: &crate::ident::names::Domain) -> String {
     format!("app-{app}.lock")
 }
 
 /// Open (creating if needed) the lockfile `name` in `dir`. Never truncates, never follows a
 /// symlink, never blocks on a FIFO, and refuses anything but a regular file.
-pub fn open_lockfile(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
+pub(crate) fn open_lockfile(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
     dir.open_file(name, OFlag::O_RDWR | OFlag::O_CREAT, 0o644)
 }
 
 /// Open an existing lockfile without creating one (probes and janitors).
-pub fn open_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
+pub(crate) fn open_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<File> {
     dir.open_file(name, OFlag::O_RDWR, 0)
 }
 
 /// Does the open file still sit at `name` in `dir`? (Same device and inode, via `fstatat`
 /// without following a symlink.)
-pub fn identity_matches(file: &File, dir: &Dir, name: impl AsRef<OsStr>) -> bool {
+pub(crate) fn identity_matches(file: &File, dir: &Dir, name: impl AsRef<OsStr>) -> bool {
     let (Ok(a), Ok(b)) = (nix::sys::stat::fstat(file.as_fd()), dir.stat_at(name)) else {
         return false;
     };
@@ -50,35 +50,35 @@ pub fn identity_matches(file: &File, dir: &Dir, name: impl AsRef<OsStr>) -> bool
 
 /// A held, identity-checked lock. Dropping it (closing the fd) releases it.
 #[derive(Debug)]
-pub struct HeldLock {
+pub(crate) struct HeldLock {
     file: File,
     dir: Dir,
     name: OsString,
 }
 
 impl HeldLock {
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
     /// The lockfile's path, for messages.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(&self.name)
     }
 
     /// Unlink the lockfile while still holding it (the janitor's tidy-up, PROTOCOL.md): waiters
     /// blocked on this inode wake up, fail their identity check, and re-open the path.
-    pub fn unlink(&self) -> io::Result<()> {
+    pub(crate) fn unlink(&self) -> io::Result<()> {
         self.dir.unlink(&self.name)
     }
 
     /// Release by closing; never unlinks (a waiter may be blocked on this inode).
-    pub fn release(self) {
+    pub(crate) fn release(self) {
         drop(self.file);
     }
 }
 
-pub enum TryLock {
+pub(crate) enum TryLock {
     Held(HeldLock),
     /// Someone else holds it; the file stays open so the caller can read the holder's
     /// metadata and then wait on the same open file.
@@ -86,7 +86,7 @@ pub enum TryLock {
 }
 
 /// Try once to take the lock `name` in `dir`, repeating only across unlink/recreate races.
-pub fn try_acquire(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<TryLock> {
+pub(crate) fn try_acquire(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<TryLock> {
     let name = name.as_ref();
     loop {
         let file = open_lockfile(dir, name)?;
@@ -103,7 +103,10 @@ pub fn try_acquire(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<TryLock> {
 }
 
 /// Try to lock an existing file without creating it. `Ok(None)` = busy or vanished.
-pub fn try_acquire_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<Option<HeldLock>> {
+pub(crate) fn try_acquire_existing(
+    dir: &Dir,
+    name: impl AsRef<OsStr>,
+) -> io::Result<Option<HeldLock>> {
     let name = name.as_ref();
     let file = match open_existing(dir, name) {
         Ok(f) => f,
@@ -118,7 +121,7 @@ pub fn try_acquire_existing(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<Op
 }
 
 /// The identity check that makes a lock "held": the locked inode is still `name` in `dir`.
-pub fn confirm(file: File, dir: &Dir, name: impl AsRef<OsStr>) -> Option<HeldLock> {
+pub(crate) fn confirm(file: File, dir: &Dir, name: impl AsRef<OsStr>) -> Option<HeldLock> {
     let name = name.as_ref();
     if identity_matches(&file, dir, name) {
         Some(HeldLock {
@@ -132,13 +135,13 @@ pub fn confirm(file: File, dir: &Dir, name: impl AsRef<OsStr>) -> Option<HeldLoc
 }
 
 /// A blocking `flock` running on a helper thread; readable `fd()` means it finished.
-pub struct Waiter {
+pub(crate) struct Waiter {
     done_rx: OwnedFd,
     handle: JoinHandle<(File, io::Result<()>)>,
 }
 
 impl Waiter {
-    pub fn start(file: File) -> io::Result<Waiter> {
+    pub(crate) fn start(file: File) -> io::Result<Waiter> {
         let (rx, tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let handle = std::thread::Builder::new()
             .name("flock-wait".into())
@@ -153,16 +156,12 @@ impl Waiter {
         })
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.done_rx.as_fd()
-    }
-
-    pub fn raw_fd(&self) -> i32 {
+    pub(crate) fn raw_fd(&self) -> i32 {
         self.done_rx.as_raw_fd()
     }
 
     /// Join the thread (it has finished once `fd()` is readable) and get the locked file.
-    pub fn finish(self) -> io::Result<File> {
+    pub(crate) fn finish(self) -> io::Result<File> {
         let (file, result) = self
             .handle
             .join()

@@ -17,12 +17,12 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 /// The run record's name in its run dir.
-pub const RECORD_FILE: &str = "run.json";
+pub(crate) const RECORD_FILE: &str = "run.json";
 
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// Now, in the records' unit (Unix seconds).
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -31,7 +31,7 @@ pub fn unix_now() -> u64 {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum State {
+pub(crate) enum State {
     /// Claimed its run dir, not yet holding the app lock: it never touched its app.
     Queued,
     Running,
@@ -40,7 +40,7 @@ pub enum State {
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Queued => "queued",
             State::Running => "running",
@@ -52,79 +52,79 @@ impl State {
 
 /// Lock metadata: who holds (or last held) an app lock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LockMeta {
-    pub version: u32,
-    pub app: String,
-    pub run_id: String,
-    pub pid: i32,
+pub(crate) struct LockMeta {
+    pub(crate) version: u32,
+    pub(crate) app: String,
+    pub(crate) run_id: String,
+    pub(crate) pid: i32,
     /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22): tells a
     /// recycled pid from the holder.
-    pub pid_start: u64,
-    pub host: String,
+    pub(crate) pid_start: u64,
+    pub(crate) host: String,
     /// Unix seconds.
-    pub started_at: u64,
-    pub state: State,
-    pub run_dir: String,
-    pub cgroup: Option<String>,
-    pub ci: Option<CiInfo>,
+    pub(crate) started_at: u64,
+    pub(crate) state: State,
+    pub(crate) run_dir: String,
+    pub(crate) cgroup: Option<String>,
+    pub(crate) ci: Option<CiInfo>,
     /// The run's process marker (`TETHER_RUN_TOKEN`), for finding leftovers without a cgroup.
     #[serde(default)]
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 impl LockMeta {
     /// The token this run's processes carry (`TETHER_RUN_TOKEN`) and its cgroup is named
     /// after, derived from the recorded identity (never taken from the `token` field alone).
-    pub fn expected_token(&self) -> String {
+    pub(crate) fn expected_token(&self) -> String {
         format!("{}.{}.{}", self.run_id, self.pid, self.pid_start)
     }
 
     /// The recorded cgroup, if it passes containment (`RunCgroup::recorded`).
-    pub fn run_cgroup(&self) -> Result<crate::sys::cgroup::RunCgroup, String> {
+    pub(crate) fn run_cgroup(&self) -> Result<crate::sys::cgroup::RunCgroup, String> {
         crate::sys::cgroup::RunCgroup::recorded(self.cgroup.as_deref(), &self.expected_token())
     }
 }
 
 /// The run record: the metadata plus what a reaper needs to finish a dead run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
+pub(crate) struct RunRecord {
     #[serde(flatten)]
-    pub meta: LockMeta,
+    pub(crate) meta: LockMeta,
     #[serde(default)]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
     #[serde(default)]
-    pub setup: Option<String>,
+    pub(crate) setup: Option<String>,
     #[serde(default)]
-    pub teardown: Option<String>,
+    pub(crate) teardown: Option<String>,
     #[serde(default)]
-    pub cwd: Option<String>,
+    pub(crate) cwd: Option<String>,
     #[serde(default)]
-    pub group: Option<String>,
+    pub(crate) group: Option<String>,
     #[serde(default)]
-    pub deadline_ms: u64,
+    pub(crate) deadline_ms: u64,
     #[serde(default)]
-    pub grace_ms: u64,
+    pub(crate) grace_ms: u64,
     #[serde(default)]
-    pub teardown_timeout_ms: u64,
+    pub(crate) teardown_timeout_ms: u64,
     #[serde(default)]
-    pub exit_code: Option<i32>,
+    pub(crate) exit_code: Option<i32>,
     #[serde(default)]
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     #[serde(default)]
-    pub lock_wait_ms: Option<u64>,
+    pub(crate) lock_wait_ms: Option<u64>,
     #[serde(default)]
-    pub runtime_ms: Option<u64>,
+    pub(crate) runtime_ms: Option<u64>,
     /// How many janitor sweeps failed to reap this run (its teardown failed).
     #[serde(default)]
-    pub reap_failures: u32,
+    pub(crate) reap_failures: u32,
     /// `--keep-run-dir`: a clean record in a dir that is still there is kept on purpose (until
     /// the janitor's retention passes), not left by a run that died after its teardown.
     #[serde(default)]
-    pub keep: bool,
+    pub(crate) keep: bool,
 }
 
 /// Parse the first JSON value of `bytes`; trailing bytes (a torn rewrite) are ignored.
-pub fn parse_first<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+pub(crate) fn parse_first<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
     serde_json::Deserializer::from_slice(bytes)
         .into_iter::<T>()
         .next()
@@ -133,12 +133,12 @@ pub fn parse_first<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
 
 /// The most a record or lock metadata may weigh. A real one is a few KiB (the command line is
 /// the big part); anything larger is not tether's and is not read.
-pub const MAX_RECORD_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_RECORD_BYTES: u64 = 4 << 20;
 
 /// Read lock metadata through an open lockfile (never by path: the path may name another
 /// inode). `None` when torn or corrupt, and when the file is not one tether may trust: not a
 /// regular file, owned by someone other than tether's uid or root, or oversized.
-pub fn read_meta(file: &File) -> Option<LockMeta> {
+pub(crate) fn read_meta(file: &File) -> Option<LockMeta> {
     let st = nix::sys::stat::fstat(file.as_fd()).ok()?;
     let me = nix::unistd::geteuid().as_raw();
     if crate::sys::safe_fs::kind(&st) != crate::sys::safe_fs::Kind::File
@@ -169,7 +169,7 @@ pub fn read_meta(file: &File) -> Option<LockMeta> {
 }
 
 /// Rewrite lock metadata in place (no `O_TRUNC` at open: waiters read it while we hold it).
-pub fn write_meta(file: &File, meta: &LockMeta) -> io::Result<()> {
+pub(crate) fn write_meta(file: &File, meta: &LockMeta) -> io::Result<()> {
     let mut text = serde_json::to_vec(meta).map_err(io::Error::other)?;
     text.push(b'\n');
     file.write_all_at(&text, 0)?;
@@ -179,7 +179,7 @@ pub fn write_meta(file: &File, meta: &LockMeta) -> io::Result<()> {
 /// Read `run.json` of the run dir `dir`. `Missing` when there is none; `Refused` (with the
 /// reason) when it is not a regular file owned by tether's uid (or root), is oversized, or
 /// is not a whole record (corrupt, empty after a power loss).
-pub fn read_record(dir: &Dir) -> Result<RunRecord, ReadError> {
+pub(crate) fn read_record(dir: &Dir) -> Result<RunRecord, ReadError> {
     let bytes = dir.read_owned(RECORD_FILE, MAX_RECORD_BYTES)?;
     parse_first(&bytes).ok_or_else(|| {
         ReadError::Refused(format!(
@@ -193,7 +193,7 @@ pub fn read_record(dir: &Dir) -> Result<RunRecord, ReadError> {
 /// Replace `run.json` atomically, so a reader sees the old or the new record, never half of
 /// one: write a sibling, swap it in (`swap_in`), unlink what the sibling name holds then.
 /// For writers other than the run itself (a reaper settling a dead run's record).
-pub fn write_record(dir: &Dir, record: &RunRecord) -> io::Result<()> {
+pub(crate) fn write_record(dir: &Dir, record: &RunRecord) -> io::Result<()> {
     // Per writer: a reaper may settle a record while a run reusing the id holds the dir.
     let tmp = format!("{RECORD_FILE}.tmp-{}", std::process::id());
     let file = dir.open_file(
@@ -225,7 +225,11 @@ pub fn write_record(dir: &Dir, record: &RunRecord) -> io::Result<()> {
 /// existing empty inode allocates none. tether never fsyncs records (no step of a run could
 /// survive a power loss anyway); after one, a record may read old or empty, and an empty
 /// record is handled as an unknown dead run (killed by its marks, the reaper's own teardown).
-pub fn write_record_into_spare(dir: &Dir, spare: &str, record: &RunRecord) -> io::Result<()> {
+pub(crate) fn write_record_into_spare(
+    dir: &Dir,
+    spare: &str,
+    record: &RunRecord,
+) -> io::Result<()> {
     let file = dir.open_file(spare, OFlag::O_WRONLY, 0)?;
     file.write_all_at(&render(record)?, 0)?;
     drop(file);
@@ -234,7 +238,7 @@ pub fn write_record_into_spare(dir: &Dir, spare: &str, record: &RunRecord) -> io
 
 /// Make `spare` a fresh, empty, owner-only inode that no reader has ever opened (whatever the
 /// name held before is unlinked).
-pub fn create_spare(dir: &Dir, spare: &str) -> io::Result<()> {
+pub(crate) fn create_spare(dir: &Dir, spare: &str) -> io::Result<()> {
     match dir.unlink(spare) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}

@@ -14,32 +14,32 @@ use crate::sys::safe_fs::{same_file, Dir, ReadError};
 use std::io;
 use std::path::PathBuf;
 
-pub const LOCK_FILE: &str = "run.lock";
-pub use crate::state::record::RECORD_FILE;
+pub(crate) const LOCK_FILE: &str = "run.lock";
+pub(crate) use crate::state::record::RECORD_FILE;
 /// Prefix of the fresh inodes a run prepares for its record writes before it takes the app
 /// lock (`run.json.spare-0`, `-1`): each is written once and swapped in
 /// (`record::write_record_into_spare`), then holds the record it replaced.
-pub const SPARE_PREFIX: &str = "run.json.spare-";
+pub(crate) const SPARE_PREFIX: &str = "run.json.spare-";
 /// The record writes a run makes once it holds the app lock: `running`, `tearing-down`, and,
 /// when it has a teardown command, `clean` the moment that command exits (so a crash after it
 /// cannot repeat it, D25).
-pub fn spares_needed(has_teardown: bool) -> usize {
+pub(crate) fn spares_needed(has_teardown: bool) -> usize {
     2 + usize::from(has_teardown)
 }
 /// The command's `TMPDIR`.
-pub const TMP_DIR: &str = "tmp";
+pub(crate) const TMP_DIR: &str = "tmp";
 /// Setup's and teardown's `TMPDIR` under `run_as`: owned by tether's uid, so nothing the
 /// command plants can redirect a root `echo … > $TMPDIR/x` (PROTOCOL.md, "Trust model").
-pub const OWN_TMP_DIR: &str = "tether-tmp";
+pub(crate) const OWN_TMP_DIR: &str = "tether-tmp";
 /// How long a claim waits out a `run.lock` that is busy although the dir has no record yet.
 const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Prefix of a run dir taken out of sight at teardown, deleted right after.
-pub const RETIRED_PREFIX: &str = ".retired-";
+pub(crate) const RETIRED_PREFIX: &str = ".retired-";
 
 /// A claimed run dir: we hold its `run.lock`.
 #[derive(Debug)]
-pub struct RunDir {
+pub(crate) struct RunDir {
     runs: Dir,
     name: String,
     dir: Dir,
@@ -51,22 +51,22 @@ pub struct RunDir {
 }
 
 /// What claiming found.
-pub struct Claim {
-    pub dir: RunDir,
+pub(crate) struct Claim {
+    pub(crate) dir: RunDir,
     /// The dir existed with the unclean record of a dead run of the same id (§3.4): the claimer
     /// now holds its `run.lock` and must reap it before reusing the dir.
-    pub dead: Option<RunRecord>,
+    pub(crate) dead: Option<RunRecord>,
     /// The dir existed already (a dead run's, or a kept one).
-    pub existed: bool,
+    pub(crate) existed: bool,
 }
 
-pub fn path_of(runs: &Dir, id: &RunId) -> PathBuf {
+pub(crate) fn path_of(runs: &Dir, id: &RunId) -> PathBuf {
     runs.join(id.as_str())
 }
 
 /// Open an existing run dir of the runs dir for inspection: a real directory (no symlink),
 /// owned by tether's uid, writable by nobody else. `Err` says why it is not one.
-pub fn open_trusted(runs: &Dir, name: &str) -> io::Result<Dir> {
+pub(crate) fn open_trusted(runs: &Dir, name: &str) -> io::Result<Dir> {
     let dir = runs.open_dir(name).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOTDIR | libc::ELOOP) => io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -100,7 +100,7 @@ pub fn open_trusted(runs: &Dir, name: &str) -> io::Result<Dir> {
 }
 
 /// Claim `<runs dir>/<id>`: create it (or adopt a dead run's) and take its `run.lock`.
-pub fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
+pub(crate) fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
     let name = id.as_str();
     let path = path_of(runs, id);
     let patience = std::time::Instant::now() + CLAIM_PATIENCE;
@@ -172,7 +172,7 @@ pub fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
 
 impl RunDir {
     /// Adopt a run dir whose `run.lock` the caller already holds (reconcile, janitor).
-    pub fn adopt(runs: Dir, name: String, dir: Dir, lock: HeldLock) -> RunDir {
+    pub(crate) fn adopt(runs: Dir, name: String, dir: Dir, lock: HeldLock) -> RunDir {
         RunDir {
             runs,
             name,
@@ -184,30 +184,30 @@ impl RunDir {
     }
 
     /// The run dir's path (for messages and the command's environment).
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.runs.join(&self.name)
     }
 
     /// The run dir, open.
-    pub fn dir(&self) -> &Dir {
+    pub(crate) fn dir(&self) -> &Dir {
         &self.dir
     }
 
-    pub fn record_path(&self) -> PathBuf {
+    pub(crate) fn record_path(&self) -> PathBuf {
         self.path().join(RECORD_FILE)
     }
 
-    pub fn tmp_path(&self) -> PathBuf {
+    pub(crate) fn tmp_path(&self) -> PathBuf {
         self.path().join(TMP_DIR)
     }
 
-    pub fn read_record(&self) -> std::result::Result<RunRecord, ReadError> {
+    pub(crate) fn read_record(&self) -> std::result::Result<RunRecord, ReadError> {
         record::read_record(&self.dir)
     }
 
     /// Replace `run.json` atomically; into a spare made beforehand when there is one (no new
     /// inode on the way), else through a new sibling.
-    pub fn write_record(&mut self, rec: &RunRecord) -> io::Result<()> {
+    pub(crate) fn write_record(&mut self, rec: &RunRecord) -> io::Result<()> {
         match self.spares.pop_front() {
             Some(spare) => record::write_record_into_spare(&self.dir, &spare, rec),
             None => record::write_record(&self.dir, rec),
@@ -217,7 +217,7 @@ impl RunDir {
     /// Make the spares for the record writes under the app lock, so that no file is created in
     /// the run dir once the run holds the app: inode creation is the slow part of a record
     /// write (DECISIONS D21), and the handoff between two runs of an app waits for two writes.
-    pub fn prepare_spares(&mut self, count: usize) -> io::Result<()> {
+    pub(crate) fn prepare_spares(&mut self, count: usize) -> io::Result<()> {
         while self.spares.len() < count {
             let spare = format!("{SPARE_PREFIX}{}", self.spares_made);
             self.spares_made += 1;
@@ -228,7 +228,7 @@ impl RunDir {
     }
 
     /// Empty a reused dir (a reaped dead run's leftovers) and create `tmp/`.
-    pub fn prepare(&self, fresh: bool) -> io::Result<()> {
+    pub(crate) fn prepare(&self, fresh: bool) -> io::Result<()> {
         if !fresh {
             for (name, _) in self.dir.entries()? {
                 if name == LOCK_FILE {
@@ -246,7 +246,7 @@ impl RunDir {
     /// (its identity check passes), and the deletion then took that and the claimer's `tmp/`
     /// with it (`janitor::sweeping_janitors_never_fail_starting_runs`, ~1 in 6 runs). A claimer
     /// that opened the old `run.lock` fails its identity check after the rename and starts over.
-    pub fn remove(self) -> io::Result<()> {
+    pub(crate) fn remove(self) -> io::Result<()> {
         match self.retire() {
             Ok(retired) => retired.remove(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -258,7 +258,7 @@ impl RunDir {
     /// holding `run.lock`), then release. The caller deletes it afterwards (`Retired::remove`),
     /// off the lock's critical path. Run ids never start with `.`, so the name cannot collide
     /// with a run; a leftover (crash in between) is removed by the janitor.
-    pub fn retire(mut self) -> io::Result<Retired> {
+    pub(crate) fn retire(mut self) -> io::Result<Retired> {
         let retired = format!("{RETIRED_PREFIX}{}-{}", self.name, std::process::id());
         let result = self.runs.rename(&self.name, &self.runs, &retired);
         if let Some(l) = self.lock.take() {
@@ -272,7 +272,7 @@ impl RunDir {
 
     /// Release `run.lock` and leave the dir in place (kept runs, failed teardowns), without
     /// the spares (older copies of the record would only confuse whoever inspects the dir).
-    pub fn release(mut self) {
+    pub(crate) fn release(mut self) {
         for n in 0..self.spares_made {
             let _ = self.dir.unlink(format!("{SPARE_PREFIX}{n}"));
         }
@@ -283,17 +283,17 @@ impl RunDir {
 }
 
 /// A run dir renamed out of sight, to be deleted.
-pub struct Retired {
+pub(crate) struct Retired {
     runs: Dir,
     name: String,
 }
 
 impl Retired {
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.runs.join(&self.name)
     }
 
-    pub fn remove(self) -> io::Result<()> {
+    pub(crate) fn remove(self) -> io::Result<()> {
         self.runs.remove_tree(&self.name)
     }
 }

@@ -12,26 +12,26 @@ use crate::sys::safe_fs::Dir;
 use std::io;
 
 /// The slot lockfile's name in the lock dir.
-pub fn slot_name(n: u32) -> String {
+pub(crate) fn slot_name(n: u32) -> String {
     format!("slot-{n:02}.lock")
 }
 
 /// A held slot.
 #[derive(Debug)]
-pub struct Slot {
-    pub number: u32,
-    pub lock: HeldLock,
+pub(crate) struct Slot {
+    pub(crate) number: u32,
+    pub(crate) lock: HeldLock,
 }
 
 impl Slot {
     /// `TETHER_SLOT`: two digits, as in the file name.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         format!("{:02}", self.number)
     }
 }
 
 /// Try each slot from 0 to `count - 1` once; the first free one is ours.
-pub fn try_take(lock_dir: &Dir, count: u32) -> io::Result<Option<Slot>> {
+pub(crate) fn try_take(lock_dir: &Dir, count: u32) -> io::Result<Option<Slot>> {
     for n in 0..count {
         match lock::try_acquire(lock_dir, slot_name(n))? {
             TryLock::Held(lock) => return Ok(Some(Slot { number: n, lock })),

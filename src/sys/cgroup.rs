@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 /// Where cgroup2 is mounted, if anywhere. The usual places are asked first: rendering
 /// mountinfo costs the kernel a path lookup per mount, on every run (BENCHMARKS B7).
-pub fn mount_point() -> Option<PathBuf> {
+pub(crate) fn mount_point() -> Option<PathBuf> {
     for usual in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
         if is_cgroup2_mount(Path::new(usual)) {
             return Some(PathBuf::from(usual));
@@ -67,7 +67,7 @@ fn unescape_octal(s: &str) -> String {
 }
 
 /// Our own cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
-pub fn own_cgroup() -> Option<String> {
+pub(crate) fn own_cgroup() -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -86,16 +86,16 @@ fn is_cgroup2(p: &Path) -> bool {
 
 /// A run cgroup whose run's core is no longer alive.
 #[derive(Debug)]
-pub struct Orphan {
-    pub cgroup: RunCgroup,
-    pub run_id: String,
-    pub core_pid: i32,
+pub(crate) struct Orphan {
+    pub(crate) cgroup: RunCgroup,
+    pub(crate) run_id: String,
+    pub(crate) core_pid: i32,
 }
 
 /// Every run cgroup in the places this process can see (`<mount>/tether/`, and the delegated
 /// subtree of its own cgroup) whose core — named in the cgroup's name, with its start time —
 /// is dead. A live run's cgroup never matches: its core is alive.
-pub fn orphans() -> Vec<Orphan> {
+pub(crate) fn orphans() -> Vec<Orphan> {
     let Some(mount) = mount_point() else {
         return Vec::new();
     };
@@ -134,7 +134,7 @@ pub fn orphans() -> Vec<Orphan> {
 
 impl Orphan {
     /// The cgroup's directory name.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.cgroup
             .path()
             .file_name()
@@ -144,7 +144,7 @@ impl Orphan {
 }
 
 /// The orphan cgroups of the dead run `id`.
-pub fn orphans_of_run(id: &str) -> Vec<RunCgroup> {
+pub(crate) fn orphans_of_run(id: &str) -> Vec<RunCgroup> {
     orphans()
         .into_iter()
         .filter(|o| o.run_id == id)
@@ -154,7 +154,7 @@ pub fn orphans_of_run(id: &str) -> Vec<RunCgroup> {
 
 /// A run's cgroup directory.
 #[derive(Debug, Clone)]
-pub struct RunCgroup {
+pub(crate) struct RunCgroup {
     path: PathBuf,
 }
 
@@ -164,7 +164,7 @@ impl RunCgroup {
     /// `<mount>/tether/<name>` (where a root operator can enable controllers), then
     /// `<mount><own cgroup>/tether-<name>` (a delegated subtree). `Err` says why none could
     /// be made.
-    pub fn create(run_id: &str) -> Result<RunCgroup, String> {
+    pub(crate) fn create(run_id: &str) -> Result<RunCgroup, String> {
         let mount = mount_point().ok_or("no cgroup2 mount")?;
         let mut tried = Vec::new();
         // The delegated subtree is only looked up (in /proc/self/cgroup) when the first fails.
@@ -191,7 +191,7 @@ impl RunCgroup {
     /// (`<mount>/tether/<token>` or `…/tether-<token>`), and, when it exists, a cgroup2
     /// directory owned by tether's uid. Anything else could make a reaper kill every process
     /// of some other cgroup (PROTOCOL.md, "Trust model").
-    pub fn recorded(cgroup: Option<&str>, token: &str) -> Result<RunCgroup, String> {
+    pub(crate) fn recorded(cgroup: Option<&str>, token: &str) -> Result<RunCgroup, String> {
         let path = Path::new(cgroup.ok_or("no cgroup recorded")?);
         if !path.is_absolute()
             || path
@@ -238,13 +238,13 @@ impl RunCgroup {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// How long ago the cgroup was made (a run cgroup's directory never changes after that:
     /// it has no children).
-    pub fn age(&self) -> Option<std::time::Duration> {
+    pub(crate) fn age(&self) -> Option<std::time::Duration> {
         // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         std::fs::symlink_metadata(&self.path)
             .and_then(|m| m.modified())
@@ -253,7 +253,7 @@ impl RunCgroup {
     }
 
     /// The cgroup directory opened for `clone3(CLONE_INTO_CGROUP)`.
-    pub fn dir_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn dir_fd(&self) -> io::Result<OwnedFd> {
         // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         let f = OpenOptions::new()
             .read(true)
@@ -262,28 +262,18 @@ impl RunCgroup {
         Ok(f.into())
     }
 
-    pub fn pids(&self) -> Vec<i32> {
+    pub(crate) fn pids(&self) -> Vec<i32> {
         std::fs::read_to_string(self.path.join("cgroup.procs"))
             .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
     }
 
-    pub fn exists(&self) -> bool {
+    pub(crate) fn exists(&self) -> bool {
         self.path.is_dir()
     }
 
-    /// Is any process left in it?
-    pub fn is_populated(&self) -> bool {
-        if let Ok(ev) = std::fs::read_to_string(self.path.join("cgroup.events")) {
-            if let Some(v) = ev.lines().find_map(|l| l.strip_prefix("populated ")) {
-                return v.trim() == "1";
-            }
-        }
-        !self.pids().is_empty()
-    }
-
     /// Send `sig` to every member.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
         for pid in self.pids() {
             // ESRCH (gone meanwhile) is fine.
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
@@ -291,7 +281,7 @@ impl RunCgroup {
     }
 
     /// SIGKILL every member: `cgroup.kill` where the kernel has it, else one by one.
-    pub fn kill_all(&self) {
+    pub(crate) fn kill_all(&self) {
         // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         let killed = OpenOptions::new()
             .write(true)
@@ -305,7 +295,7 @@ impl RunCgroup {
 
     /// Apply `limits.memory`/`pids`/`cpu` through the controllers. Returns one warning per
     /// limit that could not be applied, naming it and why (never silently ignored).
-    pub fn apply_limits(&self, limits: &crate::config::Limits) -> Vec<String> {
+    pub(crate) fn apply_limits(&self, limits: &crate::config::Limits) -> Vec<String> {
         let mut wanted: Vec<(&str, &str, String)> = Vec::new();
         if let Some(m) = limits.memory {
             wanted.push(("memory", "memory.max", m.to_string()));
@@ -370,7 +360,7 @@ impl RunCgroup {
     }
 
     /// Remove the (empty) cgroup; a missing one is fine.
-    pub fn remove(&self) -> io::Result<()> {
+    pub(crate) fn remove(&self) -> io::Result<()> {
         // path-ok: cgroupfs is the kernel's; the path is a cgroup tether made or checked (`recorded`)
         match std::fs::remove_dir(&self.path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

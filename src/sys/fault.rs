@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 /// When the variable `var` names a path: create `<path>.waiting`, then poll until `<path>`
 /// exists (at most 60 s). Compiled out of release builds.
 #[cfg(feature = "fault-injection")]
-pub fn fault_pause(var: &str) {
+pub(crate) fn fault_pause(var: &str) {
     let Some(path) = std::env::var_os(var) else {
         return;
     };
@@ -24,4 +24,4 @@ pub fn fault_pause(var: &str) {
 
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn fault_pause(_var: &str) {}
+pub(crate) fn fault_pause(_var: &str) {}

@@ -40,7 +40,7 @@ use std::time::Duration;
 /// exits with the core's status. `watch_agent`: whether the front watches its stdout/stderr
 /// (false only for `--no-agent-watch`; the config file's `agent_watch` is read later, by the
 /// core, see [`Supervisor::set_agent_watch`]).
-pub fn split(watch_agent: bool) -> nix::Result<Supervisor> {
+pub(crate) fn split(watch_agent: bool) -> nix::Result<Supervisor> {
     take_over_signals()?;
     let original_parent = getppid();
     fault_pause("TETHER_FAULT_PAUSE_BEFORE_GUARD");

@@ -8,16 +8,16 @@ use std::os::unix::fs::MetadataExt;
 
 /// One FLOCK entry: holder (or waiter, when `waiting`) pid on (dev, inode).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockEntry {
-    pub pid: i32,
-    pub major: u32,
-    pub minor: u32,
-    pub inode: u64,
-    pub waiting: bool,
+pub(crate) struct LockEntry {
+    pub(crate) pid: i32,
+    pub(crate) major: u32,
+    pub(crate) minor: u32,
+    pub(crate) inode: u64,
+    pub(crate) waiting: bool,
 }
 
 /// Parse `/proc/locks` text; lines that are not FLOCK entries are skipped.
-pub fn parse(text: &str) -> Vec<LockEntry> {
+pub(crate) fn parse(text: &str) -> Vec<LockEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
@@ -50,7 +50,7 @@ fn parse_line(line: &str) -> Option<LockEntry> {
 /// Read and parse the live table (empty when unreadable). The kernel produces the file a
 /// page at a time, so under lock churn one read can repeat or skip entries: read until two
 /// consecutive reads agree (a few tries at most).
-pub fn read() -> Vec<LockEntry> {
+pub(crate) fn read() -> Vec<LockEntry> {
     let once = || {
         std::fs::read_to_string("/proc/locks")
             .map(|t| parse(&t))
@@ -68,7 +68,7 @@ pub fn read() -> Vec<LockEntry> {
 }
 
 /// Entries for the file with this `st_dev`/`st_ino`.
-pub fn entries_for(entries: &[LockEntry], dev: u64, ino: u64) -> Vec<LockEntry> {
+pub(crate) fn entries_for(entries: &[LockEntry], dev: u64, ino: u64) -> Vec<LockEntry> {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     entries
         .iter()
@@ -78,7 +78,7 @@ pub fn entries_for(entries: &[LockEntry], dev: u64, ino: u64) -> Vec<LockEntry> 
 }
 
 /// The pid holding a flock on this open file, if the table shows one.
-pub fn holder_of(file: &File) -> Option<i32> {
+pub(crate) fn holder_of(file: &File) -> Option<i32> {
     let md = file.metadata().ok()?;
     entries_for(&read(), md.dev(), md.ino())
         .into_iter()

@@ -16,13 +16,13 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
 }
 
 /// Start time of `pid` in clock ticks since boot (field 22), to tell a recycled pid apart.
-pub fn start_time(pid: i32) -> Option<u64> {
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
     // After ")" the fields start at field 3 (state), so field 22 is index 19.
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
 /// Is `pid` a live process (not a zombie, not gone)?
-pub fn is_alive(pid: i32) -> bool {
+pub(crate) fn is_alive(pid: i32) -> bool {
     match stat_fields(pid) {
         Some(f) => f.first().map(String::as_str) != Some("Z"),
         None => false,
@@ -43,7 +43,7 @@ fn all_pids() -> impl Iterator<Item = i32> {
 }
 
 /// Every process's parent: pid → ppid.
-pub fn parent_map() -> HashMap<i32, i32> {
+pub(crate) fn parent_map() -> HashMap<i32, i32> {
     let mut map = HashMap::new();
     for pid in all_pids() {
         if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
@@ -54,11 +54,11 @@ pub fn parent_map() -> HashMap<i32, i32> {
 }
 
 /// All descendants of `root` (not `root` itself), from one snapshot of the table.
-pub fn descendants(root: i32) -> Vec<i32> {
+pub(crate) fn descendants(root: i32) -> Vec<i32> {
     descendants_in(&parent_map(), root)
 }
 
-pub fn descendants_in(parents: &HashMap<i32, i32>, root: i32) -> Vec<i32> {
+pub(crate) fn descendants_in(parents: &HashMap<i32, i32>, root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for (&pid, &ppid) in parents {
         children.entry(ppid).or_default().push(pid);
@@ -79,7 +79,7 @@ pub fn descendants_in(parents: &HashMap<i32, i32>, root: i32) -> Vec<i32> {
 }
 
 /// Our own ancestors (parent, grandparent, … up to pid 1), which a marker scan must never kill.
-pub fn ancestors_of_self() -> Vec<i32> {
+pub(crate) fn ancestors_of_self() -> Vec<i32> {
     let parents = parent_map();
     let mut out = Vec::new();
     let mut p = std::process::id() as i32;
@@ -94,7 +94,7 @@ pub fn ancestors_of_self() -> Vec<i32> {
 }
 
 /// Processes whose environment contains every `NAME=value` of `markers`.
-pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
+pub(crate) fn pids_with_env(markers: &[String]) -> Vec<i32> {
     let mut out = Vec::new();
     if markers.is_empty() {
         return out;
@@ -114,7 +114,7 @@ pub fn pids_with_env(markers: &[String]) -> Vec<i32> {
 /// Processes of a dead run known only by its id: their environment carries
 /// `TETHER_RUN_ID=<id>` and a `TETHER_RUN_TOKEN=<id>.<core pid>.<core start>` whose core is no
 /// longer alive (a shell that merely exported the id, or a live run's process, never matches).
-pub fn pids_of_dead_run(id: &str) -> Vec<i32> {
+pub(crate) fn pids_of_dead_run(id: &str) -> Vec<i32> {
     let id_var = format!("TETHER_RUN_ID={id}");
     let token_prefix = format!("TETHER_RUN_TOKEN={id}.");
     let mut out = Vec::new();
@@ -140,13 +140,13 @@ pub fn pids_of_dead_run(id: &str) -> Vec<i32> {
 }
 
 /// `<pid>.<start>` (the end of a run token) as numbers.
-pub fn core_of_token_tail(tail: &str) -> Option<(i32, u64)> {
+pub(crate) fn core_of_token_tail(tail: &str) -> Option<(i32, u64)> {
     let (pid, start) = tail.split_once('.')?;
     Some((pid.parse().ok()?, start.parse().ok()?))
 }
 
 /// Split a run token `<run-id>.<core pid>.<core start>` (run ids may contain dots).
-pub fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
+pub(crate) fn parse_token(token: &str) -> Option<(&str, i32, u64)> {
     let mut parts = token.rsplitn(3, '.');
     let start = parts.next()?.parse().ok()?;
     let pid = parts.next()?.parse().ok()?;
@@ -161,7 +161,7 @@ const PF_EXITING: u64 = 0x4;
 /// core killed a moment ago drops its flocks early in `exit()` (before it is even a zombie,
 /// and a zombie until its front reaps it), so the next holder of its lock may look while it
 /// still has a `/proc` entry: it must count as dead, or its leftovers would not be reaped.
-pub fn core_alive(pid: i32, start: u64) -> bool {
+pub(crate) fn core_alive(pid: i32, start: u64) -> bool {
     let Some(f) = stat_fields(pid) else {
         return false;
     };
@@ -174,7 +174,7 @@ pub fn core_alive(pid: i32, start: u64) -> bool {
 }
 
 /// This host's name, for records.
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

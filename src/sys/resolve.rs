@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// How a command name resolves, checked before anything is created (SPEC §12).
-pub enum Resolved {
+pub(crate) enum Resolved {
     Found(PathBuf),
     NotFound(String),
     NotExecutable(String),
@@ -13,7 +13,7 @@ pub enum Resolved {
 
 /// Resolve `program` the way `execvp` will: a name with a `/` is taken as a path, anything
 /// else is searched in `path_var`.
-pub fn resolve(program: &OsString, path_var: Option<&OsString>) -> Resolved {
+pub(crate) fn resolve(program: &OsString, path_var: Option<&OsString>) -> Resolved {
     let name = Path::new(program);
     if program.is_empty() {
         return Resolved::NotFound("empty command".into());

@@ -42,21 +42,21 @@ const REMOVE_ATTEMPTS: usize = 8;
 
 /// A directory opened without following a symlink. Clones share the fd.
 #[derive(Debug, Clone)]
-pub struct Dir {
+pub(crate) struct Dir {
     fd: Arc<OwnedFd>,
     path: Arc<PathBuf>,
 }
 
 /// The kind of a file, from its mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
+pub(crate) enum Kind {
     File,
     Dir,
     Symlink,
     Other,
 }
 
-pub fn kind(st: &FileStat) -> Kind {
+pub(crate) fn kind(st: &FileStat) -> Kind {
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFREG => Kind::File,
         SFlag::S_IFDIR => Kind::Dir,
@@ -67,7 +67,7 @@ pub fn kind(st: &FileStat) -> Kind {
 
 /// Why a file was not read.
 #[derive(Debug)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// There is no such file.
     Missing,
     /// It exists but is not one tether may trust or read; the text says why.
@@ -88,14 +88,14 @@ fn errno(e: Errno) -> io::Error {
 }
 
 /// Whether `st` names the same file as `other`.
-pub fn same_file(st: &FileStat, other: &FileStat) -> bool {
+pub(crate) fn same_file(st: &FileStat, other: &FileStat) -> bool {
     st.st_dev == other.st_dev && st.st_ino == other.st_ino
 }
 
 impl Dir {
     /// Open `path` as it is (intermediate symlinks followed). Only for directories whose
     /// trustworthiness does not rest on this open: `/`, test fixtures, the cgroup mount.
-    pub fn open_unchecked(path: &Path) -> io::Result<Dir> {
+    pub(crate) fn open_unchecked(path: &Path) -> io::Result<Dir> {
         let fd = fcntl::open(path, DIR_FLAGS, Mode::empty()).map_err(errno)?;
         Ok(Dir::from_fd(fd, path.to_owned()))
     }
@@ -109,25 +109,25 @@ impl Dir {
 
     /// The path this directory was opened as (for messages and for the paths handed to
     /// commands; never for file system calls).
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+    pub(crate) fn join(&self, name: impl AsRef<Path>) -> PathBuf {
         self.path.join(name)
     }
 
-    pub fn stat(&self) -> io::Result<FileStat> {
+    pub(crate) fn stat(&self) -> io::Result<FileStat> {
         stat::fstat(self.fd.as_fd()).map_err(errno)
     }
 
     /// `lstat` of an entry.
-    pub fn stat_at(&self, name: impl AsRef<OsStr>) -> io::Result<FileStat> {
+    pub(crate) fn stat_at(&self, name: impl AsRef<OsStr>) -> io::Result<FileStat> {
         stat::fstatat(self.fd.as_fd(), name.as_ref(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(errno)
     }
 
     /// Open a subdirectory (`ENOTDIR`/`ELOOP` when the entry is not a directory).
-    pub fn open_dir(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
+    pub(crate) fn open_dir(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
         let name = name.as_ref();
         let fd = fcntl::openat(self.fd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(errno)?;
         Ok(Dir::from_fd(fd, self.path.join(name)))
@@ -135,14 +135,14 @@ impl Dir {
 
     /// Open a subdirectory that may not be readable (`O_PATH`): good for `*at` calls and
     /// `fstat` only. Used to walk ancestors a non-root tether may only search.
-    pub fn open_dir_path_only(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
+    pub(crate) fn open_dir_path_only(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
         let name = name.as_ref();
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let fd = fcntl::openat(self.fd.as_fd(), name, flags, Mode::empty()).map_err(errno)?;
         Ok(Dir::from_fd(fd, self.path.join(name)))
     }
 
-    pub fn create_dir(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<()> {
+    pub(crate) fn create_dir(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<()> {
         stat::mkdirat(
             self.fd.as_fd(),
             name.as_ref(),
@@ -151,13 +151,18 @@ impl Dir {
         .map_err(errno)
     }
 
-    pub fn read_link(&self, name: impl AsRef<OsStr>) -> io::Result<OsString> {
+    pub(crate) fn read_link(&self, name: impl AsRef<OsStr>) -> io::Result<OsString> {
         fcntl::readlinkat(self.fd.as_fd(), name.as_ref()).map_err(errno)
     }
 
     /// Open a file with `flags` plus `O_NOFOLLOW|O_CLOEXEC|O_NONBLOCK|O_NOCTTY`; refuse
     /// anything but a regular file (judged on the opened fd).
-    pub fn open_file(&self, name: impl AsRef<OsStr>, flags: OFlag, mode: u32) -> io::Result<File> {
+    pub(crate) fn open_file(
+        &self,
+        name: impl AsRef<OsStr>,
+        flags: OFlag,
+        mode: u32,
+    ) -> io::Result<File> {
         let name = name.as_ref();
         let fd = fcntl::openat(
             self.fd.as_fd(),
@@ -199,7 +204,11 @@ impl Dir {
     /// Read a small file tether wrote itself: a regular file owned by our effective uid (or
     /// root, who can do anything anyway), at most `cap` bytes. Anything else is refused without blocking (a FIFO, a device, a file
     /// of another owner, an oversized one) and the reason is returned.
-    pub fn read_owned(&self, name: impl AsRef<OsStr>, cap: u64) -> Result<Vec<u8>, ReadError> {
+    pub(crate) fn read_owned(
+        &self,
+        name: impl AsRef<OsStr>,
+        cap: u64,
+    ) -> Result<Vec<u8>, ReadError> {
         let name = name.as_ref();
         let shown = || self.join(name).display().to_string();
         let fd = match fcntl::openat(
@@ -254,14 +263,19 @@ impl Dir {
     }
 
     /// Create `name` (which must not exist) with `bytes` in it.
-    pub fn write_new(&self, name: impl AsRef<OsStr>, bytes: &[u8], mode: u32) -> io::Result<()> {
+    pub(crate) fn write_new(
+        &self,
+        name: impl AsRef<OsStr>,
+        bytes: &[u8],
+        mode: u32,
+    ) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let file = self.open_file(name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL, mode)?;
         file.write_all_at(bytes, 0)
     }
 
     /// Swap two entries of this directory atomically (`renameat2(RENAME_EXCHANGE)`).
-    pub fn exchange(&self, a: impl AsRef<OsStr>, b: impl AsRef<OsStr>) -> io::Result<()> {
+    pub(crate) fn exchange(&self, a: impl AsRef<OsStr>, b: impl AsRef<OsStr>) -> io::Result<()> {
         fcntl::renameat2(
             self.fd.as_fd(),
             a.as_ref(),
@@ -273,7 +287,7 @@ impl Dir {
     }
 
     /// `renameat` from this directory into `to_dir` (which may be this one).
-    pub fn rename(
+    pub(crate) fn rename(
         &self,
         from: impl AsRef<OsStr>,
         to_dir: &Dir,
@@ -288,24 +302,24 @@ impl Dir {
         .map_err(errno)
     }
 
-    pub fn unlink(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+    pub(crate) fn unlink(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         unistd::unlinkat(self.fd.as_fd(), name.as_ref(), UnlinkatFlags::NoRemoveDir).map_err(errno)
     }
 
-    pub fn remove_dir(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+    pub(crate) fn remove_dir(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         unistd::unlinkat(self.fd.as_fd(), name.as_ref(), UnlinkatFlags::RemoveDir).map_err(errno)
     }
 
-    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+    pub(crate) fn chmod(&self, mode: u32) -> io::Result<()> {
         stat::fchmod(self.fd.as_fd(), Mode::from_bits_truncate(mode)).map_err(errno)
     }
 
-    pub fn chown(&self, uid: Uid, gid: Gid) -> io::Result<()> {
+    pub(crate) fn chown(&self, uid: Uid, gid: Gid) -> io::Result<()> {
         unistd::fchown(self.fd.as_fd(), Some(uid), Some(gid)).map_err(errno)
     }
 
     /// Entry names with their kind (when the file system says), sorted, without `.`/`..`.
-    pub fn entries(&self) -> io::Result<Vec<(OsString, Option<Kind>)>> {
+    pub(crate) fn entries(&self) -> io::Result<Vec<(OsString, Option<Kind>)>> {
         // A fresh open file description of this directory: its read offset is our own.
         let mut dir =
             nix::dir::Dir::openat(self.fd.as_fd(), ".", DIR_FLAGS, Mode::empty()).map_err(errno)?;
@@ -332,7 +346,7 @@ impl Dir {
     /// mode except through an fd pinned with `O_NOFOLLOW` on a directory we own. Safe while
     /// another process keeps changing the tree: each directory is emptied through its own fd,
     /// so a directory swapped for a symlink is only ever unlinked, never entered.
-    pub fn remove_tree(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
+    pub(crate) fn remove_tree(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         let name = name.as_ref();
         let mut last = None;
         for _ in 0..REMOVE_ATTEMPTS {

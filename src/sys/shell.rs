@@ -20,18 +20,18 @@ use std::time::{Duration, Instant};
 const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Exited(i32),
     TimedOut,
     SpawnFailed(String),
 }
 
 impl Outcome {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         *self == Outcome::Exited(0)
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Outcome::Exited(code) => format!("exited with status {code}"),
             Outcome::TimedOut => "timed out and was killed".into(),
@@ -49,7 +49,7 @@ impl Outcome {
 /// while nothing can cut it short yet: a reaper that finds the record afterwards must not run
 /// the teardown a second time (exactly once, PROTOCOL.md).
 #[allow(clippy::too_many_arguments)]
-pub fn run_shell(
+pub(crate) fn run_shell(
     script: &str,
     env: &[(OsString, OsString)],
     cwd: Option<&Path>,

@@ -7,7 +7,6 @@
 //! core recognises the front's own death by its PDEATHSIG naming the front as sender without
 //! a token (D14).
 
-use crate::config::duration;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use std::time::{Duration, Instant};
 
@@ -35,14 +34,14 @@ pub(crate) const FUNNEL_SIGNALS: [Signal; 6] = [
 
 /// The three external signals tether funnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sig {
+pub(crate) enum Sig {
     Term,
     Int,
     Hup,
 }
 
 impl Sig {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Sig::Term => "SIGTERM",
             Sig::Int => "SIGINT",
@@ -53,7 +52,7 @@ impl Sig {
 
 /// Everything that can wake the core. Raw signal numbers never leave this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// TERM/INT/HUP from the outside (forwarded by the front or sent to the core directly).
     Signal(Sig),
     /// The deadline alarm fired.
@@ -90,12 +89,7 @@ pub(crate) fn set_pdeathsig(sig: Signal) -> nix::Result<()> {
     nix::sys::prctl::set_pdeathsig(Some(sig))
 }
 
-/// Human text for the deadline line.
-pub fn deadline_text(d: Duration) -> String {
-    duration::canonical(d)
-}
-
 /// How long until `deadline`, for poll timeouts.
-pub fn until(deadline: Instant) -> Duration {
+pub(crate) fn until(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }

@@ -27,13 +27,13 @@ use std::time::Duration;
 
 /// A started child. Its process group is its own (its pid); nothing else owns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Child {
-    pub pid: i32,
+pub(crate) struct Child {
+    pub(crate) pid: i32,
 }
 
 impl Child {
     /// Its process group id (every child tether starts leads its own group).
-    pub fn pgid(&self) -> i32 {
+    pub(crate) fn pgid(&self) -> i32 {
         self.pid
     }
 }
@@ -41,7 +41,7 @@ impl Child {
 /// What a loop that waits for a child or the funnel needs of a supervisor: the small interface
 /// the run's and the reaper's decisions are unit-tested against, with a fake in place of the
 /// kernel (the real-kernel suite proves the real one).
-pub trait Waits {
+pub(crate) trait Waits {
     /// The exit status of `child`, if it has exited (taken).
     fn exit_status(&mut self, child: Child) -> Option<i32>;
     /// The next funnel events (see [`Supervisor::wait`]).
@@ -59,7 +59,7 @@ impl Waits for Supervisor {
 }
 
 /// The core's supervisor (see the module doc).
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     sfd: SignalFd,
     front: Pid,
     /// A core under a front (`split`), not the janitor's standalone supervisor: only then does
@@ -95,7 +95,7 @@ impl Supervisor {
     /// A supervisor without the front/core split, for `tether janitor` (run from cron or a
     /// timer, it has no CI agent to outlive). It is still a child subreaper, so whatever a
     /// reaped run's teardown command leaves behind is re-parented to it and killed.
-    pub fn standalone() -> nix::Result<Supervisor> {
+    pub(crate) fn standalone() -> nix::Result<Supervisor> {
         take_over_signals()?;
         nix::sys::prctl::set_child_subreaper(true)?;
         let sfd = SignalFd::with_flags(
@@ -106,7 +106,7 @@ impl Supervisor {
     }
 
     /// Arm the deadline (SIGALRM through the funnel). Zero disables it.
-    pub fn arm_deadline(&self, deadline: Duration) -> io::Result<()> {
+    pub(crate) fn arm_deadline(&self, deadline: Duration) -> io::Result<()> {
         if deadline.is_zero() {
             return Ok(());
         }
@@ -130,20 +130,15 @@ impl Supervisor {
         }
     }
 
-    /// The front's pid (the core's parent), as the records name the holder's front.
-    pub fn front_pid(&self) -> Pid {
-        self.front
-    }
-
     /// The effective agent watch, once the config file is read (flag > file > on). Off, an
     /// agent-gone notice from the front is dropped (logged at debug level).
-    pub fn set_agent_watch(&mut self, on: bool) {
+    pub(crate) fn set_agent_watch(&mut self, on: bool) {
         self.agent_watch = on;
     }
 
     /// Start a child (SPEC §3.1 step 8). Its exit status is then asked for with
     /// [`Supervisor::exit_status`].
-    pub fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Child, SpawnError> {
+    pub(crate) fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Child, SpawnError> {
         let spawned = spawn::spawn(spec)?;
         // A status the table still holds for this pid is an older child's (pid reuse).
         self.exited.remove(&spawned.pid);
@@ -154,7 +149,7 @@ impl Supervisor {
     /// readable. Returns every event that is ready (possibly none, on timeout), queued ones
     /// first. Children that exited meanwhile are reaped into the table (`Event::Child` says
     /// so, for a caller waiting for one).
-    pub fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
+    pub(crate) fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
         let mut events = std::mem::take(&mut self.queued);
         if !events.is_empty() {
             self.drain(&mut events);
@@ -189,31 +184,31 @@ impl Supervisor {
     }
 
     /// Non-blocking: whatever is queued or already pending.
-    pub fn poll_now(&mut self) -> Vec<Event> {
+    pub(crate) fn poll_now(&mut self) -> Vec<Event> {
         self.wait(Some(Duration::ZERO), None)
     }
 
     /// Wait up to `timeout` while busy with something that must not be interrupted (killing
     /// a tree, a teardown): children are reaped, funnel events are queued for later.
-    pub fn pause(&mut self, timeout: Duration) {
+    pub(crate) fn pause(&mut self, timeout: Duration) {
         let events = self.wait(Some(timeout), None);
         self.queue(events);
     }
 
     /// Put events back for the next `wait` (or `take_queued`).
-    pub fn queue(&mut self, events: impl IntoIterator<Item = Event>) {
+    pub(crate) fn queue(&mut self, events: impl IntoIterator<Item = Event>) {
         self.queued
             .extend(events.into_iter().filter(|e| *e != Event::Child));
     }
 
     /// Take the queued funnel events (to log them as ignored during teardown).
-    pub fn take_queued(&mut self) -> Vec<Event> {
+    pub(crate) fn take_queued(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.queued)
     }
 
     /// Whether a queued event asks to stop (a signal, the deadline, a parent's or agent's
     /// death): the janitor stops after the current reap.
-    pub fn stop_requested(&self) -> bool {
+    pub(crate) fn stop_requested(&self) -> bool {
         self.queued.iter().any(|e| {
             matches!(
                 e,
@@ -223,7 +218,7 @@ impl Supervisor {
     }
 
     /// Reap every child that has exited, without blocking, into the table.
-    pub fn reap(&mut self) {
+    pub(crate) fn reap(&mut self) {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
@@ -243,14 +238,9 @@ impl Supervisor {
 
     /// The exit status of our child `child`, if it has exited (reaping first). Taken: asking
     /// twice gives `None` the second time.
-    pub fn exit_status(&mut self, child: Child) -> Option<i32> {
+    pub(crate) fn exit_status(&mut self, child: Child) -> Option<i32> {
         self.reap();
         self.exited.remove(&child.pid)
-    }
-
-    /// Forget the statuses nobody asks for (descendants re-parented to us and killed).
-    pub fn forget_exited(&mut self) {
-        self.exited.clear();
     }
 
     fn drain(&mut self, events: &mut Vec<Event>) {

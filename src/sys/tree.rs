@@ -22,22 +22,22 @@ use std::time::{Duration, Instant};
 
 /// What belongs to a run.
 #[derive(Debug, Default, Clone)]
-pub struct Members {
+pub(crate) struct Members {
     /// The command's process group id (= its pid).
-    pub pgid: Option<i32>,
+    pub(crate) pgid: Option<i32>,
     /// Descendants of this pid (the live core) belong to the run.
-    pub descendants_of: Option<i32>,
-    pub cgroup: Option<RunCgroup>,
+    pub(crate) descendants_of: Option<i32>,
+    pub(crate) cgroup: Option<RunCgroup>,
     /// `NAME=value` markers that must all be in a process's environment.
-    pub env_markers: Vec<String>,
+    pub(crate) env_markers: Vec<String>,
     /// A dead run known only by its id: processes carrying it and the token of a core that
     /// is no longer alive (`procfs::pids_of_dead_run`).
-    pub dead_run: Option<String>,
+    pub(crate) dead_run: Option<String>,
 }
 
 impl Members {
     /// The live processes of the run right now (never ourselves or our ancestors).
-    pub fn list(&self) -> Vec<i32> {
+    pub(crate) fn list(&self) -> Vec<i32> {
         let me = std::process::id() as i32;
         let mut pids = Vec::new();
         if let Some(root) = self.descendants_of {
@@ -83,21 +83,21 @@ impl Members {
 
 /// Outcome of a termination.
 #[derive(Debug, Default)]
-pub struct Terminated {
+pub(crate) struct Terminated {
     /// How many processes there were when it began.
-    pub found: usize,
+    pub(crate) found: usize,
     /// Processes that needed SIGKILL after the grace period.
-    pub killed_after_grace: usize,
+    pub(crate) killed_after_grace: usize,
     /// Which processes those were (for the debug line).
-    pub late: Vec<i32>,
+    pub(crate) late: Vec<i32>,
     /// Processes still alive after the KILL phase gave up (should be empty).
-    pub survivors: Vec<i32>,
+    pub(crate) survivors: Vec<i32>,
 }
 
 /// TERM the run's processes, wait up to `grace`, KILL what remains, and return when nothing
 /// remains. Our own children are reaped along the way (into the supervisor's table), and funnel
 /// events that arrive meanwhile stay queued in the supervisor: a termination is never cut short.
-pub fn terminate(members: &Members, grace: Duration, sup: &mut Supervisor) -> Terminated {
+pub(crate) fn terminate(members: &Members, grace: Duration, sup: &mut Supervisor) -> Terminated {
     let mut out = Terminated::default();
     sup.reap();
     let mut remaining = members.list();

@@ -18,7 +18,7 @@ mod apply;
 mod plan;
 mod report;
 
-pub use report::{Entry, Report};
+pub(crate) use report::Report;
 
 use crate::config::places::Place;
 use crate::error::{Error, Result};
@@ -33,22 +33,22 @@ use crate::sys::supervisor::Supervisor;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub struct Options {
-    pub lock_dir: Place,
-    pub runs_dir: Place,
-    pub teardown: Option<String>,
-    pub teardown_timeout: Duration,
-    pub grace: Duration,
-    pub app: Option<Domain>,
-    pub dry_run: bool,
-    pub retain: Duration,
+pub(crate) struct Options {
+    pub(crate) lock_dir: Place,
+    pub(crate) runs_dir: Place,
+    pub(crate) teardown: Option<String>,
+    pub(crate) teardown_timeout: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) app: Option<Domain>,
+    pub(crate) dry_run: bool,
+    pub(crate) retain: Duration,
     /// Orphan run cgroups younger than this are left alone (`--orphan-age`).
-    pub orphan_age: Duration,
+    pub(crate) orphan_age: Duration,
 }
 
 /// Sweep both dirs, then tether's cgroups. `Err` only for unsafe dirs or a supervisor that
 /// cannot be set up.
-pub fn sweep(opts: &Options) -> Result<Report> {
+pub(crate) fn sweep(opts: &Options) -> Result<Report> {
     let lock = dirs::choose("lock dir", &opts.lock_dir, 0o755)?
         .existing()
         .map(|s| s.dir);

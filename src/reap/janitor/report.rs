@@ -5,28 +5,28 @@ use serde::Serialize;
 
 /// One line of the report.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// `lockfile`, `run-dir` or `cgroup`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// File or directory name inside its dir.
-    pub name: String,
+    pub(crate) name: String,
     /// live | reaped | removed | skipped | failed | kept | would-reap | would-remove
-    pub action: &'static str,
-    pub app: Option<String>,
-    pub run_id: Option<String>,
-    pub pid: Option<i32>,
-    pub detail: Option<String>,
+    pub(crate) action: &'static str,
+    pub(crate) app: Option<String>,
+    pub(crate) run_id: Option<String>,
+    pub(crate) pid: Option<i32>,
+    pub(crate) detail: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct Report {
-    pub dry_run: bool,
-    pub entries: Vec<Entry>,
-    pub live: usize,
-    pub reaped: usize,
-    pub removed: usize,
-    pub skipped: usize,
-    pub failed: usize,
+pub(crate) struct Report {
+    pub(crate) dry_run: bool,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) live: usize,
+    pub(crate) reaped: usize,
+    pub(crate) removed: usize,
+    pub(crate) skipped: usize,
+    pub(crate) failed: usize,
 }
 
 impl Report {

@@ -19,7 +19,7 @@ impl Reaper<'_> {
     /// named after its run id can be found: processes carrying its id and a token of a dead
     /// core, and cgroups named after it with a dead core. Then the fallback teardown (with
     /// `TETHER_RUN_ID`, no `TETHER_APP`), then the dir goes.
-    pub fn reap_unreadable(
+    pub(crate) fn reap_unreadable(
         &mut self,
         dir: RunDir,
         id: &RunId,
@@ -123,7 +123,7 @@ impl Reaper<'_> {
 
     /// Kill what a dead run left: its cgroup and the processes carrying its token — only
     /// when they are provably its own (containment), and never while its core is alive.
-    pub fn kill_leftovers(&mut self, meta: &LockMeta) {
+    pub(crate) fn kill_leftovers(&mut self, meta: &LockMeta) {
         if crate::sys::procfs::core_alive(meta.pid, meta.pid_start) {
             output::warn(
                 "reaping",

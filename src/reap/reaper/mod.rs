@@ -32,22 +32,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// `reason` of a record a reaper settled: its run dir can go at once (no retention).
-pub const REAPED: &str = "reaped";
+pub(crate) const REAPED: &str = "reaped";
 
 /// A reaper's bounds and fallback.
 #[derive(Debug, Clone)]
-pub struct ReapPolicy {
+pub(crate) struct ReapPolicy {
     /// Used when a dead run has no readable record (and says so).
-    pub fallback_teardown: Option<String>,
-    pub teardown_timeout: Duration,
+    pub(crate) fallback_teardown: Option<String>,
+    pub(crate) teardown_timeout: Duration,
     /// SIGTERM→SIGKILL grace for a dead run's leftovers.
-    pub grace: Duration,
+    pub(crate) grace: Duration,
 }
 
 /// Reaps dead runs for whoever holds their app lock (a run at step 5, the janitor). Funnel
 /// events that arrive while it works stay queued in the supervisor; the caller acts on them
 /// afterwards.
-pub struct Reaper<'a> {
+pub(crate) struct Reaper<'a> {
     sup: &'a mut Supervisor,
     /// The runs dir (open): the only place dead runs' dirs and records are looked for.
     runs: Option<Dir>,
@@ -64,15 +64,15 @@ pub struct Reaper<'a> {
 }
 
 /// A dead run found by a lock probe.
-pub struct DeadRun {
-    pub meta: LockMeta,
-    pub record: Option<RunRecord>,
+pub(crate) struct DeadRun {
+    pub(crate) meta: LockMeta,
+    pub(crate) record: Option<RunRecord>,
     /// Its run dir, when we hold its `run.lock` (then we may remove it).
-    pub dir: Option<RunDir>,
+    pub(crate) dir: Option<RunDir>,
     /// Where its record is settled once reaped (its run dir, held by us or not).
-    pub record_dir: Option<Dir>,
+    pub(crate) record_dir: Option<Dir>,
     /// Remove the run dir after a successful reap (false when the caller reuses it).
-    pub remove_dir: bool,
+    pub(crate) remove_dir: bool,
 }
 
 /// What reaping a dead run takes, decided from what is known of it (pure, unit-tested).
@@ -118,10 +118,10 @@ impl ReapPlan {
 
 /// Failure to reap: the dead run stays for the next holder or the janitor.
 #[derive(Debug)]
-pub struct ReapFailed {
-    pub message: String,
+pub(crate) struct ReapFailed {
+    pub(crate) message: String,
     /// The dead run's id, when known (for the `tether forget` hint).
-    pub run_id: Option<String>,
+    pub(crate) run_id: Option<String>,
 }
 
 impl ReapFailed {
@@ -134,7 +134,7 @@ impl ReapFailed {
 }
 
 impl<'a> Reaper<'a> {
-    pub fn new(
+    pub(crate) fn new(
         sup: &'a mut Supervisor,
         runs: Option<Dir>,
         policy: ReapPolicy,
@@ -152,30 +152,25 @@ impl<'a> Reaper<'a> {
 
     /// The supervisor the reaper waits with (the janitor asks whether to stop, and kills
     /// orphan cgroups with it).
-    pub fn supervisor(&mut self) -> &mut Supervisor {
+    pub(crate) fn supervisor(&mut self) -> &mut Supervisor {
         self.sup
     }
 
     /// The runs dir it reaps in.
-    pub fn runs(&self) -> Option<&Dir> {
+    pub(crate) fn runs(&self) -> Option<&Dir> {
         self.runs.as_ref()
     }
 
     /// Whether run `id` was reaped (or planned to be, in a dry run) in this pass.
-    pub fn has_reaped(&self, id: &str) -> bool {
+    pub(crate) fn has_reaped(&self, id: &str) -> bool {
         self.reaped.contains(id)
-    }
-
-    /// Count run `id` as dealt with in this pass (a dry run's plan).
-    pub fn note_reaped(&mut self, id: String) {
-        self.reaped.insert(id);
     }
 }
 
 impl Reaper<'_> {
     /// Reconcile `app`, whose lock the caller holds. `own` is the run id of the caller (a run
     /// reusing a dead run's id reaps that one itself, through `reap`).
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         app: &Domain,
         app_lock: &AppLock,
@@ -273,7 +268,7 @@ impl Reaper<'_> {
     }
 
     /// Reap one dead run: kill its leftovers, run its teardown, remove its run dir.
-    pub fn reap(&mut self, dead: DeadRun) -> Result<(), ReapFailed> {
+    pub(crate) fn reap(&mut self, dead: DeadRun) -> Result<(), ReapFailed> {
         let id = dead.meta.run_id.clone();
         let app = dead.meta.app.clone();
         self.reaped.insert(id.clone());
@@ -424,7 +419,7 @@ impl Reaper<'_> {
 /// not tether's, no readable record), and so is the caller's own run dir (`own`: its run id
 /// is its name): a run never reaps itself, and reading its record would only lengthen the
 /// handoff (B2).
-pub fn index_unclean(
+pub(crate) fn index_unclean(
     runs: &Dir,
     own: Option<&str>,
 ) -> std::collections::HashMap<String, Vec<(String, RunRecord)>> {

@@ -18,32 +18,32 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use vfork::vfork_clone3;
 
-pub struct SpawnSpec<'a> {
+pub(crate) struct SpawnSpec<'a> {
     /// Absolute path of the program (resolved before anything was created): what is exec'd.
-    pub program: &'a Path,
+    pub(crate) program: &'a Path,
     /// `argv[0]` as the user typed it (`ps` shows `sleep 100`, not `/usr/bin/sleep 100`, as
     /// with `flock(1)`, `timeout(1)`, `env(1)`); `None`: the program's path.
-    pub argv0: Option<&'a std::ffi::OsStr>,
+    pub(crate) argv0: Option<&'a std::ffi::OsStr>,
     /// Arguments after argv[0].
-    pub args: &'a [OsString],
+    pub(crate) args: &'a [OsString],
     /// The complete environment (the child gets exactly this).
-    pub env: &'a [(OsString, OsString)],
-    pub cwd: Option<&'a Path>,
+    pub(crate) env: &'a [(OsString, OsString)],
+    pub(crate) cwd: Option<&'a Path>,
     /// The run's cgroup directory, opened before the clone: the child is created inside it
     /// (`clone3(CLONE_INTO_CGROUP)`), so no process of the run ever runs outside it.
-    pub cgroup_dir: Option<RawFd>,
+    pub(crate) cgroup_dir: Option<RawFd>,
     /// The core's pid: if the child's parent is no longer this, the core died mid-fork.
-    pub core_pid: i32,
+    pub(crate) core_pid: i32,
     /// Drop to this user (run_as) before exec.
-    pub identity: Option<&'a crate::ident::identity::Identity>,
+    pub(crate) identity: Option<&'a crate::ident::identity::Identity>,
     /// `(resource, limit)` pairs set with setrlimit before exec.
-    pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
+    pub(crate) rlimits: &'a [(libc::__rlimit_resource_t, u64)],
 }
 
 /// A started child.
 #[derive(Debug, Clone, Copy)]
-pub struct Spawned {
-    pub pid: i32,
+pub(crate) struct Spawned {
+    pub(crate) pid: i32,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -68,7 +68,7 @@ struct Prepared {
 
 /// Why a spawn failed.
 #[derive(Debug)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     /// Preparing or cloning failed (nothing ran); with a cgroup, retrying without may help.
     Start(io::Error),
     /// The child could not exec (its errno: `NotFound` → 127, otherwise 126).
@@ -84,7 +84,7 @@ impl std::fmt::Display for SpawnError {
 }
 
 /// Start a child (SPEC §3.1 step 8).
-pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     prepare_and_clone(spec)
 }
 
