@@ -495,6 +495,7 @@ mod tests {
         w(runs.join(".forgotten.jsonl"), "{}\n");
         w(runs.join("afile"), "");
         let table = vec![held_by(&locks.join("app-live.example.org.lock"), 42)];
+        let before = tree_state(t.path());
         let (lock_dir, runs_dir) = (
             Dir::open_unchecked(&locks).unwrap(),
             Dir::open_unchecked(&runs).unwrap(),
@@ -529,6 +530,31 @@ mod tests {
         for quiet in ["kept", ".forgotten.jsonl", "slot-00.lock"] {
             assert!(got.iter().all(|(n, ..)| n != quiet), "{quiet}: {got:?}");
         }
+        // Planning changed nothing: every name, content, mode and mtime as before.
+        assert_eq!(tree_state(t.path()), before, "the plan touched the dirs");
+    }
+
+    /// Every entry under `top` (symlinks not followed) with its mode, mtime and file content.
+    fn tree_state(top: &std::path::Path) -> Vec<(std::path::PathBuf, u32, i64, i64, Vec<u8>)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let mut todo = vec![top.to_path_buf()];
+        while let Some(p) = todo.pop() {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let content = if md.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            if md.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    todo.push(e.unwrap().path());
+                }
+            }
+            out.push((p, md.mode(), md.mtime(), md.mtime_nsec(), content));
+        }
+        out.sort();
+        out
     }
 
     #[test]
