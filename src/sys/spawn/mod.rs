@@ -349,6 +349,8 @@ unsafe fn child_exec(p: &Prepared, err_fd: RawFd, migrate: Option<RawFd>) -> ! {
         if libc::getppid() != p.core_pid {
             libc::_exit(crate::exit::from_signal(libc::SIGKILL));
         }
+        // `signal` refuses glibc's internal signals (32, 33) with EINVAL; they keep their
+        // disposition, as under every other supervisor, so its result is not checked.
         for sig in 1..libc::SIGRTMIN() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
@@ -358,7 +360,9 @@ unsafe fn child_exec(p: &Prepared, err_fd: RawFd, migrate: Option<RawFd>) -> ! {
         // SIGTERM forever (and pass the mask on to everything it forks).
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            fail(err_fd);
+        }
         libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
         fail(err_fd)
     }
