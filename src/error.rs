@@ -10,11 +10,9 @@ use std::path::Path;
 
 /// The class of a failure: decides the exit code, nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Bad arguments, config, directories, run id in use, teardown failed after a pass.
     Tether,
-    /// The app was busy and the policy said not to wait (`--on-busy fail`, `--lock-timeout`).
-    Busy,
     /// The command exists but cannot be executed.
     NotExecutable,
     /// The command was not found.
@@ -22,10 +20,9 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn exit_code(self) -> i32 {
+    pub(crate) fn exit_code(self) -> i32 {
         match self {
             Failure::Tether => crate::exit::TETHER_FAILURE,
-            Failure::Busy => crate::exit::BUSY,
             Failure::NotExecutable => crate::exit::NOT_EXECUTABLE,
             Failure::NotFound => crate::exit::NOT_FOUND,
         }
@@ -34,15 +31,15 @@ impl Failure {
 
 /// One failure with its message. `Display` is the message alone.
 #[derive(Debug)]
-pub struct Error {
-    pub failure: Failure,
-    pub message: String,
+pub(crate) struct Error {
+    pub(crate) failure: Failure,
+    pub(crate) message: String,
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+    pub(crate) fn new(failure: Failure, message: impl Into<String>) -> Self {
         Error {
             failure,
             message: message.into(),
@@ -50,16 +47,16 @@ impl Error {
     }
 
     /// A tether failure (exit 125).
-    pub fn tether(message: impl Into<String>) -> Self {
+    pub(crate) fn tether(message: impl Into<String>) -> Self {
         Error::new(Failure::Tether, message)
     }
 
     /// An OS call failed on a path: `<what> <path>: <errno text>`.
-    pub fn path(what: &str, path: &Path, err: io::Error) -> Self {
+    pub(crate) fn path(what: &str, path: &Path, err: io::Error) -> Self {
         Error::tether(format!("{what} {}: {err}", path.display()))
     }
 
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         self.failure.exit_code()
     }
 }

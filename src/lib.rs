@@ -1,36 +1,19 @@
-//! tether — a CI harness runner. One module per mechanism; `run` reads the life cycle of a
-//! run top to bottom; `cli` is thin glue on top.
+//! tether — a CI harness runner. Folders are layers and imports only point down
+//! (machine-docs/ARCHITECTURE.md): `config` and `ident` (pure inputs) < `sys` (the kernel:
+//! processes, signals, cgroups, file descriptors) < `state` (locks, run dirs, records) <
+//! `reap` (dead runs) < `out` (what tether reports) < `run` (the life of one run) < `cli`.
+//! `error`, `exit` and `output` are leaves every layer may use.
 
-pub mod cgroup;
-pub mod ci_env;
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod cli;
-pub mod config;
-pub mod decide;
-pub mod dirs;
-pub mod duration;
-pub mod environment;
-pub mod error;
-pub mod exit;
-pub mod forget;
-pub mod identity;
-pub mod janitor;
-pub mod lifetime;
-pub mod lock;
-pub mod names;
-pub mod output;
-pub mod proc_locks;
-pub mod procfs;
-pub mod reconcile;
-pub mod record;
-pub mod report;
-pub mod run;
-pub mod rundir;
-pub mod safe_fs;
-pub mod settings;
-pub mod slots;
-pub mod spawn;
-pub mod status;
-pub mod summary;
-pub mod teardown;
-pub mod tree;
-pub mod yaml;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod exit;
+pub(crate) mod ident;
+pub(crate) mod out;
+pub(crate) mod output;
+pub(crate) mod reap;
+pub(crate) mod run;
+pub(crate) mod state;
+pub(crate) mod sys;

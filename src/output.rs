@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     #[default]
     Text,
     Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
+pub(crate) enum Level {
     Debug,
     Info,
     Warn,
@@ -51,7 +51,7 @@ static FORMAT: AtomicU8 = AtomicU8::new(0);
 static THRESHOLD: AtomicU8 = AtomicU8::new(1);
 
 /// Configure as soon as the flags are parsed.
-pub fn init(format: LogFormat, quiet: bool, verbose: bool) {
+pub(crate) fn init(format: LogFormat, quiet: bool, verbose: bool) {
     let threshold = if quiet {
         Level::Warn
     } else if verbose {
@@ -64,7 +64,7 @@ pub fn init(format: LogFormat, quiet: bool, verbose: bool) {
 }
 
 /// The format may come from the config file, read after the flags.
-pub fn set_format(format: LogFormat) {
+pub(crate) fn set_format(format: LogFormat) {
     FORMAT.store(u8::from(format == LogFormat::Json), Ordering::Relaxed);
 }
 
@@ -84,12 +84,18 @@ fn settings() -> Settings {
 }
 
 /// Emit one line. `event` names the moment for JSON readers; `fields` add machine data.
-pub fn emit(level: Level, event: &str, msg: &str, fields: &[(&str, Value)]) {
+pub(crate) fn emit(level: Level, event: &str, msg: &str, fields: &[(&str, Value)]) {
     emit_forced(level, event, msg, fields, false)
 }
 
 /// The summary is printed even under `--quiet`: it is the one line a CI log must end with.
-pub fn emit_forced(level: Level, event: &str, msg: &str, fields: &[(&str, Value)], force: bool) {
+pub(crate) fn emit_forced(
+    level: Level,
+    event: &str,
+    msg: &str,
+    fields: &[(&str, Value)],
+    force: bool,
+) {
     let s = settings();
     if level < s.threshold && !force {
         return;
@@ -122,22 +128,22 @@ pub fn emit_forced(level: Level, event: &str, msg: &str, fields: &[(&str, Value)
 
 /// Text for stdout (`--json` documents, `status`, `config show`), written whole; a failed
 /// write (a closed pipe: `tether status | head -1`) is ignored instead of panicking.
-pub fn stdout(text: &str) {
+pub(crate) fn stdout(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
-pub fn info(event: &str, msg: &str) {
+pub(crate) fn info(event: &str, msg: &str) {
     emit(Level::Info, event, msg, &[]);
 }
 
-pub fn warn(event: &str, msg: &str) {
+pub(crate) fn warn(event: &str, msg: &str) {
     emit(Level::Warn, event, msg, &[]);
 }
 
-pub fn error(msg: &str) {
+pub(crate) fn error(msg: &str) {
     emit(Level::Error, "error", msg, &[]);
 }
 
-pub fn debug(event: &str, msg: &str) {
+pub(crate) fn debug(event: &str, msg: &str) {
     emit(Level::Debug, event, msg, &[]);
 }

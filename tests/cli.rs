@@ -102,3 +102,27 @@ fn a_closed_stdout_is_not_a_panic() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// A flag given twice takes the last value (as `timeout(1)`, `flock(1)` and wrapper scripts that
+/// append to a base command line expect), instead of clap's "cannot be used multiple times":
+/// with a missing dir first and a file second, `status` complains about the second.
+#[test]
+fn a_flag_given_twice_takes_the_last_value() {
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    let last = file.path().to_str().expect("a UTF-8 temporary path");
+    let out = tether(&[
+        "status",
+        "--lock-dir",
+        "/nonexistent/tether-locks",
+        "--runs-dir",
+        "/nonexistent/tether-runs",
+        "--runs-dir",
+        last,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains(&format!("runs dir {last} is not a directory")),
+        "the last --runs-dir decides: {stderr}"
+    );
+}

@@ -119,6 +119,56 @@ fn setsid_and_double_forked_descendants_die_at_teardown_with_cgroup_forked() {
     escaped_descendants_die_at_teardown(false, SpawnPath::Fork);
 }
 
+/// Issue 15 item 6: the command's `argv[0]` is what the user typed, as with `flock(1)`,
+/// `timeout(1)` and `env(1)`: `sh -c 'echo $0'` prints `sh` (not `/usr/bin/sh`), a path typed
+/// as a path stays that path, and `ps` (`/proc/<pid>/cmdline`) shows `sleep 100`. Both spawn
+/// paths. Fails on a tether that puts the resolved path in `argv[0]`.
+fn argv0_is_as_typed(path: SpawnPath) {
+    let sb = Sandbox::new();
+    let said = sb.mark("argv0");
+    let script = format!("printf %s \"$0\" > {}", shell_quote(&said));
+    for (n, shell) in ["sh", "/bin/sh"].into_iter().enumerate() {
+        let cmd = sb
+            .tether_run()
+            .app("argv0.example.org")
+            .run_id(rid(&sb, &format!("argv0-{n}")))
+            .command([shell, "-c", &script]);
+        let f = spawn_path(cmd, path).spawn().wait_exit(TIMEOUT);
+        f.assert_code(0);
+        assert_spawn_path(&f, path);
+        let seen = fs::read_to_string(&said).expect("the command wrote its $0");
+        assert_eq!(seen, shell, "`{shell} -c 'echo $0'` under tether\n{f}");
+    }
+
+    let cmd = sb
+        .tether_run()
+        .app("argv0.example.org")
+        .run_id(rid(&sb, "argv0-ps"))
+        .command(["sleep", "100"]);
+    let mut run = spawn_path(cmd, path).spawn();
+    let core = run.wait_core_pid(TIMEOUT);
+    let sleeper = runner_tests::wait_child_named(core, "sleep", TIMEOUT);
+    sb.guard().pids(&[sleeper]);
+    let cmdline = fs::read(format!("/proc/{sleeper}/cmdline")).expect("read the command's cmdline");
+    run.signal(runner_tests::Signal::SIGTERM);
+    let f = run.wait_exit(TIMEOUT);
+    assert_eq!(
+        String::from_utf8_lossy(&cmdline).replace('\0', " "),
+        "sleep 100 ",
+        "what ps shows for `tether run -- sleep 100`\n{f}"
+    );
+}
+
+#[test]
+fn argv0_is_as_typed_vfork() {
+    argv0_is_as_typed(SpawnPath::Vfork);
+}
+
+#[test]
+fn argv0_is_as_typed_forked() {
+    argv0_is_as_typed(SpawnPath::Fork);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11. Exit codes pass through step shells.
 

@@ -1,0 +1,609 @@
+//! The config file (SPEC §10): one YAML file with the operator's policy.
+//!
+//! Strict on purpose: an unknown key, a wrong type, a bad duration or an unknown template
+//! variable is an error naming the file, the line and the key (`config /etc/tether/config.yml:2:
+//! unknown key "teardwon" (did you mean "teardown"?)`). A typo in a teardown key must never
+//! silently become "no teardown". Precedence (SPEC §2): flag > environment > file > default;
+//! this module only reads the file, `run`/`cli` apply the order.
+
+pub(crate) mod args;
+pub(crate) mod duration;
+pub(crate) mod env;
+pub(crate) mod places;
+pub(crate) mod settings;
+pub(crate) mod yaml;
+
+use crate::error::{Error, Result};
+use crate::output::LogFormat;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use yaml::{Node, Value};
+
+/// What a run does when another run holds its app (`--on-busy`, config `on_busy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OnBusy {
+    Wait,
+    Fail,
+    CancelOlder,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RunAs {
+    pub(crate) user: String,
+    pub(crate) group: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Limits {
+    /// Bytes.
+    pub(crate) memory: Option<u64>,
+    pub(crate) pids: Option<u64>,
+    /// CPUs (e.g. 1.5).
+    pub(crate) cpu: Option<f64>,
+    pub(crate) nofile: Option<u64>,
+    pub(crate) nproc: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct CommentReport {
+    /// `gitea` (also Forgejo) or `github`.
+    pub(crate) api: String,
+    /// API base URL, e.g. `https://git.example.org` or `https://api.github.com`.
+    pub(crate) url: String,
+    /// Name of the environment variable holding the token.
+    pub(crate) token_env: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Report {
+    pub(crate) comment: Option<CommentReport>,
+    pub(crate) webhook: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+}
+
+/// Everything the file can say. `None` = not set in the file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Config {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) lock_dir: Option<PathBuf>,
+    pub(crate) runs_dir: Option<PathBuf>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) grace: Option<Duration>,
+    pub(crate) slots: Option<u32>,
+    pub(crate) setup: Option<String>,
+    pub(crate) teardown: Option<String>,
+    pub(crate) teardown_timeout: Option<Duration>,
+    pub(crate) on_busy: Option<OnBusy>,
+    pub(crate) retain_failed: Option<Duration>,
+    pub(crate) log_format: Option<LogFormat>,
+    /// Tear down when the reader of stdout/stderr goes away (the CI agent died).
+    pub(crate) agent_watch: Option<bool>,
+    pub(crate) env_allow: Option<Vec<String>>,
+    pub(crate) env_set: Vec<(String, String)>,
+    pub(crate) run_env: Vec<(String, String)>,
+    pub(crate) run_as: Option<RunAs>,
+    pub(crate) report: Option<Report>,
+    pub(crate) limits: Limits,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "lock_dir",
+    "runs_dir",
+    "deadline",
+    "grace",
+    "slots",
+    "setup",
+    "teardown",
+    "teardown_timeout",
+    "on_busy",
+    "retain_failed",
+    "log_format",
+    "agent_watch",
+    "env",
+    "run_env",
+    "run_as",
+    "report",
+    "limits",
+];
+
+/// Template variables `run_env` values may use.
+pub(crate) const TEMPLATE_VARS: &[&str] = &["run_dir", "run_id", "app", "slot"];
+
+pub(crate) fn default_path() -> PathBuf {
+    if places::is_root() {
+        PathBuf::from("/etc/tether/config.yml")
+    } else {
+        std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into()))
+                    .join(".config")
+            })
+            .join("tether/config.yml")
+    }
+}
+
+/// Load the config: `explicit` (flag or `TETHER_CONFIG`) must exist; the default path is read
+/// only if present.
+pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
+    match explicit {
+        Some(p) => load_file(p),
+        None => {
+            let p = default_path();
+            if p.exists() {
+                load_file(&p)
+            } else {
+                Ok(Config::default())
+            }
+        }
+    }
+}
+
+pub(crate) fn load_file(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::tether(format!("config {}: cannot read: {e}", path.display())))?;
+    let mut cfg = parse(&text, &path.display().to_string())?;
+    cfg.path = Some(path.to_owned());
+    Ok(cfg)
+}
+
+/// Parse config text; `name` is used in messages.
+pub(crate) fn parse(text: &str, name: &str) -> Result<Config> {
+    let err = |line: usize, msg: String| Error::tether(format!("config {name}:{line}: {msg}"));
+    let root =
+        yaml::parse(text).map_err(|(line, msg)| err(line, format!("invalid YAML: {msg}")))?;
+    let mut cfg = Config::default();
+    let Some(root) = root else {
+        return Ok(cfg);
+    };
+    let entries = match root.value {
+        Value::Map(e) => e,
+        _ => {
+            return Err(err(
+                root.line,
+                format!("expected a mapping of keys, got {}", root.kind()),
+            ))
+        }
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (key, line, node) in &entries {
+        let Some(known) = TOP_KEYS.iter().find(|k| **k == key) else {
+            return Err(err(*line, unknown_key(key, TOP_KEYS)));
+        };
+        if seen.contains(known) {
+            return Err(err(*line, format!("key \"{key}\" is given twice")));
+        }
+        seen.push(known);
+        let ctx = Ctx { name, key };
+        match key.as_str() {
+            "lock_dir" => cfg.lock_dir = ctx.opt_str(node)?.map(PathBuf::from),
+            "runs_dir" => cfg.runs_dir = ctx.opt_str(node)?.map(PathBuf::from),
+            "deadline" => cfg.deadline = ctx.opt_duration(node)?,
+            "grace" => cfg.grace = ctx.opt_duration(node)?,
+            "teardown_timeout" => cfg.teardown_timeout = ctx.opt_duration(node)?,
+            "retain_failed" => cfg.retain_failed = ctx.opt_duration(node)?,
+            "slots" => {
+                cfg.slots = ctx.opt_uint(node)?.map(|n| n as u32);
+                if cfg.slots == Some(0) {
+                    return Err(ctx.err(node.line, "must be at least 1".into()));
+                }
+            }
+            "setup" => cfg.setup = ctx.opt_str(node)?,
+            "teardown" => cfg.teardown = ctx.opt_str(node)?,
+            "on_busy" => {
+                cfg.on_busy = match ctx.opt_str(node)?.as_deref() {
+                    None => None,
+                    Some("wait") => Some(OnBusy::Wait),
+                    Some("fail") => Some(OnBusy::Fail),
+                    Some("cancel-older") => Some(OnBusy::CancelOlder),
+                    Some(other) => {
+                        return Err(ctx.err(
+                            node.line,
+                            format!("expected wait, fail or cancel-older, got {other:?}"),
+                        ))
+                    }
+                }
+            }
+            "log_format" => {
+                cfg.log_format = match ctx.opt_str(node)?.as_deref() {
+                    None => None,
+                    Some("text") => Some(LogFormat::Text),
+                    Some("json") => Some(LogFormat::Json),
+                    Some(other) => {
+                        return Err(
+                            ctx.err(node.line, format!("expected text or json, got {other:?}"))
+                        )
+                    }
+                }
+            }
+            "agent_watch" => cfg.agent_watch = ctx.opt_bool(node)?,
+            "env" => {
+                for (k, kl, v) in ctx.map(node)? {
+                    let sub = Ctx { name, key: k };
+                    match k.as_str() {
+                        "allow" => cfg.env_allow = Some(sub.str_list(v)?),
+                        "set" => cfg.env_set = sub.str_map(v)?,
+                        _ => return Err(err(*kl, unknown_key(k, &["allow", "set"]))),
+                    }
+                }
+            }
+            "run_env" => {
+                cfg.run_env = ctx.str_map(node)?;
+                for (k, v) in &cfg.run_env {
+                    if let Err(var) = env::check_template(v) {
+                        let line = ctx
+                            .map(node)?
+                            .iter()
+                            .find(|(kk, _, _)| kk == k)
+                            .map(|(_, l, _)| *l)
+                            .unwrap_or(node.line);
+                        return Err(err(
+                            line,
+                            format!(
+                                "run_env \"{k}\": unknown template variable {{{var}}} (known: {})",
+                                TEMPLATE_VARS
+                                    .iter()
+                                    .map(|v| format!("{{{v}}}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            "run_as" => {
+                let mut ra = RunAs::default();
+                for (k, kl, v) in ctx.map(node)? {
+                    let sub = Ctx { name, key: k };
+                    match k.as_str() {
+                        "user" => ra.user = sub.opt_str(v)?.unwrap_or_default(),
+                        "group" => ra.group = sub.opt_str(v)?,
+                        _ => return Err(err(*kl, unknown_key(k, &["user", "group"]))),
+                    }
+                }
+                if ra.user.is_empty() {
+                    return Err(ctx.err(node.line, "run_as needs a \"user\"".into()));
+                }
+                cfg.run_as = Some(ra);
+            }
+            "report" => cfg.report = Some(parse_report(&ctx, node)?),
+            "limits" => {
+                for (k, kl, v) in ctx.map(node)? {
+                    let sub = Ctx { name, key: k };
+                    match k.as_str() {
+                        "memory" => cfg.limits.memory = sub.opt_bytes(v)?,
+                        "pids" => cfg.limits.pids = sub.opt_uint(v)?,
+                        "cpu" => cfg.limits.cpu = sub.opt_float(v)?,
+                        "nofile" => cfg.limits.nofile = sub.opt_uint(v)?,
+                        "nproc" => cfg.limits.nproc = sub.opt_uint(v)?,
+                        _ => {
+                            return Err(err(
+                                *kl,
+                                unknown_key(k, &["memory", "pids", "cpu", "nofile", "nproc"]),
+                            ))
+                        }
+                    }
+                }
+            }
+            _ => unreachable!("key list and match agree"),
+        }
+    }
+    Ok(cfg)
+}
+
+fn parse_report(ctx: &Ctx<'_>, node: &Node) -> Result<Report> {
+    let mut r = Report::default();
+    for (k, kl, v) in ctx.map(node)? {
+        let sub = Ctx {
+            name: ctx.name,
+            key: k,
+        };
+        match k.as_str() {
+            "webhook" => r.webhook = sub.opt_str(v)?,
+            "timeout" => r.timeout = sub.opt_duration(v)?,
+            "retries" => r.retries = sub.opt_uint(v)?.map(|n| n as u32),
+            "comment" => {
+                let mut c = CommentReport::default();
+                for (ck, ckl, cv) in sub.map(v)? {
+                    let csub = Ctx {
+                        name: ctx.name,
+                        key: ck,
+                    };
+                    match ck.as_str() {
+                        "api" => c.api = csub.opt_str(cv)?.unwrap_or_default(),
+                        "url" => c.url = csub.opt_str(cv)?.unwrap_or_default(),
+                        "token_env" => c.token_env = csub.opt_str(cv)?.unwrap_or_default(),
+                        _ => {
+                            return Err(sub.err(*ckl, unknown_key(ck, &["api", "url", "token_env"])))
+                        }
+                    }
+                }
+                if !matches!(c.api.as_str(), "gitea" | "forgejo" | "github") {
+                    return Err(sub.err(
+                        v.line,
+                        format!(
+                            "comment.api must be gitea, forgejo or github, got {:?}",
+                            c.api
+                        ),
+                    ));
+                }
+                if c.url.is_empty() || c.token_env.is_empty() {
+                    return Err(sub.err(v.line, "comment needs \"url\" and \"token_env\"".into()));
+                }
+                r.comment = Some(c);
+            }
+            _ => {
+                return Err(ctx.err(
+                    *kl,
+                    unknown_key(k, &["comment", "webhook", "timeout", "retries"]),
+                ))
+            }
+        }
+    }
+    Ok(r)
+}
+
+struct Ctx<'a> {
+    name: &'a str,
+    key: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, line: usize, msg: String) -> Error {
+        Error::tether(format!(
+            "config {}:{line}: key \"{}\": {msg}",
+            self.name, self.key
+        ))
+    }
+
+    fn scalar<'n>(&self, node: &'n Node) -> Result<Option<&'n str>> {
+        match &node.value {
+            Value::Scalar(s, quoted) if !quoted && yaml::is_null(s) => Ok(None),
+            Value::Scalar(s, _) => Ok(Some(s)),
+            _ => Err(self.err(node.line, format!("expected a value, got {}", node.kind()))),
+        }
+    }
+
+    fn opt_str(&self, node: &Node) -> Result<Option<String>> {
+        Ok(self.scalar(node)?.map(str::to_owned))
+    }
+
+    fn opt_duration(&self, node: &Node) -> Result<Option<Duration>> {
+        match self.scalar(node)? {
+            None => Ok(None),
+            Some(s) => duration::parse(s)
+                .map(Some)
+                .map_err(|e| self.err(node.line, e)),
+        }
+    }
+
+    /// `true` / `false` (YAML 1.2 core spellings), unquoted: a quoted "false" is a string, and
+    /// a string where a switch belongs is a mistake worth naming.
+    fn opt_bool(&self, node: &Node) -> Result<Option<bool>> {
+        if let Value::Scalar(s, false) = &node.value {
+            match s.as_str() {
+                "true" | "True" | "TRUE" => return Ok(Some(true)),
+                "false" | "False" | "FALSE" => return Ok(Some(false)),
+                _ => {}
+            }
+        }
+        match self.scalar(node)? {
+            None => Ok(None),
+            Some(s) => Err(self.err(node.line, format!("expected true or false, got {s:?}"))),
+        }
+    }
+
+    fn opt_uint(&self, node: &Node) -> Result<Option<u64>> {
+        match self.scalar(node)? {
+            None => Ok(None),
+            Some(s) => s
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| self.err(node.line, format!("expected a whole number, got {s:?}"))),
+        }
+    }
+
+    fn opt_float(&self, node: &Node) -> Result<Option<f64>> {
+        match self.scalar(node)? {
+            None => Ok(None),
+            Some(s) => match s.parse::<f64>() {
+                Ok(v) if v > 0.0 && v.is_finite() => Ok(Some(v)),
+                _ => Err(self.err(node.line, format!("expected a positive number, got {s:?}"))),
+            },
+        }
+    }
+
+    /// `512M`, `2G`, `1048576`.
+    fn opt_bytes(&self, node: &Node) -> Result<Option<u64>> {
+        let Some(s) = self.scalar(node)? else {
+            return Ok(None);
+        };
+        let (num, mult) = match s.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+            Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+            Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+            _ => (s, 1),
+        };
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(Some)
+            .ok_or_else(|| {
+                self.err(
+                    node.line,
+                    format!("expected a size like 512M or 2G, got {s:?}"),
+                )
+            })
+    }
+
+    fn map<'n>(&self, node: &'n Node) -> Result<&'n Vec<(String, usize, Node)>> {
+        match &node.value {
+            Value::Map(e) => Ok(e),
+            _ => Err(self.err(
+                node.line,
+                format!("expected a mapping, got {}", node.kind()),
+            )),
+        }
+    }
+
+    fn str_list(&self, node: &Node) -> Result<Vec<String>> {
+        match &node.value {
+            Value::Seq(items) => items
+                .iter()
+                .map(|i| {
+                    self.scalar(i)?
+                        .map(str::to_owned)
+                        .ok_or_else(|| self.err(i.line, "empty list item".into()))
+                })
+                .collect(),
+            _ => Err(self.err(node.line, format!("expected a list, got {}", node.kind()))),
+        }
+    }
+
+    fn str_map(&self, node: &Node) -> Result<Vec<(String, String)>> {
+        self.map(node)?
+            .iter()
+            .map(|(k, l, v)| {
+                if !valid_env_name(k) {
+                    return Err(self.err(
+                        *l,
+                        format!("{k:?} is not a valid environment variable name"),
+                    ));
+                }
+                Ok((k.clone(), self.scalar(v)?.unwrap_or("").to_owned()))
+            })
+            .collect()
+    }
+}
+
+fn valid_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn unknown_key(key: &str, known: &[&str]) -> String {
+    match known
+        .iter()
+        .map(|k| (levenshtein(key, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+    {
+        Some((_, k)) => format!("unknown key \"{key}\" (did you mean \"{k}\"?)"),
+        None => format!("unknown key \"{key}\" (known: {})", known.join(", ")),
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses() {
+        let text = r#"
+lock_dir: /run/lock/tether
+deadline: 45m
+grace: 20s
+slots: 4
+teardown: ./undeploy.sh
+on_busy: cancel-older
+env:
+  allow: ["PATH", "CI_*"]
+  set: {LANG: C.UTF-8}
+run_env:
+  ABRA_DIR: "{run_dir}/abra"
+run_as: {user: ci, group: ci}
+limits: {memory: 2G, pids: 512, cpu: 1.5, nofile: 4096}
+report:
+  timeout: 10s
+  comment: {api: gitea, url: "https://git.example.org", token_env: GITEA_TOKEN}
+"#;
+        let c = parse(text, "t.yml").expect("valid");
+        assert_eq!(c.deadline, Some(Duration::from_secs(2700)));
+        assert_eq!(c.slots, Some(4));
+        assert_eq!(c.on_busy, Some(OnBusy::CancelOlder));
+        assert_eq!(c.env_allow, Some(vec!["PATH".into(), "CI_*".into()]));
+        assert_eq!(
+            c.run_env,
+            vec![("ABRA_DIR".into(), "{run_dir}/abra".into())]
+        );
+        assert_eq!(c.limits.memory, Some(2 << 30));
+        assert_eq!(c.run_as.map(|r| r.user), Some("ci".into()));
+        assert_eq!(c.agent_watch, None);
+    }
+
+    #[test]
+    fn agent_watch_is_a_switch() {
+        for (text, want) in [
+            ("agent_watch: false\n", Some(false)),
+            ("agent_watch: true\n", Some(true)),
+            ("agent_watch: False\n", Some(false)),
+            ("agent_watch:\n", None),
+        ] {
+            assert_eq!(
+                parse(text, "t.yml").expect(text).agent_watch,
+                want,
+                "{text}"
+            );
+        }
+        assert!(msg("agent_watch: \"false\"\n")
+            .contains(":1: key \"agent_watch\": expected true or false, got \"false\""));
+        assert!(msg("agent_watch: no\n").contains("expected true or false, got \"no\""));
+        assert!(msg("agent_wacth: false\n").contains("(did you mean \"agent_watch\"?)"));
+    }
+
+    fn msg(text: &str) -> String {
+        parse(text, "/etc/tether/config.yml")
+            .expect_err(text)
+            .message
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        assert_eq!(
+            msg("deadline: 10m\nteardwon: x\n"),
+            "config /etc/tether/config.yml:2: unknown key \"teardwon\" (did you mean \"teardown\"?)"
+        );
+        assert!(msg("deadline: 10x\n")
+            .starts_with("config /etc/tether/config.yml:1: key \"deadline\": invalid duration"));
+        assert!(msg("slots: many\n").contains(":1: key \"slots\": expected a whole number"));
+        assert!(msg("run_env:\n  A: \"{run_dir}/{nope}\"\n")
+            .contains(":2: run_env \"A\": unknown template variable {nope}"));
+        assert!(msg("env:\n  allow: PATH\n").contains("key \"allow\": expected a list"));
+        assert!(msg("- a\n- b\n").contains("expected a mapping"));
+        assert!(msg("grace: [1]\n").contains("key \"grace\": expected a value, got a list"));
+        assert!(msg("x: {a: [}\n").contains("invalid YAML"));
+        assert!(msg("zzz: 1\n").contains("unknown key \"zzz\" (known: lock_dir"));
+    }
+
+    #[test]
+    fn globs_and_templates() {
+        use env::{check_template, expand, glob_match};
+        assert!(glob_match("CI_*", "CI_REPO"));
+        assert!(glob_match("*", "X"));
+        assert!(!glob_match("CI_*", "GITHUB_TOKEN"));
+        assert!(glob_match("A?C", "ABC"));
+        assert_eq!(
+            expand("{run_dir}/abra-{slot}", "/r/1", "1", "a", "00"),
+            "/r/1/abra-00"
+        );
+        assert_eq!(check_template("{run_dir}/x"), Ok(()));
+        assert_eq!(check_template("{bogus}"), Err("bogus".into()));
+    }
+}

@@ -1,0 +1,153 @@
+//! A small YAML tree with line numbers, built from `yaml-rust2`'s event parser.
+//!
+//! The config loader needs to say *where* a problem is (`config <file>:<line>: unknown key
+//! "teardwon"`), which the crate's own document type forgets; so this keeps each node's line.
+//! Anchors and aliases are refused: a config file has no use for them and they make line
+//! numbers ambiguous.
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    /// A scalar with whether it was quoted (quoted scalars are always strings).
+    Scalar(String, bool),
+    Seq(Vec<Node>),
+    /// Keys with their own line, in file order.
+    Map(Vec<(String, usize, Node)>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Node {
+    pub(crate) line: usize,
+    pub(crate) value: Value,
+}
+
+impl Node {
+    pub(crate) fn kind(&self) -> &'static str {
+        match &self.value {
+            Value::Scalar(s, false) if is_null(s) => "null",
+            Value::Scalar(..) => "a scalar",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+}
+
+pub(crate) fn is_null(s: &str) -> bool {
+    matches!(s, "" | "~" | "null" | "Null" | "NULL")
+}
+
+enum Frame {
+    Seq(usize, Vec<Node>),
+    Map(usize, Vec<(String, usize, Node)>, Option<(String, usize)>),
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    root: Option<Node>,
+    error: Option<(usize, String)>,
+}
+
+impl Builder {
+    fn push_node(&mut self, node: Node) {
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some(Frame::Seq(_, items)) => items.push(node),
+            Some(Frame::Map(_, entries, pending)) => match pending.take() {
+                None => match node.value {
+                    Value::Scalar(key, _) => *pending = Some((key, node.line)),
+                    _ => {
+                        self.error.get_or_insert((
+                            node.line,
+                            "mapping keys must be plain strings".into(),
+                        ));
+                    }
+                },
+                Some((key, line)) => entries.push((key, line, node)),
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let line = mark.line();
+        match ev {
+            Event::Scalar(text, style, _, _) => {
+                let quoted = !matches!(style, TScalarStyle::Plain);
+                self.push_node(Node {
+                    line,
+                    value: Value::Scalar(text, quoted),
+                });
+            }
+            Event::SequenceStart(..) => self.stack.push(Frame::Seq(line, Vec::new())),
+            Event::MappingStart(..) => self.stack.push(Frame::Map(line, Vec::new(), None)),
+            Event::SequenceEnd | Event::MappingEnd => {
+                let node = match self.stack.pop() {
+                    Some(Frame::Seq(l, items)) => Node {
+                        line: l,
+                        value: Value::Seq(items),
+                    },
+                    Some(Frame::Map(l, entries, _)) => Node {
+                        line: l,
+                        value: Value::Map(entries),
+                    },
+                    None => return,
+                };
+                self.push_node(node);
+            }
+            Event::Alias(_) => {
+                self.error
+                    .get_or_insert((line, "anchors and aliases are not supported".into()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Parse one YAML document. `Ok(None)` for an empty file. Errors carry a 1-based line.
+pub(crate) fn parse(text: &str) -> Result<Option<Node>, (usize, String)> {
+    let mut b = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    parser
+        .load(&mut b, false)
+        .map_err(|e| (e.marker().line(), e.info().to_owned()))?;
+    if let Some(err) = b.error {
+        return Err(err);
+    }
+    Ok(b.root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_lines_and_quoting() {
+        let n = parse("a: 1\nb:\n  - x\n  - 'y'\nc: {d: e}\n")
+            .expect("parses")
+            .expect("not empty");
+        let Value::Map(entries) = n.value else {
+            panic!("not a map")
+        };
+        assert_eq!(entries[0].0, "a");
+        assert_eq!(entries[0].1, 1);
+        assert_eq!(entries[1].1, 2);
+        let Value::Seq(items) = &entries[1].2.value else {
+            panic!("not a seq")
+        };
+        assert_eq!(items[1].value, Value::Scalar("y".into(), true));
+        assert_eq!(items[1].line, 4);
+        assert_eq!(entries[2].1, 5);
+    }
+
+    #[test]
+    fn reports_syntax_errors_with_a_line() {
+        let err = parse("a: 1\nb: [unclosed\n").expect_err("bad yaml");
+        assert!(err.0 >= 2, "{err:?}");
+        assert!(parse("").expect("empty ok").is_none());
+        assert!(parse("a: &x 1\nb: *x\n").is_err());
+    }
+}

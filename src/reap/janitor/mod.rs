@@ -1,0 +1,146 @@
+//! `tether janitor` (SPEC §8): sweep the lock dir, the runs dir and tether's cgroups, reap what
+//! dead runs left, and never touch a live run.
+//!
+//! A sweep is a plan, then its application (issue 15). The plan (plan.rs) is made from what
+//! can be read without taking a lock — the kernel's lock table, the records, the cgroups —
+//! and `--dry-run` prints exactly that; the real sweep applies the same plan step by step
+//! (apply.rs), and each step takes its lock first: the lock decides, never the plan.
+//!
+//! Life and death come from lock probes only. A held app lock is a live run: it is reported
+//! (with a warning when it has been held longer than its own bounds allow) and left alone. An
+//! unheld one is taken, identity-checked, reconciled (SPEC §4.4) and then unlinked *while still
+//! held*, so a waiter blocked on it wakes up on an orphaned inode, fails its identity check
+//! and re-opens the path (PROTOCOL.md). Run dirs whose `run.lock` is free are reaped under
+//! their app's lock; this is what finds dead runs after a reboot wiped `/run/lock`.
+//! Two janitors at once are safe: the lock decides which one reaps.
+
+mod apply;
+mod plan;
+mod report;
+
+pub(crate) use report::Report;
+
+use crate::config::places::Place;
+use crate::error::{Error, Result};
+use crate::ident::names::Domain;
+use crate::output;
+use crate::reap::reaper::{ReapPolicy, Reaper};
+use crate::state::dirs;
+use crate::state::record;
+use crate::state::rundir;
+use crate::sys::safe_fs::Dir;
+use crate::sys::supervisor::Supervisor;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub(crate) struct Options {
+    pub(crate) lock_dir: Place,
+    pub(crate) runs_dir: Place,
+    pub(crate) teardown: Option<String>,
+    pub(crate) teardown_timeout: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) app: Option<Domain>,
+    pub(crate) dry_run: bool,
+    pub(crate) retain: Duration,
+    /// Orphan run cgroups younger than this are left alone (`--orphan-age`).
+    pub(crate) orphan_age: Duration,
+}
+
+/// Sweep both dirs, then tether's cgroups. `Err` only for unsafe dirs or a supervisor that
+/// cannot be set up.
+pub(crate) fn sweep(opts: &Options) -> Result<Report> {
+    let lock = dirs::choose("lock dir", &opts.lock_dir, 0o755)?
+        .existing()
+        .map(|s| s.dir);
+    let runs = dirs::choose("runs dir", &opts.runs_dir, 0o700)?
+        .existing()
+        .map(|s| s.dir);
+    let steps = plan::plan(opts, lock.as_ref(), runs.as_ref());
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    if opts.dry_run {
+        for step in &steps {
+            match step.would(opts, runs.as_ref()) {
+                Some((e, true)) => report.push(e),
+                Some((e, false)) => report.list(e),
+                None => {}
+            }
+        }
+        return Ok(report);
+    }
+    let mut sup = Supervisor::standalone()
+        .map_err(|e| Error::tether(format!("cannot set up signal handling: {e}")))?;
+    let mut sweep = Sweep {
+        opts,
+        runs_path: runs.as_ref().map(|d| d.path().to_owned()),
+        lock,
+        reaper: Reaper::new(
+            &mut sup,
+            runs,
+            ReapPolicy {
+                fallback_teardown: opts.teardown.clone(),
+                teardown_timeout: opts.teardown_timeout,
+                grace: opts.grace,
+            },
+            None,
+        ),
+        report: &mut report,
+    };
+    for step in steps {
+        if sweep.reaper.supervisor().stop_requested() {
+            break;
+        }
+        sweep.apply(step);
+    }
+    if sweep.reaper.supervisor().stop_requested() {
+        output::warn(
+            "janitor",
+            "signal received — stopped after the current reap",
+        );
+    }
+    Ok(report)
+}
+
+/// One sweep's state: the dirs, the reaper, the report.
+struct Sweep<'o, 'f> {
+    opts: &'o Options,
+    lock: Option<Dir>,
+    runs_path: Option<PathBuf>,
+    reaper: Reaper<'f>,
+    report: &'o mut Report,
+}
+
+impl Sweep<'_, '_> {
+    /// `tether forget …` for a run whose reap keeps failing (the exact command, dirs included
+    /// when they are not the defaults).
+    fn forget_hint(&self, run_id: &str) -> String {
+        crate::reap::forget::hint(
+            self.lock.as_ref().map(|d| d.path()),
+            self.runs_path.as_deref(),
+            run_id,
+        )
+    }
+
+    /// The record of run `id` in our runs dir, if it is there and readable.
+    fn record_of(&self, id: &str) -> Option<record::RunRecord> {
+        let runs = self.reaper.runs()?;
+        let dir = rundir::open_trusted(runs, id).ok()?;
+        record::read_record(&dir).ok()
+    }
+
+    /// Count failed reaps in the kept record, so operators see a run that keeps failing.
+    fn record_failure(&self, run_id: &str) {
+        let Some(runs) = self.reaper.runs() else {
+            return;
+        };
+        let Ok(dir) = rundir::open_trusted(runs, run_id) else {
+            return;
+        };
+        if let Ok(mut r) = record::read_record(&dir) {
+            r.reap_failures += 1;
+            let _ = record::write_record(&dir, &r);
+        }
+    }
+}

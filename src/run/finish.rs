@@ -1,0 +1,285 @@
+//! How a run ends: the summary (SPEC §7), made in one place for every way a run can end, the
+//! report after it (§11), and the exit code (§3.3). Also the run's fixed lines (the funnel's
+//! cause, ignored events, the waiting/acquired lines).
+
+use super::decide::Cause;
+use super::plan::Spec;
+use super::{Ctx, Stop};
+use crate::config::duration::{self, human};
+use crate::error::Error;
+use crate::ident::ci_env::CiInfo;
+use crate::ident::names::Domain;
+use crate::out::summary::Summary;
+use crate::output;
+use crate::state::record::{self, LockMeta};
+use crate::sys::signals::Event;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What the summary of any run is made from.
+pub(super) struct Facts {
+    run_id: String,
+    app: String,
+    ci: Option<CiInfo>,
+    lock_wait: Duration,
+    runtime: Duration,
+    result: &'static str,
+    exit: i32,
+    teardown: &'static str,
+    reason: &'static str,
+}
+
+impl Facts {
+    /// The one place a summary is made.
+    fn summary(self) -> Summary {
+        Summary {
+            run_id: self.run_id,
+            app: self.app,
+            result: self.result.into(),
+            exit: self.exit,
+            lock_wait_ms: self.lock_wait.as_millis() as u64,
+            runtime_ms: self.runtime.as_millis() as u64,
+            teardown: self.teardown.into(),
+            reason: self.reason.into(),
+            ci: self.ci,
+        }
+    }
+}
+
+/// A run that tore down (or, for a funnel event before it touched its app, gave up).
+pub(super) struct Finished {
+    facts: Facts,
+    summary_json: Option<PathBuf>,
+    report: Option<crate::config::Report>,
+}
+
+impl Finished {
+    pub(super) fn new(ctx: Ctx, cause: Cause, teardown_ok: bool, runtime: Duration) -> Finished {
+        let teardown = match (&ctx.spec.teardown, teardown_ok) {
+            (None, _) => "none",
+            (Some(_), true) => "ok",
+            (Some(_), false) => "failed",
+        };
+        Finished::of(&ctx, cause, teardown_ok, teardown, runtime)
+    }
+
+    fn of(
+        ctx: &Ctx,
+        cause: Cause,
+        teardown_ok: bool,
+        teardown: &'static str,
+        runtime: Duration,
+    ) -> Finished {
+        Finished {
+            facts: Facts {
+                run_id: ctx.spec.run_id.to_string(),
+                app: ctx.spec.app.to_string(),
+                ci: ctx.ci(),
+                lock_wait: ctx.lock_wait.so_far(),
+                runtime,
+                result: cause.result(teardown_ok),
+                exit: cause.final_exit_code(teardown_ok),
+                teardown,
+                reason: cause.reason(),
+            },
+            summary_json: ctx.spec.summary_json.clone(),
+            report: ctx.spec.report.clone(),
+        }
+    }
+
+    /// Print the summary (last line), write its JSON, post the report; the exit code.
+    pub(super) fn exit(self) -> i32 {
+        let exit = self.facts.exit;
+        let summary = self.facts.summary();
+        summary.publish(self.summary_json.as_deref());
+        // After teardown and after the exit code is fixed: reporting cannot change either.
+        if let Some(r) = &self.report {
+            crate::out::report::publish(r, &summary);
+        }
+        exit
+    }
+}
+
+/// A run that gave up before it touched its app. Nothing is left behind.
+pub(super) struct Aborted(Box<Ending>);
+
+enum Ending {
+    /// A funnel event: the run ends as it would have, minus the teardown it did not owe.
+    Event(Finished),
+    /// Busy, or tether's own failure.
+    GaveUp {
+        facts: Facts,
+        summary_json: Option<PathBuf>,
+        /// Whether the summary line is printed (not for a plan that never resolved: only its
+        /// JSON is written, as there is no run to speak of).
+        line: bool,
+    },
+}
+
+impl Aborted {
+    /// The plan could not be made (bad arguments, config, dirs, command): exit 125/126/127.
+    pub(super) fn unplanned(app: String, summary_json: Option<PathBuf>, e: Error) -> Aborted {
+        output::error(&e.message);
+        Aborted(Box::new(Ending::GaveUp {
+            facts: Facts {
+                run_id: "-".into(),
+                app,
+                ci: None,
+                lock_wait: Duration::ZERO,
+                runtime: Duration::ZERO,
+                result: "failed",
+                exit: e.exit_code(),
+                teardown: "none",
+                reason: "error",
+            },
+            summary_json,
+            line: false,
+        }))
+    }
+
+    /// The state dirs could not be made.
+    pub(super) fn before_claim(spec: Spec, e: Error) -> Aborted {
+        output::error(&e.message);
+        Aborted(Box::new(Ending::GaveUp {
+            facts: Facts {
+                run_id: spec.run_id.to_string(),
+                app: spec.app.to_string(),
+                ci: spec.ci.clone(),
+                lock_wait: Duration::ZERO,
+                runtime: Duration::ZERO,
+                result: "failed",
+                exit: e.exit_code(),
+                teardown: "none",
+                reason: "error",
+            },
+            summary_json: spec.summary_json,
+            line: true,
+        }))
+    }
+
+    /// Given up with the claim already released.
+    pub(super) fn from_ctx(ctx: Ctx, stop: Stop) -> Aborted {
+        let (result, exit, reason) = match stop {
+            // A funnel event: the cause's own result and code, no teardown was owed.
+            Stop::Event(cause) => {
+                return Aborted(Box::new(Ending::Event(Finished::of(
+                    &ctx,
+                    cause,
+                    true,
+                    "none",
+                    Duration::ZERO,
+                ))))
+            }
+            Stop::Busy(msg) => {
+                output::emit(output::Level::Warn, "busy", &msg, &[]);
+                ("cancelled", crate::exit::BUSY, "busy")
+            }
+            Stop::Fail(e) => {
+                output::error(&e.message);
+                ("failed", e.exit_code(), "error")
+            }
+        };
+        Aborted(Box::new(Ending::GaveUp {
+            facts: Facts {
+                run_id: ctx.spec.run_id.to_string(),
+                app: ctx.spec.app.to_string(),
+                ci: ctx.ci(),
+                lock_wait: ctx.lock_wait.so_far(),
+                runtime: Duration::ZERO,
+                result,
+                exit,
+                teardown: "none",
+                reason,
+            },
+            summary_json: ctx.spec.summary_json,
+            line: true,
+        }))
+    }
+
+    pub(super) fn exit(self) -> i32 {
+        match *self.0 {
+            Ending::Event(finished) => finished.exit(),
+            Ending::GaveUp {
+                facts,
+                summary_json,
+                line,
+            } => {
+                let exit = facts.exit;
+                let summary = facts.summary();
+                if line {
+                    summary.publish(summary_json.as_deref());
+                } else if let Some(path) = summary_json {
+                    let _ = summary.write_json(&path);
+                }
+                exit
+            }
+        }
+    }
+}
+
+/// The funnel's line for the cause (SPEC §7).
+pub(super) fn announce(cause: Cause, deadline: Duration) {
+    let (event, msg) = match cause {
+        Cause::Signal(s) => ("received", format!("received {} — tearing down", s.name())),
+        Cause::Deadline => (
+            "deadline",
+            format!(
+                "deadline {} reached — tearing down",
+                duration::canonical(deadline)
+            ),
+        ),
+        Cause::ParentDied => ("parent-died", "parent died — tearing down".to_string()),
+        Cause::AgentGone => (
+            "agent-gone",
+            "agent gone (stdout/stderr has no reader) — tearing down".to_string(),
+        ),
+        Cause::Exited(_) => return,
+    };
+    output::info(event, &msg);
+}
+
+/// Funnel events that lost to the first one, or arrived during teardown: logged, ignored.
+pub(super) fn log_ignored(events: &[Event]) {
+    for ev in events {
+        let what = match ev {
+            Event::Signal(s) => format!("received {} during teardown — ignored", s.name()),
+            Event::Deadline => "deadline reached during teardown — ignored".into(),
+            Event::ParentDied => "parent died during teardown — ignored".into(),
+            Event::AgentGone => "agent gone during teardown — ignored".into(),
+            _ => continue,
+        };
+        output::info("ignored", &what);
+    }
+}
+
+/// `run <id> (pid <pid>, <age>)` from the holder's metadata, else what the kernel says.
+pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> String {
+    match meta {
+        Some(m) => {
+            let age = Duration::from_secs(record::unix_now().saturating_sub(m.started_at));
+            format!("run {} (pid {}, {})", m.run_id, m.pid, human(age))
+        }
+        None => match pid {
+            Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
+            None => "an unknown run (pid unknown, age unknown)".into(),
+        },
+    }
+}
+
+pub(super) fn announce_acquired(app: &Domain, since: Instant) {
+    output::emit(
+        output::Level::Info,
+        "acquired",
+        &format!("app lock {app}: acquired after {}", human(since.elapsed())),
+        &[("app", app.as_str().into())],
+    );
+}
+
+pub(super) fn announce_waiting(app: &Domain, holder: &str) {
+    output::emit(
+        output::Level::Info,
+        "waiting",
+        &format!("app lock {app}: held by {holder} — waiting"),
+        &[("app", app.as_str().into())],
+    );
+}

@@ -1,0 +1,268 @@
+//! Steps 4–7 (SPEC §3.1): take the app lock, reap dead runs of the app (reconcile, §4.4), take
+//! a slot, apply limits, prepare what the command may write, and write `running`. `hold` is the
+//! last step that may give up: the `Held` it returns has touched the app.
+
+use super::claim::Claimed;
+use super::finish::Aborted;
+use super::{write_state, Ctx, Stop};
+use crate::config::env::RunVars;
+use crate::error::Error;
+use crate::ident::names::Domain;
+use crate::output;
+use crate::reap::reaper::{DeadRun, ReapFailed, ReapPolicy, Reaper};
+use crate::state::applock::AppLock;
+use crate::state::record::{RunRecord, State};
+use crate::state::rundir::{self, RunDir};
+use crate::state::slots::Slot;
+use crate::sys::supervisor::Supervisor;
+use std::path::{Path, PathBuf};
+
+/// A run that holds its app: lock metadata and record say `running`.
+pub(super) struct Held {
+    pub(super) ctx: Ctx,
+    pub(super) dir: RunDir,
+    pub(super) app_lock: AppLock,
+    pub(super) slot: Option<Slot>,
+}
+
+impl Claimed {
+    /// Steps 4–7. On any stop before the `running` record, the claim is given up and nothing is
+    /// left behind.
+    pub(super) fn hold(mut self, sup: &mut Supervisor) -> Result<Held, Aborted> {
+        if let Err(stop) = self.take_app(sup) {
+            return Err(self.abort(stop));
+        }
+        let Claimed {
+            mut ctx,
+            mut dir,
+            app_lock,
+            slot,
+            ..
+        } = self;
+        let Some(app_lock) = app_lock else {
+            // take_app returns Ok only with the lock held.
+            let stop = Stop::Fail(Error::tether("internal: the app lock was lost"));
+            return Err(Aborted::from_ctx(ctx, stop));
+        };
+        // 7. Running: the app is ours.
+        ctx.record.lock_wait_ms = Some(ctx.lock_wait.so_far().as_millis() as u64);
+        ctx.record.meta.state = State::Running;
+        write_state(&mut dir, Some(&app_lock), &ctx.record);
+        Ok(Held {
+            ctx,
+            dir,
+            app_lock,
+            slot,
+        })
+    }
+
+    fn take_app(&mut self, sup: &mut Supervisor) -> Result<(), Stop> {
+        // 4. The app lock.
+        self.ctx.lock_wait.start();
+        let app = self.ctx.spec.app.clone();
+        let lock = self.acquire(&app, true, sup)?;
+        self.ctx.lock_wait.stop();
+        self.app_lock = Some(lock);
+        // 5. Reconcile.
+        self.reconcile(sup)?;
+        if self.own_dead.take().is_some() {
+            self.prepare_dir(false)?;
+        }
+        super::check_funnel(sup, &self.ctx)?;
+        // 6. A host slot, if slots are configured.
+        if let Some(count) = self.ctx.spec.slots {
+            self.take_slot(count, sup)?;
+        }
+        self.apply_limits();
+        self.prepare_run_as_dirs()
+    }
+
+    fn reaper<'s>(&self, sup: &'s mut Supervisor) -> Reaper<'s> {
+        Reaper::new(
+            sup,
+            Some(self.ctx.runs_dir.clone()),
+            ReapPolicy {
+                fallback_teardown: self.ctx.spec.teardown.clone(),
+                teardown_timeout: self.ctx.spec.teardown_timeout,
+                grace: self.ctx.spec.grace,
+            },
+            self.ctx.cgroup.clone(),
+        )
+    }
+
+    /// Step 5: reap dead unclean runs of our app (ours first, when we reuse a dead run's id).
+    fn reconcile(&mut self, sup: &mut Supervisor) -> Result<(), Stop> {
+        // Re-read under the app lock: another reaper may have settled it since our claim.
+        let own_dead = self.own_dead.as_ref().and_then(|d| {
+            self.dir
+                .read_record()
+                .ok()
+                .filter(|r| r.meta.state != State::Clean && r.meta.run_id == d.meta.run_id)
+        });
+        let own_dir = self.dir.dir().clone();
+        let app = self.ctx.spec.app.clone();
+        let own_id = self.ctx.spec.run_id.to_string();
+        let mut reaper = self.reaper(sup);
+        let mut result = Ok(());
+        if let Some(dead) = own_dead {
+            result = reaper.reap(own_dead_run(dead, own_dir));
+        }
+        if let (Ok(()), Some(lock)) = (&result, &self.app_lock) {
+            result = reaper.reconcile(&app, lock, Some(&own_id)).map(|_| ());
+        }
+        drop(reaper);
+        if let Err(e) = result {
+            return Err(Stop::Fail(self.reap_failed(e)));
+        }
+        // Funnel events that arrived while reaping: decided on now.
+        super::check_funnel(sup, &self.ctx)
+    }
+
+    /// §3.4: our run id belonged to a dead run of another app. Reap it under that app's lock.
+    pub(super) fn reap_own_dead_of_other_app(
+        &mut self,
+        dead: RunRecord,
+        sup: &mut Supervisor,
+    ) -> Result<(), Stop> {
+        let other = Domain::parse(&dead.meta.app)
+            .map_err(|e| Stop::Fail(Error::tether(format!("dead run record: {e}"))))?;
+        let held = self.acquire(&other, false, sup)?;
+        let own_dir = self.dir.dir().clone();
+        let mut reaper = self.reaper(sup);
+        let mut result = reaper.reap(own_dead_run(dead, own_dir));
+        if result.is_ok() {
+            result = reaper.reconcile(&other, &held, None).map(|_| ());
+        }
+        drop(reaper);
+        held.release();
+        if let Err(e) = result {
+            return Err(Stop::Fail(self.reap_failed(e)));
+        }
+        self.prepare_dir(false)?;
+        super::check_funnel(sup, &self.ctx)
+    }
+
+    /// A dead run could not be reaped: the run refuses to start (D7), and says how to give up
+    /// on the dead run if its teardown can never succeed.
+    fn reap_failed(&self, e: ReapFailed) -> Error {
+        let hint = e
+            .run_id
+            .as_deref()
+            .map(|id| {
+                format!(
+                    "; if its teardown can never succeed, give up on it with: {}",
+                    crate::reap::forget::hint(
+                        Some(self.ctx.lock_dir.path()),
+                        Some(self.ctx.runs_dir.path()),
+                        id
+                    )
+                )
+            })
+            .unwrap_or_default();
+        Error::tether(format!("cannot start: {}{hint}", e.message))
+    }
+
+    /// `limits` (SPEC §10): cgroup controllers where available, rlimits for nofile and nproc
+    /// (set in the child). Each limit that cannot be applied gets one warning.
+    fn apply_limits(&self) {
+        let l = &self.ctx.spec.limits;
+        if l.memory.is_none() && l.pids.is_none() && l.cpu.is_none() {
+            return;
+        }
+        let warnings = match &self.ctx.cgroup {
+            Some(cg) => cg.apply_limits(l),
+            None => [
+                ("memory", l.memory.is_some()),
+                ("pids", l.pids.is_some()),
+                ("cpu", l.cpu.is_some()),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| format!("limits.{name} not applied: this run has no cgroup"))
+            .collect(),
+        };
+        for w in warnings {
+            output::warn("limits", &w);
+        }
+    }
+
+    /// `run_env` dirs under the run dir are created (and, with `run_as`, owned by that user,
+    /// like `tmp/`); the run dir becomes traversable (0711) so the user can reach them, while
+    /// `run.json` stays owner-only. Setup and teardown get a `tether-tmp/` of their own. All
+    /// through the run dir's fd: nothing here follows a symlink.
+    fn prepare_run_as_dirs(&self) -> Result<(), Stop> {
+        let base = self.dir.path();
+        let run_dir = self.dir.dir();
+        let fail = |what: &str, p: &Path, e: std::io::Error| Stop::Fail(Error::path(what, p, e));
+        let slot = self.slot.as_ref().map(|s| s.label()).unwrap_or_default();
+        let base_text = base.display().to_string();
+        let vars = RunVars {
+            run_dir: &base_text,
+            run_id: self.ctx.spec.run_id.as_str(),
+            app: self.ctx.spec.app.as_str(),
+            slot: &slot,
+        };
+        let tmp = run_dir
+            .open_dir(rundir::TMP_DIR)
+            .map_err(|e| fail("cannot open", &self.dir.tmp_path(), e))?;
+        let mut for_user = vec![tmp];
+        for (_, value) in self.ctx.spec.env_policy.expanded_run_env(&vars) {
+            let p = PathBuf::from(&value);
+            let Ok(rel) = p.strip_prefix(&base) else {
+                continue;
+            };
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let mut cur = run_dir.clone();
+            for comp in rel.components() {
+                let std::path::Component::Normal(name) = comp else {
+                    return Err(Stop::Fail(Error::tether(format!(
+                        "run_env dir {} is not a plain path below the run dir",
+                        p.display()
+                    ))));
+                };
+                match cur.create_dir(name, 0o755) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(fail("cannot create run_env dir", &p, e)),
+                }
+                cur = cur
+                    .open_dir(name)
+                    .map_err(|e| fail("cannot open run_env dir", &p, e))?;
+            }
+            for_user.push(cur);
+        }
+        let Some(id) = &self.ctx.spec.run_as else {
+            return Ok(());
+        };
+        run_dir
+            .chmod(0o711)
+            .map_err(|e| fail("cannot chmod run dir", &base, e))?;
+        for d in for_user {
+            d.chown(id.uid, id.gid).map_err(|e| {
+                Stop::Fail(Error::tether(format!(
+                    "cannot chown {} to {}: {e}",
+                    d.path().display(),
+                    id.user
+                )))
+            })?;
+        }
+        match run_dir.create_dir(rundir::OWN_TMP_DIR, 0o700) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(fail("cannot create", &base.join(rundir::OWN_TMP_DIR), e)),
+        }
+    }
+}
+
+/// The dead run whose id we reuse: its record is settled in our (its) run dir, which we keep.
+fn own_dead_run(dead: RunRecord, dir: crate::sys::safe_fs::Dir) -> DeadRun {
+    DeadRun {
+        meta: dead.meta.clone(),
+        record: Some(dead),
+        dir: None,
+        record_dir: Some(dir),
+        remove_dir: false,
+    }
+}

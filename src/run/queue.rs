@@ -1,0 +1,198 @@
+//! Steps 4 and 6 (SPEC §3.1, §3.5, §3.6): waiting for the app lock — visibly, interruptibly,
+//! within `--lock-timeout`, under the busy policy (`wait`, `fail`, `cancel-older`) — and for a
+//! host slot. The lock itself comes from the lock backend (`state::lock::AppLocks`).
+
+use super::claim::Claimed;
+use super::finish::{announce_acquired, announce_waiting, describe_holder};
+use super::Stop;
+use crate::config::duration;
+use crate::config::OnBusy;
+use crate::error::Error;
+use crate::ident::names::{Domain, RunId};
+use crate::output;
+use crate::state::applock::{AppLock, Attempt};
+use crate::state::record::{self, LockMeta};
+use crate::state::rundir;
+use crate::sys::signals::{until, Event};
+use crate::sys::supervisor::Supervisor;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How often `--on-busy cancel-older` looks at who holds the lock while waiting.
+const CANCEL_RECHECK: Duration = Duration::from_millis(200);
+
+/// How often a run waiting for a host slot looks again.
+const SLOT_POLL: Duration = Duration::from_millis(20);
+
+impl Claimed {
+    /// Take the lock of `app`, waiting visibly (and interruptibly) while it is busy. `ours`:
+    /// the run's own app (the busy policy applies), else the app of a dead run reusing our id.
+    pub(super) fn acquire(
+        &mut self,
+        app: &Domain,
+        ours: bool,
+        sup: &mut Supervisor,
+    ) -> Result<AppLock, Stop> {
+        let locks = self.ctx.app_locks.clone();
+        let started = Instant::now();
+        let mut announced = false;
+        loop {
+            let busy = match locks.try_acquire(app) {
+                Ok(Attempt::Held(l)) => {
+                    if announced {
+                        announce_acquired(app, started);
+                    }
+                    return Ok(l);
+                }
+                Ok(Attempt::Busy(b)) => b,
+                Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
+            };
+            let holder = describe_holder(busy.holder(), busy.holder_pid());
+            if ours && self.ctx.spec.on_busy == OnBusy::Fail {
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: held by {holder} — --on-busy fail, giving up"
+                )));
+            }
+            let cancel_older = ours && self.ctx.spec.on_busy == OnBusy::CancelOlder;
+            if ours {
+                self.note_queued();
+            }
+            announce_waiting(app, &holder);
+            announced = true;
+            if cancel_older {
+                self.cancel_holder_if_same_group(busy.holder(), busy.holder_pid());
+            }
+            let waiting = busy
+                .wait()
+                .map_err(|e| Stop::Fail(Error::tether(format!("cannot wait for lock: {e}"))))?;
+            let mut next_progress = Instant::now() + self.ctx.spec.wait_progress;
+            let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
+            loop {
+                let mut timeout = until(next_progress);
+                if let Some(g) = give_up {
+                    timeout = timeout.min(until(g));
+                }
+                if cancel_older {
+                    // The holder may change while we wait (another queued run of the group).
+                    timeout = timeout.min(CANCEL_RECHECK);
+                    self.cancel_holder_if_same_group(waiting.holder(), waiting.holder_pid());
+                }
+                let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
+                if events.contains(&Event::Ready) {
+                    break;
+                }
+                super::act_on(events, &self.ctx)?;
+                if give_up.is_some_and(|g| Instant::now() >= g) {
+                    return Err(Stop::Busy(format!(
+                        "app lock {app}: still held after --lock-timeout {} — giving up",
+                        duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
+                    )));
+                }
+                if Instant::now() >= next_progress {
+                    announce_waiting(
+                        app,
+                        &describe_holder(waiting.holder(), waiting.holder_pid()),
+                    );
+                    next_progress = Instant::now() + self.ctx.spec.wait_progress;
+                }
+            }
+            match waiting.finish() {
+                Ok(Some(held)) => {
+                    announce_acquired(app, started);
+                    return Ok(held);
+                }
+                // The janitor unlinked the file we waited on: start over on the new inode.
+                Ok(None) => output::debug("lock", "lockfile was replaced while waiting; retrying"),
+                Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
+            }
+        }
+    }
+
+    /// Step 6: the lowest free slot below `count`, waiting (visibly, interruptibly) while all
+    /// are busy. Free slots are found by polling: a flock cannot wait for "any of N".
+    pub(super) fn take_slot(&mut self, count: u32, sup: &mut Supervisor) -> Result<(), Stop> {
+        let mut next_progress = Instant::now();
+        loop {
+            match crate::state::slots::try_take(&self.ctx.lock_dir, count) {
+                Ok(Some(slot)) => {
+                    output::debug("slot", &format!("took slot {}", slot.label()));
+                    let _ = record::write_meta(slot.lock.file(), &self.ctx.record.meta);
+                    self.slot = Some(slot);
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Stop::Fail(Error::tether(format!("slot lock: {e}")))),
+            }
+            self.note_queued();
+            if Instant::now() >= next_progress {
+                output::emit(
+                    output::Level::Info,
+                    "slots-busy",
+                    &format!("all {count} slots busy — waiting"),
+                    &[("slots", count.into())],
+                );
+                next_progress = Instant::now() + self.ctx.spec.wait_progress;
+            }
+            let events = sup.wait(Some(SLOT_POLL), None);
+            super::act_on(events, &self.ctx)?;
+        }
+    }
+
+    /// `--on-busy cancel-older` (SPEC §3.6): SIGTERM the holder when its own record has our
+    /// group key and its pid is the lock's holder in the kernel's lock table and still the
+    /// process that wrote the record (start time). A holder of another group, or one we cannot
+    /// identify, is never signalled.
+    fn cancel_holder_if_same_group(&mut self, meta: Option<LockMeta>, holder: Option<i32>) {
+        let Some(group) = self.ctx.spec.group.clone() else {
+            return;
+        };
+        let Some(meta) = meta else {
+            return;
+        };
+        if meta.run_id == self.ctx.spec.run_id.as_str()
+            || self.cancelled.contains(&meta.run_id)
+            || meta.started_at > self.ctx.record.meta.started_at
+        {
+            return;
+        }
+        let Ok(id) = RunId::parse(&meta.run_id) else {
+            return;
+        };
+        if Path::new(&meta.run_dir) != rundir::path_of(&self.ctx.runs_dir, &id) {
+            return;
+        }
+        let Some(rec) = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
+            .ok()
+            .and_then(|d| record::read_record(&d).ok())
+        else {
+            return;
+        };
+        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
+            return;
+        }
+        if holder != Some(meta.pid)
+            || crate::sys::procfs::start_time(meta.pid) != Some(meta.pid_start)
+        {
+            return;
+        }
+        output::emit(
+            output::Level::Info,
+            "cancelling",
+            &format!("cancelling older run {} of group {group}", meta.run_id),
+            &[
+                ("run_id", meta.run_id.clone().into()),
+                ("group", group.clone().into()),
+            ],
+        );
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(meta.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        ) {
+            output::warn(
+                "cancelling",
+                &format!("cannot signal run {} (pid {}): {e}", meta.run_id, meta.pid),
+            );
+        }
+        self.cancelled.insert(meta.run_id);
+    }
+}

@@ -1,0 +1,8 @@
+//! tether's state on disk: where it lives and who may own it, app and run locks, run dirs, records, slots.
+
+pub(crate) mod applock;
+pub(crate) mod dirs;
+pub(crate) mod lock;
+pub(crate) mod record;
+pub(crate) mod rundir;
+pub(crate) mod slots;

@@ -1,0 +1,298 @@
+//! The supervisor: everything the core waits on, in one place (issue 15). It owns the signal
+//! funnel (a `signalfd` for TERM/INT/HUP, the deadline's ALRM, CHLD and the front's notices),
+//! the deadline, and the table of exited children. One place reaps (`waitpid`), one place
+//! queues events, and every other module asks it:
+//!
+//! - a step that must not be interrupted (killing a tree, a teardown command, a reap) waits
+//!   through [`Supervisor::pause`]: funnel events that arrive meanwhile are *queued*, and the
+//!   run decides on them afterwards (the next [`Supervisor::wait`] hands them out first, or
+//!   [`Supervisor::take_queued`] takes them to log as ignored);
+//! - a child's exit status is asked for by pid ([`Supervisor::exit_status`]), whoever reaped it.
+//!
+//! All asynchronous signals are blocked and read from the signalfd, so they become [`Event`]s
+//! in exactly one place and no handler ever runs concurrently with teardown.
+
+use super::signals::{
+    funnel_set, take_over_signals, Event, Sig, AGENT_GONE_SIGNAL, AGENT_GONE_TOKEN,
+    PARENT_DIED_TOKEN,
+};
+use super::spawn::{self, SpawnError, SpawnSpec};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{getppid, Pid};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+/// A started child. Its process group is its own (its pid); nothing else owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Child {
+    pub(crate) pid: i32,
+}
+
+impl Child {
+    /// Its process group id (every child tether starts leads its own group).
+    pub(crate) fn pgid(&self) -> i32 {
+        self.pid
+    }
+}
+
+/// What a loop that waits for a child or the funnel needs of a supervisor: the small interface
+/// the run's and the reaper's decisions are unit-tested against, with a fake in place of the
+/// kernel (the real-kernel suite proves the real one).
+pub(crate) trait Waits {
+    /// The exit status of `child`, if it has exited (taken).
+    fn exit_status(&mut self, child: Child) -> Option<i32>;
+    /// The next funnel events (see [`Supervisor::wait`]).
+    fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event>;
+}
+
+impl Waits for Supervisor {
+    fn exit_status(&mut self, child: Child) -> Option<i32> {
+        Supervisor::exit_status(self, child)
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
+        Supervisor::wait(self, timeout, extra)
+    }
+}
+
+/// The core's supervisor (see the module doc).
+pub(crate) struct Supervisor {
+    sfd: SignalFd,
+    front: Pid,
+    /// A core under a front (`split`), not the janitor's standalone supervisor: only then does
+    /// a token-less TERM from `front` mean the front died.
+    has_front: bool,
+    /// Whether an agent-gone notice tears down (`--no-agent-watch`, `agent_watch: false`).
+    agent_watch: bool,
+    /// Funnel events not handed out yet: noticed at start-up (a parent already dead), or
+    /// while a step paused for something else.
+    queued: Vec<Event>,
+    /// Children that have exited: pid → status as a shell reports it (128+N for a signal).
+    exited: HashMap<i32, i32>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(
+        sfd: SignalFd,
+        front: Pid,
+        has_front: bool,
+        agent_watch: bool,
+        queued: Vec<Event>,
+    ) -> Supervisor {
+        Supervisor {
+            sfd,
+            front,
+            has_front,
+            agent_watch,
+            queued,
+            exited: HashMap::new(),
+        }
+    }
+
+    /// A supervisor without the front/core split, for `tether janitor` (run from cron or a
+    /// timer, it has no CI agent to outlive). It is still a child subreaper, so whatever a
+    /// reaped run's teardown command leaves behind is re-parented to it and killed.
+    pub(crate) fn standalone() -> nix::Result<Supervisor> {
+        take_over_signals()?;
+        nix::sys::prctl::set_child_subreaper(true)?;
+        let sfd = SignalFd::with_flags(
+            &funnel_set(),
+            SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+        )?;
+        Ok(Supervisor::new(sfd, getppid(), false, false, Vec::new()))
+    }
+
+    /// Arm the deadline (SIGALRM through the funnel). Zero disables it.
+    pub(crate) fn arm_deadline(&self, deadline: Duration) -> io::Result<()> {
+        if deadline.is_zero() {
+            return Ok(());
+        }
+        let it = libc::itimerval {
+            it_interval: libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            it_value: libc::timeval {
+                tv_sec: deadline.as_secs() as libc::time_t,
+                tv_usec: deadline.subsec_micros() as libc::suseconds_t,
+            },
+        };
+        // SAFETY: setitimer with a valid struct and no old-value pointer; ITIMER_REAL is not
+        // inherited across fork.
+        let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// The effective agent watch, once the config file is read (flag > file > on). Off, an
+    /// agent-gone notice from the front is dropped (logged at debug level).
+    pub(crate) fn set_agent_watch(&mut self, on: bool) {
+        self.agent_watch = on;
+    }
+
+    /// Start a child (SPEC §3.1 step 8). Its exit status is then asked for with
+    /// [`Supervisor::exit_status`].
+    pub(crate) fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Child, SpawnError> {
+        let spawned = spawn::spawn(spec)?;
+        // A status the table still holds for this pid is an older child's (pid reuse).
+        self.exited.remove(&spawned.pid);
+        Ok(Child { pid: spawned.pid })
+    }
+
+    /// Wait up to `timeout` (None = forever) for funnel events or for `extra` to become
+    /// readable. Returns every event that is ready (possibly none, on timeout), queued ones
+    /// first. Children that exited meanwhile are reaped into the table (`Event::Child` says
+    /// so, for a caller waiting for one).
+    pub(crate) fn wait(&mut self, timeout: Option<Duration>, extra: Option<RawFd>) -> Vec<Event> {
+        let mut events = std::mem::take(&mut self.queued);
+        if !events.is_empty() {
+            self.drain(&mut events);
+            return events;
+        }
+        let mut fds = vec![libc::pollfd {
+            fd: self.sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = extra {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms: libc::c_int = match timeout {
+            None => -1,
+            Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
+        };
+        // SAFETY: poll(2) on a valid array of pollfds we own. EINTR cannot happen (every
+        // signal we expect is blocked); any failure reads as "nothing yet".
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n > 0 {
+            if fds.len() > 1 && fds[1].revents != 0 {
+                events.push(Event::Ready);
+            }
+            self.drain(&mut events);
+        }
+        events
+    }
+
+    /// Non-blocking: whatever is queued or already pending.
+    pub(crate) fn poll_now(&mut self) -> Vec<Event> {
+        self.wait(Some(Duration::ZERO), None)
+    }
+
+    /// Wait up to `timeout` while busy with something that must not be interrupted (killing
+    /// a tree, a teardown): children are reaped, funnel events are queued for later.
+    pub(crate) fn pause(&mut self, timeout: Duration) {
+        let events = self.wait(Some(timeout), None);
+        self.queue(events);
+    }
+
+    /// Put events back for the next `wait` (or `take_queued`).
+    pub(crate) fn queue(&mut self, events: impl IntoIterator<Item = Event>) {
+        self.queued
+            .extend(events.into_iter().filter(|e| *e != Event::Child));
+    }
+
+    /// Take the queued funnel events (to log them as ignored during teardown).
+    pub(crate) fn take_queued(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.queued)
+    }
+
+    /// Whether a queued event asks to stop (a signal, the deadline, a parent's or agent's
+    /// death): the janitor stops after the current reap.
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.queued.iter().any(|e| {
+            matches!(
+                e,
+                Event::Signal(_) | Event::ParentDied | Event::Deadline | Event::AgentGone
+            )
+        })
+    }
+
+    /// Reap every child that has exited, without blocking, into the table.
+    pub(crate) fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.exited.insert(pid.as_raw(), code);
+                }
+                Ok(WaitStatus::Signaled(pid, s, _)) => {
+                    self.exited
+                        .insert(pid.as_raw(), crate::exit::from_signal(s as i32));
+                }
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break, // ECHILD: nothing left
+            }
+        }
+    }
+
+    /// The exit status of our child `child`, if it has exited (reaping first). Taken: asking
+    /// twice gives `None` the second time.
+    pub(crate) fn exit_status(&mut self, child: Child) -> Option<i32> {
+        self.reap();
+        self.exited.remove(&child.pid)
+    }
+
+    fn drain(&mut self, events: &mut Vec<Event>) {
+        while let Ok(Some(info)) = self.sfd.read_signal() {
+            let Some(ev) = self.classify(&info) else {
+                continue;
+            };
+            if ev == Event::Child {
+                self.reap();
+                // SIGCHLDs merge anyway; keep one.
+                if events.contains(&Event::Child) {
+                    continue;
+                }
+            }
+            events.push(ev);
+        }
+    }
+
+    fn classify(&self, info: &libc::signalfd_siginfo) -> Option<Event> {
+        let from_front = self.has_front && info.ssi_pid as i32 == self.front.as_raw();
+        let token = (from_front && info.ssi_code == libc::SI_QUEUE).then_some(info.ssi_ptr);
+        let ev = match info.ssi_signo as i32 {
+            libc::SIGCHLD => Event::Child,
+            libc::SIGALRM => Event::Deadline,
+            libc::SIGINT => Event::Signal(Sig::Int),
+            libc::SIGHUP => Event::Signal(Sig::Hup),
+            libc::SIGTERM => match token {
+                Some(PARENT_DIED_TOKEN) => Event::ParentDied,
+                // Forwarded by the front (or sent by it some other way): a received signal.
+                Some(_) => Event::Signal(Sig::Term),
+                // The front never signals us without a token: this is its PDEATHSIG.
+                None if from_front => Event::ParentDied,
+                // Someone else (an operator, `--on-busy cancel-older`). The janitor's
+                // standalone supervisor keeps the old rule: a TERM after its parent is gone.
+                None if !self.has_front && getppid() != self.front => Event::ParentDied,
+                None => Event::Signal(Sig::Term),
+            },
+            n if n == AGENT_GONE_SIGNAL as i32 => {
+                if token != Some(AGENT_GONE_TOKEN) {
+                    return None;
+                }
+                if !self.agent_watch {
+                    crate::output::debug(
+                        "agent-gone",
+                        "the reader of stdout/stderr is gone; agent watch is off — carrying on",
+                    );
+                    return None;
+                }
+                Event::AgentGone
+            }
+            _ => return None,
+        };
+        Some(ev)
+    }
+}
