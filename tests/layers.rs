@@ -2,8 +2,10 @@
 //! `crate::` path points to the same layer or one below; no two modules import each other,
 //! directly or round a longer circle; no file is much longer than ~500 lines outside its tests.
 
+mod common;
+use common::rust_files;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Layers, bottom first. A module may use its own layer and the ones before it.
 const LAYERS: &[&[&str]] = &[
@@ -68,17 +70,6 @@ fn imports(code: &[String], known: &BTreeSet<String>) -> BTreeSet<String> {
         }
     }
     out
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("reading src/").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 struct Tree {

@@ -4,7 +4,9 @@
 //! operator's own `--summary-json` file, a test-only marker) carry a `// path-ok: <why>` comment
 //! on the line before. Test modules (`#[cfg(test)]`, at the end of a file) are not checked.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::rust_files;
+use std::path::Path;
 
 /// Calls that act on a path (std, nix, libc spellings).
 const FORBIDDEN: &[&str] = &[
@@ -58,17 +60,6 @@ fn violations(name: &str, text: &str) -> Vec<String> {
         }
     }
     out
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("reading src/").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 #[test]

@@ -3,18 +3,9 @@
 //! contract (`# Safety`), and the crate denies unsafe operations in unsafe fns that are not in
 //! a block of their own (`unsafe_op_in_unsafe_fn`).
 
-use std::path::{Path, PathBuf};
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("reading src/").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
+mod common;
+use common::rust_files;
+use std::path::Path;
 
 /// `file:line` of every `unsafe` block without a SAFETY comment and every `unsafe fn` without
 /// a `# Safety` section in `text`.

@@ -213,6 +213,32 @@ fn odd_files_in_a_records_place_never_hang_anything() {
 // ---------------------------------------------------------------------------------------------
 // 3. the power-loss case
 
+/// A run of `app` whose command leaves a `sleep 1000` behind, its core SIGKILLed once it holds
+/// the lock: returns the leftover's pid and the run's cgroup, if it had one.
+fn run_killed_leaving_a_process(
+    sb: &Sandbox,
+    app: &str,
+    id: &str,
+    cgroup: bool,
+) -> (i32, Option<String>) {
+    let bg = sb.mark("bg.pid");
+    let script = format!(
+        "sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
+        p = shell_quote(&bg)
+    );
+    let mut run = run_cmd(sb, app, id, cgroup)
+        .command(["sh", "-c", &script])
+        .spawn();
+    let leftover = wait_pids(&bg, TIMEOUT)[0];
+    let core = wait_holder_pid(sb, app, id);
+    let cg = sb
+        .run_record(id)
+        .and_then(|r| r["cgroup"].as_str().map(str::to_owned));
+    sigkill(core);
+    run.wait_exit(TIMEOUT);
+    (leftover, cg)
+}
+
 /// Item 3: a reboot during a record write leaves an empty `run.json`, and `/run/lock` is wiped.
 /// The janitor still kills what the dead run left (by its cgroup, or by its id and a token of a
 /// dead core), runs the configured teardown with `TETHER_RUN_ID` (no app is known), and removes
@@ -222,22 +248,8 @@ fn empty_record_and_wiped_lock_dir(cgroup: bool) {
     let app = "power.example.org";
     let id = rid(&sb, "power");
     let log = sb.mark("td.log");
-    let bg = sb.mark("bg.pid");
-    let script = format!(
-        "sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
-        p = shell_quote(&bg)
-    );
-    let mut run = run_cmd(&sb, app, &id, cgroup)
-        .command(["sh", "-c", &script])
-        .spawn();
-    let leftover = wait_pids(&bg, TIMEOUT)[0];
-    let core = wait_holder_pid(&sb, app, &id);
-    let cg = sb
-        .run_record(&id)
-        .and_then(|r| r["cgroup"].as_str().map(str::to_owned));
+    let (leftover, cg) = run_killed_leaving_a_process(&sb, app, &id, cgroup);
     assert_eq!(cg.is_some(), cgroup && cgroup2_writable(), "cgroup: {cg:?}");
-    sigkill(core);
-    run.wait_exit(TIMEOUT);
     fs::write(sb.run_dir(&id).join("run.json"), "").unwrap();
     fs::remove_file(sb.lock_path(app)).unwrap();
     assert!(pid_alive(leftover));
@@ -286,22 +298,8 @@ fn orphan_cgroup_of_a_vanished_run_is_swept() {
     let sb = Sandbox::new();
     let app = "orphan.example.org";
     let id = rid(&sb, "orphan");
-    let bg = sb.mark("bg.pid");
-    let script = format!(
-        "sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
-        p = shell_quote(&bg)
-    );
-    let mut run = run_cmd(&sb, app, &id, true)
-        .command(["sh", "-c", &script])
-        .spawn();
-    let leftover = wait_pids(&bg, TIMEOUT)[0];
-    let core = wait_holder_pid(&sb, app, &id);
-    let cg = sb
-        .run_record(&id)
-        .and_then(|r| r["cgroup"].as_str().map(str::to_owned))
-        .expect("a run cgroup");
-    sigkill(core);
-    run.wait_exit(TIMEOUT);
+    let (leftover, cg) = run_killed_leaving_a_process(&sb, app, &id, true);
+    let cg = cg.expect("a run cgroup");
     fs::remove_dir_all(sb.run_dir(&id)).unwrap();
     fs::remove_file(sb.lock_path(app)).unwrap();
 

@@ -30,6 +30,21 @@ pub(super) struct Facts {
 }
 
 impl Facts {
+    /// A run that failed before its command: nothing waited, nothing ran, no teardown.
+    fn error(run_id: String, app: String, ci: Option<CiInfo>, e: &Error) -> Facts {
+        Facts {
+            run_id,
+            app,
+            ci,
+            lock_wait: Duration::ZERO,
+            runtime: Duration::ZERO,
+            result: "failed",
+            exit: e.exit_code(),
+            teardown: "none",
+            reason: "error",
+        }
+    }
+
     /// The one place a summary is made.
     fn summary(self) -> Summary {
         Summary {
@@ -121,17 +136,7 @@ impl Aborted {
     pub(super) fn unplanned(app: String, summary_json: Option<PathBuf>, e: Error) -> Aborted {
         output::error(&e.message);
         Aborted(Box::new(Ending::GaveUp {
-            facts: Facts {
-                run_id: "-".into(),
-                app,
-                ci: None,
-                lock_wait: Duration::ZERO,
-                runtime: Duration::ZERO,
-                result: "failed",
-                exit: e.exit_code(),
-                teardown: "none",
-                reason: "error",
-            },
+            facts: Facts::error("-".into(), app, None, &e),
             summary_json,
             line: false,
         }))
@@ -141,17 +146,12 @@ impl Aborted {
     pub(super) fn before_claim(spec: Spec, e: Error) -> Aborted {
         output::error(&e.message);
         Aborted(Box::new(Ending::GaveUp {
-            facts: Facts {
-                run_id: spec.run_id.to_string(),
-                app: spec.app.to_string(),
-                ci: spec.ci.clone(),
-                lock_wait: Duration::ZERO,
-                runtime: Duration::ZERO,
-                result: "failed",
-                exit: e.exit_code(),
-                teardown: "none",
-                reason: "error",
-            },
+            facts: Facts::error(
+                spec.run_id.to_string(),
+                spec.app.to_string(),
+                spec.ci.clone(),
+                &e,
+            ),
             summary_json: spec.summary_json,
             line: true,
         }))

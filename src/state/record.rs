@@ -281,6 +281,51 @@ fn swap_in(dir: &Dir, tmp: &str) -> io::Result<Swap> {
     }
 }
 
+/// Records for the unit tests of the layers above (the reaper's and the janitor's plans).
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::{LockMeta, RunRecord, State, VERSION};
+
+    /// Lock metadata of run `id` of `app` whose core (pid 999999) is long gone.
+    pub(crate) fn meta(app: &str, id: &str, state: State) -> LockMeta {
+        LockMeta {
+            version: VERSION,
+            app: app.into(),
+            run_id: id.into(),
+            pid: 999_999,
+            pid_start: 1,
+            host: "h".into(),
+            started_at: 1,
+            state,
+            run_dir: format!("/runs/{id}"),
+            cgroup: None,
+            ci: None,
+            token: None,
+        }
+    }
+
+    /// The record of a run of `true` with no setup or teardown.
+    pub(crate) fn record(meta: LockMeta) -> RunRecord {
+        RunRecord {
+            meta,
+            command: vec!["true".into()],
+            setup: None,
+            teardown: None,
+            cwd: None,
+            group: None,
+            deadline_ms: 0,
+            grace_ms: 0,
+            teardown_timeout_ms: 0,
+            exit_code: None,
+            reason: None,
+            lock_wait_ms: None,
+            runtime_ms: None,
+            reap_failures: 0,
+            keep: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,21 +367,9 @@ mod tests {
 
     fn record(state: State, command: &str) -> RunRecord {
         RunRecord {
-            meta: LockMeta { state, ..meta() },
             command: vec![command.into()],
-            setup: None,
             teardown: Some("echo bye".into()),
-            cwd: None,
-            group: None,
-            deadline_ms: 0,
-            grace_ms: 0,
-            teardown_timeout_ms: 0,
-            exit_code: None,
-            reason: None,
-            lock_wait_ms: None,
-            runtime_ms: None,
-            reap_failures: 0,
-            keep: false,
+            ..samples::record(LockMeta { state, ..meta() })
         }
     }
 

@@ -3,7 +3,7 @@
 //! was dealt with by an earlier step.
 
 use super::plan::{past_retention, Step};
-use super::report::entry;
+use super::report::{entry, skipped};
 use super::Sweep;
 use crate::config::duration;
 use crate::ident::names::{Domain, RunId};
@@ -26,10 +26,7 @@ impl Sweep<'_, '_> {
                 app,
                 why,
             } => {
-                let mut e = entry(kind, &name, "skipped");
-                e.app = app;
-                e.detail = Some(why);
-                self.report.push(e);
+                self.report.push(skipped(kind, &name, app, why));
             }
             Step::Lock { name, app, .. } => self.lockfile(&name, &app),
             Step::RunDir { name, .. } => self.run_dir(&name),

@@ -4,7 +4,7 @@
 //! applies the same plan, step by step, re-checking each under the locks it takes (apply.rs):
 //! the lock decides, never the plan.
 
-use super::report::{entry, Entry};
+use super::report::{entry, skipped, Entry};
 use super::Options;
 use crate::ident::names::Domain;
 use crate::state::lock;
@@ -249,12 +249,7 @@ impl Step {
                 name,
                 app,
                 why,
-            } => {
-                let mut e = entry(kind, name, "skipped");
-                e.app = app.clone();
-                e.detail = Some(why.clone());
-                Some((e, true))
-            }
+            } => Some((skipped(kind, name, app.clone(), why.clone()), true)),
             Step::Lock {
                 name,
                 app,
@@ -359,7 +354,7 @@ impl Step {
 mod tests {
     use super::*;
     use crate::config::places::Place;
-    use crate::state::record::{RunRecord, VERSION};
+    use crate::state::record::{samples, RunRecord};
     use std::os::unix::fs::MetadataExt;
 
     fn opts() -> Options {
@@ -377,39 +372,13 @@ mod tests {
     }
 
     fn meta(app: &str, id: &str, state: State) -> LockMeta {
-        LockMeta {
-            version: VERSION,
-            app: app.into(),
-            run_id: id.into(),
-            pid: 999_999,
-            pid_start: 1,
-            host: "h".into(),
-            started_at: 1,
-            state,
-            run_dir: format!("/runs/{id}"),
-            cgroup: None,
-            ci: None,
-            token: None,
-        }
+        samples::meta(app, id, state)
     }
 
     fn record(app: &str, id: &str, state: State, keep: bool) -> String {
         let r = RunRecord {
-            meta: meta(app, id, state),
-            command: vec!["true".into()],
-            setup: None,
-            teardown: None,
-            cwd: None,
-            group: None,
-            deadline_ms: 0,
-            grace_ms: 0,
-            teardown_timeout_ms: 0,
-            exit_code: None,
-            reason: None,
-            lock_wait_ms: None,
-            runtime_ms: None,
-            reap_failures: 0,
             keep,
+            ..samples::record(meta(app, id, state))
         };
         serde_json::to_string(&r).unwrap()
     }

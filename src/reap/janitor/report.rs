@@ -63,6 +63,15 @@ pub(super) fn entry(kind: &'static str, name: &str, action: &'static str) -> Ent
     }
 }
 
+/// A thing the janitor leaves alone, and why.
+pub(super) fn skipped(kind: &'static str, name: &str, app: Option<String>, why: String) -> Entry {
+    Entry {
+        app,
+        detail: Some(why),
+        ..entry(kind, name, "skipped")
+    }
+}
+
 /// The entry's line (SPEC §8: `<domain>: live run <id> (pid <pid>), leaving it`, …).
 fn say(e: &Entry) {
     let subject = e.app.clone().unwrap_or_else(|| e.name.clone());

@@ -451,41 +451,16 @@ pub(crate) fn index_unclean(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::record::samples;
 
     fn meta(state: State) -> LockMeta {
-        LockMeta {
-            version: record::VERSION,
-            app: "a.example.org".into(),
-            run_id: "r".into(),
-            pid: 1,
-            pid_start: 1,
-            host: "h".into(),
-            started_at: 1,
-            state,
-            run_dir: "/r".into(),
-            cgroup: None,
-            ci: None,
-            token: None,
-        }
+        samples::meta("a.example.org", "r", state)
     }
 
     fn record(state: State, teardown: Option<&str>) -> RunRecord {
         RunRecord {
-            meta: meta(state),
-            command: vec![],
-            setup: None,
             teardown: teardown.map(str::to_owned),
-            cwd: None,
-            group: None,
-            deadline_ms: 0,
-            grace_ms: 0,
-            teardown_timeout_ms: 0,
-            exit_code: None,
-            reason: None,
-            lock_wait_ms: None,
-            runtime_ms: None,
-            reap_failures: 0,
-            keep: false,
+            ..samples::record(meta(state))
         }
     }
 
