@@ -57,7 +57,7 @@ impl TempUser {
                 break;
             }
             last = Some(String::from_utf8_lossy(&out.stderr).into_owned());
-            std::thread::sleep(std::time::Duration::from_millis(100)); // retry step, bounded
+            std::thread::sleep(std::time::Duration::from_millis(100)); // ordering-free: bounded retry of a busy useradd lock
         }
         if let Some(err) = last {
             panic!("useradd {name} failed: {err}");
@@ -94,7 +94,7 @@ impl Drop for TempUser {
             match Command::new("userdel").args(&args).output() {
                 Ok(o) if o.status.success() => return,
                 // 8: the user is logged in (a process of it is still exiting); 10: a lock.
-                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)), // bounded retry
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)), // ordering-free: bounded retry
                 Err(e) => {
                     eprintln!("userdel {}: {e}", self.name);
                     return;
