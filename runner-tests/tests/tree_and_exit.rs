@@ -386,7 +386,9 @@ fn unparsable_duration_is_refused() {
     for (flag, value) in [
         ("--deadline", "10x"),
         ("--grace", "ms"),
-        ("--lock-timeout", "5"),
+        // A bare number is seconds (as timeout(1)); units out of order or unknown are not.
+        ("--lock-timeout", "30m1h"),
+        ("--teardown-timeout", "1d"),
     ] {
         let sb = Sandbox::new();
         let m = sb.mark("ran");

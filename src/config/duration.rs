@@ -5,18 +5,32 @@
 
 use std::time::Duration;
 
-/// Parse `<n><unit>` pairs (units `ms`, `s`, `m`, `h`, `d`), e.g. `1h30m`. A bare `0` is zero.
+/// Parse `<n><unit>` pairs, largest unit first and each at most once (`1h30m`, `2m30s`,
+/// `1s500ms`; units `h`, `m`, `s`, `ms`), or a bare number of seconds (`90`), as `timeout(1)`
+/// reads one. `2h2h`, `30m1h` and units tether does not know (`1d`) are refused: a deadline
+/// written wrong must fail loudly, not mean something else.
 pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
     if t.is_empty() {
         return Err("empty duration".into());
     }
-    let bad = || format!("invalid duration {text:?} (use forms like 250ms, 90s, 15m, 1h30m)");
+    let bad = || {
+        format!(
+            "invalid duration {text:?} (use forms like 250ms, 90s, 15m, 1h30m, \
+             or a number of seconds)"
+        )
+    };
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = t.parse().map_err(|_| bad())?;
+        return secs
+            .checked_mul(1_000)
+            .map(Duration::from_millis)
+            .ok_or_else(bad);
+    }
     let mut total: u128 = 0;
     let mut rest = t;
+    // The unit before, as its length in ms: each next unit must be smaller.
+    let mut previous = u128::MAX;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
@@ -30,9 +44,12 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
             "s" => 1_000,
             "m" => 60_000,
             "h" => 3_600_000,
-            "d" => 86_400_000,
             _ => return Err(bad()),
         };
+        if unit_ms >= previous {
+            return Err(bad());
+        }
+        previous = unit_ms;
         rest = &rest[unit_len..];
         total = n
             .checked_mul(unit_ms)
@@ -89,14 +106,23 @@ mod tests {
         assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5_400)));
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("0"), Ok(Duration::ZERO));
-        assert_eq!(parse("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse("1s500ms"), Ok(Duration::from_millis(1_500)));
+        assert_eq!(parse("2h0m5s"), Ok(Duration::from_secs(7_205)));
+        // A bare number is seconds, as timeout(1) reads it.
+        assert_eq!(parse("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse(" 90 "), Ok(Duration::from_secs(90)));
     }
 
     #[test]
     fn refuses_garbage_naming_it() {
         for bad in [
             "",
-            "10",
+            "1d",
+            "2h2h",
+            "30m1h",
+            "1s1m",
+            "5ms5s",
+            "18446744073709552",
             "x",
             "10x",
             "m5",
