@@ -10,11 +10,13 @@ pub(crate) mod args;
 pub(crate) mod duration;
 pub(crate) mod env;
 pub(crate) mod places;
+mod read;
 pub(crate) mod settings;
 pub(crate) mod yaml;
 
 use crate::error::{Error, Result};
 use crate::output::LogFormat;
+use read::{unknown_key, Ctx};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use yaml::{Node, Value};
@@ -185,7 +187,7 @@ pub(crate) fn parse(text: &str, name: &str) -> Result<Config> {
             "teardown_timeout" => cfg.teardown_timeout = ctx.opt_duration(node)?,
             "retain_failed" => cfg.retain_failed = ctx.opt_duration(node)?,
             "slots" => {
-                cfg.slots = ctx.opt_uint(node)?.map(|n| n as u32);
+                cfg.slots = ctx.opt_u32(node)?;
                 if cfg.slots == Some(0) {
                     return Err(ctx.err(node.line, "must be at least 1".into()));
                 }
@@ -303,7 +305,7 @@ fn parse_report(ctx: &Ctx<'_>, node: &Node) -> Result<Report> {
         match k.as_str() {
             "webhook" => r.webhook = sub.opt_str(v)?,
             "timeout" => r.timeout = sub.opt_duration(v)?,
-            "retries" => r.retries = sub.opt_uint(v)?.map(|n| n as u32),
+            "retries" => r.retries = sub.opt_u32(v)?,
             "comment" => {
                 let mut c = CommentReport::default();
                 for (ck, ckl, cv) in sub.map(v)? {
@@ -343,171 +345,6 @@ fn parse_report(ctx: &Ctx<'_>, node: &Node) -> Result<Report> {
         }
     }
     Ok(r)
-}
-
-struct Ctx<'a> {
-    name: &'a str,
-    key: &'a str,
-}
-
-impl Ctx<'_> {
-    fn err(&self, line: usize, msg: String) -> Error {
-        Error::tether(format!(
-            "config {}:{line}: key \"{}\": {msg}",
-            self.name, self.key
-        ))
-    }
-
-    fn scalar<'n>(&self, node: &'n Node) -> Result<Option<&'n str>> {
-        match &node.value {
-            Value::Scalar(s, quoted) if !quoted && yaml::is_null(s) => Ok(None),
-            Value::Scalar(s, _) => Ok(Some(s)),
-            _ => Err(self.err(node.line, format!("expected a value, got {}", node.kind()))),
-        }
-    }
-
-    fn opt_str(&self, node: &Node) -> Result<Option<String>> {
-        Ok(self.scalar(node)?.map(str::to_owned))
-    }
-
-    fn opt_duration(&self, node: &Node) -> Result<Option<Duration>> {
-        match self.scalar(node)? {
-            None => Ok(None),
-            Some(s) => duration::parse(s)
-                .map(Some)
-                .map_err(|e| self.err(node.line, e)),
-        }
-    }
-
-    /// `true` / `false` (YAML 1.2 core spellings), unquoted: a quoted "false" is a string, and
-    /// a string where a switch belongs is a mistake worth naming.
-    fn opt_bool(&self, node: &Node) -> Result<Option<bool>> {
-        if let Value::Scalar(s, false) = &node.value {
-            match s.as_str() {
-                "true" | "True" | "TRUE" => return Ok(Some(true)),
-                "false" | "False" | "FALSE" => return Ok(Some(false)),
-                _ => {}
-            }
-        }
-        match self.scalar(node)? {
-            None => Ok(None),
-            Some(s) => Err(self.err(node.line, format!("expected true or false, got {s:?}"))),
-        }
-    }
-
-    fn opt_uint(&self, node: &Node) -> Result<Option<u64>> {
-        match self.scalar(node)? {
-            None => Ok(None),
-            Some(s) => s
-                .parse::<u64>()
-                .map(Some)
-                .map_err(|_| self.err(node.line, format!("expected a whole number, got {s:?}"))),
-        }
-    }
-
-    fn opt_float(&self, node: &Node) -> Result<Option<f64>> {
-        match self.scalar(node)? {
-            None => Ok(None),
-            Some(s) => match s.parse::<f64>() {
-                Ok(v) if v > 0.0 && v.is_finite() => Ok(Some(v)),
-                _ => Err(self.err(node.line, format!("expected a positive number, got {s:?}"))),
-            },
-        }
-    }
-
-    /// `512M`, `2G`, `1048576`.
-    fn opt_bytes(&self, node: &Node) -> Result<Option<u64>> {
-        let Some(s) = self.scalar(node)? else {
-            return Ok(None);
-        };
-        let (num, mult) = match s.char_indices().last() {
-            Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-            Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-            Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-            _ => (s, 1),
-        };
-        num.parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(mult))
-            .map(Some)
-            .ok_or_else(|| {
-                self.err(
-                    node.line,
-                    format!("expected a size like 512M or 2G, got {s:?}"),
-                )
-            })
-    }
-
-    fn map<'n>(&self, node: &'n Node) -> Result<&'n Vec<(String, usize, Node)>> {
-        match &node.value {
-            Value::Map(e) => Ok(e),
-            _ => Err(self.err(
-                node.line,
-                format!("expected a mapping, got {}", node.kind()),
-            )),
-        }
-    }
-
-    fn str_list(&self, node: &Node) -> Result<Vec<String>> {
-        match &node.value {
-            Value::Seq(items) => items
-                .iter()
-                .map(|i| {
-                    self.scalar(i)?
-                        .map(str::to_owned)
-                        .ok_or_else(|| self.err(i.line, "empty list item".into()))
-                })
-                .collect(),
-            _ => Err(self.err(node.line, format!("expected a list, got {}", node.kind()))),
-        }
-    }
-
-    fn str_map(&self, node: &Node) -> Result<Vec<(String, String)>> {
-        self.map(node)?
-            .iter()
-            .map(|(k, l, v)| {
-                if !valid_env_name(k) {
-                    return Err(self.err(
-                        *l,
-                        format!("{k:?} is not a valid environment variable name"),
-                    ));
-                }
-                Ok((k.clone(), self.scalar(v)?.unwrap_or("").to_owned()))
-            })
-            .collect()
-    }
-}
-
-fn valid_env_name(k: &str) -> bool {
-    !k.is_empty()
-        && !k.starts_with(|c: char| c.is_ascii_digit())
-        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-fn unknown_key(key: &str, known: &[&str]) -> String {
-    match known
-        .iter()
-        .map(|k| (levenshtein(key, k), *k))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-    {
-        Some((_, k)) => format!("unknown key \"{key}\" (did you mean \"{k}\"?)"),
-        None => format!("unknown key \"{key}\" (known: {})", known.join(", ")),
-    }
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -583,6 +420,7 @@ report:
         assert!(msg("deadline: 10x\n")
             .starts_with("config /etc/tether/config.yml:1: key \"deadline\": invalid duration"));
         assert!(msg("slots: many\n").contains(":1: key \"slots\": expected a whole number"));
+        assert!(msg("slots: 4294967297\n").contains(":1: key \"slots\": 4294967297 is too large"));
         assert!(msg("run_env:\n  A: \"{run_dir}/{nope}\"\n")
             .contains(":2: run_env \"A\": unknown template variable {nope}"));
         assert!(msg("env:\n  allow: PATH\n").contains("key \"allow\": expected a list"));

@@ -48,6 +48,7 @@ struct Builder {
     stack: Vec<Frame>,
     root: Option<Node>,
     error: Option<(usize, String)>,
+    documents: usize,
 }
 
 impl Builder {
@@ -102,27 +103,56 @@ impl MarkedEventReceiver for Builder {
                 self.error
                     .get_or_insert((line, "anchors and aliases are not supported".into()));
             }
+            // A second document would be silently ignored by a one-document load.
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    self.error.get_or_insert((
+                        line,
+                        "a second YAML document starts here (---); tether reads one".into(),
+                    ));
+                }
+            }
             _ => {}
         }
     }
 }
 
-/// Parse one YAML document. `Ok(None)` for an empty file. Errors carry a 1-based line.
+/// Parse one YAML document. `Ok(None)` for an empty file (or a lone `---`). A leading byte
+/// order mark is allowed, as YAML allows it; a second document is an error. Errors carry a
+/// 1-based line.
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(text);
     parser
-        .load(&mut b, false)
+        .load(&mut b, true)
         .map_err(|e| (e.marker().line(), e.info().to_owned()))?;
     if let Some(err) = b.error {
         return Err(err);
     }
-    Ok(b.root)
+    // `---` alone is an empty document: the parser hands it over as a null scalar.
+    Ok(b.root
+        .filter(|n| !matches!(&n.value, Value::Scalar(t, false) if t == "~" || t.is_empty())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_document_a_bom_and_a_lone_marker() {
+        assert!(parse("---\n").expect("a lone ---").is_none());
+        assert!(parse("").expect("empty").is_none());
+        let n = parse("\u{feff}a: 1\n").expect("a BOM is allowed");
+        assert!(matches!(n, Some(Node { value: Value::Map(ref e), .. }) if e[0].0 == "a"));
+        let (line, msg) = parse("a: 1\n---\nb: 2\n").expect_err("two documents");
+        assert_eq!(line, 2, "{msg}");
+        assert!(msg.contains("second YAML document"), "{msg}");
+        assert!(parse("---\na: 1\n")
+            .expect("one explicit document")
+            .is_some());
+    }
 
     #[test]
     fn keeps_lines_and_quoting() {
