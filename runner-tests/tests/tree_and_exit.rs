@@ -149,7 +149,14 @@ fn argv0_is_as_typed(path: SpawnPath) {
     let core = run.wait_core_pid(TIMEOUT);
     let sleeper = runner_tests::wait_child_named(core, "sleep", TIMEOUT);
     sb.guard().pids(&[sleeper]);
-    let cmdline = fs::read(format!("/proc/{sleeper}/cmdline")).expect("read the command's cmdline");
+    // The kernel names the process at exec a moment before it lays out its arguments: an empty
+    // cmdline is "not there yet", polled for, bounded.
+    let cmdline = runner_tests::poll_some(TIMEOUT, || {
+        fs::read(format!("/proc/{sleeper}/cmdline"))
+            .ok()
+            .filter(|c| !c.is_empty())
+    })
+    .expect("the command's cmdline");
     run.signal(runner_tests::Signal::SIGTERM);
     let f = run.wait_exit(TIMEOUT);
     assert_eq!(
