@@ -252,6 +252,45 @@ fn cancel_older_never_signals_a_holder_of_another_group() {
     );
 }
 
+/// Issue 18: `--on-busy cancel-older` with no group (no `--group`, no CI run detected) cannot
+/// cancel anything; it says why, once, instead of waiting silently, and leaves the holder alone.
+#[test]
+fn cancel_older_without_a_group_says_why_once() {
+    let sb = Sandbox::new();
+    let app = "nogroup.example.org";
+    let (release, log) = (sb.mark("release"), sb.mark("log"));
+    let (a, b) = (rid(&sb, "a"), rid(&sb, "b"));
+    let mut ra = start_holder(&sb, app, &a, "A", &release, &log, &[]);
+
+    let mut rb = sb
+        .tether_run()
+        .app(app)
+        .run_id(&b)
+        .args(["--on-busy", "cancel-older"])
+        .env("TETHER_WAIT_PROGRESS_INTERVAL", "100ms")
+        .command(log_command(&log, "B"))
+        .spawn();
+    // Four waiting lines: B looked at the holder again and again, and said it once.
+    rb.wait_count(&format!("held by run {a} "), 4, TIMEOUT);
+    let why = "tether: warning: --on-busy cancel-older: this run has no group";
+    assert_eq!(count_lines(&rb.stderr_path, why), 1, "{}", rb.stderr());
+    assert!(ra.is_running(), "the holder was left alone");
+    // The holder's age comes from a whole-second stamp: it prints as `0s`, never `0ms`.
+    let stderr = rb.stderr();
+    let held: Vec<&str> = stderr.lines().filter(|l| l.contains("held by run")).collect();
+    assert!(
+        held.iter().all(|l| !l.contains("ms) —") && l.contains("s) —")),
+        "holder ages in whole seconds: {held:#?}"
+    );
+
+    touch(&release);
+    ra.wait_exit(TIMEOUT).assert_code(0);
+    let fb = rb.wait_exit(TIMEOUT);
+    fb.assert_code(0).assert_stderr_lacks("cancelling");
+    assert_eq!(fb.stderr_lines(why).len(), 1, "{fb}");
+    assert_eq!(log_lines(&log), ["td A exited", "ran B"], "{fb}");
+}
+
 /// SPEC §3.6: the default group comes from the CI environment (repo + PR): a second Drone build
 /// of the same PR cancels the first without any `--group`.
 #[test]

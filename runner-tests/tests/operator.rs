@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use runner_tests::is_root;
 use runner_tests::{
@@ -212,15 +213,23 @@ fn sigkilled_slot_holder_frees_its_slot_for_a_waiter() {
     );
 
     let take = format!(r#"echo "+slot $TETHER_SLOT $TETHER_RUN_ID" >> {logq}"#);
+    let summary_json = sb.mark("waiter-summary.json");
     let mut waiter = sb
         .tether_run()
         .app("slot-y.example.org")
         .run_id(&y)
-        .args(["--slots", "1"])
+        .args(["--slots", "1", "--summary-json"])
+        .arg(&summary_json)
+        .env("TETHER_WAIT_PROGRESS_INTERVAL", "100ms")
         .command(["sh", "-c", &take])
         .spawn();
-    waiter.wait_line("tether: all 1 slots busy — waiting", TIMEOUT);
+    let busy = "tether: the 1 slot is busy — waiting";
+    waiter.wait_line(busy, TIMEOUT);
+    let first_busy = Instant::now();
+    // Two more progress lines: the waiter has spent a measurable time on the slot alone.
+    waiter.wait_count(busy, 3, TIMEOUT);
     assert_eq!(count_lines(&log, &y), 0, "the waiter did not start");
+    let waited_at_least = first_busy.elapsed();
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(core),
@@ -228,7 +237,28 @@ fn sigkilled_slot_holder_frees_its_slot_for_a_waiter() {
     )
     .expect("SIGKILL the holder's core");
     wait_line(&log, &format!("+slot 00 {y}"), TIMEOUT);
-    waiter.wait_exit(TIMEOUT).assert_code(0);
+    let done = waiter.wait_exit(TIMEOUT);
+    done.assert_code(0)
+        .assert_stderr_contains("tether: slot 00 of 1 taken after ");
+    // The summary counts the slot wait: `lock_wait` is not the app lock's 0ms alone.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&summary_json).expect("the waiter's summary JSON"),
+    )
+    .expect("summary JSON parses");
+    let slot_wait = summary["slot_wait_ms"].as_u64().expect("slot_wait_ms");
+    let lock_wait = summary["lock_wait_ms"].as_u64().expect("lock_wait_ms");
+    assert!(
+        slot_wait >= waited_at_least.as_millis() as u64,
+        "slot_wait_ms {slot_wait} < the {waited_at_least:?} seen waiting\n{done}"
+    );
+    assert!(
+        lock_wait >= slot_wait,
+        "lock_wait_ms {lock_wait} leaves out the slot wait {slot_wait}\n{done}"
+    );
+    assert!(
+        done.summary_field("slot_wait").is_some(),
+        "the summary line shows slot_wait\n{done}"
+    );
     let _ = holder.try_wait_exit(TIMEOUT);
     // Leave nothing of the dead holder behind (run dir, cgroup): the janitor reaps it.
     let janitor = sb.tether_janitor().run();
@@ -270,7 +300,7 @@ fn lowering_the_slot_count_never_hands_out_a_slot_above_it() {
         r#"echo "+slot $TETHER_SLOT $TETHER_RUN_ID" >> {logq}; echo "-slot $TETHER_SLOT $TETHER_RUN_ID" >> {logq}"#
     );
     let mut rc = run("low-c.example.org", &c, "1", &take);
-    let busy = "tether: all 1 slots busy — waiting";
+    let busy = "tether: the 1 slot is busy — waiting";
     rc.wait_line(busy, TIMEOUT);
 
     // Slot 01 frees; C must still wait for slot 00.

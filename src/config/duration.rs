@@ -76,6 +76,16 @@ pub(crate) fn human(d: Duration) -> String {
     }
 }
 
+/// Human form of an age measured in whole seconds (a record's start stamp): `0s`, `45s`,
+/// `3m07s`, `2h05m` — never the `0ms` that `human` would make of a 0-second reading.
+pub(crate) fn human_secs(secs: u64) -> String {
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        human(Duration::from_secs(secs))
+    }
+}
+
 /// The canonical spec form of a configured duration (`60m` stays `60m`, `90s` stays `90s`).
 pub(crate) fn canonical(d: Duration) -> String {
     let ms = d.as_millis();
@@ -138,6 +148,10 @@ mod tests {
     #[test]
     fn prints_humanly_and_canonically() {
         assert_eq!(human(Duration::from_millis(12)), "12ms");
+        assert_eq!(human_secs(0), "0s");
+        assert_eq!(human_secs(45), "45s");
+        assert_eq!(human_secs(192), "3m12s");
+        assert_eq!(human_secs(7_500), "2h05m");
         assert_eq!(human(Duration::from_millis(4_200)), "4.2s");
         assert_eq!(human(Duration::from_secs(187)), "3m07s");
         assert_eq!(human(Duration::from_secs(7_500)), "2h05m");

@@ -148,6 +148,7 @@ mod tests {
             result: "passed".into(),
             exit: 0,
             lock_wait_ms: 1_200,
+            slot_wait_ms: None,
             runtime_ms: 187_000,
             teardown: "ok".into(),
             reason: "exited".into(),

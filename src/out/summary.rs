@@ -21,7 +21,11 @@ pub(crate) struct Summary {
     /// passed | failed | cancelled | deadline
     pub(crate) result: String,
     pub(crate) exit: i32,
+    /// All the time spent waiting to start: the app lock, and the host slot with `--slots`.
     pub(crate) lock_wait_ms: u64,
+    /// Of `lock_wait_ms`, the wait for a host slot; only with `--slots`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) slot_wait_ms: Option<u64>,
     pub(crate) runtime_ms: u64,
     /// ok | failed | none
     pub(crate) teardown: String,
@@ -32,8 +36,12 @@ pub(crate) struct Summary {
 
 impl Summary {
     pub(crate) fn line(&self) -> String {
+        let slot_wait = self
+            .slot_wait_ms
+            .map(|ms| format!(" slot_wait={}", human(Duration::from_millis(ms))))
+            .unwrap_or_default();
         format!(
-            "run {} summary: app={} result={} exit={} lock_wait={} runtime={} teardown={}",
+            "run {} summary: app={} result={} exit={} lock_wait={}{slot_wait} runtime={} teardown={}",
             self.run_id,
             self.app,
             self.result,
@@ -159,6 +167,7 @@ mod tests {
             result: "passed".into(),
             exit: 0,
             lock_wait_ms: 1,
+            slot_wait_ms: None,
             runtime_ms: 2,
             teardown: "none".into(),
             reason: "exited".into(),

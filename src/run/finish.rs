@@ -22,6 +22,7 @@ pub(super) struct Facts {
     app: String,
     ci: Option<CiInfo>,
     lock_wait: Duration,
+    slot_wait: Option<Duration>,
     runtime: Duration,
     result: &'static str,
     exit: i32,
@@ -37,6 +38,7 @@ impl Facts {
             app,
             ci,
             lock_wait: Duration::ZERO,
+            slot_wait: None,
             runtime: Duration::ZERO,
             result: "failed",
             exit: e.exit_code(),
@@ -53,6 +55,7 @@ impl Facts {
             result: self.result.into(),
             exit: self.exit,
             lock_wait_ms: self.lock_wait.as_millis() as u64,
+            slot_wait_ms: self.slot_wait.map(|d| d.as_millis() as u64),
             runtime_ms: self.runtime.as_millis() as u64,
             teardown: self.teardown.into(),
             reason: self.reason.into(),
@@ -90,7 +93,8 @@ impl Finished {
                 run_id: ctx.spec.run_id.to_string(),
                 app: ctx.spec.app.to_string(),
                 ci: ctx.ci(),
-                lock_wait: ctx.lock_wait.so_far(),
+                lock_wait: ctx.admission_wait(),
+                slot_wait: ctx.slot_wait(),
                 runtime,
                 result: cause.result(teardown_ok),
                 exit: cause.final_exit_code(teardown_ok),
@@ -184,7 +188,8 @@ impl Aborted {
                 run_id: ctx.spec.run_id.to_string(),
                 app: ctx.spec.app.to_string(),
                 ci: ctx.ci(),
-                lock_wait: ctx.lock_wait.so_far(),
+                lock_wait: ctx.admission_wait(),
+                slot_wait: ctx.slot_wait(),
                 runtime: Duration::ZERO,
                 result,
                 exit,
@@ -256,8 +261,9 @@ pub(super) fn log_ignored(events: &[Event]) {
 pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> String {
     match meta {
         Some(m) => {
-            let age = Duration::from_secs(record::unix_now().saturating_sub(m.started_at));
-            format!("run {} (pid {}, {})", m.run_id, m.pid, human(age))
+            // Start stamps are whole seconds: the age is too (`0s`, not `0ms`).
+            let age = record::unix_now().saturating_sub(m.started_at);
+            format!("run {} (pid {}, {})", m.run_id, m.pid, duration::human_secs(age))
         }
         None => match pid {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),

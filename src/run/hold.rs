@@ -45,7 +45,7 @@ impl Claimed {
             return Err(Aborted::from_ctx(ctx, stop));
         };
         // 7. Running: the app is ours.
-        ctx.record.lock_wait_ms = Some(ctx.lock_wait.so_far().as_millis() as u64);
+        ctx.record.lock_wait_ms = Some(ctx.admission_wait().as_millis() as u64);
         ctx.record.meta.state = State::Running;
         write_state(&mut dir, Some(&app_lock), &ctx.record);
         Ok(Held {
@@ -71,7 +71,10 @@ impl Claimed {
         super::check_funnel(sup, &self.ctx)?;
         // 6. A host slot, if slots are configured.
         if let Some(count) = self.ctx.spec.slots {
-            self.take_slot(count, sup)?;
+            self.ctx.slot_wait.start();
+            let taken = self.take_slot(count, sup);
+            self.ctx.slot_wait.stop();
+            taken?;
         }
         self.apply_limits();
         self.prepare_run_as_dirs()

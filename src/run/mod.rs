@@ -96,32 +96,45 @@ struct Ctx {
     app_locks: AppLocks,
     record: RunRecord,
     cgroup: Option<RunCgroup>,
-    lock_wait: LockWait,
+    /// Waiting for the app lock.
+    lock_wait: Stopwatch,
+    /// Waiting for a host slot (`--slots`), after the app lock.
+    slot_wait: Stopwatch,
 }
 
-/// Time spent waiting for the app lock, including a wait that was given up.
+/// Time spent in a wait, including one that was given up (still running when read).
 #[derive(Default)]
-struct LockWait {
+struct Stopwatch {
     since: Option<Instant>,
     total: Duration,
 }
 
-impl LockWait {
+impl Stopwatch {
     fn start(&mut self) {
         self.since = Some(Instant::now());
     }
 
     fn stop(&mut self) {
         if let Some(t) = self.since.take() {
-            self.total = t.elapsed();
+            self.total += t.elapsed();
         }
     }
 
     fn so_far(&self) -> Duration {
-        match self.since {
-            Some(t) => t.elapsed(),
-            None => self.total,
-        }
+        self.total + self.since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+}
+
+impl Ctx {
+    /// The summary's `lock_wait`: everything spent waiting to be let in — the app lock and,
+    /// with `--slots`, the host slot (a run that waited 1.5 s for a slot did not start at once).
+    fn admission_wait(&self) -> Duration {
+        self.lock_wait.so_far() + self.slot_wait.so_far()
+    }
+
+    /// The summary's `slot_wait`: only with `--slots`.
+    fn slot_wait(&self) -> Option<Duration> {
+        self.spec.slots.map(|_| self.slot_wait.so_far())
     }
 }
 
@@ -171,7 +184,8 @@ impl Ctx {
             runs_dir,
             record,
             cgroup: None,
-            lock_wait: LockWait::default(),
+            lock_wait: Stopwatch::default(),
+            slot_wait: Stopwatch::default(),
         }
     }
 

@@ -36,6 +36,7 @@ impl Claimed {
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
         let mut announced = false;
+        let mut said_no_group = false;
         loop {
             let busy = match locks.try_acquire(app) {
                 Ok(Attempt::Held(l)) => {
@@ -59,6 +60,15 @@ impl Claimed {
             }
             announce_waiting(app, &holder);
             announced = true;
+            if cancel_older && self.ctx.spec.group.is_none() && !said_no_group {
+                // Otherwise the policy waits silently, and the operator wonders why.
+                output::warn(
+                    "cancel-older",
+                    "--on-busy cancel-older: this run has no group (no --group, no CI run \
+                     detected) — nothing to cancel, waiting",
+                );
+                said_no_group = true;
+            }
             if cancel_older {
                 self.cancel_holder_if_same_group(busy.holder(), busy.holder_pid());
             }
@@ -111,11 +121,23 @@ impl Claimed {
     /// Step 6: the lowest free slot below `count`, waiting (visibly, interruptibly) while all
     /// are busy. Free slots are found by polling: a flock cannot wait for "any of N".
     pub(super) fn take_slot(&mut self, count: u32, sup: &mut Supervisor) -> Result<(), Stop> {
-        let mut next_progress = Instant::now();
+        let started = Instant::now();
+        let mut next_progress = started;
+        let mut waited = false;
         loop {
             match crate::state::slots::try_take(&self.ctx.lock_dir, count) {
                 Ok(Some(slot)) => {
-                    output::debug("slot", &format!("took slot {}", slot.label()));
+                    let after = if waited {
+                        format!(" after {}", duration::human(started.elapsed()))
+                    } else {
+                        String::new()
+                    };
+                    output::emit(
+                        output::Level::Info,
+                        "slot",
+                        &format!("slot {} of {count} taken{after}", slot.label()),
+                        &[("slot", slot.label().into()), ("slots", count.into())],
+                    );
                     let _ = record::write_meta(slot.lock.file(), &self.ctx.record.meta);
                     self.slot = Some(slot);
                     return Ok(());
@@ -124,11 +146,17 @@ impl Claimed {
                 Err(e) => return Err(Stop::Fail(Error::tether(format!("slot lock: {e}")))),
             }
             self.note_queued();
+            waited = true;
             if Instant::now() >= next_progress {
+                let busy = if count == 1 {
+                    "the 1 slot is busy — waiting".to_string()
+                } else {
+                    format!("all {count} slots busy — waiting")
+                };
                 output::emit(
                     output::Level::Info,
                     "slots-busy",
-                    &format!("all {count} slots busy — waiting"),
+                    &busy,
                     &[("slots", count.into())],
                 );
                 next_progress = Instant::now() + self.ctx.spec.wait_progress;
