@@ -7,7 +7,8 @@ use crate::config::args::ConfigArgs;
 use crate::out::status::StatusArgs;
 use crate::reap::cmd::{ForgetArgs, JanitorArgs};
 use crate::run::RunArgs;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
 
 #[derive(Debug, Parser)]
@@ -39,8 +40,15 @@ pub(crate) enum Command {
 
 /// Parse argv and run; returns the process exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
+    unset_empty_env_flags(&Cli::command());
+    let parsed = Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => {
+            note_env_sources(&mut cli, &matches);
+            cli
+        }
         Err(e) => {
             use clap::error::ErrorKind;
             let _ = e.print();
@@ -56,5 +64,29 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Status(args) => crate::out::status::main(args),
         Command::Config(args) => crate::config::args::main(args),
         Command::Forget(args) => crate::reap::cmd::forget(args),
+    }
+}
+
+/// A `TETHER_*` variable that backs a flag but is set to the empty string counts as unset, as
+/// `${VAR:-default}` would have it (`TETHER_CONFIG=` must not be "no file name given"). Runs
+/// first, while the process has one thread, so changing its environment is sound; the
+/// command inherits the same view.
+fn unset_empty_env_flags(cmd: &clap::Command) {
+    for arg in cmd.get_arguments() {
+        if let Some(name) = arg.get_env() {
+            if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                std::env::remove_var(name);
+            }
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        unset_empty_env_flags(sub);
+    }
+}
+
+/// Remember which values came from the environment, so an error can name the variable.
+fn note_env_sources(cli: &mut Cli, matches: &clap::ArgMatches) {
+    if let (Command::Run(args), Some(m)) = (&mut cli.command, matches.subcommand_matches("run")) {
+        args.run_id_from_env = m.value_source("run_id") == Some(ValueSource::EnvVariable);
     }
 }

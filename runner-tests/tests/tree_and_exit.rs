@@ -408,6 +408,48 @@ fn unparsable_duration_is_refused() {
     }
 }
 
+/// Issue 18: a `TETHER_RUN_ID` outside the id alphabet is refused naming the variable (the
+/// user never typed `--run-id`), and the run's summary line is still printed.
+#[test]
+fn invalid_run_id_from_the_environment_names_the_variable() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let before = snapshot(sb.path(), &["logs"]);
+    let f = sb
+        .tether_run()
+        .app("ok.example.org")
+        .env("TETHER_RUN_ID", "bb 1")
+        .command(touch_cmd(&m))
+        .timeout(Duration::from_secs(20))
+        .run();
+    assert_refusal(&sb, &f, before, &m, 125, "TETHER_RUN_ID: invalid run id \"bb 1\"");
+    assert_eq!(f.summary_field("result"), Some("failed"), "{f}");
+    assert_eq!(f.summary_field("exit"), Some("125"), "{f}");
+}
+
+/// Issue 18: `TETHER_CONFIG=` and `TETHER_RUN_ID=` (set, but empty) behave as unset: the
+/// default config, a derived run id — not "a value is required" or "invalid run id".
+#[test]
+fn empty_tether_variables_count_as_unset() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let f = sb
+        .tether_run()
+        .app("ok.example.org")
+        .env("TETHER_RUN_ID", "")
+        .env("TETHER_CONFIG", "")
+        .command(touch_cmd(&m))
+        .timeout(Duration::from_secs(20))
+        .run();
+    f.assert_code(0).assert_stderr_lacks("error");
+    assert!(m.exists(), "the command ran\n{f}");
+    let id = f.summary().and_then(|l| l.split_whitespace().nth(2));
+    assert!(
+        id.is_some_and(|id| id.starts_with("local-")),
+        "a derived run id: {id:?}\n{f}"
+    );
+}
+
 /// `tether run` with explicit dirs (not the sandbox's own ones).
 fn run_with_dirs<'a>(sb: &'a Sandbox, lock_dir: &Path, runs_dir: &Path, m: &Path) -> TetherCmd<'a> {
     sb.tether_run()

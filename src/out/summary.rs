@@ -42,8 +42,8 @@ impl Summary {
             .unwrap_or_default();
         format!(
             "run {} summary: app={} result={} exit={} lock_wait={}{slot_wait} runtime={} teardown={}",
-            self.run_id,
-            self.app,
+            word(&self.run_id),
+            word(&self.app),
             self.result,
             self.exit,
             human(Duration::from_millis(self.lock_wait_ms)),
@@ -78,6 +78,16 @@ impl Summary {
         let mut text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         text.push(b'\n');
         replace_file(path, &text)
+    }
+}
+
+/// A value as one word of the line: `-` for one that is empty or would split it (an app
+/// given as `"a b"` that failed validation; the JSON keeps the text as given).
+fn word(value: &str) -> &str {
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        "-"
+    } else {
+        value
     }
 }
 

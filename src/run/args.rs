@@ -15,6 +15,9 @@ pub(crate) struct RunArgs {
     /// Run id (default: derived from the CI environment, else local-<time>-<pid>).
     #[arg(long, env = "TETHER_RUN_ID")]
     pub(crate) run_id: Option<String>,
+    /// Whether `run_id` came from `TETHER_RUN_ID` (an error then names the variable).
+    #[arg(skip)]
+    pub(crate) run_id_from_env: bool,
     /// Tear down when this much time has passed since tether started (0 = never) [default: 60m].
     #[arg(long, value_parser = duration)]
     pub(crate) deadline: Option<Duration>,

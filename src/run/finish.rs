@@ -129,20 +129,18 @@ enum Ending {
     GaveUp {
         facts: Facts,
         summary_json: Option<PathBuf>,
-        /// Whether the summary line is printed (not for a plan that never resolved: only its
-        /// JSON is written, as there is no run to speak of).
-        line: bool,
     },
 }
 
 impl Aborted {
     /// The plan could not be made (bad arguments, config, dirs, command): exit 125/126/127.
+    /// The summary line is still printed — a CI log scraper finds every run's last word —
+    /// with `-` for the run id (there is none yet).
     pub(super) fn unplanned(app: String, summary_json: Option<PathBuf>, e: Error) -> Aborted {
         output::error(&e.message);
         Aborted(Box::new(Ending::GaveUp {
             facts: Facts::error("-".into(), app, None, &e),
             summary_json,
-            line: false,
         }))
     }
 
@@ -157,7 +155,6 @@ impl Aborted {
                 &e,
             ),
             summary_json: spec.summary_json,
-            line: true,
         }))
     }
 
@@ -197,7 +194,6 @@ impl Aborted {
                 reason,
             },
             summary_json: ctx.spec.summary_json,
-            line: true,
         }))
     }
 
@@ -207,15 +203,9 @@ impl Aborted {
             Ending::GaveUp {
                 facts,
                 summary_json,
-                line,
             } => {
                 let exit = facts.exit;
-                let summary = facts.summary();
-                if line {
-                    summary.publish(summary_json.as_deref());
-                } else if let Some(path) = summary_json {
-                    let _ = summary.write_json(&path);
-                }
+                facts.summary().publish(summary_json.as_deref());
                 exit
             }
         }

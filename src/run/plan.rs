@@ -79,7 +79,10 @@ impl Plan {
             (None, Some(ci)) => ci.default_run_id(),
             (None, None) => ci_env::local_run_id(record::unix_now(), std::process::id()),
         };
-        let run_id = RunId::parse(&run_id_text).map_err(Error::tether)?;
+        let run_id = RunId::parse(&run_id_text).map_err(|e| match args.run_id_from_env {
+            true => Error::tether(format!("TETHER_RUN_ID: {e}")),
+            false => Error::tether(e),
+        })?;
         let lock_place = settings.lock_dir(args.places.lock_dir);
         let runs_place = settings.runs_dir(args.places.runs_dir);
         let run_as = match &cfg.run_as {
