@@ -277,9 +277,13 @@ fn cancel_older_without_a_group_says_why_once() {
     assert!(ra.is_running(), "the holder was left alone");
     // The holder's age comes from a whole-second stamp: it prints as `0s`, never `0ms`.
     let stderr = rb.stderr();
-    let held: Vec<&str> = stderr.lines().filter(|l| l.contains("held by run")).collect();
+    let held: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("held by run"))
+        .collect();
     assert!(
-        held.iter().all(|l| !l.contains("ms) —") && l.contains("s) —")),
+        held.iter()
+            .all(|l| !l.contains("ms) —") && l.contains("s) —")),
         "holder ages in whole seconds: {held:#?}"
     );
 

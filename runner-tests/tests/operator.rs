@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use runner_tests::is_root;
 use runner_tests::{
@@ -621,6 +621,13 @@ fn config_errors_name_file_line_and_key_and_leave_nothing() {
             "bad-yaml.yml",
             "deadline: 10m\nenv: {allow: [PATH}\n".into(),
         ),
+        (
+            // The parser itself blames line 1 (the scalar `10m` runs on); the tab is on 2.
+            "a tab",
+            "bad-tab.yml:2: invalid YAML: a tab at column 1",
+            "bad-tab.yml",
+            "deadline: 10m\n\tgrace: 5s\n".into(),
+        ),
     ];
     let marker = sb.mark("ran");
     let mut report = String::new();
@@ -687,6 +694,38 @@ fn config_errors_name_file_line_and_key_and_leave_nothing() {
         .run();
     good.assert_code(0);
     assert_eq!(good.stdout.trim(), "config good.yml: ok", "{good}");
+}
+
+/// Issue 18: a config file that is not UTF-8 is named with its line and byte offset; one that
+/// is not a regular file (a FIFO nobody writes to) is refused at once instead of hanging.
+#[test]
+fn config_not_utf8_or_not_a_file_is_named_and_never_hangs() {
+    let sb = Sandbox::new();
+    let latin1 = sb.path().join("latin1.yml");
+    fs::write(&latin1, b"deadline: 10m\nteardown: \"caf\xe9\"\n").expect("write latin1.yml");
+    let fifo = sb.path().join("fifo.yml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .expect("mkfifo");
+    for (file, says) in [
+        (
+            "latin1.yml",
+            "config latin1.yml:2: not UTF-8: byte 0xe9 at offset 28 (save the file as UTF-8)",
+        ),
+        ("fifo.yml", "config fifo.yml: cannot read: not a regular file"),
+    ] {
+        let check = sb
+            .tether("config")
+            .no_sandbox_dirs()
+            .args(["check", file])
+            .timeout(Duration::from_secs(20))
+            .run();
+        check.assert_code(125);
+        assert_eq!(
+            check.stderr_lines("tether: error: "),
+            [format!("tether: error: {says}")],
+            "{check}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

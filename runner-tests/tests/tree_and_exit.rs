@@ -422,7 +422,14 @@ fn invalid_run_id_from_the_environment_names_the_variable() {
         .command(touch_cmd(&m))
         .timeout(Duration::from_secs(20))
         .run();
-    assert_refusal(&sb, &f, before, &m, 125, "TETHER_RUN_ID: invalid run id \"bb 1\"");
+    assert_refusal(
+        &sb,
+        &f,
+        before,
+        &m,
+        125,
+        "TETHER_RUN_ID: invalid run id \"bb 1\"",
+    );
     assert_eq!(f.summary_field("result"), Some("failed"), "{f}");
     assert_eq!(f.summary_field("exit"), Some("125"), "{f}");
 }

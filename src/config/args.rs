@@ -118,7 +118,7 @@ pub(crate) fn main(args: ConfigArgs) -> i32 {
         }
         ConfigAction::Show { config } => match super::load(config.as_deref()) {
             Ok(c) => {
-                crate::output::stdout(&super::settings::show(&c));
+                crate::output::stdout(&super::show::render(&c));
                 0
             }
             Err(e) => {

@@ -12,6 +12,7 @@ pub(crate) mod env;
 pub(crate) mod places;
 mod read;
 pub(crate) mod settings;
+mod show;
 pub(crate) mod yaml;
 
 use crate::error::{Error, Result};
@@ -144,11 +145,56 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Config> {
 }
 
 pub(crate) fn load_file(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::tether(format!("config {}: cannot read: {e}", path.display())))?;
-    let mut cfg = parse(&text, &path.display().to_string())?;
+    let name = path.display().to_string();
+    let bytes = read_regular(path)
+        .map_err(|e| Error::tether(format!("config {name}: cannot read: {e}")))?;
+    let text = utf8(&bytes)
+        .map_err(|(line, msg)| Error::tether(format!("config {name}:{line}: {msg}")))?;
+    let mut cfg = parse(text, &name)?;
     cfg.path = Some(path.to_owned());
     Ok(cfg)
+}
+
+/// A config file is small; anything bigger is not one.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Read a regular file, never blocking: a FIFO (or a device) named as the config is refused
+/// instead of hanging the run that opened it.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than a config file's {MAX_CONFIG_BYTES}",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The text, or where it stops being UTF-8: the 1-based line and the byte offset.
+fn utf8(bytes: &[u8]) -> std::result::Result<&str, (usize, String)> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        (
+            line,
+            format!(
+                "not UTF-8: byte 0x{:02x} at offset {at} (save the file as UTF-8)",
+                bytes[at]
+            ),
+        )
+    })
 }
 
 /// Parse config text; `name` is used in messages.

@@ -6,7 +6,6 @@
 
 use super::places::Place;
 use super::OnBusy;
-use crate::config::duration;
 use crate::config::Config;
 use crate::output::LogFormat;
 use std::path::PathBuf;
@@ -16,6 +15,9 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(60 * 60);
 pub(crate) const GRACE: Duration = Duration::from_secs(10);
 pub(crate) const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub(crate) const RETAIN_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
+/// The report's overall time budget and retry cap (`report.timeout`, `report.retries`).
+pub(crate) const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REPORT_RETRIES: u32 = 3;
 
 pub(crate) struct Settings<'a> {
     cfg: &'a Config,
@@ -67,172 +69,4 @@ impl<'a> Settings<'a> {
     pub(crate) fn log_format(&self, flag: Option<LogFormat>) -> LogFormat {
         flag.or(self.cfg.log_format).unwrap_or_default()
     }
-}
-
-/// `tether config show`: every key, its effective value (without flags), and its source.
-pub(crate) fn show(cfg: &Config) -> String {
-    fn line(out: &mut String, key: &str, value: String, source: &str) {
-        out.push_str(&format!("{key:<18} {value:<40} ({source})\n"));
-    }
-    let src = |set: bool, env: Option<&str>| -> String {
-        if env.is_some_and(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty())) {
-            format!("env {}", env.unwrap_or_default())
-        } else if set {
-            match &cfg.path {
-                Some(p) => format!("file {}", p.display()),
-                None => "file".into(),
-            }
-        } else {
-            "default".into()
-        }
-    };
-    let env_path = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    let mut out = String::new();
-    out.push_str(&format!(
-        "config file        {}\n",
-        cfg.path
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| format!(
-                "none ({} not present)",
-                crate::config::default_path().display()
-            ))
-    ));
-    let s = Settings::new(cfg);
-    line(
-        &mut out,
-        "lock_dir",
-        s.lock_dir(env_path("TETHER_LOCK_DIR"))
-            .preferred()
-            .display()
-            .to_string(),
-        &src(cfg.lock_dir.is_some(), Some("TETHER_LOCK_DIR")),
-    );
-    line(
-        &mut out,
-        "runs_dir",
-        s.runs_dir(env_path("TETHER_RUNS_DIR"))
-            .preferred()
-            .display()
-            .to_string(),
-        &src(cfg.runs_dir.is_some(), Some("TETHER_RUNS_DIR")),
-    );
-    let d = |v: Duration| duration::canonical(v);
-    line(
-        &mut out,
-        "deadline",
-        d(s.deadline(None)),
-        &src(cfg.deadline.is_some(), None),
-    );
-    line(
-        &mut out,
-        "grace",
-        d(s.grace(None)),
-        &src(cfg.grace.is_some(), None),
-    );
-    line(
-        &mut out,
-        "teardown_timeout",
-        d(s.teardown_timeout(None)),
-        &src(cfg.teardown_timeout.is_some(), None),
-    );
-    line(
-        &mut out,
-        "retain_failed",
-        d(s.retain_failed(None)),
-        &src(cfg.retain_failed.is_some(), None),
-    );
-    let on_busy = match s.on_busy(None) {
-        OnBusy::Wait => "wait",
-        OnBusy::Fail => "fail",
-        OnBusy::CancelOlder => "cancel-older",
-    };
-    line(
-        &mut out,
-        "on_busy",
-        on_busy.into(),
-        &src(cfg.on_busy.is_some(), None),
-    );
-    let lf = match s.log_format(None) {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
-    line(
-        &mut out,
-        "log_format",
-        lf.into(),
-        &src(cfg.log_format.is_some(), None),
-    );
-    line(
-        &mut out,
-        "agent_watch",
-        s.agent_watch(None).to_string(),
-        &src(cfg.agent_watch.is_some(), None),
-    );
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
-    line(
-        &mut out,
-        "slots",
-        cfg.slots
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| "none".into()),
-        &src(cfg.slots.is_some(), None),
-    );
-    line(
-        &mut out,
-        "setup",
-        opt(&cfg.setup),
-        &src(cfg.setup.is_some(), None),
-    );
-    line(
-        &mut out,
-        "teardown",
-        opt(&cfg.teardown),
-        &src(cfg.teardown.is_some(), None),
-    );
-    line(
-        &mut out,
-        "env.allow",
-        cfg.env_allow
-            .as_ref()
-            .map(|v| v.join(" "))
-            .unwrap_or_else(|| "(everything passes)".into()),
-        &src(cfg.env_allow.is_some(), None),
-    );
-    for (k, v) in &cfg.env_set {
-        line(
-            &mut out,
-            &format!("env.set.{k}"),
-            v.clone(),
-            &src(true, None),
-        );
-    }
-    for (k, v) in &cfg.run_env {
-        line(
-            &mut out,
-            &format!("run_env.{k}"),
-            v.clone(),
-            &src(true, None),
-        );
-    }
-    line(
-        &mut out,
-        "run_as",
-        cfg.run_as
-            .as_ref()
-            .map(|r| {
-                format!(
-                    "{}:{}",
-                    r.user,
-                    r.group.clone().unwrap_or_else(|| "-".into())
-                )
-            })
-            .unwrap_or_else(|| "none".into()),
-        &src(cfg.run_as.is_some(), None),
-    );
-    out
 }

@@ -127,13 +127,36 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, (usize, String)> {
     let mut parser = Parser::new_from_str(text);
     parser
         .load(&mut b, true)
-        .map_err(|e| (e.marker().line(), e.info().to_owned()))?;
+        .map_err(|e| blame_tab(text, e.marker().line(), e.info()))?;
     if let Some(err) = b.error {
         return Err(err);
     }
     // `---` alone is an empty document: the parser hands it over as a null scalar.
     Ok(b.root
         .filter(|n| !matches!(&n.value, Value::Scalar(t, false) if t == "~" || t.is_empty())))
+}
+
+/// A tab where YAML wants spaces makes the parser stop at the line *before* it now and then
+/// (a plain scalar runs on into the next line), with a message about the scalar. When the
+/// error's line or the next one has a tab outside quotes, name that line and the tab.
+fn blame_tab(text: &str, line: usize, msg: &str) -> (usize, String) {
+    let unquoted_tab = |l: &str| {
+        let before_quote = l.split(['"', '\'']).next().unwrap_or(l);
+        before_quote.find('\t')
+    };
+    for n in [line, line + 1] {
+        let Some(l) = n.checked_sub(1).and_then(|i| text.lines().nth(i)) else {
+            continue;
+        };
+        if let Some(col) = unquoted_tab(l) {
+            let msg = format!(
+                "a tab at column {}: YAML indents and separates with spaces ({msg})",
+                col + 1
+            );
+            return (n, msg);
+        }
+    }
+    (line, msg.to_owned())
 }
 
 #[cfg(test)]
@@ -171,6 +194,22 @@ mod tests {
         assert_eq!(items[1].value, Value::Scalar("y".into(), true));
         assert_eq!(items[1].line, 4);
         assert_eq!(entries[2].1, 5);
+    }
+
+    #[test]
+    fn a_tab_is_named_at_its_own_line() {
+        for (text, line) in [
+            ("deadline: 10m\n\tgrace: 5s\n", 2),
+            ("deadline: 10m\nenv:\n  allow:\n\t- A\n", 4),
+            ("deadline:\t10m\n", 1),
+        ] {
+            let (at, msg) = parse(text).expect_err("a tab");
+            assert_eq!(at, line, "{text:?}: {msg}");
+            assert!(msg.starts_with("a tab at column "), "{msg}");
+        }
+        // A tab inside quotes is text, not indentation: the parser's own message stands.
+        let (_, msg) = parse("a: \"x\ty\"\nb: [\n").expect_err("unclosed");
+        assert!(!msg.contains("a tab at"), "{msg}");
     }
 
     #[test]

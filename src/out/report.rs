@@ -7,14 +7,13 @@
 //! (blocking, no runtime, no threads — see DECISIONS.md).
 
 use crate::config::duration::human;
+use crate::config::settings::{REPORT_RETRIES, REPORT_TIMEOUT};
 use crate::config::{CommentReport, Report};
 use crate::ident::ci_env::CiInfo;
 use crate::out::summary::Summary;
 use crate::output;
 use std::time::{Duration, Instant};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_RETRIES: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The PR comment body: a short markdown table of the summary with the build link.
@@ -70,8 +69,8 @@ pub(crate) fn comment_target(
 
 /// Send everything configured. Never fails; logs one warning per failed target.
 pub(crate) fn publish(cfg: &Report, summary: &Summary) {
-    let budget = cfg.timeout.unwrap_or(DEFAULT_TIMEOUT);
-    let retries = cfg.retries.unwrap_or(DEFAULT_RETRIES);
+    let budget = cfg.timeout.unwrap_or(REPORT_TIMEOUT);
+    let retries = cfg.retries.unwrap_or(REPORT_RETRIES);
     let end = Instant::now() + budget;
     if let Some(c) = &cfg.comment {
         let token = std::env::var(&c.token_env).ok();

@@ -253,7 +253,12 @@ pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> Strin
         Some(m) => {
             // Start stamps are whole seconds: the age is too (`0s`, not `0ms`).
             let age = record::unix_now().saturating_sub(m.started_at);
-            format!("run {} (pid {}, {})", m.run_id, m.pid, duration::human_secs(age))
+            format!(
+                "run {} (pid {}, {})",
+                m.run_id,
+                m.pid,
+                duration::human_secs(age)
+            )
         }
         None => match pid {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
