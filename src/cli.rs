@@ -62,7 +62,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Run(args) => crate::run::run(args),
         Command::Janitor(args) => crate::reap::cmd::janitor(args),
         Command::Status(args) => crate::out::status::main(args),
-        Command::Config(args) => crate::config::args::main(args),
+        Command::Config(args) => crate::config::args::main(args, crate::ident::identity::check),
         Command::Forget(args) => crate::reap::cmd::forget(args),
     }
 }

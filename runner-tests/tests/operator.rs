@@ -704,14 +704,16 @@ fn config_not_utf8_or_not_a_file_is_named_and_never_hangs() {
     let latin1 = sb.path().join("latin1.yml");
     fs::write(&latin1, b"deadline: 10m\nteardown: \"caf\xe9\"\n").expect("write latin1.yml");
     let fifo = sb.path().join("fifo.yml");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .expect("mkfifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     for (file, says) in [
         (
             "latin1.yml",
             "config latin1.yml:2: not UTF-8: byte 0xe9 at offset 28 (save the file as UTF-8)",
         ),
-        ("fifo.yml", "config fifo.yml: cannot read: not a regular file"),
+        (
+            "fifo.yml",
+            "config fifo.yml: cannot read: not a regular file",
+        ),
     ] {
         let check = sb
             .tether("config")
@@ -980,6 +982,67 @@ fn run_as_under_a_non_root_tether_is_refused() {
     assert!(!marker.exists(), "the command ran");
     assert!(!dir.path().join("locks").exists(), "a lock dir was created");
     assert!(!dir.path().join("runs").exists(), "a runs dir was created");
+
+    // Issue 18: `config check` by the same non-root user says so ahead of time, as a warning
+    // (the file itself is fine; it is this user that cannot use it).
+    let out = std::process::Command::new(which("setpriv").expect("setpriv"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(tether_bin())
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .expect("running setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [format!(
+            "tether: warning: config {}: run_as user \"root\" needs tether to run as root (it runs as uid 65534)",
+            cfg.display()
+        )],
+    );
+}
+
+/// Issue 18: `config check` validates `run_as` as far as it can without running: a user or
+/// group that does not exist on this host is the error `tether run` would give (125).
+#[test]
+fn config_check_refuses_a_run_as_user_or_group_that_does_not_exist() {
+    let sb = Sandbox::new();
+    for (file, text, culprit) in [
+        (
+            "no-user.yml",
+            "run_as: {user: tether-no-such-user}\n",
+            "run_as user \"tether-no-such-user\" does not exist",
+        ),
+        (
+            "no-group.yml",
+            "run_as: {user: root, group: tether-no-such-group}\n",
+            "run_as group \"tether-no-such-group\" does not exist",
+        ),
+    ] {
+        write_config(&sb, file, text);
+        let check = sb
+            .tether("config")
+            .no_sandbox_dirs()
+            .args(["check", file])
+            .run();
+        check.assert_code(125);
+        assert_eq!(
+            check.stderr_lines("tether: "),
+            [format!("tether: error: config {file}: {culprit}")],
+            "{check}"
+        );
+    }
+    write_config(&sb, "ok.yml", "run_as: {user: root}\n");
+    let check = sb
+        .tether("config")
+        .no_sandbox_dirs()
+        .args(["check", "ok.yml"])
+        .run();
+    check.assert_code(0);
+    if is_root() {
+        assert_eq!(check.stderr, "", "root may use run_as: no warning\n{check}");
+    }
 }
 
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {

@@ -94,12 +94,35 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     super::duration::parse(text)
 }
 
+/// What `config check` asks of the layers above about `run_as` (does the user exist here?):
+/// `Ok(Some(warning))`, `Ok(None)` for fine, `Err` for a config `tether run` would refuse.
+pub(crate) type RunAsCheck = fn(&super::RunAs) -> crate::error::Result<Option<String>>;
+
 /// `tether config check|show`.
-pub(crate) fn main(args: ConfigArgs) -> i32 {
+pub(crate) fn main(args: ConfigArgs, check_run_as: RunAsCheck) -> i32 {
     match args.action {
         ConfigAction::Check { file, config } => {
             let path = file.or(config);
-            match super::load(path.as_deref()) {
+            let checked = super::load(path.as_deref()).and_then(|c| {
+                if let Some(ra) = &c.run_as {
+                    let name = c.path.as_ref().map(|p| p.display().to_string());
+                    let name = name.unwrap_or_default();
+                    match check_run_as(ra) {
+                        Ok(Some(w)) => {
+                            crate::output::warn("config", &format!("config {name}: {w}"))
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(crate::error::Error::tether(format!(
+                                "config {name}: {}",
+                                e.message
+                            )))
+                        }
+                    }
+                }
+                Ok(c)
+            });
+            match checked {
                 Ok(c) => {
                     match &c.path {
                         Some(p) => crate::output::stdout(&format!("config {}: ok\n", p.display())),

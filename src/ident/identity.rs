@@ -23,12 +23,28 @@ pub(crate) struct Identity {
 
 pub(crate) fn resolve(ra: &RunAs) -> Result<Identity> {
     if !crate::config::places::is_root() {
-        return Err(Error::tether(format!(
-            "run_as user {:?} needs tether to run as root (it runs as uid {})",
-            ra.user,
-            nix::unistd::geteuid()
-        )));
+        return Err(Error::tether(not_root(ra)));
     }
+    lookup(ra)
+}
+
+/// `tether config check`'s look at `run_as`: the user and group must exist (an error, as at
+/// run time); checked by a non-root user, a warning that `tether run` would refuse it here.
+pub(crate) fn check(ra: &RunAs) -> Result<Option<String>> {
+    lookup(ra)?;
+    Ok((!crate::config::places::is_root()).then(|| not_root(ra)))
+}
+
+fn not_root(ra: &RunAs) -> String {
+    format!(
+        "run_as user {:?} needs tether to run as root (it runs as uid {})",
+        ra.user,
+        nix::unistd::geteuid()
+    )
+}
+
+/// The user and group of `run_as`, as they exist on this host.
+fn lookup(ra: &RunAs) -> Result<Identity> {
     let user = User::from_name(&ra.user)
         .map_err(|e| Error::tether(format!("run_as user {:?}: {e}", ra.user)))?
         .ok_or_else(|| Error::tether(format!("run_as user {:?} does not exist", ra.user)))?;
