@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use runner_tests::{
-    helper_bin, lock_is_free, names, pid_alive, proc_info, rid, sh_wait_for, shell_quote, snapshot,
-    touch, wait_pids, Finished, Sandbox, TetherCmd, TIMEOUT,
+    helper_bin, lock_is_free, log_lines, names, pid_alive, proc_info, rid, sh_wait_for,
+    shell_quote, snapshot, touch, wait_pids, Finished, Sandbox, TetherCmd, TIMEOUT,
 };
 
 fn chmod(path: &Path, mode: u32) {
@@ -406,6 +406,31 @@ fn unparsable_duration_is_refused() {
             .command(touch_cmd(&m));
         assert_refused(&sb, cmd, &m, 125, value);
     }
+}
+
+/// README "What may surprise you": a failing `--setup` ends the run before the command, with
+/// the setup's status as tether's exit code, and the teardown still runs — once.
+#[test]
+fn setup_failure_exits_with_its_status_and_still_tears_down() {
+    let sb = Sandbox::new();
+    let m = sb.mark("ran");
+    let log = sb.mark("teardown.log");
+    let f = sb
+        .tether_run()
+        .app("setup-fails.example.org")
+        .args(["--setup", "exit 3"])
+        .teardown(format!(
+            "echo \"td $TETHER_REASON $TETHER_EXIT_CODE\" >> {}",
+            shell_quote(&log)
+        ))
+        .command(touch_cmd(&m))
+        .timeout(Duration::from_secs(20))
+        .run();
+    f.assert_code(3)
+        .assert_stderr_contains("setup command failed with status 3");
+    assert!(!m.exists(), "the command ran after a failed setup\n{f}");
+    assert_eq!(log_lines(&log), ["td exited 3"], "{f}");
+    assert_eq!(f.summary_field("exit"), Some("3"), "{f}");
 }
 
 /// Issue 18: a `TETHER_RUN_ID` outside the id alphabet is refused naming the variable (the
