@@ -4,6 +4,7 @@
 //! command's status); `--help` and `--version` exit 0.
 
 use crate::config::args::ConfigArgs;
+use crate::out::history::HistoryArgs;
 use crate::out::status::StatusArgs;
 use crate::reap::cmd::{ForgetArgs, JanitorArgs};
 use crate::run::RunArgs;
@@ -32,6 +33,8 @@ pub(crate) enum Command {
     Janitor(JanitorArgs),
     /// Show app locks (holders and waiters from the kernel), slots and run dirs.
     Status(StatusArgs),
+    /// Show finished runs from the journal, with per-app lock-wait and hold-time figures.
+    History(HistoryArgs),
     /// Validate or show the configuration.
     Config(ConfigArgs),
     /// Give up on a dead run whose reap keeps failing: remove its state, run nothing.
@@ -62,6 +65,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Run(args) => crate::run::run(args),
         Command::Janitor(args) => crate::reap::cmd::janitor(args),
         Command::Status(args) => crate::out::status::main(args),
+        Command::History(args) => crate::out::history::main(args),
         Command::Config(args) => crate::config::args::main(args, crate::ident::identity::check),
         Command::Forget(args) => crate::reap::cmd::forget(args),
     }

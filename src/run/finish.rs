@@ -9,9 +9,11 @@ use crate::config::duration::{self, human};
 use crate::error::Error;
 use crate::ident::ci_env::CiInfo;
 use crate::ident::names::Domain;
+use crate::out::history;
 use crate::out::summary::Summary;
 use crate::output;
 use crate::state::record::{self, LockMeta};
+use crate::sys::safe_fs::Dir;
 use crate::sys::signals::Event;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -64,9 +66,52 @@ impl Facts {
     }
 }
 
+/// The run's line in the journal (`out::history`), for a run that had a runs dir: what the
+/// summary does not say — its group, host, how long it held the app, what it reaped.
+struct Journal {
+    runs: Dir,
+    group: Option<String>,
+    host: String,
+    hold: Duration,
+    reaps: usize,
+}
+
+impl Journal {
+    fn of(ctx: &Ctx) -> Journal {
+        Journal {
+            runs: ctx.runs_dir.clone(),
+            group: ctx.spec.group.clone(),
+            host: ctx.record.meta.host.clone(),
+            hold: ctx.held_since.map_or(Duration::ZERO, |t| t.elapsed()),
+            reaps: ctx.reaps,
+        }
+    }
+
+    fn append(self, s: &Summary) {
+        let entry = history::Entry {
+            at: record::unix_now(),
+            run_id: s.run_id.clone(),
+            app: s.app.clone(),
+            group: self.group,
+            host: self.host,
+            result: s.result.clone(),
+            exit: s.exit,
+            reason: s.reason.clone(),
+            lock_wait_ms: s.lock_wait_ms,
+            slot_wait_ms: s.slot_wait_ms,
+            runtime_ms: s.runtime_ms,
+            hold_ms: self.hold.as_millis() as u64,
+            teardown: s.teardown.clone(),
+            reaps: self.reaps,
+        };
+        history::append(&self.runs, &entry);
+    }
+}
+
 /// A run that tore down (or, for a funnel event before it touched its app, gave up).
 pub(super) struct Finished {
     facts: Facts,
+    journal: Journal,
     summary_json: Option<PathBuf>,
     report: Option<crate::config::Report>,
 }
@@ -101,6 +146,7 @@ impl Finished {
                 teardown,
                 reason: cause.reason(),
             },
+            journal: Journal::of(ctx),
             summary_json: ctx.spec.summary_json.clone(),
             report: ctx.spec.report.clone(),
         }
@@ -111,6 +157,7 @@ impl Finished {
         let exit = self.facts.exit;
         let summary = self.facts.summary();
         summary.publish(self.summary_json.as_deref());
+        self.journal.append(&summary);
         // After teardown and after the exit code is fixed: reporting cannot change either.
         if let Some(r) = &self.report {
             crate::out::report::publish(r, &summary);
@@ -128,6 +175,8 @@ enum Ending {
     /// Busy, or tether's own failure.
     GaveUp {
         facts: Facts,
+        /// None when the run never had a runs dir to write it in.
+        journal: Option<Journal>,
         summary_json: Option<PathBuf>,
     },
 }
@@ -140,6 +189,7 @@ impl Aborted {
         output::error(&e.message);
         Aborted(Box::new(Ending::GaveUp {
             facts: Facts::error("-".into(), app, None, &e),
+            journal: None,
             summary_json,
         }))
     }
@@ -154,6 +204,7 @@ impl Aborted {
                 spec.ci.clone(),
                 &e,
             ),
+            journal: None,
             summary_json: spec.summary_json,
         }))
     }
@@ -193,6 +244,7 @@ impl Aborted {
                 teardown: "none",
                 reason,
             },
+            journal: Some(Journal::of(&ctx)),
             summary_json: ctx.spec.summary_json,
         }))
     }
@@ -202,10 +254,15 @@ impl Aborted {
             Ending::Event(finished) => finished.exit(),
             Ending::GaveUp {
                 facts,
+                journal,
                 summary_json,
             } => {
                 let exit = facts.exit;
-                facts.summary().publish(summary_json.as_deref());
+                let summary = facts.summary();
+                summary.publish(summary_json.as_deref());
+                if let Some(j) = journal {
+                    j.append(&summary);
+                }
                 exit
             }
         }

@@ -16,6 +16,7 @@ use crate::state::rundir::{self, RunDir};
 use crate::state::slots::Slot;
 use crate::sys::supervisor::Supervisor;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// A run that holds its app: lock metadata and record say `running`.
 pub(super) struct Held {
@@ -62,6 +63,7 @@ impl Claimed {
         let app = self.ctx.spec.app.clone();
         let lock = self.acquire(&app, true, sup)?;
         self.ctx.lock_wait.stop();
+        self.ctx.held_since = Some(Instant::now());
         self.app_lock = Some(lock);
         // 5. Reconcile.
         self.reconcile(sup)?;
@@ -107,13 +109,18 @@ impl Claimed {
         let own_id = self.ctx.spec.run_id.to_string();
         let mut reaper = self.reaper(sup);
         let mut result = Ok(());
+        let mut reaped = 0;
         if let Some(dead) = own_dead {
             result = reaper.reap(own_dead_run(dead, own_dir));
+            reaped += usize::from(result.is_ok());
         }
         if let (Ok(()), Some(lock)) = (&result, &self.app_lock) {
-            result = reaper.reconcile(&app, lock, Some(&own_id)).map(|_| ());
+            result = reaper
+                .reconcile(&app, lock, Some(&own_id))
+                .map(|n| reaped += n);
         }
         drop(reaper);
+        self.ctx.reaps += reaped;
         if let Err(e) = result {
             return Err(Stop::Fail(self.reap_failed(e)));
         }

@@ -100,6 +100,10 @@ struct Ctx {
     lock_wait: Stopwatch,
     /// Waiting for a host slot (`--slots`), after the app lock.
     slot_wait: Stopwatch,
+    /// When the app lock was taken (the journal's hold time).
+    held_since: Option<Instant>,
+    /// Dead runs this run reaped before its command.
+    reaps: usize,
 }
 
 /// Time spent in a wait, including one that was given up (still running when read).
@@ -186,6 +190,8 @@ impl Ctx {
             cgroup: None,
             lock_wait: Stopwatch::default(),
             slot_wait: Stopwatch::default(),
+            held_since: None,
+            reaps: 0,
         }
     }
 
