@@ -60,8 +60,8 @@ fn actions(v: &Vars, forge: Forge) -> CiInfo {
     let (system, run_in_link, query) = match forge {
         Forge::GitHub => ("github", build.clone(), ""),
         Forge::Forgejo => ("forgejo", v.get("GITHUB_RUN_NUMBER"), ""),
-        // Gitea 1.26 reads the number in `/actions/runs/<n>` as a run id first; `by_index=1`
-        // makes it the number there, and older versions (which only know numbers) ignore it.
+        // Gitea's newer routes (1.26 on) read `/actions/runs/<n>` as a run id first; `by_index=1`
+        // makes them read the number, and older versions (which only know numbers) ignore it.
         Forge::Gitea => ("gitea", v.get("GITHUB_RUN_NUMBER"), "?by_index=1"),
     };
     let link = match (v.get("GITHUB_SERVER_URL"), &repo, run_in_link) {
