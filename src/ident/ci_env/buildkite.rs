@@ -47,7 +47,7 @@ pub(super) fn buildkite(v: &Vars) -> Option<CiInfo> {
 
 #[cfg(test)]
 mod tests {
-    use crate::ident::ci_env::testing::{assert_valid, detect, h};
+    use crate::ident::ci_env::testing::{assert_valid, detect, detect_with, h};
     use crate::ident::ci_env::CiInfo;
     use std::collections::HashSet;
 
@@ -107,11 +107,7 @@ mod tests {
             ("BUILDKITE_PIPELINE_SLUG", "app"),
             ("BUILDKITE_BUILD_NUMBER", "9"),
         ];
-        let with = |extra: &[(&str, &str)]| {
-            let mut all = base.to_vec();
-            all.extend_from_slice(extra);
-            detect(&all).expect("buildkite")
-        };
+        let with = |extra: &[(&str, &str)]| detect_with(&base, extra).expect("buildkite");
 
         let push = with(&[
             ("BUILDKITE_PULL_REQUEST", "false"),

@@ -3,32 +3,62 @@
 
 use crate::ident::ci_env::info::{dotted, pr_number, CiInfo, Vars};
 
+/// The variables one system of the family names each field by.
+struct Names {
+    system: &'static str,
+    repo: &'static str,
+    build: &'static str,
+    /// `<stage>.<step>` (Drone), `<workflow>.<step>` (Woodpecker).
+    job: [&'static str; 2],
+    pr: &'static str,
+    branch: &'static str,
+    commit: &'static str,
+    link: &'static str,
+}
+
+const WOODPECKER: Names = Names {
+    system: "woodpecker",
+    repo: "CI_REPO",
+    build: "CI_PIPELINE_NUMBER",
+    job: ["CI_WORKFLOW_NUMBER", "CI_STEP_NUMBER"],
+    pr: "CI_COMMIT_PULL_REQUEST",
+    branch: "CI_COMMIT_BRANCH",
+    commit: "CI_COMMIT_SHA",
+    link: "CI_PIPELINE_URL",
+};
+
+const DRONE: Names = Names {
+    system: "drone",
+    repo: "DRONE_REPO",
+    build: "DRONE_BUILD_NUMBER",
+    job: ["DRONE_STAGE_NUMBER", "DRONE_STEP_NUMBER"],
+    pr: "DRONE_PULL_REQUEST",
+    branch: "DRONE_BRANCH",
+    commit: "DRONE_COMMIT_SHA",
+    link: "DRONE_BUILD_LINK",
+};
+
 /// Woodpecker: `CI=woodpecker`.
 pub(super) fn woodpecker(v: &Vars) -> Option<CiInfo> {
-    v.is("CI", "woodpecker").then(|| CiInfo {
-        system: "woodpecker".into(),
-        repo: v.get("CI_REPO"),
-        build: v.get("CI_PIPELINE_NUMBER"),
-        job: dotted(v.get("CI_WORKFLOW_NUMBER"), v.get("CI_STEP_NUMBER")),
-        pr: pr_number(v.get("CI_COMMIT_PULL_REQUEST")),
-        branch: v.get("CI_COMMIT_BRANCH"),
-        commit: v.get("CI_COMMIT_SHA"),
-        link: v.get("CI_PIPELINE_URL"),
-    })
+    v.is("CI", "woodpecker").then(|| read(v, &WOODPECKER))
 }
 
 /// Drone: `DRONE=true`.
 pub(super) fn drone(v: &Vars) -> Option<CiInfo> {
-    v.is("DRONE", "true").then(|| CiInfo {
-        system: "drone".into(),
-        repo: v.get("DRONE_REPO"),
-        build: v.get("DRONE_BUILD_NUMBER"),
-        job: dotted(v.get("DRONE_STAGE_NUMBER"), v.get("DRONE_STEP_NUMBER")),
-        pr: pr_number(v.get("DRONE_PULL_REQUEST")),
-        branch: v.get("DRONE_BRANCH"),
-        commit: v.get("DRONE_COMMIT_SHA"),
-        link: v.get("DRONE_BUILD_LINK"),
-    })
+    v.is("DRONE", "true").then(|| read(v, &DRONE))
+}
+
+fn read(v: &Vars, names: &Names) -> CiInfo {
+    CiInfo {
+        system: names.system.into(),
+        repo: v.get(names.repo),
+        build: v.get(names.build),
+        job: dotted(v.get(names.job[0]), v.get(names.job[1])),
+        pr: pr_number(v.get(names.pr)),
+        branch: v.get(names.branch),
+        commit: v.get(names.commit),
+        link: v.get(names.link),
+    }
 }
 
 #[cfg(test)]

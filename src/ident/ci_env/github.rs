@@ -85,7 +85,7 @@ fn actions(v: &Vars, forge: Forge) -> CiInfo {
 
 #[cfg(test)]
 mod tests {
-    use crate::ident::ci_env::testing::{assert_valid, detect, h};
+    use crate::ident::ci_env::testing::{assert_valid, detect, detect_with, h};
     use crate::ident::ci_env::CiInfo;
     use std::collections::HashSet;
 
@@ -195,43 +195,24 @@ mod tests {
 
     /// What a Forgejo runner sets for a pull request's run: its marker, Gitea's, GitHub's and
     /// the `GITHUB_*` variables, on its own server.
-    fn forgejo_pr(extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut pairs: Vec<(String, String)> = [
-            ("CI", "true"),
-            ("GITHUB_ACTIONS", "true"),
-            ("GITEA_ACTIONS", "true"),
-            ("FORGEJO_ACTIONS", "true"),
-            ("GITHUB_SERVER_URL", "https://code.example.org/"),
-            ("GITHUB_REPOSITORY", "coop/app"),
-            ("GITHUB_RUN_ID", "4711"),
-            ("GITHUB_RUN_NUMBER", "37"),
-            ("GITHUB_RUN_ATTEMPT", "1"),
-            ("GITHUB_JOB", "e2e"),
-            ("GITHUB_REF", "refs/pull/12/head"),
-            ("GITHUB_SHA", "feedface"),
-        ]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        // A later pair overrides an earlier one, as in an environment.
-        pairs.reverse();
-        let mut seen = HashSet::new();
-        pairs.retain(|(k, _)| seen.insert(k.clone()));
-        pairs
-    }
-
-    fn detect_owned(pairs: &[(String, String)]) -> Option<CiInfo> {
-        let borrowed: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        detect(&borrowed)
-    }
+    const FORGEJO_PR: [(&str, &str); 12] = [
+        ("CI", "true"),
+        ("GITHUB_ACTIONS", "true"),
+        ("GITEA_ACTIONS", "true"),
+        ("FORGEJO_ACTIONS", "true"),
+        ("GITHUB_SERVER_URL", "https://code.example.org/"),
+        ("GITHUB_REPOSITORY", "coop/app"),
+        ("GITHUB_RUN_ID", "4711"),
+        ("GITHUB_RUN_NUMBER", "37"),
+        ("GITHUB_RUN_ATTEMPT", "1"),
+        ("GITHUB_JOB", "e2e"),
+        ("GITHUB_REF", "refs/pull/12/head"),
+        ("GITHUB_SHA", "feedface"),
+    ];
 
     #[test]
     fn forgejo_pull_request_links_to_its_own_server_by_run_number() {
-        let ci = detect_owned(&forgejo_pr(&[])).expect("forgejo");
+        let ci = detect(&FORGEJO_PR).expect("forgejo");
         assert_eq!(
             ci,
             CiInfo {
@@ -253,12 +234,15 @@ mod tests {
 
     #[test]
     fn gitea_links_by_run_number_on_its_own_server() {
-        let pairs = forgejo_pr(&[
-            ("FORGEJO_ACTIONS", ""),
-            ("GITHUB_SERVER_URL", "https://gitea.example.org"),
-            ("GITHUB_REF", "refs/heads/main"),
-        ]);
-        let ci = detect_owned(&pairs).expect("gitea");
+        let ci = detect_with(
+            &FORGEJO_PR,
+            &[
+                ("FORGEJO_ACTIONS", ""),
+                ("GITHUB_SERVER_URL", "https://gitea.example.org"),
+                ("GITHUB_REF", "refs/heads/main"),
+            ],
+        )
+        .expect("gitea");
         assert_eq!(ci.system, "gitea");
         assert_eq!(
             ci.link.as_deref(),
@@ -299,14 +283,15 @@ mod tests {
     #[test]
     fn forgejo_attempts_jobs_and_systems_get_distinct_ids() {
         let id = |marker: &str, job: &str, attempt: &str| {
-            detect_owned(&forgejo_pr(&[
-                (
-                    "FORGEJO_ACTIONS",
-                    if marker == "forgejo" { "true" } else { "" },
-                ),
-                ("GITHUB_JOB", job),
-                ("GITHUB_RUN_ATTEMPT", attempt),
-            ]))
+            let forgejo = if marker == "forgejo" { "true" } else { "" };
+            detect_with(
+                &FORGEJO_PR,
+                &[
+                    ("FORGEJO_ACTIONS", forgejo),
+                    ("GITHUB_JOB", job),
+                    ("GITHUB_RUN_ATTEMPT", attempt),
+                ],
+            )
             .expect("detected")
             .default_run_id()
         };

@@ -48,7 +48,7 @@ pub(super) fn jenkins(v: &Vars) -> Option<CiInfo> {
 
 #[cfg(test)]
 mod tests {
-    use crate::ident::ci_env::testing::{assert_valid, detect, h};
+    use crate::ident::ci_env::testing::{assert_valid, detect, detect_with, h};
     use crate::ident::ci_env::CiInfo;
     use std::collections::HashSet;
 
@@ -98,11 +98,7 @@ mod tests {
     #[test]
     fn jenkins_branches_tags_and_plain_jobs() {
         let base = [("BUILD_TAG", "jenkins-x-1"), ("BUILD_NUMBER", "1")];
-        let with = |extra: &[(&str, &str)]| {
-            let mut all = base.to_vec();
-            all.extend_from_slice(extra);
-            detect(&all).expect("jenkins")
-        };
+        let with = |extra: &[(&str, &str)]| detect_with(&base, extra).expect("jenkins");
 
         let branch = with(&[
             ("JOB_NAME", "app/feature%2Fx"),
@@ -147,13 +143,15 @@ mod tests {
     #[test]
     fn jenkins_stages_branches_and_builds_get_distinct_ids() {
         let id = |job: &str, build: &str, stage: &str| {
-            let mut pairs = PR_BUILD.to_vec();
-            pairs.retain(|(k, _)| !matches!(*k, "JOB_NAME" | "BUILD_NUMBER" | "STAGE_NAME"));
-            pairs.extend_from_slice(&[("JOB_NAME", job), ("BUILD_NUMBER", build)]);
-            if !stage.is_empty() {
-                pairs.push(("STAGE_NAME", stage));
-            }
-            let id = detect(&pairs).expect("jenkins").default_run_id();
+            // An empty STAGE_NAME counts as absent.
+            let extra = [
+                ("JOB_NAME", job),
+                ("BUILD_NUMBER", build),
+                ("STAGE_NAME", stage),
+            ];
+            let id = detect_with(&PR_BUILD, &extra)
+                .expect("jenkins")
+                .default_run_id();
             assert_valid(&id);
             id
         };

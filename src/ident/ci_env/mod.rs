@@ -85,6 +85,13 @@ mod testing {
         CiInfo::detect(&move |k| map.get(k).cloned())
     }
 
+    /// [`detect`] on `base` and then `extra`: a key in `extra` overrides the same key in `base`,
+    /// as a later assignment does in an environment.
+    pub(super) fn detect_with(base: &[(&str, &str)], extra: &[(&str, &str)]) -> Option<CiInfo> {
+        let all: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+        detect(&all)
+    }
+
     pub(super) fn h(s: &str) -> String {
         format!("{:08x}", fnv1a32(s.as_bytes()))
     }
