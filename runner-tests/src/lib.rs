@@ -25,7 +25,8 @@
 //!   rename to `F`, see [`helper`]), so `wait_file(F)` then reading F never sees a partial file;
 //! - `pid_alive` is false for zombies, so "killed but not yet reaped by its parent" counts as dead;
 //! - commands started here never inherit the test's CI environment (`TETHER_*`, Drone,
-//!   Woodpecker, GitHub, GitLab variables are removed, see [`ci_vars`]) unless a test sets them.
+//!   Woodpecker, GitLab, GitHub, Forgejo, Gitea, Buildkite, Jenkins variables are removed, see
+//!   [`ci_vars`]) unless a test sets them.
 //!
 //! Environment facts to keep in mind:
 //! - fds the test process itself inherited without `FD_CLOEXEC` (from whatever started
@@ -282,22 +283,42 @@ pub fn shell_quote(s: impl AsRef<std::ffi::OsStr>) -> String {
 
 /// The names of this process's environment variables that a command started by the suite (or
 /// by the bench) must not inherit, as they would change what tether does: `TETHER_*`, `CI` and
-/// the CI-detection variables of SPEC §6.2 (Drone, Woodpecker, GitHub, GitLab). The one list
-/// of them.
+/// the CI-detection variables (Drone, Woodpecker, GitLab, GitHub, Forgejo, Gitea, Buildkite,
+/// Jenkins). The one list of them.
 pub fn ci_vars() -> Vec<OsString> {
-    const PREFIXES: [&str; 6] = [
+    const PREFIXES: [&str; 9] = [
         "TETHER_",
         "DRONE",
         "CI_",
         "GITHUB_",
         "GITLAB_",
         "WOODPECKER",
+        "FORGEJO_",
+        "GITEA_",
+        "BUILDKITE",
+    ];
+    // Jenkins's variables have no common prefix: those `ident::ci_env::jenkins` reads.
+    const JENKINS: [&str; 12] = [
+        "JENKINS_URL",
+        "BUILD_TAG",
+        "BUILD_NUMBER",
+        "BUILD_URL",
+        "JOB_NAME",
+        "STAGE_NAME",
+        "CHANGE_ID",
+        "CHANGE_TARGET",
+        "BRANCH_NAME",
+        "TAG_NAME",
+        "GIT_BRANCH",
+        "GIT_COMMIT",
     ];
     std::env::vars_os()
         .map(|(key, _)| key)
         .filter(|key| {
             let key = key.to_string_lossy();
-            key == "CI" || PREFIXES.iter().any(|p| key.starts_with(p))
+            key == "CI"
+                || JENKINS.contains(&key.as_ref())
+                || PREFIXES.iter().any(|p| key.starts_with(p))
         })
         .collect()
 }

@@ -889,8 +889,8 @@ struct Ci<'a> {
 
 /// SPEC §6.2: with a CI system's variables and no `--run-id`, the run id (run dir name and
 /// summary) contains the build number 267 and the repo slug; `run.json` records `ci` with the
-/// system, repo and PR; `--summary-json` carries the same `ci` object.
-fn ci_detected_end_to_end(make: impl FnOnce(&str) -> Ci<'static>) {
+/// system, repo and PR; `--summary-json` carries the same `ci` object, which is returned.
+fn ci_detected_end_to_end(make: impl FnOnce(&str) -> Ci<'static>) -> Value {
     let sb = Sandbox::new();
     let sfx = suffix(&sb);
     let ci = make(&sfx);
@@ -933,6 +933,7 @@ fn ci_detected_end_to_end(make: impl FnOnce(&str) -> Ci<'static>) {
         .expect("summary JSON parses");
     assert_eq!(summary["run_id"], id.as_str());
     assert_eq!(&summary["ci"], rec_ci, "the summary has the same ci object");
+    rec_ci.clone()
 }
 
 #[test]
@@ -1011,6 +1012,96 @@ fn gitlab_ci_is_detected_end_to_end() {
             ],
             repo,
             pr: "11",
+        }
+    });
+}
+
+/// A Forgejo runner sets its own marker, Gitea's and GitHub's: the run is Forgejo's, and its
+/// link points at the Forgejo server, by run number.
+#[test]
+fn forgejo_actions_is_detected_end_to_end() {
+    let ci = ci_detected_end_to_end(|sfx| {
+        let repo = format!("org/app-{sfx}");
+        Ci {
+            system: "forgejo",
+            vars: vec![
+                ("FORGEJO_ACTIONS", "true".into()),
+                ("GITEA_ACTIONS", "true".into()),
+                ("GITHUB_ACTIONS", "true".into()),
+                ("GITHUB_SERVER_URL", "https://code.example.org".into()),
+                ("GITHUB_REPOSITORY", repo.clone()),
+                ("GITHUB_RUN_ID", "267".into()),
+                ("GITHUB_RUN_NUMBER", "31".into()),
+                ("GITHUB_RUN_ATTEMPT", "1".into()),
+                ("GITHUB_JOB", "test".into()),
+                ("GITHUB_REF", "refs/pull/10/head".into()),
+            ],
+            repo,
+            pr: "10",
+        }
+    });
+    let link = ci["link"].as_str().unwrap_or_default();
+    assert!(
+        link.starts_with("https://code.example.org/org/app-") && link.ends_with("/actions/runs/31"),
+        "{ci:#}"
+    );
+}
+
+#[test]
+fn gitea_actions_is_detected_end_to_end() {
+    ci_detected_end_to_end(|sfx| {
+        let repo = format!("org/app-{sfx}");
+        Ci {
+            system: "gitea",
+            vars: vec![
+                ("GITEA_ACTIONS", "true".into()),
+                ("GITHUB_ACTIONS", "true".into()),
+                ("GITHUB_REPOSITORY", repo.clone()),
+                ("GITHUB_RUN_ID", "267".into()),
+                ("GITHUB_JOB", "test".into()),
+                ("GITHUB_REF", "refs/pull/12/head".into()),
+            ],
+            repo,
+            pr: "12",
+        }
+    });
+}
+
+#[test]
+fn buildkite_is_detected_end_to_end() {
+    ci_detected_end_to_end(|sfx| Ci {
+        system: "buildkite",
+        vars: vec![
+            ("BUILDKITE", "true".into()),
+            ("BUILDKITE_ORGANIZATION_SLUG", "org".into()),
+            ("BUILDKITE_PIPELINE_SLUG", format!("app-{sfx}")),
+            ("BUILDKITE_BUILD_NUMBER", "267".into()),
+            (
+                "BUILDKITE_JOB_ID",
+                "0190f3c2-5d8e-4a7b-9c1d-2e3f4a5b6c7d".into(),
+            ),
+            ("BUILDKITE_PULL_REQUEST", "13".into()),
+        ],
+        repo: format!("org/app-{sfx}"),
+        pr: "13",
+    });
+}
+
+#[test]
+fn jenkins_is_detected_end_to_end() {
+    ci_detected_end_to_end(|sfx| {
+        let repo = format!("org/app-{sfx}");
+        Ci {
+            system: "jenkins",
+            vars: vec![
+                ("BUILD_TAG", format!("jenkins-org-app-{sfx}-267")),
+                ("JOB_NAME", repo.clone()),
+                ("BUILD_NUMBER", "267".into()),
+                ("STAGE_NAME", "e2e".into()),
+                ("CHANGE_ID", "14".into()),
+            ],
+            repo,
+            pr: "14",
         }
     });
 }
