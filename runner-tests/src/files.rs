@@ -31,6 +31,18 @@ pub fn log_lines(path: &Path) -> Vec<String> {
     text[..end].lines().map(str::to_owned).collect()
 }
 
+/// The run journal's files, which live in the runs dir beside the run dirs (issue 17).
+pub const JOURNAL_FILES: &[&str] = &[".history.jsonl", ".history.jsonl.1"];
+
+/// The run dirs (and anything else left) in a runs dir, sorted: its entries without the run
+/// journal, which every finished run appends to by design.
+pub fn run_dirs(runs_dir: &Path) -> Vec<String> {
+    names(runs_dir)
+        .into_iter()
+        .filter(|n| !JOURNAL_FILES.contains(&n.as_str()))
+        .collect()
+}
+
 /// Names in a directory, sorted (a missing directory has none).
 pub fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)

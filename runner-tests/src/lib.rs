@@ -64,7 +64,8 @@ use std::time::Duration;
 pub use agent::{FakeAgent, FakeAgentCmd};
 pub use command::{Finished, RunningTether, TetherCmd};
 pub use files::{
-    log_lines, names, rid, sh_wait_for, snapshot, suffix, touch, wait_holder_pid, write_config,
+    log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch, wait_holder_pid,
+    write_config,
 };
 pub use held::{start_held_run, HeldRun};
 pub use locks::{

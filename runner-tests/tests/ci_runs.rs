@@ -23,9 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    count_lines, log_lines, names, rid, sh_wait_for, shell_quote, start_held_run, suffix, touch,
-    wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox,
-    TetherCmd, TIMEOUT,
+    count_lines, log_lines, names, rid, run_dirs, sh_wait_for, shell_quote, start_held_run, suffix,
+    touch, wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether,
+    Sandbox, TetherCmd, TIMEOUT,
 };
 use serde_json::Value;
 
@@ -326,7 +326,7 @@ fn cancel_older_default_group_comes_from_the_ci_environment() {
         .command(["sh", "-c", &script]);
     let mut r1 = first.spawn();
     wait_file(&started, TIMEOUT);
-    let runs = names(&sb.runs_dir());
+    let runs = run_dirs(&sb.runs_dir());
     assert_eq!(runs.len(), 1, "{runs:?}");
     let first_id = runs[0].clone();
     wait_holder_pid(&sb, app, &first_id);
@@ -908,7 +908,7 @@ fn ci_detected_end_to_end(make: impl FnOnce(&str) -> Ci<'static>) -> Value {
     let f = cmd.run();
     f.assert_code(0);
 
-    let runs = names(&sb.runs_dir());
+    let runs = run_dirs(&sb.runs_dir());
     assert_eq!(runs.len(), 1, "one kept run dir: {runs:?}\n{f}");
     let id = &runs[0];
     let slug = ci.repo.replace('/', "-");

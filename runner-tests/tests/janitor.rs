@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 use runner_tests::{
-    helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, sh_wait_for,
+    helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, run_dirs, sh_wait_for,
     shell_quote, snapshot, start_held_run, start_lock_holder, suffix, touch, wait_file, wait_line,
     wait_pids, wait_until, Finished, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
 };
@@ -371,7 +371,7 @@ fn dead_holder_is_reaped_exactly_once(extra_env: &[(&str, &str)]) {
     assert_eq!(count(&again, "live"), 0, "{again}");
     assert_eq!(log_lines(&log).len(), 1, "no second teardown");
     assert_eq!(snapshot(&sb.lock_dir(), &[]), before);
-    assert_eq!(names(&sb.runs_dir()), Vec::<String>::new());
+    assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
     sb.wait_no_leftovers(TIMEOUT);
 }
 
@@ -779,7 +779,7 @@ fn dead_run_is_reaped_from_its_record_after_the_lock_dir_is_wiped() {
         Vec::<String>::new(),
         "no lockfile left behind"
     );
-    assert_eq!(names(&sb.runs_dir()), Vec::<String>::new());
+    assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
 
     let again = janitor(&sb).run();
     again.assert_code(0);

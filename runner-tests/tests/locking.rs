@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use runner_tests::{
     flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
-    read_fd_listing, rid, sh_wait_for, shell_quote, snapshot, start_held_run, touch, wait_all_gone,
-    wait_file, wait_flock_waiters, wait_holder_pid, wait_line, wait_pids, wait_until, Finished,
-    RunningTether, Sandbox, Signal, TIMEOUT,
+    read_fd_listing, rid, run_dirs, sh_wait_for, shell_quote, snapshot, start_held_run, touch,
+    wait_all_gone, wait_file, wait_flock_waiters, wait_holder_pid, wait_line, wait_pids,
+    wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
 };
 
 /// The `pid` of run `id`'s record once its state is `state`.
@@ -277,7 +277,7 @@ fn waiting_run_never_touches_the_holders_run_dir() {
     touch(&release);
     holder.wait_exit(TIMEOUT).assert_code(0);
     waiter.wait_exit(TIMEOUT).assert_code(0);
-    assert_eq!(names(&sb.runs_dir()), Vec::<String>::new());
+    assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
 }
 
 /// SPEC §3.1 step 3, §3.4: a second run with the id of a live run is refused with the first's
@@ -459,7 +459,7 @@ fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
         !sb.run_dir(&timeout_id).exists(),
         "--lock-timeout left its run dir\n{f}"
     );
-    assert_eq!(names(&sb.runs_dir()), std::slice::from_ref(&holder_id));
+    assert_eq!(run_dirs(&sb.runs_dir()), std::slice::from_ref(&holder_id));
     assert_eq!(names(&sb.lock_dir()), [format!("app-{app}.lock")]);
 
     assert!(holder.is_running(), "the holder was left alone");

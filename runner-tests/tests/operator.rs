@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use runner_tests::is_root;
 use runner_tests::{
-    count_lines, flock_holders, log_lines, names, rid, sh_wait_for, shell_quote, tether_bin, touch,
-    wait_count, wait_file, wait_line, wait_until, write_config, Finished, RunningTether, Sandbox,
-    TempUser, TIMEOUT,
+    count_lines, flock_holders, log_lines, names, rid, run_dirs, sh_wait_for, shell_quote,
+    tether_bin, touch, wait_count, wait_file, wait_line, wait_until, write_config, Finished,
+    RunningTether, Sandbox, TempUser, TIMEOUT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -561,7 +561,10 @@ fn run_as_unknown_user_is_refused_and_leaves_nothing() {
         .run();
     f.assert_code(125).assert_stderr_contains(&ghost);
     assert!(!marker.exists(), "the command ran\n{f}");
-    assert!(names(&sb.runs_dir()).is_empty(), "a run dir was left\n{f}");
+    assert!(
+        run_dirs(&sb.runs_dir()).is_empty(),
+        "a run dir was left\n{f}"
+    );
     assert!(names(&sb.lock_dir()).is_empty(), "a lockfile was left\n{f}");
 }
 
@@ -678,7 +681,7 @@ fn config_errors_name_file_line_and_key_and_leave_nothing() {
     }
     insta::assert_snapshot!("config_errors", report);
 
-    assert!(names(&sb.runs_dir()).is_empty(), "no run dir was left");
+    assert!(run_dirs(&sb.runs_dir()).is_empty(), "no run dir was left");
     assert!(names(&sb.lock_dir()).is_empty(), "no lockfile was left");
     assert!(!never.exists(), "the bad file's lock_dir was not created");
 

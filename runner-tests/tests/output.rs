@@ -236,7 +236,7 @@ fn summary_json_in_a_missing_dir_is_refused_before_anything_starts() {
         assert!(!ran.exists(), "{what}: the command ran\n{f}");
         assert!(!torn_down.exists(), "{what}: a teardown ran\n{f}");
         assert!(names(&sb.lock_dir()).is_empty(), "{what}: {f}");
-        assert!(names(&sb.runs_dir()).is_empty(), "{what}: {f}");
+        assert!(run_dirs(&sb.runs_dir()).is_empty(), "{what}: {f}");
         assert!(
             !sb.path().join("state").exists(),
             "{what}: state dirs made\n{f}"

@@ -507,13 +507,7 @@ fn soak_runs_kills_and_janitor() {
     if !lockfiles.is_empty() {
         problems.push(format!("lock dir not empty: {lockfiles:?}"));
     }
-    let run_dirs: Vec<String> = fs::read_dir(sb.runs_dir())
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let run_dirs = runner_tests::run_dirs(&sb.runs_dir());
     if !run_dirs.is_empty() {
         problems.push(format!("runs dir not empty: {run_dirs:?}"));
     }
