@@ -1523,10 +1523,18 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         .as_array()
         .and_then(|a| a.iter().find(|e| e["app"] == "other.example.org"))
         .unwrap_or_else(|| panic!("no app entry for the dead run's app: {st:#}"));
+    // The dead run's app: free in the kernel, its metadata still `running` — a dead holder.
     assert_eq!(
-        (&other["held"], &other["waiters"]),
-        (&json!(false), &json!(0))
+        (
+            &other["held"],
+            &other["waiters"],
+            &other["status"],
+            &other["reap_pending"]
+        ),
+        (&json!(false), &json!(0), &json!("dead"), &json!(true)),
+        "{st:#}"
     );
+    assert_eq!(app_entry["status"], "held", "{st:#}");
 
     let run = |id: &str| -> Value {
         st["runs"]
@@ -1556,12 +1564,23 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     // The text form says the same.
     let text = sb.tether_status().run();
     text.assert_code(0);
-    assert!(
+    let row = |name: &str| -> Vec<String> {
         text.stdout
             .lines()
-            .any(|l| l.contains(app) && l.contains("held") && l.contains("waiters=2")),
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|cells| cells.first().map(String::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}\n{text}"))
+    };
+    // APP LOCK RUN PID WAITERS AGE RECORD [NOTE]
+    let held = row(app);
+    assert_eq!(
+        (&held[1][..], &held[2], &held[3], &held[4][..]),
+        ("held", &hid, &holder.core.to_string(), "2"),
         "{text}"
     );
+    let dead_row = row("other.example.org");
+    assert_eq!(&dead_row[1], "dead", "{text}");
+    assert!(dead_row.join(" ").contains("reap pending"), "{text}");
     assert_eq!(table(&lock), locks_before);
 
     touch(&release);
