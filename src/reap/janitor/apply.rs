@@ -245,6 +245,12 @@ impl Sweep<'_, '_> {
                 if held.meta().is_none_or(|m| m.state == State::Clean) {
                     let _ = held.unlink();
                 }
+                if !self.reaper.has_reaped(name) {
+                    // Its record turned unclean after this sweep read the runs dir.
+                    e.action = "skipped";
+                    e.detail =
+                        Some("not among its app's dead runs yet: left to the next sweep".into());
+                }
             }
             Err(failed) => {
                 e.action = "failed";
