@@ -18,6 +18,26 @@ pub fn rid(sb: &Sandbox, name: &str) -> String {
     format!("{name}-{}", suffix(sb))
 }
 
+/// Make `path` (not followed if a symlink) look `secs` old: its access and modification times
+/// set that far back. A janitor judges a record's retention and a cgroup's `--orphan-age` by
+/// the mtime, so a test ages an item without waiting.
+pub fn backdate(path: &Path, secs: i64) {
+    use nix::sys::time::TimeSpec;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let then = TimeSpec::new(now - secs, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &then,
+        &then,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap_or_else(|e| panic!("backdating {}: {e}", path.display()));
+}
+
 /// Create an empty marker file.
 pub fn touch(path: &Path) {
     fs::write(path, b"").unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));

@@ -64,8 +64,8 @@ use std::time::Duration;
 pub use agent::{FakeAgent, FakeAgentCmd};
 pub use command::{Finished, RunningTether, TetherCmd};
 pub use files::{
-    log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch, wait_holder_pid,
-    write_config,
+    backdate, log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch,
+    wait_holder_pid, write_config,
 };
 pub use held::{start_held_run, HeldRun};
 pub use locks::{
@@ -80,7 +80,7 @@ pub use procs::{
 };
 pub use sandbox::Sandbox;
 pub use shell::{StepShell, StepShellCmd};
-pub use users::{is_root, TempUser};
+pub use users::{cgroup2_writable, is_root, TempUser};
 pub use wait::{
     count_lines, poll_some, poll_some_every, poll_until, read_json, read_pids, wait_count,
     wait_file, wait_line, wait_pids, wait_some, wait_until,

@@ -23,6 +23,13 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether this process can make and own cgroups (root, with cgroup2 mounted): runs then get
+/// a cgroup each; tests that need one print `SKIPPED (needs root and cgroup2): …` otherwise.
+pub fn cgroup2_writable() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| t.contains(" - cgroup2 "))
+        && is_root()
+}
+
 impl TempUser {
     /// A user without a home directory.
     pub fn create() -> TempUser {

@@ -23,9 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    count_lines, log_lines, names, rid, run_dirs, sh_wait_for, shell_quote, start_held_run, suffix,
-    touch, wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether,
-    Sandbox, TetherCmd, TIMEOUT,
+    count_lines, log_lines, rid, run_dirs, sh_wait_for, shell_quote, start_held_run, suffix, touch,
+    wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox,
+    TetherCmd, TIMEOUT,
 };
 use serde_json::Value;
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runner_tests::{
-    helper_bin, log_lines, pid_alive, poll_pid_gone, rid, sh_wait_for, shell_quote, touch,
-    wait_file, wait_holder_pid, wait_pids, Sandbox, TetherCmd, TIMEOUT,
+    backdate, cgroup2_writable, helper_bin, log_lines, pid_alive, poll_pid_gone, rid, sh_wait_for,
+    shell_quote, touch, wait_file, wait_holder_pid, wait_pids, Sandbox, TetherCmd, TIMEOUT,
 };
 
 /// `echo "$TETHER_REASON $TETHER_RUN_ID ${TETHER_APP-none}" >> log`.
@@ -44,25 +44,6 @@ fn run_cmd<'a>(sb: &'a Sandbox, app: &str, id: &str, cgroup: bool) -> TetherCmd<
 /// reach: `FIXTURE_ORPHAN_AGE`).
 fn janitor(sb: &Sandbox) -> TetherCmd<'_> {
     sb.tether_janitor().args(["--grace", "1s"])
-}
-
-/// Make a cgroup look `secs` old to the janitor's `--orphan-age` (its directory's mtime):
-/// only this test's orphan qualifies, never another test's young one.
-fn backdate(path: &Path, secs: i64) {
-    use nix::sys::time::TimeSpec;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default();
-    let then = TimeSpec::new(now - secs, 0);
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        &then,
-        &then,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap_or_else(|e| panic!("backdating {}: {e}", path.display()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,11 +246,6 @@ fn empty_record_and_wiped_lock_dir(cgroup: bool) {
     if let Some(cg) = cg {
         assert!(!Path::new(&cg).exists(), "its cgroup {cg} stays\n{j}");
     }
-}
-
-fn cgroup2_writable() -> bool {
-    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| t.contains(" - cgroup2 "))
-        && nix::unistd::geteuid().is_root()
 }
 
 #[test]

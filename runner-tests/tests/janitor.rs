@@ -25,9 +25,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 use runner_tests::{
-    helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, run_dirs, sh_wait_for,
-    shell_quote, snapshot, start_held_run, start_lock_holder, suffix, touch, wait_file, wait_line,
-    wait_pids, wait_until, Finished, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    backdate, helper_bin, log_lines, names, pid_alive, poll_all_gone, poll_until, rid, run_dirs,
+    sh_wait_for, shell_quote, snapshot, start_held_run, start_lock_holder, suffix, touch,
+    wait_file, wait_line, wait_pids, wait_until, Finished, HeldRun, RunningTether, Sandbox, Signal,
+    TetherCmd, TIMEOUT,
 };
 use serde_json::{json, Value};
 
@@ -323,6 +324,18 @@ fn start_live_run(sb: &Sandbox, app: &str, id: &str, release: &Path, teardown: &
         .unwrap_or_default() as i32;
     assert_eq!(recorded, live.core, "the run record names the core");
     live
+}
+
+/// A run of `true` (with `extra` arguments) that passes: it leaves a clean lockfile, and with
+/// `--keep-run-dir` its run dir.
+fn finished_run(sb: &Sandbox, app: &str, id: &str, extra: &[&str]) {
+    sb.tether_run()
+        .app(app)
+        .run_id(id)
+        .args(extra)
+        .command(["true"])
+        .run()
+        .assert_code(0);
 }
 
 fn unix_now() -> u64 {
@@ -1083,15 +1096,18 @@ fn dry_run_changes_nothing() {
         (&e["action"], &e["pid"]),
         (&json!("live"), &json!(live.core))
     );
-    assert_eq!(entry(&rep, &dead_id)["action"], "would-reap");
-    assert!(
-        rep["entries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|e| e["name"] != live_id.as_str()),
-        "the live run dir is not a candidate: {rep:#}"
-    );
+    // The dead run is listed once, by its lockfile: its run dir goes with it. The live run's
+    // dir is not a candidate.
+    for unlisted in [&dead_id, &live_id] {
+        assert!(
+            rep["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| e["name"] != unlisted.as_str()),
+            "{unlisted} is listed: {rep:#}"
+        );
+    }
     f.assert_stderr_lacks("reaping dead run");
     assert_eq!(
         (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
@@ -1126,6 +1142,188 @@ fn dry_run_changes_nothing() {
     assert_reaped(&sb, &dead);
     assert!(!sb.lock_path(clean_app).exists() && !sb.lock_path(dead_app).exists());
     assert!(pid_alive(live.cmd_pid));
+    touch(&release);
+    live.run.wait_exit(TIMEOUT).assert_code(0);
+    sb.wait_no_leftovers(TIMEOUT);
+}
+
+/// The (kind, name, action) of every entry of a `--json` report, a dry run's `would-X` said as
+/// the sweep's `X`, host-wide cgroups of other tests left out; sorted.
+fn planned_actions(f: &Finished, sb: &Sandbox) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = report(f)["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["kind"] != "cgroup" || e["name"].as_str().unwrap_or_default().contains(&suffix(sb))
+        })
+        .map(|e| {
+            let action = match e["action"].as_str().unwrap_or_default() {
+                "would-reap" => "reaped",
+                "would-remove" => "removed",
+                other => other,
+            };
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (s(&e["kind"]), s(&e["name"]), action.to_owned())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Issue 18: `--dry-run` and the real sweep are one plan. A fixture with an item of each kind —
+/// a dead run with leftovers (listed once, by its lockfile: its run dir goes with it), a dead
+/// run whose lockfile a reboot wiped (found by its run dir), a `--keep-run-dir` run dir within
+/// its 24 h retention and one past it, the run dir of a run that died after its teardown, a run
+/// dir without a record, a retired run dir, a stale (clean, unheld) lockfile, a live run, and an
+/// orphan cgroup where cgroups are writable — is swept with `--dry-run`, then for real: the
+/// (action, item) pairs are the same (`would-X` ↔ `X`), no item is listed twice in either, the
+/// counts agree, and each item got the action its case names.
+#[test]
+fn dry_run_and_sweep_are_one_plan() {
+    let sb = Sandbox::new();
+    let log = sb.mark("teardown.log");
+    let td = teardown_logger(&log);
+    let dead = make_dead_run(&sb, "dead.example.org", &rid(&sb, "dead"), &td, &[]);
+    let wiped = make_dead_run(&sb, "wiped.example.org", &rid(&sb, "wiped"), &td, &[]);
+    fs::remove_file(sb.lock_path("wiped.example.org")).expect("wiping a lockfile");
+    let kept = |name: &str| {
+        let id = rid(&sb, name);
+        finished_run(&sb, "kept.example.org", &id, &["--keep-run-dir"]);
+        id
+    };
+    let (young, old, after) = (kept("young"), kept("old"), kept("after"));
+    backdate(&sb.run_dir(&old).join("run.json"), 25 * 3600);
+    // A clean record that was not kept: its run died after its teardown.
+    let mut rec = sb.run_record(&after).expect("the kept record");
+    rec["keep"] = json!(false);
+    fs::write(
+        sb.run_dir(&after).join("run.json"),
+        serde_json::to_vec(&rec).unwrap_or_default(),
+    )
+    .expect("rewriting run.json");
+    let bare = rid(&sb, "bare");
+    let retired = format!(".retired-{}-1", rid(&sb, "gone"));
+    for name in [&bare, &retired] {
+        fs::create_dir(sb.runs_dir().join(name)).expect("mkdir");
+        fs::set_permissions(sb.runs_dir().join(name), fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        fs::write(sb.runs_dir().join(name).join("run.lock"), b"").expect("run.lock");
+    }
+    finished_run(&sb, "clean.example.org", &rid(&sb, "clean"), &[]);
+    let release = sb.mark("release");
+    let mut live = start_live_run(&sb, "live.example.org", &rid(&sb, "live"), &release, &td);
+    // An orphan cgroup: its run's state is gone. Aged past this test's --orphan-age, which is
+    // below the fixture's (so no other test's janitor sweeps it meanwhile).
+    let orphan = if runner_tests::cgroup2_writable() {
+        let o = make_dead_run(&sb, "orphan.example.org", &rid(&sb, "orphan"), &td, &[]);
+        fs::remove_dir_all(sb.run_dir(&o.id)).expect("removing the orphan's run dir");
+        fs::remove_file(sb.lock_path("orphan.example.org")).expect("removing its lockfile");
+        let cg = o.cgroup.clone().expect("a run cgroup");
+        backdate(&cg, 500 * 3600);
+        Some((o, cg))
+    } else {
+        eprintln!("no writable cgroup2: the orphan cgroup case is left out");
+        None
+    };
+
+    let sweep = |dry: bool| {
+        let cmd = janitor(&sb).args(["--json", "--orphan-age", "400h"]);
+        let f = if dry { cmd.arg("--dry-run") } else { cmd }.run();
+        f.assert_code(0);
+        f
+    };
+    let before = (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[]));
+    let dry = sweep(true);
+    assert_eq!(
+        (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
+        before,
+        "the dry run wrote"
+    );
+    let real = sweep(false);
+    let (planned, done) = (planned_actions(&dry, &sb), planned_actions(&real, &sb));
+    for (what, list) in [("dry run", &planned), ("sweep", &done)] {
+        let mut items: Vec<_> = list.iter().map(|(k, n, _)| (k, n)).collect();
+        items.dedup();
+        assert_eq!(
+            items.len(),
+            list.len(),
+            "the {what} lists an item twice: {list:#?}"
+        );
+    }
+    assert_eq!(
+        planned, done,
+        "the dry run said other than the sweep did
+{dry}
+{real}"
+    );
+    let (mut sum_dry, sum_real) = (jsum(&dry), jsum(&real));
+    sum_dry.remove("(dry");
+    assert_eq!(
+        sum_dry, sum_real,
+        "counts
+{dry}
+{real}"
+    );
+
+    let action = |kind: &str, name: &str| {
+        done.iter()
+            .find(|(k, n, _)| k == kind && n == name)
+            .map(|(_, _, a)| a.clone())
+            .unwrap_or_else(|| panic!("no {kind} entry {name:?}: {done:#?}"))
+    };
+    assert_eq!(action("lockfile", "app-dead.example.org.lock"), "reaped");
+    assert!(
+        done.iter().all(|(_, n, _)| *n != dead.id),
+        "the dead run is listed besides its lockfile: {done:#?}"
+    );
+    assert_eq!(action("run-dir", &wiped.id), "reaped");
+    assert_eq!(action("run-dir", &young), "kept");
+    assert_eq!(action("run-dir", &old), "removed");
+    assert_eq!(action("run-dir", &after), "removed");
+    assert_eq!(action("run-dir", &bare), "removed");
+    assert_eq!(action("run-dir", &retired), "removed");
+    assert_eq!(action("lockfile", "app-clean.example.org.lock"), "removed");
+    assert_eq!(action("lockfile", "app-kept.example.org.lock"), "removed");
+    assert_eq!(action("lockfile", "app-live.example.org.lock"), "live");
+    // The young kept dir's entry says when it goes.
+    let young_entry = entry(&report(&dry), &young).clone();
+    assert!(
+        young_entry["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--keep-run-dir"),
+        "{young_entry}"
+    );
+
+    // And the sweep did it.
+    assert_reaped(&sb, &dead);
+    assert_reaped(&sb, &wiped);
+    let mut reaps = log_lines(&log);
+    reaps.sort();
+    let mut want = vec![
+        format!("reaped {} dead.example.org", dead.id),
+        format!("reaped {} wiped.example.org", wiped.id),
+    ];
+    want.sort();
+    assert_eq!(reaps, want, "one teardown per dead run");
+    assert!(sb.run_dir(&young).exists(), "the young kept dir went");
+    for gone in [&old, &after, &bare, &retired] {
+        assert!(!sb.runs_dir().join(gone).exists(), "{gone} stays");
+    }
+    if let Some((o, cg)) = &orphan {
+        let name = cg
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(action("cgroup", &name), "removed");
+        assert!(!cg.exists(), "the orphan cgroup stays");
+        assert!(
+            poll_all_gone(&o.leftovers, TIMEOUT),
+            "the orphan's processes live"
+        );
+    }
     touch(&release);
     live.run.wait_exit(TIMEOUT).assert_code(0);
     sb.wait_no_leftovers(TIMEOUT);
@@ -1229,12 +1427,7 @@ fn json_report_snapshot() {
     let log = sb.mark("teardown.log");
     let td = teardown_logger(&log);
     let dead = make_dead_run(&sb, "dead.example.org", &rid(&sb, "dead"), &td, &[]);
-    sb.tether_run()
-        .app("clean.example.org")
-        .run_id(rid(&sb, "clean"))
-        .command(["true"])
-        .run()
-        .assert_code(0);
+    finished_run(&sb, "clean.example.org", &rid(&sb, "clean"), &[]);
     let release = sb.mark("release");
     let mut live = start_live_run(&sb, "live.example.org", &rid(&sb, "live"), &release, &td);
     fs::create_dir(sb.lock_dir().join("app-dir.example.org.lock")).expect("mkdir");
@@ -1331,10 +1524,18 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         .as_array()
         .and_then(|a| a.iter().find(|e| e["app"] == "other.example.org"))
         .unwrap_or_else(|| panic!("no app entry for the dead run's app: {st:#}"));
+    // The dead run's app: free in the kernel, its metadata still `running` — a dead holder.
     assert_eq!(
-        (&other["held"], &other["waiters"]),
-        (&json!(false), &json!(0))
+        (
+            &other["held"],
+            &other["waiters"],
+            &other["status"],
+            &other["reap_pending"]
+        ),
+        (&json!(false), &json!(0), &json!("dead"), &json!(true)),
+        "{st:#}"
     );
+    assert_eq!(app_entry["status"], "held", "{st:#}");
 
     let run = |id: &str| -> Value {
         st["runs"]
@@ -1364,12 +1565,23 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     // The text form says the same.
     let text = sb.tether_status().run();
     text.assert_code(0);
-    assert!(
+    let row = |name: &str| -> Vec<String> {
         text.stdout
             .lines()
-            .any(|l| l.contains(app) && l.contains("held") && l.contains("waiters=2")),
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|cells| cells.first().map(String::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}\n{text}"))
+    };
+    // APP LOCK RUN PID WAITERS AGE RECORD [NOTE]
+    let held = row(app);
+    assert_eq!(
+        (&held[1][..], &held[2], &held[3], &held[4][..]),
+        ("held", &hid, &holder.core.to_string(), "2"),
         "{text}"
     );
+    let dead_row = row("other.example.org");
+    assert_eq!(&dead_row[1], "dead", "{text}");
+    assert!(dead_row.join(" ").contains("reap pending"), "{text}");
     assert_eq!(table(&lock), locks_before);
 
     touch(&release);
@@ -1483,7 +1695,7 @@ fn sweeping_janitors_never_fail_starting_runs() {
                 while !stop.load(Ordering::Relaxed) {
                     let f = janitor(&sb).run();
                     for l in f.stderr.lines() {
-                        if l.contains(": removed — no readable run record") {
+                        if l.contains(": removed — no run record") {
                             removed_dirs
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())

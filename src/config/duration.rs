@@ -76,13 +76,16 @@ pub(crate) fn human(d: Duration) -> String {
     }
 }
 
-/// Human form of an age measured in whole seconds (a record's start stamp): `0s`, `45s`,
-/// `3m07s`, `2h05m` — never the `0ms` that `human` would make of a 0-second reading.
+/// Human form of an age measured in whole seconds (a lock's or a record's age): `0s`, `45s`,
+/// `3m12s`, `2h05m` — never `0ms`, a precision it was not measured with.
 pub(crate) fn human_secs(secs: u64) -> String {
     if secs < 60 {
         format!("{secs}s")
+    } else if secs < 3_600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
     } else {
-        human(Duration::from_secs(secs))
+        let m = secs / 60;
+        format!("{}h{:02}m", m / 60, m % 60)
     }
 }
 
@@ -142,6 +145,23 @@ mod tests {
         ] {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains("duration"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ages_in_whole_seconds_print_in_seconds() {
+        for (secs, text) in [
+            (0, "0s"),
+            (1, "1s"),
+            (59, "59s"),
+            (60, "1m00s"),
+            (192, "3m12s"),
+            (3_599, "59m59s"),
+            (3_600, "1h00m"),
+            (7_500, "2h05m"),
+            (90_000, "25h00m"),
+        ] {
+            assert_eq!(human_secs(secs), text, "{secs} s");
         }
     }
 

@@ -10,12 +10,16 @@ use crate::state::rundir;
 use crate::sys::proc_locks::{self, LockEntry};
 use crate::sys::safe_fs::{kind, Dir, Kind};
 use serde::Serialize;
-use std::time::Duration;
 
 #[derive(Debug, Serialize)]
 pub(crate) struct AppLock {
     pub(crate) app: String,
+    /// `held` (a live run), `dead` (free, but its metadata says a run had it and never
+    /// finished: a dead run, reaped by the app's next holder or the janitor) or `free`.
+    pub(crate) status: &'static str,
     pub(crate) held: bool,
+    /// The run it stands for is dead and not reaped yet.
+    pub(crate) reap_pending: bool,
     /// Holder pid from the kernel's lock table.
     pub(crate) pid: Option<i32>,
     pub(crate) run_id: Option<String>,
@@ -37,6 +41,8 @@ pub(crate) struct RunDirStatus {
     pub(crate) run_id: String,
     /// live | dead-unclean | kept | unknown
     pub(crate) status: String,
+    /// A dead run not reaped yet (`dead-unclean`).
+    pub(crate) reap_pending: bool,
     pub(crate) app: Option<String>,
     pub(crate) state: Option<String>,
     pub(crate) pid: Option<i32>,
@@ -99,9 +105,18 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
             continue;
         };
         let meta = read_meta_at(lock_dir, &name);
+        // The kernel decides life, as for the reaper: a free lock whose metadata is not
+        // `clean` is a run that died holding it.
+        let dead = holder.is_none() && meta.as_ref().is_some_and(|m| m.state != State::Clean);
         apps.push(AppLock {
             app: app.to_owned(),
+            status: match (holder, dead) {
+                (Some(_), _) => "held",
+                (None, true) => "dead",
+                (None, false) => "free",
+            },
             held: holder.is_some(),
+            reap_pending: dead,
             pid: holder,
             run_id: meta.as_ref().map(|m| m.run_id.clone()),
             waiters: entries.iter().filter(|e| e.waiting).count(),
@@ -142,6 +157,7 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
         runs.push(RunDirStatus {
             run_id: name.to_owned(),
             status: status.into(),
+            reap_pending: status == "dead-unclean",
             app: rec.as_ref().map(|r| r.meta.app.clone()),
             state: rec.as_ref().map(|r| r.meta.state.as_str().to_owned()),
             pid: holder,
@@ -151,64 +167,126 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
     Status { apps, slots, runs }
 }
 
+/// `-` for what is not known.
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Rows under a header, each column as wide as its widest cell (long Drone and GitHub run ids,
+/// long domains: nothing is cut), two spaces apart, indented two; no trailing blanks.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::from(" ");
+        let last = cells.len().saturating_sub(1);
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            out.push(' ');
+            out.push_str(cell);
+            if i < last {
+                out.push_str(&" ".repeat(w - cell.chars().count() + 1));
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
 impl Status {
     pub(crate) fn to_text(&self) -> String {
         let mut out = String::new();
         out.push_str("APP LOCKS\n");
         if self.apps.is_empty() {
             out.push_str("  (none)\n");
-        }
-        for a in &self.apps {
-            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-            out.push_str(&format!(
-                "  {:<40} {:<5} run={} pid={} waiters={} age={} state={}\n",
-                a.app,
-                if a.held { "held" } else { "free" },
-                opt(&a.run_id),
-                a.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                a.waiters,
-                a.age_s
-                    .map(|s| duration::human(Duration::from_secs(s)))
-                    .unwrap_or_else(|| "-".into()),
-                opt(&a.state),
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .apps
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.app.clone(),
+                        a.status.to_owned(),
+                        or_dash(a.run_id.as_ref()),
+                        or_dash(a.pid),
+                        a.waiters.to_string(),
+                        or_dash(a.age_s.map(duration::human_secs)),
+                        or_dash(a.state.as_ref()),
+                        note(a.reap_pending),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &[
+                    "APP", "LOCK", "RUN", "PID", "WAITERS", "AGE", "RECORD", "NOTE",
+                ],
+                &rows,
             ));
         }
         out.push_str("SLOTS\n");
         if self.slots.is_empty() {
             out.push_str("  (none in use)\n");
-        }
-        for s in &self.slots {
-            out.push_str(&format!("  slot-{} pid={}\n", s.slot, s.pid));
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .slots
+                .iter()
+                .map(|s| vec![format!("slot-{}", s.slot), s.pid.to_string()])
+                .collect();
+            out.push_str(&table(&["SLOT", "PID"], &rows));
         }
         out.push_str("RUN DIRS\n");
         if self.runs.is_empty() {
             out.push_str("  (none)\n");
-        }
-        for r in &self.runs {
-            let ci =
-                r.ci.as_ref()
-                    .map(|c| {
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .runs
+                .iter()
+                .map(|r| {
+                    let ci = r.ci.as_ref().map(|c| {
                         format!(
-                            " ci={}:{}{}",
+                            "{}:{}{}",
                             c.system,
-                            c.repo.clone().unwrap_or_else(|| "-".into()),
+                            c.repo.as_deref().unwrap_or("-"),
                             c.pr.as_ref()
                                 .map(|p| format!("#pr-{p}"))
                                 .unwrap_or_default()
                         )
-                    })
-                    .unwrap_or_default();
-            out.push_str(&format!(
-                "  {:<40} {:<12} app={} state={}{}{}\n",
-                r.run_id,
-                r.status,
-                r.app.clone().unwrap_or_else(|| "-".into()),
-                r.state.clone().unwrap_or_else(|| "-".into()),
-                r.pid.map(|p| format!(" pid={p}")).unwrap_or_default(),
-                ci,
+                    });
+                    vec![
+                        r.run_id.clone(),
+                        r.status.clone(),
+                        or_dash(r.app.as_ref()),
+                        or_dash(r.state.as_ref()),
+                        or_dash(r.pid),
+                        or_dash(ci),
+                        note(r.reap_pending),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &["RUN ID", "STATUS", "APP", "RECORD", "PID", "CI", "NOTE"],
+                &rows,
             ));
         }
         out
+    }
+}
+
+/// The NOTE column: what happens next to a dead run.
+fn note(reap_pending: bool) -> String {
+    if reap_pending {
+        "reap pending (next holder or tether janitor)".into()
+    } else {
+        String::new()
     }
 }
 
@@ -219,11 +297,14 @@ pub(crate) struct StatusArgs {
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) places: crate::config::args::PlaceArgs,
+    #[command(flatten)]
+    pub(crate) output: crate::config::args::OutputArgs,
 }
 
 /// `tether status`.
 pub(crate) fn main(args: StatusArgs) -> i32 {
-    let cfg = match crate::config::args::load(&args.places, None) {
+    args.output.init();
+    let cfg = match crate::config::args::load(&args.places, Some(&args.output)) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -257,4 +338,163 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
         crate::output::stdout(&st.to_text());
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ident::ci_env::CiInfo;
+
+    fn app(name: &str, status: &'static str, run: Option<&str>, pid: Option<i32>) -> AppLock {
+        AppLock {
+            app: name.into(),
+            status,
+            held: status == "held",
+            reap_pending: status == "dead",
+            pid,
+            run_id: run.map(str::to_owned),
+            waiters: 0,
+            age_s: None,
+            state: Some(if status == "free" { "clean" } else { "running" }.into()),
+            ci: None,
+        }
+    }
+
+    fn run(id: &str, status: &str, app: &str, state: &str, pid: Option<i32>) -> RunDirStatus {
+        RunDirStatus {
+            run_id: id.into(),
+            status: status.into(),
+            reap_pending: status == "dead-unclean",
+            app: Some(app.into()),
+            state: Some(state.into()),
+            pid,
+            ci: None,
+        }
+    }
+
+    /// Real CI run ids (Drone `drone-<build>-<stage>`, GitHub `gh-<run id>-<attempt>`) and a
+    /// domain longer than the old fixed 40-column field; a held app (with waiters, aged 3m12s),
+    /// one held for 0 s, a dead one, a free one.
+    fn sample() -> Status {
+        let long = "a-rather-long-review-app-name.staging.eu-west-1.example.org";
+        let mut held = app(long, "held", Some("gh-1234567890-1"), Some(4242));
+        held.waiters = 2;
+        held.age_s = Some(192);
+        let mut fresh = app("fresh.example.org", "held", Some("drone-12345-3"), Some(77));
+        fresh.age_s = Some(0);
+        let mut pr = run("gh-1234567890-1", "live", long, "running", Some(4242));
+        pr.ci = Some(CiInfo {
+            system: "github".into(),
+            repo: Some("acme/shop".into()),
+            build: Some("1234567890".into()),
+            job: Some("test.1".into()),
+            pr: Some("17".into()),
+            branch: None,
+            commit: None,
+            link: None,
+        });
+        Status {
+            apps: vec![
+                held,
+                fresh,
+                app("dead.example.org", "dead", Some("drone-12345-2"), None),
+                app("idle.example.org", "free", Some("drone-12001-1"), None),
+            ],
+            slots: vec![Slot {
+                slot: "00".into(),
+                pid: 4242,
+            }],
+            runs: vec![
+                pr,
+                run(
+                    "drone-12345-2",
+                    "dead-unclean",
+                    "dead.example.org",
+                    "running",
+                    None,
+                ),
+                run(
+                    "drone-12345-3",
+                    "live",
+                    "fresh.example.org",
+                    "running",
+                    Some(77),
+                ),
+                run("drone-11111-1", "kept", "idle.example.org", "clean", None),
+                RunDirStatus {
+                    run_id: "x".into(),
+                    status: "unknown".into(),
+                    reap_pending: false,
+                    app: None,
+                    state: None,
+                    pid: None,
+                    ci: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn text_columns_fit_long_run_ids_and_domains() {
+        let text = sample().to_text();
+        insta::assert_snapshot!("status_text", text);
+        // Nothing is cut, and every row's columns line up under their header.
+        for needle in [
+            "a-rather-long-review-app-name.staging.eu-west-1.example.org",
+            "gh-1234567890-1",
+        ] {
+            assert!(text.contains(needle), "{needle} cut:\n{text}");
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("APP  "))
+            .unwrap();
+        let col = lines[header].find("LOCK").unwrap();
+        for l in &lines[header + 1..header + 5] {
+            let cell = l.get(col..).unwrap_or_default();
+            assert!(
+                ["held", "dead", "free"].iter().any(|s| cell.starts_with(s)),
+                "LOCK column misaligned: {l:?}"
+            );
+        }
+        assert!(
+            text.lines().all(|l| l == l.trim_end()),
+            "trailing blanks:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_dead_holder_reads_dead_with_its_reap_pending_in_text_and_json() {
+        let st = sample();
+        let text = st.to_text();
+        let dead = text
+            .lines()
+            .find(|l| l.contains("dead.example.org"))
+            .unwrap();
+        assert!(
+            dead.contains(" dead ") && dead.contains("reap pending"),
+            "{dead}"
+        );
+        assert!(text.contains(" 3m12s ") && text.contains(" 0s "), "{text}");
+        let json = serde_json::to_string_pretty(&st).unwrap();
+        insta::assert_snapshot!("status_json", json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["apps"][2]["status"], "dead");
+        assert_eq!(v["apps"][2]["reap_pending"], true);
+        assert_eq!(v["runs"][1]["reap_pending"], true);
+    }
+
+    #[test]
+    fn empty_sections_say_so() {
+        let st = Status {
+            apps: Vec::new(),
+            slots: Vec::new(),
+            runs: Vec::new(),
+        };
+        assert_eq!(
+            st.to_text(),
+            "APP LOCKS\n  (none)\nSLOTS\n  (none in use)\nRUN DIRS\n  (none)\n"
+        );
+    }
 }

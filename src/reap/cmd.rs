@@ -87,8 +87,9 @@ pub(crate) fn janitor(args: JanitorArgs) -> i32 {
                 crate::output::Level::Info,
                 "janitor-summary",
                 &format!(
-                    "janitor summary: live={} reaped={} removed={} skipped={} failed={}{}",
+                    "janitor summary: live={} kept={} reaped={} removed={} skipped={} failed={}{}",
                     report.live,
+                    report.kept,
                     report.reaped,
                     report.removed,
                     report.skipped,

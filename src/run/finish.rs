@@ -5,7 +5,7 @@
 use super::decide::Cause;
 use super::plan::Spec;
 use super::{Ctx, Stop};
-use crate::config::duration::{self, human};
+use crate::config::duration::{self, human, human_secs};
 use crate::error::Error;
 use crate::ident::ci_env::CiInfo;
 use crate::ident::names::Domain;
@@ -308,14 +308,9 @@ pub(super) fn log_ignored(events: &[Event]) {
 pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> String {
     match meta {
         Some(m) => {
-            // Start stamps are whole seconds: the age is too (`0s`, not `0ms`).
+            // `started_at` is whole seconds: so is the age (`0s`, never `0ms`).
             let age = record::unix_now().saturating_sub(m.started_at);
-            format!(
-                "run {} (pid {}, {})",
-                m.run_id,
-                m.pid,
-                duration::human_secs(age)
-            )
+            format!("run {} (pid {}, {})", m.run_id, m.pid, human_secs(age))
         }
         None => match pid {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
@@ -340,4 +335,28 @@ pub(super) fn announce_waiting(app: &Domain, holder: &str) {
         &format!("app lock {app}: held by {holder} — waiting"),
         &[("app", app.as_str().into())],
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::record::{samples, State};
+
+    #[test]
+    fn a_holder_age_is_said_in_whole_seconds() {
+        let mut m = samples::meta("a.example.org", "r", State::Running);
+        m.started_at = record::unix_now();
+        let text = describe_holder(Some(m.clone()), None);
+        // Just started: 0 s (or 1 s if the clock ticked), never `0ms`.
+        assert!(
+            text == "run r (pid 999999, 0s)" || text == "run r (pid 999999, 1s)",
+            "{text}"
+        );
+        m.started_at = record::unix_now().saturating_sub(192);
+        let text = describe_holder(Some(m), None);
+        assert!(
+            text.ends_with(", 3m12s)") || text.ends_with(", 3m13s)"),
+            "{text}"
+        );
+    }
 }

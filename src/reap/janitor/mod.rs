@@ -1,10 +1,12 @@
 //! `tether janitor` (SPEC §8): sweep the lock dir, the runs dir and tether's cgroups, reap what
 //! dead runs left, and never touch a live run.
 //!
-//! A sweep is a plan, then its application (issue 15). The plan (plan.rs) is made from what
-//! can be read without taking a lock — the kernel's lock table, the records, the cgroups —
-//! and `--dry-run` prints exactly that; the real sweep applies the same plan step by step
-//! (apply.rs), and each step takes its lock first: the lock decides, never the plan.
+//! A sweep is a plan, then its application (issues 15, 18). The plan (plan.rs) is made from
+//! what can be read without taking a lock — the kernel's lock table, the records, the cgroups —
+//! and decides every action (keeping a `--keep-run-dir` dir included); `--dry-run` prints
+//! exactly that, each verb as `would-…`. The real sweep applies the same plan step by step
+//! (apply.rs); each step takes its lock first and re-decides what it re-reads with the plan's
+//! own rules (decide.rs): the lock decides whether, the plan's rules decide what.
 //!
 //! Life and death come from lock probes only. A held app lock is a live run: it is reported
 //! (with a warning when it has been held longer than its own bounds allow) and left alone. An
@@ -15,6 +17,7 @@
 //! Two janitors at once are safe: the lock decides which one reaps.
 
 mod apply;
+mod decide;
 mod plan;
 mod report;
 
@@ -30,6 +33,7 @@ use crate::state::record;
 use crate::state::rundir;
 use crate::sys::safe_fs::Dir;
 use crate::sys::supervisor::Supervisor;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,11 +66,7 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
     };
     if opts.dry_run {
         for step in &steps {
-            match step.would(opts, runs.as_ref()) {
-                Some((e, true)) => report.push(e),
-                Some((e, false)) => report.list(e),
-                None => {}
-            }
+            report.push(step.entry().would());
         }
         return Ok(report);
     }
@@ -87,6 +87,7 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
             None,
         ),
         report: &mut report,
+        pending: HashMap::new(),
     };
     for step in steps {
         if sweep.reaper.supervisor().stop_requested() {
@@ -94,6 +95,7 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
         }
         sweep.apply(step);
     }
+    sweep.report_pending();
     if sweep.reaper.supervisor().stop_requested() {
         output::warn(
             "janitor",
@@ -110,6 +112,8 @@ struct Sweep<'o, 'f> {
     runs_path: Option<PathBuf>,
     reaper: Reaper<'f>,
     report: &'o mut Report,
+    /// Runs reaped with an app's lock whose entries are still to come (run id → app).
+    pending: HashMap<String, String>,
 }
 
 impl Sweep<'_, '_> {
@@ -121,13 +125,6 @@ impl Sweep<'_, '_> {
             self.runs_path.as_deref(),
             run_id,
         )
-    }
-
-    /// The record of run `id` in our runs dir, if it is there and readable.
-    fn record_of(&self, id: &str) -> Option<record::RunRecord> {
-        let runs = self.reaper.runs()?;
-        let dir = rundir::open_trusted(runs, id).ok()?;
-        record::read_record(&dir).ok()
     }
 
     /// Count failed reaps in the kept record, so operators see a run that keeps failing.

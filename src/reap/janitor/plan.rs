@@ -1,22 +1,26 @@
-//! The janitor's plan (issue 15): what is in the lock dir, the runs dir and tether's cgroups,
-//! and what the janitor would do about each — read from the kernel's lock table and the
-//! records, taking no lock and changing nothing. `--dry-run` prints the plan; the real sweep
-//! applies the same plan, step by step, re-checking each under the locks it takes (apply.rs):
-//! the lock decides, never the plan.
+//! The janitor's plan (issue 15, issue 18): what is in the lock dir, the runs dir and tether's
+//! cgroups, and what the janitor will do about each — read from the kernel's lock table and the
+//! records, taking no lock and changing nothing. Every action is decided here (decide.rs holds
+//! the decisions the real sweep makes again under its locks). `--dry-run` prints the plan's
+//! entries as `would-…`; the real sweep applies the same steps (apply.rs) and reports the same
+//! verbs. Each item is listed once: a dead run by its lockfile when the lockfile names it (its
+//! run dir is not a step of its own), else by its run dir.
 
+use super::decide::{self, RunDirAction};
 use super::report::{entry, skipped, Entry};
 use super::Options;
 use crate::ident::names::Domain;
+use crate::reap::reaper::OwnDead;
 use crate::state::lock;
-use crate::state::record::{self, LockMeta, RunRecord, State};
+use crate::state::record::{self, LockMeta, RunRecord};
 use crate::state::rundir;
 use crate::sys::cgroup::{self, Orphan};
 use crate::sys::proc_locks::{self, LockEntry};
-use crate::sys::safe_fs::{kind, Dir, Kind, ReadError};
+use crate::sys::safe_fs::{kind, Dir, Kind};
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// One thing the janitor found, with what the probes said about it.
+/// One thing the janitor found, and what it will do about it.
 pub(super) enum Step {
     /// Not tether's to act on (an odd entry): reported with the reason, never touched.
     Skip {
@@ -25,29 +29,24 @@ pub(super) enum Step {
         app: Option<String>,
         why: String,
     },
-    /// An app lockfile.
+    /// An app lockfile. Held: `live` is its entry, and it is left alone. Free: its own dead run
+    /// (`own`) is reaped under it, then it is unlinked while still held.
     Lock {
         name: String,
         app: Domain,
-        /// Its metadata (`None`: none, torn, or not tether's).
         meta: Option<LockMeta>,
-        /// Whether it has content at all (garbage is an unknown dead run of the app).
-        has_content: bool,
-        /// The holder in the kernel's lock table, if any.
-        holder: Option<i32>,
+        live: Option<Entry>,
+        own: Option<OwnDead>,
     },
-    /// A run dir that is tether's.
+    /// A run dir of tether's whose `run.lock` is free.
     RunDir {
         name: String,
-        record: Result<RunRecord, ReadError>,
-        /// Its `run.lock` is held (a live run, or one being claimed).
-        held: bool,
-        /// A lockfile step above reaps this very run (listed once in a dry run).
-        reaped_by_lockfile: bool,
+        record: Option<RunRecord>,
+        action: RunDirAction,
     },
     /// A run dir taken out of sight by a finished run that died before deleting it.
     Retired { name: String },
-    /// A run cgroup whose core is dead, older than `--orphan-age`.
+    /// A run cgroup whose core is dead, older than `--orphan-age`, of no run reaped above.
     Orphan(Orphan),
 }
 
@@ -59,46 +58,67 @@ pub(super) fn plan(opts: &Options, lock: Option<&Dir>, runs: Option<&Dir>) -> Ve
     } else {
         Vec::new()
     };
-    plan_with(opts, lock, runs, &proc_locks::read(), orphans)
+    plan_with(
+        opts,
+        lock,
+        runs,
+        &proc_locks::read(),
+        orphans,
+        record::unix_now(),
+    )
 }
 
-/// The plan from a given lock table and given orphan cgroups (the kernel's, or a test's).
+/// The plan from a given lock table, orphan cgroups and clock (the kernel's, or a test's).
 fn plan_with(
     opts: &Options,
     lock: Option<&Dir>,
     runs: Option<&Dir>,
     table: &[LockEntry],
     orphans: Vec<Orphan>,
+    now: u64,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     if let Some(lock) = lock {
-        lock_steps(opts, lock, table, &mut steps);
+        lock_steps(opts, lock, runs, table, now, &mut steps);
     }
-    // The runs the lockfiles above would reap (their run dirs are the same dead runs).
+    // The dead runs the lockfiles above stand for: their run dirs go with them.
     let by_lockfile: HashSet<String> = steps
         .iter()
         .filter_map(|s| match s {
             Step::Lock {
-                meta: Some(m),
-                holder: None,
+                own: Some(OwnDead::Run(m)),
                 ..
-            } if m.state != State::Clean => Some(m.run_id.clone()),
+            } => Some(m.run_id.clone()),
             _ => None,
         })
         .collect();
     if let Some(runs) = runs {
         run_dir_steps(opts, runs, table, &by_lockfile, &mut steps);
     }
+    // A cgroup of a run reaped above goes with its run, not as an orphan.
+    let mut killed = by_lockfile;
+    killed.extend(steps.iter().filter_map(|s| match s {
+        Step::RunDir { name, action, .. } => action.kills(name),
+        _ => None,
+    }));
     steps.extend(
         orphans
             .into_iter()
             .filter(|o| o.cgroup.age().is_none_or(|a| a >= opts.orphan_age))
+            .filter(|o| !killed.contains(&o.run_id))
             .map(Step::Orphan),
     );
     steps
 }
 
-fn lock_steps(opts: &Options, lock: &Dir, table: &[LockEntry], steps: &mut Vec<Step>) {
+fn lock_steps(
+    opts: &Options,
+    lock: &Dir,
+    runs: Option<&Dir>,
+    table: &[LockEntry],
+    now: u64,
+    steps: &mut Vec<Step>,
+) {
     for (name, _) in lock.entries().unwrap_or_default() {
         let name = name.to_string_lossy().into_owned();
         let skip = |app: Option<&Domain>, why: &str| Step::Skip {
@@ -149,14 +169,48 @@ fn lock_steps(opts: &Options, lock: &Dir, table: &[LockEntry], steps: &mut Vec<S
         let meta = lock::open_existing(lock, &name)
             .ok()
             .and_then(|f| record::read_meta(&f));
+        let (live, own) = match holder {
+            Some(_) => {
+                let rec = meta.as_ref().and_then(|m| record_of(runs, &m.run_id));
+                let e = decide::live(&name, &app, meta.as_ref(), holder, rec.as_ref(), now);
+                (Some(e), None)
+            }
+            None => (None, OwnDead::of(&app, meta.clone(), st.st_size > 0, None)),
+        };
         steps.push(Step::Lock {
             name,
             app,
             meta,
-            has_content: st.st_size > 0,
-            holder,
+            live,
+            own,
         });
     }
+}
+
+/// The record of run `id` in the runs dir, if it is there and readable.
+pub(super) fn record_of(runs: Option<&Dir>, id: &str) -> Option<RunRecord> {
+    let dir = rundir::open_trusted(runs?, id).ok()?;
+    record::read_record(&dir).ok()
+}
+
+/// How old the record in `dir` is (its mtime; 0 when it cannot be read).
+pub(super) fn record_age(dir: &Dir) -> Duration {
+    dir.stat_at(rundir::RECORD_FILE)
+        .ok()
+        .map(|st| {
+            let now = record::unix_now() as i64;
+            Duration::from_secs(now.saturating_sub(st.st_mtime).max(0) as u64)
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `dir`'s `run.lock` is held in `table`.
+fn run_lock_held(dir: &Dir, table: &[LockEntry]) -> bool {
+    dir.stat_at(rundir::LOCK_FILE).ok().is_some_and(|st| {
+        proc_locks::entries_for(table, st.st_dev, st.st_ino)
+            .iter()
+            .any(|x| !x.waiting)
+    })
 }
 
 fn run_dir_steps(
@@ -189,10 +243,6 @@ fn run_dir_steps(
                 continue;
             }
         }
-        if name.starts_with(rundir::RETIRED_PREFIX) {
-            steps.push(Step::Retired { name });
-            continue;
-        }
         let dir = match rundir::open_trusted(runs, &name) {
             Ok(d) => d,
             // Not tether's: never acted on, whatever its record says.
@@ -201,150 +251,69 @@ fn run_dir_steps(
                 continue;
             }
         };
+        // Held: a live run (or one being claimed, or a retired dir its run is deleting).
+        if run_lock_held(&dir, table) {
+            continue;
+        }
+        if name.starts_with(rundir::RETIRED_PREFIX) {
+            steps.push(Step::Retired { name });
+            continue;
+        }
         let record = record::read_record(&dir);
         if let Some(app) = &opts.app {
             if !matches!(&record, Ok(r) if r.meta.app == app.as_str()) {
                 continue;
             }
         }
-        let held = dir.stat_at(rundir::LOCK_FILE).ok().is_some_and(|st| {
-            proc_locks::entries_for(table, st.st_dev, st.st_ino)
-                .iter()
-                .any(|x| !x.waiting)
-        });
+        if by_lockfile.contains(&name) {
+            continue; // listed, and reaped, with its lockfile
+        }
+        let action = RunDirAction::of(&name, &record, record_age(&dir), opts.retain);
         steps.push(Step::RunDir {
-            reaped_by_lockfile: by_lockfile.contains(&name),
             name,
-            record,
-            held,
+            record: record.ok(),
+            action,
         });
     }
-}
-
-/// Whether a clean record's dir can go: one kept on purpose (`--keep-run-dir`) waits for its
-/// retention; a reaped run's, or one whose run died after its teardown, goes now.
-pub(super) fn past_retention(dir: &Dir, r: &RunRecord, retain: Duration) -> bool {
-    let reaped = r.reason.as_deref() == Some(crate::reap::reaper::REAPED);
-    if reaped || !r.keep {
-        return true;
-    }
-    let age = dir
-        .stat_at(rundir::RECORD_FILE)
-        .ok()
-        .map(|st| {
-            let now = record::unix_now() as i64;
-            Duration::from_secs(now.saturating_sub(st.st_mtime).max(0) as u64)
-        })
-        .unwrap_or_default();
-    age >= retain
 }
 
 impl Step {
-    /// What a dry run says about this step: the entry, and whether it counts (a run dir
-    /// reaped by its lockfile above is listed but counted once). `None`: nothing to say.
-    pub(super) fn would(&self, opts: &Options, runs: Option<&Dir>) -> Option<(Entry, bool)> {
+    /// The entry the sweep reports for this step when it goes as planned (a dry run prints
+    /// it as `would-…`).
+    pub(super) fn entry(&self) -> Entry {
         match self {
             Step::Skip {
                 kind,
                 name,
                 app,
                 why,
-            } => Some((skipped(kind, name, app.clone(), why.clone()), true)),
+            } => skipped(kind, name, app.clone(), why.clone()),
+            Step::Lock { live: Some(e), .. } => e.clone(),
             Step::Lock {
                 name,
                 app,
                 meta,
-                has_content,
-                holder,
-            } => {
-                let mut e = match (holder, meta) {
-                    (Some(pid), _) => {
-                        let mut e = entry("lockfile", name, "live");
-                        e.pid = meta.as_ref().map(|m| m.pid).or(Some(*pid));
-                        e
-                    }
-                    (None, Some(m)) if m.state != State::Clean => {
-                        let mut e = entry("lockfile", name, "would-reap");
-                        e.detail = Some(format!(
-                            "would reap dead run {} and remove the lockfile",
-                            m.run_id
-                        ));
-                        e
-                    }
-                    (None, None) if *has_content => {
-                        let mut e = entry("lockfile", name, "would-reap");
-                        e.detail =
-                            Some("would reap an unknown dead run (unreadable metadata)".into());
-                        e
-                    }
-                    _ => {
-                        let mut e = entry("lockfile", name, "would-remove");
-                        e.detail = Some("would remove the unheld lockfile".into());
-                        e
-                    }
-                };
-                e.app = Some(app.to_string());
-                e.run_id = meta.as_ref().map(|m| m.run_id.clone());
-                Some((e, true))
-            }
-            Step::RunDir { held: true, .. } => None,
+                own,
+                ..
+            } => decide::unheld_lock(name, app, meta.as_ref(), own.as_ref()),
             Step::RunDir {
                 name,
-                reaped_by_lockfile: true,
-                ..
-            } => {
-                let mut e = entry("run-dir", name, "would-reap");
-                e.run_id = Some(name.clone());
-                e.detail = Some("the dead run named by its app lockfile above".into());
-                Some((e, false))
-            }
-            Step::RunDir { name, record, .. } => {
-                let (action, detail) = match record {
-                    Ok(r) if r.meta.state == State::Clean => {
-                        let dir = runs.and_then(|runs| rundir::open_trusted(runs, name).ok())?;
-                        if !past_retention(&dir, r, opts.retain) {
-                            return None;
-                        }
-                        (
-                            "would-remove",
-                            "clean run dir: nothing left to do".to_string(),
-                        )
-                    }
-                    Ok(_) => (
-                        "would-reap",
-                        "dead unclean run: would reap it under its app lock".to_string(),
-                    ),
-                    Err(ReadError::Missing) => (
-                        "would-remove",
-                        "no run record (it never reached its app)".to_string(),
-                    ),
-                    Err(ReadError::Refused(why)) => (
-                        "would-reap",
-                        format!(
-                            "unknown dead run ({why}): would kill what carries its id and run \
-                             the fallback teardown"
-                        ),
-                    ),
-                };
-                let mut e = entry("run-dir", name, action);
-                e.app = record.as_ref().ok().map(|r| r.meta.app.clone());
-                e.run_id = record.as_ref().ok().map(|r| r.meta.run_id.clone());
-                e.detail = Some(detail);
-                Some((e, true))
-            }
+                record,
+                action,
+            } => action.entry(name, record.as_ref()),
             Step::Retired { name } => {
-                let mut e = entry("run-dir", name, "would-remove");
+                let mut e = entry("run-dir", name, "removed");
                 e.detail = Some("retired run dir of a finished run".into());
-                Some((e, true))
+                e
             }
             Step::Orphan(o) => {
-                let mut e = entry("cgroup", &o.name(), "would-remove");
+                let mut e = entry("cgroup", &o.name(), "removed");
                 e.run_id = Some(o.run_id.clone());
                 e.detail = Some(format!(
-                    "cgroup of dead run {} (core pid {}): would kill what is in it and remove it",
+                    "cgroup of dead run {} (core pid {}): what is in it is killed",
                     o.run_id, o.core_pid
                 ));
-                Some((e, true))
+                e
             }
         }
     }
@@ -354,7 +323,7 @@ impl Step {
 mod tests {
     use super::*;
     use crate::config::places::Place;
-    use crate::state::record::{samples, RunRecord};
+    use crate::state::record::{samples, RunRecord, State};
     use std::os::unix::fs::MetadataExt;
 
     fn opts() -> Options {
@@ -396,13 +365,17 @@ mod tests {
         }
     }
 
-    /// (name, action, detail) of every entry a dry run would print.
-    fn would(steps: &[Step], runs: &Dir) -> Vec<(String, String, bool)> {
+    /// (name, action) of every entry a dry run would print.
+    fn would(steps: &[Step]) -> Vec<(String, String)> {
         steps
             .iter()
-            .filter_map(|s| s.would(&opts(), Some(runs)))
-            .map(|(e, counted)| (e.name, e.action.to_owned(), counted))
+            .map(|s| s.entry().would())
+            .map(|e| (e.name, e.action.to_owned()))
             .collect()
+    }
+
+    fn plan_of(lock: Option<&Dir>, runs: Option<&Dir>, table: &[LockEntry]) -> Vec<Step> {
+        plan_with(&opts(), lock, runs, table, Vec::new(), 1_000)
     }
 
     #[test]
@@ -469,36 +442,34 @@ mod tests {
             Dir::open_unchecked(&locks).unwrap(),
             Dir::open_unchecked(&runs).unwrap(),
         );
-        let steps = plan_with(
-            &opts(),
-            Some(&lock_dir),
-            Some(&runs_dir),
-            &table,
-            Vec::new(),
-        );
-        let got = would(&steps, &runs_dir);
-        let has = |name: &str, action: &str| got.iter().any(|(n, a, _)| n == name && a == action);
+        let steps = plan_of(Some(&lock_dir), Some(&runs_dir), &table);
+        let got = would(&steps);
+        let has = |name: &str, action: &str| got.iter().any(|(n, a)| n == name && a == action);
         assert!(has("app-live.example.org.lock", "live"), "{got:?}");
         assert!(has("app-dead.example.org.lock", "would-reap"), "{got:?}");
         assert!(has("app-clean.example.org.lock", "would-remove"), "{got:?}");
         assert!(has("app-junk.example.org.lock", "would-reap"), "{got:?}");
         assert!(has("app-link.example.org.lock", "skipped"), "{got:?}");
         assert!(has("stray", "skipped"), "{got:?}");
-        // The dead run of a lockfile above: listed, counted once.
-        assert!(
-            got.contains(&("dead".into(), "would-reap".into(), false)),
-            "{got:?}"
-        );
+        // The dead run of a lockfile above is listed once: by its lockfile.
+        assert!(got.iter().all(|(n, _)| n != "dead"), "{got:?}");
+        // Kept on purpose within its retention: said so, changed nothing.
+        assert!(has("kept", "kept"), "{got:?}");
         assert!(has("norecord", "would-remove"), "{got:?}");
         assert!(has("garbled", "would-reap"), "{got:?}");
         assert!(has("settled", "would-remove"), "{got:?}");
         assert!(has("unclean", "would-reap"), "{got:?}");
         assert!(has(".retired-x-1", "would-remove"), "{got:?}");
         assert!(has("afile", "skipped"), "{got:?}");
-        // Kept on purpose within its retention, tether's own files, slots: nothing to say.
-        for quiet in ["kept", ".forgotten.jsonl", "slot-00.lock"] {
+        // tether's own files, slots: nothing to say.
+        for quiet in [".forgotten.jsonl", "slot-00.lock"] {
             assert!(got.iter().all(|(n, ..)| n != quiet), "{quiet}: {got:?}");
         }
+        // Nothing is listed twice.
+        let mut names: Vec<&String> = got.iter().map(|(n, _)| n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), got.len(), "{got:?}");
         // Planning changed nothing: every name, content, mode and mtime as before.
         assert_eq!(tree_state(t.path()), before, "the plan touched the dirs");
     }
@@ -539,12 +510,10 @@ mod tests {
         .unwrap();
         let table = vec![held_by(&runs.join("busy/run.lock"), 7)];
         let runs_dir = Dir::open_unchecked(&runs).unwrap();
-        let steps = plan_with(&opts(), None, Some(&runs_dir), &table, Vec::new());
-        assert!(would(&steps, &runs_dir).is_empty());
-        let steps = plan_with(&opts(), None, Some(&runs_dir), &[], Vec::new());
+        assert!(would(&plan_of(None, Some(&runs_dir), &table)).is_empty());
         assert_eq!(
-            would(&steps, &runs_dir),
-            [("busy".to_owned(), "would-reap".to_owned(), true)]
+            would(&plan_of(None, Some(&runs_dir), &[])),
+            [("busy".to_owned(), "would-reap".to_owned())]
         );
     }
 }

@@ -23,6 +23,8 @@ pub(crate) struct Report {
     pub(crate) dry_run: bool,
     pub(crate) entries: Vec<Entry>,
     pub(crate) live: usize,
+    /// Run dirs kept with `--keep-run-dir` within their retention.
+    pub(crate) kept: usize,
     pub(crate) reaped: usize,
     pub(crate) removed: usize,
     pub(crate) skipped: usize,
@@ -34,7 +36,8 @@ impl Report {
     pub(super) fn push(&mut self, e: Entry) {
         say(&e);
         match e.action {
-            "live" | "kept" => self.live += usize::from(e.action == "live"),
+            "live" => self.live += 1,
+            "kept" => self.kept += 1,
             "reaped" | "would-reap" => self.reaped += 1,
             "removed" | "would-remove" => self.removed += 1,
             "skipped" => self.skipped += 1,
@@ -43,11 +46,18 @@ impl Report {
         }
         self.entries.push(e);
     }
+}
 
-    /// Say and list the entry without counting it (counted once, elsewhere).
-    pub(super) fn list(&mut self, e: Entry) {
-        say(&e);
-        self.entries.push(e);
+impl Entry {
+    /// The entry as a dry run says it: what would change is `would-reap` / `would-remove`;
+    /// what changes nothing (`live`, `kept`, `skipped`) is said as it is.
+    pub(super) fn would(mut self) -> Entry {
+        self.action = match self.action {
+            "reaped" => "would-reap",
+            "removed" => "would-remove",
+            other => other,
+        };
+        self
     }
 }
 
@@ -74,7 +84,13 @@ pub(super) fn skipped(kind: &'static str, name: &str, app: Option<String>, why: 
 
 /// The entry's line (SPEC §8: `<domain>: live run <id> (pid <pid>), leaving it`, …).
 fn say(e: &Entry) {
-    let subject = e.app.clone().unwrap_or_else(|| e.name.clone());
+    // A lockfile is its app's; a run dir or cgroup is named (several may be one app's).
+    let subject = match (e.kind, &e.app) {
+        ("lockfile", Some(app)) => app.clone(),
+        ("lockfile", None) => e.name.clone(),
+        (kind, Some(app)) => format!("{} {} of {app}", kind.replace('-', " "), e.name),
+        (kind, None) => format!("{} {}", kind.replace('-', " "), e.name),
+    };
     let mut msg = match (e.action, &e.run_id, e.pid) {
         ("live", Some(id), Some(pid)) => {
             format!("{subject}: live run {id} (pid {pid}), leaving it")

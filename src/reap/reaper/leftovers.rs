@@ -25,7 +25,7 @@ impl Reaper<'_> {
         id: &RunId,
         why: &str,
     ) -> Result<(), ReapFailed> {
-        self.reaped.insert(id.to_string());
+        self.mark_reaped(id.as_str());
         output::emit(
             output::Level::Info,
             "reaping",

@@ -57,6 +57,8 @@ pub(crate) struct Reaper<'a> {
     cgroup: Option<RunCgroup>,
     /// Run ids reaped so far (never twice in one pass).
     reaped: HashSet<String>,
+    /// The same ids in the order they were reaped (the janitor reports each once).
+    reaped_log: Vec<String>,
     /// Unclean run records by app, read once per pass (a janitor reconciles thousands of
     /// apps; re-reading the runs dir for each would be quadratic). Every candidate is
     /// re-checked under its `run.lock` before anything is done to it, so staleness is safe.
@@ -146,6 +148,7 @@ impl<'a> Reaper<'a> {
             policy,
             cgroup,
             reaped: HashSet::new(),
+            reaped_log: Vec::new(),
             index: None,
         }
     }
@@ -161,9 +164,54 @@ impl<'a> Reaper<'a> {
         self.runs.as_ref()
     }
 
-    /// Whether run `id` was reaped (or planned to be, in a dry run) in this pass.
+    /// Whether run `id` was reaped (or tried) in this pass.
     pub(crate) fn has_reaped(&self, id: &str) -> bool {
         self.reaped.contains(id)
+    }
+
+    /// The ids reaped (or tried) in this pass, in order; `reaped_log()[n..]` are those since
+    /// the log was `n` long.
+    pub(crate) fn reaped_log(&self) -> &[String] {
+        &self.reaped_log
+    }
+
+    fn mark_reaped(&mut self, id: &str) {
+        if self.reaped.insert(id.to_owned()) {
+            self.reaped_log.push(id.to_owned());
+        }
+    }
+}
+
+/// The dead run an unheld app lock itself stands for, before any run dir is looked at.
+#[derive(Debug, Clone)]
+pub(crate) enum OwnDead {
+    /// The run its metadata names (not clean, not the caller's own).
+    Run(Box<LockMeta>),
+    /// Unknown: its metadata is unreadable or not this app's (the reason).
+    Unknown(&'static str),
+}
+
+impl OwnDead {
+    /// Decided from the lockfile alone (pure: the janitor's plan asks it without the lock,
+    /// `reconcile` under it). `own` is the caller's run id, never its own dead run.
+    pub(crate) fn of(
+        app: &Domain,
+        meta: Option<LockMeta>,
+        has_content: bool,
+        own: Option<&str>,
+    ) -> Option<OwnDead> {
+        match meta {
+            // Metadata of another app in this app's lockfile is not a record tether wrote.
+            Some(m) if m.app != app.as_str() => {
+                Some(OwnDead::Unknown("its lock metadata names another app"))
+            }
+            Some(m) if m.state != State::Clean && Some(m.run_id.as_str()) != own => {
+                Some(OwnDead::Run(Box::new(m)))
+            }
+            Some(_) => None,
+            None if has_content => Some(OwnDead::Unknown("its lock metadata is unreadable")),
+            None => None,
+        }
     }
 }
 
@@ -177,27 +225,20 @@ impl Reaper<'_> {
         own: Option<&str>,
     ) -> Result<usize, ReapFailed> {
         let mut count = 0;
-        match app_lock.meta() {
-            // Metadata of another app in this app's lockfile is not a record tether wrote.
-            Some(meta) if meta.app != app.as_str() => {
-                self.reap_unknown(app, "its lock metadata names another app")?;
+        match OwnDead::of(app, app_lock.meta(), app_lock.has_content(), own) {
+            Some(OwnDead::Unknown(why)) => {
+                self.reap_unknown(app, why)?;
                 count += 1;
                 mark_meta_clean(app_lock);
             }
-            Some(meta) if meta.state != State::Clean && Some(meta.run_id.as_str()) != own => {
+            Some(OwnDead::Run(meta)) => {
                 // Already reaped in this pass (e.g. through its run dir when its id was reused):
                 // only the stale metadata is left to mark.
                 if !self.reaped.contains(&meta.run_id) {
-                    let dead = self.dead_from_meta(meta);
+                    let dead = self.dead_from_meta(*meta);
                     self.reap(dead)?;
                     count += 1;
                 }
-                mark_meta_clean(app_lock);
-            }
-            Some(_) => {}
-            None if app_lock.has_content() => {
-                self.reap_unknown(app, "its lock metadata is unreadable")?;
-                count += 1;
                 mark_meta_clean(app_lock);
             }
             None => {}
@@ -271,7 +312,7 @@ impl Reaper<'_> {
     pub(crate) fn reap(&mut self, dead: DeadRun) -> Result<(), ReapFailed> {
         let id = dead.meta.run_id.clone();
         let app = dead.meta.app.clone();
-        self.reaped.insert(id.clone());
+        self.mark_reaped(&id);
         let plan = ReapPlan::of(
             &dead.meta,
             dead.record.as_ref(),
