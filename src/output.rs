@@ -100,16 +100,38 @@ pub(crate) fn emit_forced(
     if level < s.threshold && !force {
         return;
     }
-    let line = match s.format {
-        LogFormat::Text => {
-            if level == Level::Error {
-                format!("tether: error: {msg}\n")
-            } else if level == Level::Warn {
-                format!("tether: warning: {msg}\n")
-            } else {
-                format!("tether: {msg}\n")
-            }
-        }
+    let label = match level {
+        Level::Error => "error: ",
+        Level::Warn => "warning: ",
+        Level::Info | Level::Debug => "",
+    };
+    write_line(s.format, level, label, event, msg, fields);
+}
+
+/// A command line tether could not parse (issue 18): `tether: usage: <msg>`, or a JSON line
+/// with level `error` and event `usage`. Never filtered: it is the only line such a run prints.
+pub(crate) fn usage(msg: &str, fields: &[(&str, Value)]) {
+    write_line(
+        settings().format,
+        Level::Error,
+        "usage: ",
+        "usage",
+        msg,
+        fields,
+    );
+}
+
+/// One line, formatted whole; `label` follows `tether: ` in text and is not part of the JSON.
+fn write_line(
+    format: LogFormat,
+    level: Level,
+    label: &str,
+    event: &str,
+    msg: &str,
+    fields: &[(&str, Value)],
+) {
+    let line = match format {
+        LogFormat::Text => format!("tether: {label}{msg}\n"),
         LogFormat::Json => {
             let mut obj = Map::new();
             obj.insert("level".into(), Value::from(level.name()));

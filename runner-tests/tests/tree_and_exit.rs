@@ -299,12 +299,17 @@ fn assert_refusal(
     culprit: &str,
 ) {
     f.assert_code(code);
+    // A usage error (clap's) is `tether: usage: …` (issue 18, D35), any other `tether: error: …`.
     let errors = f
         .stderr
         .lines()
-        .filter(|l| l.starts_with("tether: error:") || l.starts_with("error:"))
+        .filter(|l| l.starts_with("tether: error:") || l.starts_with("tether: usage:"))
         .count();
     assert_eq!(errors, 1, "exactly one error message\n{f}");
+    assert!(
+        f.stderr.lines().all(|l| l.starts_with("tether: ")),
+        "every line starts with `tether: `\n{f}"
+    );
     assert!(
         f.stderr.contains(culprit),
         "the message names {culprit:?}\n{f}"

@@ -1,7 +1,11 @@
 //! The command line: parse (pure, touches nothing), then hand over to the layer that owns the
-//! subcommand (each defines its own arguments).
+//! subcommand (each defines its own arguments). What describes the command line itself lives
+//! here: usage errors (`usage`) and the man pages and completions generated from it (`docs`).
 //! Every clap error is a usage error, exit 125 (clap's own default, 2, would collide with a
-//! command's status); `--help` and `--version` exit 0.
+//! command's status), printed as one `tether: usage: …` line; `--help` and `--version` exit 0.
+
+mod docs;
+mod usage;
 
 use crate::config::args::ConfigArgs;
 use crate::out::history::HistoryArgs;
@@ -39,27 +43,25 @@ pub(crate) enum Command {
     Config(ConfigArgs),
     /// Give up on a dead run whose reap keeps failing: remove its state, run nothing.
     Forget(ForgetArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print the man page tether(1) on stdout, or write every page with --dir.
+    Man(docs::ManArgs),
 }
 
 /// Parse argv and run; returns the process exit code.
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     unset_empty_env_flags(&Cli::command());
+    let argv: Vec<OsString> = args.into_iter().collect();
     let parsed = Cli::command()
-        .try_get_matches_from(args)
+        .try_get_matches_from(&argv)
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
     let cli = match parsed {
         Ok((mut cli, matches)) => {
             note_env_sources(&mut cli, &matches);
             cli
         }
-        Err(e) => {
-            use clap::error::ErrorKind;
-            let _ = e.print();
-            return match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
-                _ => crate::exit::TETHER_FAILURE,
-            };
-        }
+        Err(e) => return usage::report(&e, &Cli::command(), &argv),
     };
     match cli.command {
         Command::Run(args) => crate::run::run(args),
@@ -68,6 +70,8 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::History(args) => crate::out::history::main(args),
         Command::Config(args) => crate::config::args::main(args, crate::ident::identity::check),
         Command::Forget(args) => crate::reap::cmd::forget(args),
+        Command::Completions(args) => docs::completions(args, Cli::command()),
+        Command::Man(args) => docs::man(args, Cli::command()),
     }
 }
 
