@@ -10,7 +10,7 @@ use std::time::Duration;
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
     /// App domain this run deploys (lock key), e.g. immi-ad3e33.ci.example.org.
-    #[arg(long, env = "TETHER_APP")]
+    #[arg(long, env = "TETHER_APP", value_name = "DOMAIN")]
     pub(crate) app: String,
     /// Run id (default: derived from the CI environment, else local-<time>-<pid>).
     #[arg(long, env = "TETHER_RUN_ID")]
