@@ -1,4 +1,4 @@
-//! tether's own failures, mapped exhaustively onto the exit codes of SPEC §3.3.
+//! tether's own failures, mapped exhaustively onto the exit codes of CLI-CONTRACT §7.
 //!
 //! Everything that can go wrong *before* the command starts is one of these, carries a
 //! lowercase sentence naming the culprit (path, value, pid, errno), and leaves nothing

@@ -1,4 +1,4 @@
-//! The exit codes of SPEC §3.3, in one place so no other module spells a number.
+//! The exit codes of CLI-CONTRACT §7, in one place so no other module spells a number.
 
 /// SIGTERM received, or the parent died (128 + 15).
 pub(crate) const TERMINATED: i32 = 143;

@@ -1,5 +1,5 @@
 //! Human (and machine) lines on stderr: every line starts `tether: `, or with
-//! `--log-format json` is one JSON object per line (SPEC §7).
+//! `--log-format json` is one JSON object per line (CLI-CONTRACT §13).
 //!
 //! Each line is formatted whole and written with one `write` so lines of concurrent runs
 //! sharing a CI log never interleave mid-line. A failed write to stderr is ignored: losing a

@@ -2,7 +2,7 @@
 //!
 //! Layout: `locks/` (0755, tether's `--lock-dir`), `runs/` (0700, `--runs-dir`), `marks/`
 //! (marker files written by commands and teardowns), `logs/` (captured stdout/stderr). The
-//! modes are set explicitly, so a permissive umask cannot make tether refuse the dirs (§2).
+//! modes are set explicitly, so a permissive umask cannot make tether refuse the dirs (CLI-CONTRACT §3).
 //!
 //! Dropping the sandbox is the last line of defence against leaks: it SIGKILLs its
 //! [`ProcessGuard`] and then every process whose command line, environment or working directory

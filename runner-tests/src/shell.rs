@@ -1,6 +1,6 @@
 //! A CI step shell: tether started *inside* `sh -e -c` / `bash -e -c`, not exec'd.
 //!
-//! This is how CI agents run a step (SPEC §3.1): the shell is the parent of tether's front, and
+//! This is how CI agents run a step (CLI-CONTRACT §5): the shell is the parent of tether's front, and
 //! the shell leads its own process group, so a test can play each agent — SIGKILL the shell
 //! only (Drone exec), SIGKILL the whole group (Woodpecker local), SIGTERM then SIGKILL the group
 //! (GitLab shell), or signal the top process only (GitHub). The group is set up with

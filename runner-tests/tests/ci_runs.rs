@@ -1,4 +1,4 @@
-//! CI runs against the real kernel (SPEC §3.3, §3.6, §6.2, §7, §11; issue 4): busy policies,
+//! CI runs against the real kernel (CLI-CONTRACT §7, PROTOCOL §12, CLI-CONTRACT §9, CLI-CONTRACT §13, CLI-CONTRACT §14; issue 4): busy policies,
 //! cancel-older, a deadline passing during the lock wait, reporting to a real HTTP server, and
 //! CI detection end to end.
 //!
@@ -107,7 +107,7 @@ fn log_command(log: &Path, name: &str) -> [String; 3] {
 // ---------------------------------------------------------------------------------------------
 // 8. --on-busy fail, --lock-timeout
 
-/// SPEC §3.3, §3.6, §7: with the app held, `--on-busy fail` exits 75 at once and
+/// CLI-CONTRACT §7, PROTOCOL §12, CLI-CONTRACT §13: with the app held, `--on-busy fail` exits 75 at once and
 /// `--lock-timeout 300ms` exits 75 after at least 300 ms; neither runs its command, leaves a
 /// run dir, or disturbs the holder; both summaries say `result=cancelled exit=75`.
 #[test]
@@ -162,7 +162,7 @@ fn busy_app_fails_fast_or_after_the_lock_timeout_with_75() {
 // ---------------------------------------------------------------------------------------------
 // 9. cancel-older
 
-/// SPEC §3.6: `--on-busy cancel-older` with the holder's `--group`: the holder gets SIGTERM,
+/// PROTOCOL §12: `--on-busy cancel-older` with the holder's `--group`: the holder gets SIGTERM,
 /// tears down once (reason `signal`) and exits 143; the newer run says whom it cancels, then
 /// `acquired after`, and runs only after the holder's teardown.
 #[test]
@@ -205,7 +205,7 @@ fn cancel_older_terminates_the_holder_of_the_same_group() {
     );
 }
 
-/// SPEC §3.6: a holder of another group is never signalled: the cancel-older run waits (proven
+/// PROTOCOL §12: a holder of another group is never signalled: the cancel-older run waits (proven
 /// blocked in `flock`, and proven to have re-examined the holder several times), the holder
 /// runs on, and once its command is released the waiter takes over.
 #[test]
@@ -295,7 +295,7 @@ fn cancel_older_without_a_group_says_why_once() {
     assert_eq!(log_lines(&log), ["td A exited", "ran B"], "{fb}");
 }
 
-/// SPEC §3.6: the default group comes from the CI environment (repo + PR): a second Drone build
+/// PROTOCOL §12: the default group comes from the CI environment (repo + PR): a second Drone build
 /// of the same PR cancels the first without any `--group`.
 #[test]
 fn cancel_older_default_group_comes_from_the_ci_environment() {
@@ -348,7 +348,7 @@ fn cancel_older_default_group_comes_from_the_ci_environment() {
 // ---------------------------------------------------------------------------------------------
 // 10. deadline during the lock wait
 
-/// SPEC §3.3, §5: the deadline passing while a run waits for the app lock ends it with 142:
+/// CLI-CONTRACT §7, CLI-CONTRACT §6: the deadline passing while a run waits for the app lock ends it with 142:
 /// its command never runs, its run dir is removed, and the holder is untouched (still
 /// running, still the lock's holder, no teardown of the app by the waiter).
 #[test]
@@ -431,7 +431,7 @@ fn waiter_that_gives_up(sb: &Sandbox, app: &str, args: &[&str]) -> (Finished, Pa
     (f, summary_json)
 }
 
-/// SPEC §7: the summary's `lock_wait` (line and JSON) is the time spent waiting for the lock,
+/// CLI-CONTRACT §13: the summary's `lock_wait` (line and JSON) is the time spent waiting for the lock,
 /// also when the wait ended with `--lock-timeout`.
 #[test]
 fn summary_reports_the_lock_wait_of_a_lock_timeout() {
@@ -449,7 +449,7 @@ fn summary_reports_the_lock_wait_of_a_lock_timeout() {
     );
 }
 
-/// SPEC §7: the summary's `lock_wait` is the time spent waiting for the lock, also when the
+/// CLI-CONTRACT §13: the summary's `lock_wait` is the time spent waiting for the lock, also when the
 /// deadline ended the wait.
 #[test]
 fn summary_reports_the_lock_wait_of_a_deadline_during_the_wait() {
@@ -464,7 +464,7 @@ fn summary_reports_the_lock_wait_of_a_deadline_during_the_wait() {
     );
 }
 
-/// SPEC §7: `teardown=ok|failed|none` says what became of the teardown command: a run that
+/// CLI-CONTRACT §13: `teardown=ok|failed|none` says what became of the teardown command: a run that
 /// never took the app (deadline during the lock wait) never runs its teardown, so its summary
 /// says `teardown=none`, not `ok` (a PR-comment bot must not read "torn down fine").
 #[test]
@@ -683,7 +683,7 @@ fn drone_pr7(cmd: TetherCmd<'_>) -> TetherCmd<'_> {
         .env("DRONE_BUILD_NUMBER", "5")
 }
 
-/// SPEC §11, CLI-CONTRACT: after teardown, a Gitea PR comment goes to
+/// CLI-CONTRACT §14, CLI-CONTRACT: after teardown, a Gitea PR comment goes to
 /// `/api/v1/repos/org/app/issues/7/comments` with `Authorization: token T` and a markdown body
 /// naming the run id and result; the webhook gets the summary JSON.
 #[test]
@@ -738,7 +738,7 @@ fn report_posts_a_gitea_comment_and_the_webhook_summary() {
     assert_eq!(summary["ci"]["pr"], "7");
 }
 
-/// SPEC §11: the GitHub API variant: `/repos/org/app/issues/7/comments` with a Bearer token.
+/// CLI-CONTRACT §14: the GitHub API variant: `/repos/org/app/issues/7/comments` with a Bearer token.
 #[test]
 fn report_posts_a_github_comment_with_a_bearer_token() {
     let sb = Sandbox::new();
@@ -775,7 +775,7 @@ fn report_posts_a_github_comment_with_a_bearer_token() {
     assert!(text.contains(&id) && text.contains("failed"), "{text}");
 }
 
-/// SPEC §11, CLI-CONTRACT: a server that always answers 500 gets exactly 1 + `retries`
+/// CLI-CONTRACT §14, CLI-CONTRACT: a server that always answers 500 gets exactly 1 + `retries`
 /// attempts per target; each failed target is one warning line; the exit code stays the
 /// command's.
 #[test]
@@ -822,7 +822,7 @@ fn report_retries_a_failing_server_then_warns_without_changing_the_exit_code() {
     ))));
 }
 
-/// SPEC §11: a server that never answers cannot hang tether: with `report.timeout: 1s` it
+/// CLI-CONTRACT §14: a server that never answers cannot hang tether: with `report.timeout: 1s` it
 /// exits within a few seconds, with one warning and the command's exit code, and the teardown
 /// had already run when the report was attempted.
 #[test]
@@ -887,7 +887,7 @@ struct Ci<'a> {
     pr: &'a str,
 }
 
-/// SPEC §6.2: with a CI system's variables and no `--run-id`, the run id (run dir name and
+/// CLI-CONTRACT §9: with a CI system's variables and no `--run-id`, the run id (run dir name and
 /// summary) contains the build number 267 and the repo slug; `run.json` records `ci` with the
 /// system, repo and PR; `--summary-json` carries the same `ci` object, which is returned.
 fn ci_detected_end_to_end(make: impl FnOnce(&str) -> Ci<'static>) -> Value {

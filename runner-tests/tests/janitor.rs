@@ -1,4 +1,4 @@
-//! `tether janitor` and `tether status` against the real kernel (SPEC §4.4, §8, §9).
+//! `tether janitor` and `tether status` against the real kernel (PROTOCOL §6, CLI-CONTRACT §15, CLI-CONTRACT §16).
 //!
 //! A *dead run* is made the way the world makes one: a real `tether run` whose core is
 //! SIGKILLed while its command tree (`tree-helper` with a `setsid()` child and a double-fork
@@ -388,7 +388,7 @@ fn dead_holder_is_reaped_exactly_once(extra_env: &[(&str, &str)]) {
     sb.wait_no_leftovers(TIMEOUT);
 }
 
-/// SPEC §1.3, §4.4, §8: a run whose core was SIGKILLed is reaped by the janitor exactly once —
+/// CLI-CONTRACT §1, PROTOCOL §6, CLI-CONTRACT §15: a run whose core was SIGKILLed is reaped by the janitor exactly once —
 /// leftovers killed (through its cgroup), teardown from its record with TETHER_REASON=reaped,
 /// run dir, cgroup and lockfile removed — and a second sweep does nothing.
 #[test]
@@ -406,7 +406,7 @@ fn dead_holder_is_reaped_exactly_once_via_env_marker() {
 // ---------------------------------------------------------------------------------------------
 // 2. live holder
 
-/// SPEC §1.3, §8: the janitor never reaps a live run: it says `live run <id> (pid <core>),
+/// CLI-CONTRACT §1, CLI-CONTRACT §15: the janitor never reaps a live run: it says `live run <id> (pid <core>),
 /// leaving it`, the command keeps running, the lock stays held by the core, nothing is torn
 /// down; the run then finishes normally (exit 0, one `exited` teardown).
 #[test]
@@ -465,7 +465,7 @@ fn live_holder_is_never_reaped() {
 // ---------------------------------------------------------------------------------------------
 // 3. two janitors
 
-/// SPEC §8 "two janitors at once are safe": started together on one dead lock whose teardown
+/// CLI-CONTRACT §15 "two janitors at once are safe": started together on one dead lock whose teardown
 /// is slow (it waits for a release marker), exactly one janitor runs the teardown; the other
 /// finishes meanwhile having seen the lock held (live) or nothing; both exit 0. Covered for a
 /// teardown from the dead run's record and for the janitor's fallback teardown (garbage
@@ -558,7 +558,7 @@ fn two_janitors_reap_a_dead_run_once() {
 // ---------------------------------------------------------------------------------------------
 // 4. unlink under a blocked waiter
 
-/// SPEC §4.1, §8, PROTOCOL.md: the janitor unlinks a free lockfile while a run is blocked on
+/// PROTOCOL §3, CLI-CONTRACT §15, PROTOCOL.md: the janitor unlinks a free lockfile while a run is blocked on
 /// it; the waiter wakes on the orphaned inode, fails its identity check, re-opens the path, and
 /// there is never a second holder. Holder A and waiter B (proven blocked in the kernel) take
 /// turns while a janitor sweeps in a loop; each command logs `start <id> <inode of the
@@ -700,7 +700,7 @@ fn waiter_on_an_unlinked_lockfile_reopens_and_never_overlaps() {
 // ---------------------------------------------------------------------------------------------
 // 5. a run starting during a reap
 
-/// SPEC §4.1, §4.4, §8: a run that starts while the janitor reaps its app waits (blocked in
+/// PROTOCOL §3, PROTOCOL §6, CLI-CONTRACT §15: a run that starts while the janitor reaps its app waits (blocked in
 /// the kernel, with its waiting line, its command not started) until the reap is over, then
 /// runs and exits 0; the dead run is reaped exactly once (the new run finds nothing to reap).
 #[test]
@@ -769,7 +769,7 @@ fn run_started_during_a_reap_waits_for_it() {
 // ---------------------------------------------------------------------------------------------
 // 6. reboot
 
-/// SPEC §4.3, §8: after a "reboot" that wiped the lock dir (the lockfile and its metadata are
+/// CLI-CONTRACT §12, CLI-CONTRACT §15: after a "reboot" that wiped the lock dir (the lockfile and its metadata are
 /// gone), the janitor still finds the dead run from its record in the runs dir and reaps it
 /// once; no lockfile is left behind.
 #[test]
@@ -804,7 +804,7 @@ fn dead_run_is_reaped_from_its_record_after_the_lock_dir_is_wiped() {
 // ---------------------------------------------------------------------------------------------
 // 7. odd entries
 
-/// SPEC §2, §8: odd entries never crash the janitor: a directory, a dangling symlink, a
+/// CLI-CONTRACT §3, CLI-CONTRACT §15: odd entries never crash the janitor: a directory, a dangling symlink, a
 /// symlink to a real file (never followed, never written), an invalid domain name, a FIFO
 /// (never opened: no hang), a name that is no lockfile, a stray file in the runs dir — each
 /// skipped with its reason; a lockfile with garbage content is an unknown dead run of the
@@ -916,7 +916,7 @@ fn odd_entries_are_skipped_with_reasons() {
 // ---------------------------------------------------------------------------------------------
 // 8. failing teardown
 
-/// SPEC §8: a dead run whose teardown fails makes the janitor exit 1; its run dir stays
+/// CLI-CONTRACT §15: a dead run whose teardown fails makes the janitor exit 1; its run dir stays
 /// (state not clean, `reap_failures` counted in run.json) and its lockfile stays; the next
 /// sweep, with the teardown now succeeding, reaps it once and exits 0.
 #[test]
@@ -979,7 +979,7 @@ fn failed_reap_exits_1_and_the_next_sweep_retries() {
 // ---------------------------------------------------------------------------------------------
 // 9. leaked run
 
-/// SPEC §8: a holder held longer than 2 × (deadline + grace + teardown timeout) of its own
+/// CLI-CONTRACT §15: a holder held longer than 2 × (deadline + grace + teardown timeout) of its own
 /// record is reported as a `possible leaked run` — and still left alone (it is live).
 #[test]
 fn long_held_lock_is_reported_as_possible_leak_and_left_alone() {
@@ -1056,7 +1056,7 @@ fn long_held_lock_is_reported_as_possible_leak_and_left_alone() {
 // ---------------------------------------------------------------------------------------------
 // 10. dry run
 
-/// SPEC §8 `--dry-run`: with a dead run, a live run and a clean unheld lockfile present, it
+/// CLI-CONTRACT §15 `--dry-run`: with a dead run, a live run and a clean unheld lockfile present, it
 /// says would-reap / live / would-remove and changes nothing — every file byte-identical (same
 /// inodes and mtimes), leftovers alive, no teardown; a real sweep then does what it said.
 #[test]
@@ -1332,7 +1332,7 @@ fn dry_run_and_sweep_are_one_plan() {
 // ---------------------------------------------------------------------------------------------
 // 11. --app
 
-/// SPEC §8 `--app DOMAIN`: only that app is swept; another app's dead run, leftovers,
+/// CLI-CONTRACT §15 `--app DOMAIN`: only that app is swept; another app's dead run, leftovers,
 /// lockfile and run dir stay untouched until a full sweep.
 #[test]
 fn app_flag_sweeps_only_that_app() {
@@ -1368,7 +1368,7 @@ fn app_flag_sweeps_only_that_app() {
     sb.wait_no_leftovers(TIMEOUT);
 }
 
-/// SPEC §2, §12: the janitor refuses (exit 125, nothing touched) an invalid `--app` and unsafe
+/// CLI-CONTRACT §3, CLI-CONTRACT §19: the janitor refuses (exit 125, nothing touched) an invalid `--app` and unsafe
 /// dirs (a symlinked lock dir, a world-writable runs dir).
 #[test]
 fn janitor_refuses_bad_app_and_unsafe_dirs() {
@@ -1419,7 +1419,7 @@ fn janitor_refuses_bad_app_and_unsafe_dirs() {
 // ---------------------------------------------------------------------------------------------
 // 12. --json snapshot
 
-/// SPEC §8 `--json`: the report's structure is stable (insta snapshot; pids redacted, the
+/// CLI-CONTRACT §15 `--json`: the report's structure is stable (insta snapshot; pids redacted, the
 /// sandbox's unique run-id suffix normalized).
 #[test]
 fn json_report_snapshot() {
@@ -1454,7 +1454,7 @@ fn json_report_snapshot() {
 // ---------------------------------------------------------------------------------------------
 // 13. status
 
-/// SPEC §9: `tether status --json` shows the kernel's view — an app held by the holder's core
+/// CLI-CONTRACT §16: `tether status --json` shows the kernel's view — an app held by the holder's core
 /// (pid from /proc/locks) with its run id, 2 waiters and state running; the waiters' run dirs
 /// live and queued; a dead unclean run dir; a kept (`--keep-run-dir`) run dir. It takes no
 /// lock and writes nothing: the waiters stay blocked, the lock table and files are unchanged.
@@ -1598,7 +1598,7 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
 // ---------------------------------------------------------------------------------------------
 // reaped at most once, when a dead run's lock is busy for a moment
 
-/// SPEC §3.4, §4.4 "a dead run is reaped at most once": a run re-using a dead run's id holds
+/// CLI-CONTRACT §5 step 3, PROTOCOL §6 "a dead run is reaped at most once": a run re-using a dead run's id holds
 /// the dead run's `run.lock` from its claim until it has reaped it under the app lock. A
 /// janitor sweeping in that window (here: the re-using run paused right after its claim) must
 /// not make it two reaps: exactly one `reaped` teardown overall.
@@ -1641,7 +1641,7 @@ fn dead_run_whose_id_is_being_reused_is_reaped_once() {
     sb.wait_no_leftovers(TIMEOUT);
 }
 
-/// SPEC §4.4, §8: a dead run's `run.lock` can be busy for a moment while its app lock is free
+/// PROTOCOL §6, CLI-CONTRACT §15: a dead run's `run.lock` can be busy for a moment while its app lock is free
 /// (another janitor probing run dirs). A reaper that finds it so must not run the teardown
 /// without also settling the record, or the next sweep reaps the same run again. Here the
 /// probe is held by the test during one sweep; after two sweeps the teardown ran once.
@@ -1676,7 +1676,7 @@ fn dead_run_is_reaped_once_when_its_run_lock_is_probed_meanwhile() {
 // ---------------------------------------------------------------------------------------------
 // a sweep during a claim
 
-/// SPEC §1.3, §3.1 step 3, §8: a janitor never disturbs a starting run. Runs are started back
+/// CLI-CONTRACT §1, CLI-CONTRACT §5 step 3, CLI-CONTRACT §15: a janitor never disturbs a starting run. Runs are started back
 /// to back (distinct ids, a few apps) while janitors sweep in a tight loop; the window where a
 /// run has created its run dir but not yet locked its `run.lock` is hit by chance, so this is
 /// a stress test: every run must pass (never `run id … is in use by pid <a janitor>`, exit 125)

@@ -1,4 +1,4 @@
-//! Per-app serialization, lock hygiene and reconcile, against the real kernel (SPEC §2–§4, §3.6).
+//! Per-app serialization, lock hygiene and reconcile, against the real kernel (PROTOCOL §3–§6, §12).
 //!
 //! Every test drives the real `tether` binary with real flocks. Orderings are never hoped for:
 //! a waiter is proven blocked in the kernel (`/proc/locks`) before its holder is released, a
@@ -31,7 +31,7 @@ fn line_index(f: &Finished, parts: &[&str]) -> Option<usize> {
         .position(|l| parts.iter().all(|p| l.contains(p)))
 }
 
-/// SPEC §1.1, §3.1 step 4: four runs of one app take turns; each waiter is proven blocked in
+/// CLI-CONTRACT §1, CLI-CONTRACT §5 step 4: four runs of one app take turns; each waiter is proven blocked in
 /// `flock` before the holder is let go, says whom it waits for, and says when it got the lock.
 #[test]
 fn same_app_runs_never_overlap() {
@@ -135,7 +135,7 @@ fn same_app_runs_never_overlap() {
     assert!(lock_is_free(&lock));
 }
 
-/// SPEC §1.1: runs of different apps proceed in parallel — each command waits for the other's
+/// CLI-CONTRACT §1: runs of different apps proceed in parallel — each command waits for the other's
 /// marker, so both can only succeed if they run at the same time.
 #[test]
 fn different_apps_overlap() {
@@ -184,7 +184,7 @@ fn start_holder(
     (held.run, held.core)
 }
 
-/// SPEC §7, CLI-CONTRACT: the waiting line names the holder's run id and core pid, and is
+/// CLI-CONTRACT §13, CLI-CONTRACT: the waiting line names the holder's run id and core pid, and is
 /// repeated every `--wait-progress-interval`.
 #[test]
 fn waiting_line_names_holder_and_repeats() {
@@ -225,7 +225,7 @@ fn waiting_line_names_holder_and_repeats() {
     f.assert_stderr_contains(&format!("tether: app lock {app}: acquired after "));
 }
 
-/// SPEC §2, §4.1: two runs of one app have distinct run dirs; the waiting run is `queued` in
+/// CLI-CONTRACT §3, PROTOCOL §3: two runs of one app have distinct run dirs; the waiting run is `queued` in
 /// its own run dir and touches neither the holder's run dir nor the holder's lock metadata.
 #[test]
 fn waiting_run_never_touches_the_holders_run_dir() {
@@ -280,7 +280,7 @@ fn waiting_run_never_touches_the_holders_run_dir() {
     assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
 }
 
-/// SPEC §3.1 step 3, §3.4: a second run with the id of a live run is refused with the first's
+/// CLI-CONTRACT §5 step 3, CLI-CONTRACT §5 step 3: a second run with the id of a live run is refused with the first's
 /// core pid, exit 125, runs nothing and leaves the first alone; the first finishes normally.
 #[test]
 fn same_run_id_twice_is_refused() {
@@ -331,7 +331,7 @@ fn assert_no_lock_fds(listing: &[(i32, String)], sb: &Sandbox, whose: &str) {
     }
 }
 
-/// SPEC §3.1: neither the app lock fd nor the run.lock fd reach the command or the teardown
+/// CLI-CONTRACT §5: neither the app lock fd nor the run.lock fd reach the command or the teardown
 /// command, so a daemon the command leaves behind cannot keep the app locked (and it is killed
 /// at teardown anyway).
 #[test]
@@ -404,7 +404,7 @@ fn lock_fds_are_not_inherited_and_a_daemon_does_not_keep_the_lock() {
     assert_no_lock_fds(&td_listing, &sb, "the teardown command");
 }
 
-/// SPEC §3.3, §3.6: with the app busy, `--on-busy fail` exits 75 at once and `--lock-timeout
+/// CLI-CONTRACT §7, PROTOCOL §12: with the app busy, `--on-busy fail` exits 75 at once and `--lock-timeout
 /// 500ms` exits 75 after at least 500 ms; neither runs its command nor leaves a run dir.
 #[test]
 fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
@@ -595,7 +595,7 @@ fn reconcile_reaps_a_dead_run_once(no_cgroup: bool) {
     );
 }
 
-/// SPEC §1.3, §4.4: the next run of an app reaps a run whose core was SIGKILLed — leftovers
+/// CLI-CONTRACT §1, PROTOCOL §6: the next run of an app reaps a run whose core was SIGKILLed — leftovers
 /// killed via the run cgroup, teardown once with `reaped`, run dir removed — and only once.
 #[test]
 fn next_run_reaps_a_sigkilled_run_once_with_cgroup() {
@@ -609,7 +609,7 @@ fn next_run_reaps_a_sigkilled_run_once_without_cgroup() {
     reconcile_reaps_a_dead_run_once(true);
 }
 
-/// SPEC §3.4, §4.4: re-using the run id of a dead run reaps it first (exactly once, under
+/// CLI-CONTRACT §5 step 3, PROTOCOL §6: re-using the run id of a dead run reaps it first (exactly once, under
 /// the dead run's app lock), then runs; a later run of the dead run's app does not reap it
 /// again. `other_app`: the new run is for another app than the dead one.
 /// The new run (reusing dead run `id`'s id) passed; the teardown log shows the dead run reaped
@@ -674,7 +674,7 @@ fn reusing_a_dead_run_id_reaps_it_first(other_app: bool) {
     );
 }
 
-/// §3.4 + §4.3: a run reusing a dead run's id while the app is busy (here a plain flock holder
+/// CLI-CONTRACT §5 step 3 + CLI-CONTRACT §12: a run reusing a dead run's id while the app is busy (here a plain flock holder
 /// that never reconciles) must not overwrite the dead run's record with its own `queued` one
 /// while it waits: the reap under the app lock takes the dead run's teardown command and
 /// cgroup from that record.

@@ -1,4 +1,4 @@
-//! The operator's knobs against the real kernel (SPEC §2, §3.5, §6.1, §10; issue 5): host
+//! The operator's knobs against the real kernel (CLI-CONTRACT §3, PROTOCOL §12, CLI-CONTRACT §8, CLI-CONTRACT §10; issue 5): host
 //! slots, the config file and its errors, precedence, the command's environment, `run_as` and
 //! `limits`.
 //!
@@ -171,20 +171,20 @@ fn slots_are_capped_and_unique(n: usize, cap: usize) {
 // ---------------------------------------------------------------------------------------------
 // 1. slots
 
-/// SPEC §3.5: six runs of six apps under `--slots 2` never run more than two commands at once,
+/// PROTOCOL §12: six runs of six apps under `--slots 2` never run more than two commands at once,
 /// never share a slot, and the ones that wait say `all 2 slots busy — waiting`.
 #[test]
 fn slots_cap_concurrent_runs_across_apps() {
     slots_are_capped_and_unique(6, 2);
 }
 
-/// SPEC §3.5: sixteen concurrent runs under `--slots 4`: slot ids are unique at every moment.
+/// PROTOCOL §12: sixteen concurrent runs under `--slots 4`: slot ids are unique at every moment.
 #[test]
 fn sixteen_runs_under_four_slots_never_share_a_slot() {
     slots_are_capped_and_unique(16, 4);
 }
 
-/// SPEC §3.5: a slot is freed by the kernel when its holder dies: with the holder's core
+/// PROTOCOL §12: a slot is freed by the kernel when its holder dies: with the holder's core
 /// SIGKILLed, a run waiting for a slot takes that very slot.
 #[test]
 fn sigkilled_slot_holder_frees_its_slot_for_a_waiter() {
@@ -272,7 +272,7 @@ fn sigkilled_slot_holder_frees_its_slot_for_a_waiter() {
 // ---------------------------------------------------------------------------------------------
 // 2. lowering N
 
-/// SPEC §3.5 (slots.rs): lowering N is safe — with slots 00 and 01 held under `--slots 2`, a
+/// PROTOCOL §12 (slots.rs): lowering N is safe — with slots 00 and 01 held under `--slots 2`, a
 /// run under `--slots 1` waits; it keeps waiting after slot 01 frees (it never takes a slot
 /// `>= N`) and takes slot 00 once that frees.
 #[test]
@@ -332,7 +332,7 @@ fn lowering_the_slot_count_never_hands_out_a_slot_above_it() {
 // ---------------------------------------------------------------------------------------------
 // 3. environment
 
-/// SPEC §6.1, CLI-CONTRACT: with `env.allow`, the command sees only allowed names (KEEP_ME,
+/// CLI-CONTRACT §8, CLI-CONTRACT: with `env.allow`, the command sees only allowed names (KEEP_ME,
 /// not SECRET_TOKEN) plus `env.set` and `run_env`, while the teardown (tether's side) sees the
 /// full environment; `run_env: {ABRA_DIR: "{run_dir}/abra"}` gives two concurrent runs distinct
 /// dirs under their own run dirs, existing while the command runs.
@@ -424,7 +424,7 @@ fn env_allow_list_set_and_run_env_shape_the_commands_environment() {
     assert_ne!(abra_dirs[0], abra_dirs[1], "each run has its own ABRA_DIR");
 }
 
-/// SPEC §6.1, §11: the report token's variable (`report.comment.token_env`) never reaches the
+/// CLI-CONTRACT §8, CLI-CONTRACT §14: the report token's variable (`report.comment.token_env`) never reaches the
 /// command, even without `env.allow` (everything else passes); the teardown still sees it.
 #[test]
 fn report_token_is_hidden_from_the_command_without_an_allow_list() {
@@ -464,7 +464,7 @@ fn report_token_is_hidden_from_the_command_without_an_allow_list() {
 // ---------------------------------------------------------------------------------------------
 // 4. run_as
 
-/// SPEC §10, CLI-CONTRACT: `run_as: {user, group}` runs the command as that user and group
+/// CLI-CONTRACT §10, CLI-CONTRACT: `run_as: {user, group}` runs the command as that user and group
 /// (its `id -u` / `id -g`), the teardown as the invoker (uid 0), and the command can write its
 /// `$TMPDIR` and its `run_env` dir under the run dir.
 #[test]
@@ -538,7 +538,7 @@ fn run_as_drops_the_command_but_not_the_teardown() {
     );
 }
 
-/// SPEC §12: an unknown `run_as` user is refused with exit 125 naming it, before anything is
+/// CLI-CONTRACT §19: an unknown `run_as` user is refused with exit 125 naming it, before anything is
 /// created: no run dir, no lockfile, no command.
 #[test]
 fn run_as_unknown_user_is_refused_and_leaves_nothing() {
@@ -571,7 +571,7 @@ fn run_as_unknown_user_is_refused_and_leaves_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 5. config errors
 
-/// SPEC §10, §12: each config error exits 125 with one message naming file, line and key
+/// CLI-CONTRACT §10, CLI-CONTRACT §19: each config error exits 125 with one message naming file, line and key
 /// (snapshot), runs nothing and leaves nothing behind; `tether config check` agrees.
 #[test]
 fn config_errors_name_file_line_and_key_and_leave_nothing() {
@@ -736,7 +736,7 @@ fn config_not_utf8_or_not_a_file_is_named_and_never_hangs() {
 // ---------------------------------------------------------------------------------------------
 // 6. precedence
 
-/// SPEC §2: flag > file > default for `deadline`: `--deadline 30s` beats the file's `1s` (a
+/// CLI-CONTRACT §3: flag > file > default for `deadline`: `--deadline 30s` beats the file's `1s` (a
 /// 2 s command passes); the file's `1s` alone beats the default 60m (exit 142).
 #[test]
 fn deadline_flag_beats_file_and_file_beats_default() {
@@ -766,7 +766,7 @@ fn deadline_flag_beats_file_and_file_beats_default() {
         .assert_stderr_contains("result=deadline");
 }
 
-/// SPEC §2: `TETHER_LOCK_DIR` beats the file's `lock_dir`, `--lock-dir` beats
+/// CLI-CONTRACT §3: `TETHER_LOCK_DIR` beats the file's `lock_dir`, `--lock-dir` beats
 /// `TETHER_LOCK_DIR`, and the file beats the default: the lockfile appears in the winner's dir.
 #[test]
 fn lock_dir_flag_beats_env_beats_file() {

@@ -1,4 +1,4 @@
-//! SPEC §7 output formats: `--log-format json` (one JSON object per line), `-q` (only warnings,
+//! CLI-CONTRACT §13 output formats: `--log-format json` (one JSON object per line), `-q` (only warnings,
 //! errors and the summary), `-v` (debug lines too), and the summary always last.
 
 use runner_tests::*;

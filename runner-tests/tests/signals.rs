@@ -1,7 +1,7 @@
 //! Real-kernel signal suite: every way a CI agent ends a step funnels into one teardown.
 //!
-//! SPEC §3.1 (front/core split, PDEATHSIG, the funnel), §3.3 (exit codes), §5 (teardown
-//! exactly once, signals during teardown logged and ignored) and §7 (funnel lines, summary
+//! CLI-CONTRACT §5 (front/core split, PDEATHSIG, the funnel), CLI-CONTRACT §7 (exit codes), CLI-CONTRACT §6 (teardown
+//! exactly once, signals during teardown logged and ignored) and CLI-CONTRACT §13 (funnel lines, summary
 //! last). Each test starts the real `tether` binary with a real process tree (`tree-helper`:
 //! plain children, a `setsid()` child and a double-fork orphan), ends it the way one agent
 //! does, and then asserts what must hold afterwards:

@@ -1,6 +1,6 @@
 //! Soak: many runs of a few apps, some killed or cancelled at random, a janitor sweeping
-//! beside them (SPEC §1: serialization per app, teardown exactly once, nothing outlives a dead
-//! run; §4.4 reaped exactly once; §8 janitor never reaps a live run).
+//! beside them (CLI-CONTRACT §1: serialization per app, teardown exactly once, nothing outlives a dead
+//! run; PROTOCOL §6 reaped exactly once; CLI-CONTRACT §15 janitor never reaps a live run).
 //!
 //! Each run's command appends `start <app> <run> <pid>` to its app's log, sleeps a few ms and
 //! appends `end <app> <run> <pid>` (each line one `O_APPEND` write by `echo >>`); its teardown
@@ -192,7 +192,7 @@ fn check_app_log(app: &str, lines: &[String]) -> (Vec<String>, Seen) {
     (violations, seen)
 }
 
-/// SPEC §1, §4.4, §8 under load: ~200 runs of 4 apps, 8 at a time, ~1 in 5 SIGKILLed (front
+/// CLI-CONTRACT §1, PROTOCOL §6, CLI-CONTRACT §15 under load: ~200 runs of 4 apps, 8 at a time, ~1 in 5 SIGKILLed (front
 /// or core) or SIGTERMed mid-command, a janitor sweeping in a loop: no two holders of an app
 /// ever overlap, every run tears down exactly once (a SIGKILLed core's run reaped exactly
 /// once), and nothing — process, lockfile, run dir — is left.

@@ -1,5 +1,5 @@
 //! The command's process tree, exit codes, teardown failure and bad input, against the real
-//! kernel (SPEC §3.1, §3.3, §3.4, §5, §12).
+//! kernel (CLI-CONTRACT §5, CLI-CONTRACT §7, CLI-CONTRACT §5 step 3, CLI-CONTRACT §6, CLI-CONTRACT §19).
 //!
 //! Every test drives the real `tether` binary. Trees are built by `tree-helper`, which reports
 //! its pids only once every process is set up; death is asserted on those pids. "Nothing left
@@ -51,7 +51,7 @@ fn assert_spawn_path(f: &Finished, path: SpawnPath) {
     }
 }
 
-/// SPEC §3.1 step 8, §5.2: the command starts a tree-helper in the background (plain children,
+/// CLI-CONTRACT §5 step 8, CLI-CONTRACT §6: the command starts a tree-helper in the background (plain children,
 /// a `setsid()` child, a double-forked orphan) and exits 0 by itself; when tether has exited,
 /// every process of that tree is dead and the exit code is the command's 0.
 fn escaped_descendants_die_at_teardown(no_cgroup: bool, path: SpawnPath) {
@@ -179,7 +179,7 @@ fn argv0_is_as_typed_forked() {
 // ---------------------------------------------------------------------------------------------
 // 11. Exit codes pass through step shells.
 
-/// SPEC §3.3: tether run inside a `sh -e` / `bash -e` step script (not exec'd) ends the step
+/// CLI-CONTRACT §7: tether run inside a `sh -e` / `bash -e` step script (not exec'd) ends the step
 /// with the command's own status (0, 1, 7, 255), and with 128+N when the command died of a
 /// signal N that tether did not send (SIGKILL, SIGABRT).
 fn exit_codes_pass_through(bash: bool) {
@@ -265,14 +265,14 @@ fn teardown_fails(command_code: i32, expected: i32) {
     );
 }
 
-/// SPEC §3.3, §5.4: a passing command whose teardown fails must not look green: exit 125,
+/// CLI-CONTRACT §7, CLI-CONTRACT §6: a passing command whose teardown fails must not look green: exit 125,
 /// `teardown=failed`, the run stays `tearing-down` with its run dir kept, the lock is free.
 #[test]
 fn failing_teardown_after_a_passing_command_exits_125_and_keeps_state() {
     teardown_fails(0, 125);
 }
 
-/// SPEC §3.3: after a failing command (exit 3), a failing teardown keeps the command's code.
+/// CLI-CONTRACT §7: after a failing command (exit 3), a failing teardown keeps the command's code.
 #[test]
 fn failing_teardown_after_a_failing_command_keeps_its_code() {
     teardown_fails(3, 3);
@@ -281,7 +281,7 @@ fn failing_teardown_after_a_failing_command_keeps_its_code() {
 // ---------------------------------------------------------------------------------------------
 // 13. Bad input: a clear message, the documented code, nothing left behind.
 
-/// Runs `cmd` (whose command, if any, would create `marker`) and asserts SPEC §12: exit
+/// Runs `cmd` (whose command, if any, would create `marker`) and asserts CLI-CONTRACT §19: exit
 /// `code`; exactly one error message, naming `culprit`; nothing created or changed in the
 /// sandbox; the marker absent; no process of the sandbox alive.
 fn assert_refused(sb: &Sandbox, cmd: TetherCmd<'_>, marker: &Path, code: i32, culprit: &str) {
@@ -357,7 +357,7 @@ fn missing_command_or_separator_is_refused() {
         .app("bad.example.org")
         .command(Vec::<String>::new());
     assert_refused(&sb, cmd, &m, 125, "<COMMAND>");
-    // A command without `--` before it (SPEC §3: `-- <COMMAND>`).
+    // A command without `--` before it (CLI-CONTRACT §3: `-- <COMMAND>`).
     let [touch, path] = touch_cmd(&m);
     let cmd = sb.tether_run().app("bad.example.org").args([&touch, &path]);
     assert_refused(&sb, cmd, &m, 125, "touch");
@@ -519,7 +519,7 @@ fn runs_dir_symlink_is_refused() {
     assert_refused(&sb, cmd, &m, 125, link.to_str().unwrap());
 }
 
-/// SPEC §2, issue 13: a group/world-writable lock dir or runs dir is refused — with the sticky
+/// CLI-CONTRACT §3, issue 13: a group/world-writable lock dir or runs dir is refused — with the sticky
 /// bit too (a sticky dir still lets anyone *create* entries: a planted run record would be a
 /// root code execution). Exit 125, the message names the dir, nothing is run or created.
 #[test]
@@ -536,7 +536,7 @@ fn writable_dirs_are_refused_sticky_or_not() {
     }
 }
 
-/// SPEC §2, §4.1: a symlink in the lockfile's place is never followed: exit 125, its target
+/// CLI-CONTRACT §3, PROTOCOL §3: a symlink in the lockfile's place is never followed: exit 125, its target
 /// neither created (dangling) nor written (existing), no run dir left, nothing run.
 #[test]
 fn symlink_in_the_lockfiles_place_is_refused() {
@@ -574,7 +574,7 @@ fn directory_in_the_lockfiles_place_is_refused() {
     assert_refused(&sb, cmd, &m, 125, lock.to_str().unwrap());
 }
 
-/// SPEC §3.3, §12: a command that does not exist → 127; nothing created, locked or started.
+/// CLI-CONTRACT §7, CLI-CONTRACT §19: a command that does not exist → 127; nothing created, locked or started.
 #[test]
 fn command_not_found_exits_127() {
     let sb = Sandbox::new();
@@ -588,7 +588,7 @@ fn command_not_found_exits_127() {
     }
 }
 
-/// SPEC §3.3, §12: a file without the x bit, and a directory → 126; nothing left behind.
+/// CLI-CONTRACT §7, CLI-CONTRACT §19: a file without the x bit, and a directory → 126; nothing left behind.
 #[test]
 fn command_not_executable_exits_126() {
     let sb = Sandbox::new();
@@ -607,7 +607,7 @@ fn command_not_executable_exits_126() {
     }
 }
 
-/// SPEC §3.3: a command that passes the up-front checks but that the kernel refuses to exec
+/// CLI-CONTRACT §7: a command that passes the up-front checks but that the kernel refuses to exec
 /// (executable, but neither a binary nor a `#!` script: ENOEXEC) → 126, reported by the child
 /// through its close-on-exec pipe, on both spawn paths; the run tears down and leaves the app
 /// free.
@@ -714,7 +714,7 @@ fn clone3_refused_with_eperm_falls_back_to_fork_without_a_cgroup() {
     clone3_refused_falls_back_to_fork(libc::EPERM);
 }
 
-/// SPEC §12, CLI-CONTRACT: `--config x` naming a file that cannot be read (and, while config
+/// CLI-CONTRACT §19, CLI-CONTRACT: `--config x` naming a file that cannot be read (and, while config
 /// files are not supported, any `--config`) → 125 with one message about the config, nothing
 /// left behind.
 #[test]
@@ -734,7 +734,7 @@ fn unreadable_config_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // 14. --keep-run-dir.
 
-/// SPEC §3.4, §5.4: `--keep-run-dir` keeps the run dir after a clean run: run.json in state
+/// CLI-CONTRACT §5 step 3, CLI-CONTRACT §6: `--keep-run-dir` keeps the run dir after a clean run: run.json in state
 /// `clean`, `tmp/` (the command's TMPDIR) still there with what the command put in it.
 #[test]
 fn keep_run_dir_keeps_a_clean_run_dir() {
@@ -776,7 +776,7 @@ fn keep_run_dir_keeps_a_clean_run_dir() {
 // ---------------------------------------------------------------------------------------------
 // Isolation of runs that share a run id across runs dirs.
 
-/// SPEC §2, §5.2: run ids are unique per runs dir only, so two live runs in different runs dirs
+/// CLI-CONTRACT §3, CLI-CONTRACT §6: run ids are unique per runs dir only, so two live runs in different runs dirs
 /// (two runner agents with their own dirs, or a developer reproducing CI run 267 locally while
 /// CI runs it) may share one. Tearing one down must kill *its* process tree only: the other
 /// run's command survives and finishes normally.

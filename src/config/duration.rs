@@ -89,7 +89,7 @@ pub(crate) fn human_secs(secs: u64) -> String {
     }
 }
 
-/// The canonical spec form of a configured duration (`60m` stays `60m`, `90s` stays `90s`).
+/// The canonical form of a configured duration (`60m` stays `60m`, `90s` stays `90s`).
 pub(crate) fn canonical(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
@@ -113,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_spec_forms() {
+    fn parses_the_documented_forms() {
         assert_eq!(parse("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5_400)));

@@ -1,4 +1,4 @@
-//! What the command's environment is (SPEC §6.1): the parent's (or only the names `env.allow`
+//! What the command's environment is (CLI-CONTRACT §8): the parent's (or only the names `env.allow`
 //! lets through), plus tether's own variables, `env.set`, and `run_env` templated per run.
 //!
 //! The failure this closes: a secret meant for the teardown or the PR-comment reporter (a

@@ -1,9 +1,9 @@
-//! The config file (SPEC §10): one YAML file with the operator's policy.
+//! The config file (CLI-CONTRACT §10): one YAML file with the operator's policy.
 //!
 //! Strict on purpose: an unknown key, a wrong type, a bad duration or an unknown template
 //! variable is an error naming the file, the line and the key (`config /etc/tether/config.yml:2:
 //! unknown key "teardwon" (did you mean "teardown"?)`). A typo in a teardown key must never
-//! silently become "no teardown". Precedence (SPEC §2): flag > environment > file > default;
+//! silently become "no teardown". Precedence (CLI-CONTRACT §3): flag > environment > file > default;
 //! this module only reads the file, `run`/`cli` apply the order.
 
 pub(crate) mod args;

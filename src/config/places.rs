@@ -1,4 +1,4 @@
-//! Where tether's state lives by default (SPEC §2, DECISIONS D27), and whether we are root.
+//! Where tether's state lives by default (CLI-CONTRACT §3, DECISIONS D27), and whether we are root.
 //! The defaults never depend on environment variables: the same user under cron, `su` or
 //! `sudo -u` must find the same lock dir, or two runs of one app overlap. Each has a fallback
 //! that `state::dirs` uses, with a warning, when the preferred dir is unusable.

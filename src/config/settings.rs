@@ -1,4 +1,4 @@
-//! Effective settings: flag > environment > config file > built-in default (SPEC §2).
+//! Effective settings: flag > environment > config file > built-in default (CLI-CONTRACT §3).
 //!
 //! clap already folds the environment into the flag value (`--lock-dir` / `TETHER_LOCK_DIR`),
 //! so the order here is "what clap gave" > file > default. The built-in defaults live here and

@@ -1,4 +1,4 @@
-//! `run_as` (SPEC §10): the command drops to a user (and group) in the child before `exec`;
+//! `run_as` (CLI-CONTRACT §10): the command drops to a user (and group) in the child before `exec`;
 //! setup and teardown stay as the invoking user.
 //!
 //! Resolved up front, so an unknown user or group is a validation error (exit 125) before

@@ -1,4 +1,4 @@
-//! App domains and run ids: validated before any file is touched (SPEC §2).
+//! App domains and run ids: validated before any file is touched (CLI-CONTRACT §3).
 //!
 //! Both end up in file names (`app-<domain>.lock`, `<runs dir>/<run-id>/`), so anything that
 //! could climb out of a directory (`..`, `/`, NUL) or confuse a reader is refused here, once.

@@ -1,4 +1,4 @@
-//! Reporting back (SPEC §11): the summary as a PR comment (Gitea/Forgejo or GitHub API) and/or
+//! Reporting back (CLI-CONTRACT §14): the summary as a PR comment (Gitea/Forgejo or GitHub API) and/or
 //! a JSON POST to a webhook.
 //!
 //! Reporting can never change the exit code or hold up a teardown: it runs after teardown,

@@ -1,4 +1,4 @@
-//! `tether status` (SPEC §9): what the kernel says, read without taking a single lock.
+//! `tether status` (CLI-CONTRACT §16): what the kernel says, read without taking a single lock.
 //!
 //! Holders and waiters come from `/proc/locks`, matched by device and inode — a pid in a
 //! lockfile can be stale, the kernel's lock table cannot. Run ids and states come from the

@@ -1,4 +1,4 @@
-//! The run's last word (SPEC §7): one summary line, and the same as JSON for bots.
+//! The run's last word (CLI-CONTRACT §13): one summary line, and the same as JSON for bots.
 //!
 //! The JSON file is replaced atomically (a sibling written whole, then renamed over it), so a
 //! bot polling it reads the previous document or the new one, never a torn one; its directory

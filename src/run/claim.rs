@@ -1,4 +1,4 @@
-//! Step 3 (SPEC §3.1): claim the run dir — create it, take `run.lock`, make the run's cgroup
+//! Step 3 (CLI-CONTRACT §5): claim the run dir — create it, take `run.lock`, make the run's cgroup
 //! — and everything a claimed run does before it holds its app: waiting visibly, giving up
 //! without leaving anything behind.
 

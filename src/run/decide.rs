@@ -180,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn exit_codes_follow_the_spec_table() {
+    fn exit_codes_follow_the_contract_table() {
         assert_eq!(Cause::Signal(Sig::Term).exit_code(), 143);
         assert_eq!(Cause::Signal(Sig::Int).exit_code(), 130);
         assert_eq!(Cause::Signal(Sig::Hup).exit_code(), 129);

@@ -1,4 +1,4 @@
-//! The run's environment (SPEC §6.1): the policy's (`env.allow`, `env.set`, `run_env`) plus
+//! The run's environment (CLI-CONTRACT §8): the policy's (`env.allow`, `env.set`, `run_env`) plus
 //! tether's own variables.
 
 use super::Ctx;

@@ -1,5 +1,5 @@
-//! How a run ends: the summary (SPEC §7), made in one place for every way a run can end, the
-//! report after it (§11), and the exit code (§3.3). Also the run's fixed lines (the funnel's
+//! How a run ends: the summary (CLI-CONTRACT §13), made in one place for every way a run can end, the
+//! report after it (CLI-CONTRACT §14), and the exit code (CLI-CONTRACT §7). Also the run's fixed lines (the funnel's
 //! cause, ignored events, the waiting/acquired lines).
 
 use super::decide::Cause;
@@ -269,7 +269,7 @@ impl Aborted {
     }
 }
 
-/// The funnel's line for the cause (SPEC §7).
+/// The funnel's line for the cause (CLI-CONTRACT §13).
 pub(super) fn announce(cause: Cause, deadline: Duration) {
     let (event, msg) = match cause {
         Cause::Signal(s) => ("received", format!("received {} — tearing down", s.name())),

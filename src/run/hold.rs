@@ -1,4 +1,4 @@
-//! Steps 4–7 (SPEC §3.1): take the app lock, reap dead runs of the app (reconcile, §4.4), take
+//! Steps 4–7 (CLI-CONTRACT §5): take the app lock, reap dead runs of the app (reconcile, PROTOCOL §6), take
 //! a slot, apply limits, prepare what the command may write, and write `running`. `hold` is the
 //! last step that may give up: the `Held` it returns has touched the app.
 
@@ -128,7 +128,7 @@ impl Claimed {
         super::check_funnel(sup, &self.ctx)
     }
 
-    /// §3.4: our run id belonged to a dead run of another app. Reap it under that app's lock.
+    /// CLI-CONTRACT §5 step 3: our run id belonged to a dead run of another app. Reap it under that app's lock.
     pub(super) fn reap_own_dead_of_other_app(
         &mut self,
         dead: RunRecord,
@@ -172,7 +172,7 @@ impl Claimed {
         Error::tether(format!("cannot start: {}{hint}", e.message))
     }
 
-    /// `limits` (SPEC §10): cgroup controllers where available, rlimits for nofile and nproc
+    /// `limits` (CLI-CONTRACT §10): cgroup controllers where available, rlimits for nofile and nproc
     /// (set in the child). Each limit that cannot be applied gets one warning.
     fn apply_limits(&self) {
         let l = &self.ctx.spec.limits;

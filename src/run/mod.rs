@@ -1,4 +1,4 @@
-//! `tether run`: the life of one run (SPEC §3.1), as a chain of states, each consuming the one
+//! `tether run`: the life of one run (CLI-CONTRACT §5), as a chain of states, each consuming the one
 //! before, so that the compiler holds the two promises that matter most:
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Step 2 of a run (SPEC §3.1): resolve and validate everything — config, domain, run id,
+//! Step 2 of a run (CLI-CONTRACT §5): resolve and validate everything — config, domain, run id,
 //! command, dirs — without creating anything (ripgrep's `hiargs` idea: one pure value the rest
 //! of the run reads). Any error here is exit 125 (126/127 for the command), nothing created,
 //! locked or started.

@@ -1,4 +1,4 @@
-//! Steps 4 and 6 (SPEC §3.1, §3.5, §3.6): waiting for the app lock — visibly, interruptibly,
+//! Steps 4 and 6 (CLI-CONTRACT §5, PROTOCOL §12, PROTOCOL §12): waiting for the app lock — visibly, interruptibly,
 //! within `--lock-timeout`, under the busy policy (`wait`, `fail`, `cancel-older`) — and for a
 //! host slot. The lock itself comes from the lock backend (`state::lock::AppLocks`).
 
@@ -166,7 +166,7 @@ impl Claimed {
         }
     }
 
-    /// `--on-busy cancel-older` (SPEC §3.6): SIGTERM the holder when its own record has our
+    /// `--on-busy cancel-older` (PROTOCOL §12): SIGTERM the holder when its own record has our
     /// group key and its pid is the lock's holder in the kernel's lock table and still the
     /// process that wrote the record (start time). A holder of another group, or one we cannot
     /// identify, is never signalled.

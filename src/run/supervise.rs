@@ -1,4 +1,4 @@
-//! Steps 8–9 (SPEC §3.1): setup, then the command — in their own process group, in the run's
+//! Steps 8–9 (CLI-CONTRACT §5): setup, then the command — in their own process group, in the run's
 //! cgroup, PDEATHSIG towards the core — and the wait for the command or the funnel.
 
 use super::decide::{decide_batch, Cause};

@@ -1,4 +1,4 @@
-//! Step 10, SPEC §5: the one teardown. `Ended::teardown` consumes the run, so it runs once.
+//! Step 10, CLI-CONTRACT §6: the one teardown. `Ended::teardown` consumes the run, so it runs once.
 //!
 //! Kill the whole tree first (nothing may sit in the run dir), then the teardown command — its
 //! `clean` recorded the moment it exits 0 (D25) —, then retire the run dir, release the slot

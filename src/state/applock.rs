@@ -1,6 +1,6 @@
 //! The app lock, behind one seam (issue 15): acquiring, waiting for, probing, reading the
 //! holder of, and releasing the lock of an app go through [`AppLocks`], whose only member today
-//! is a kernel `flock` on `<lock dir>/app-<domain>.lock` (SPEC §4.1, PROTOCOL.md). A second
+//! is a kernel `flock` on `<lock dir>/app-<domain>.lock` (PROTOCOL §3, PROTOCOL.md). A second
 //! member (a cluster-wide lock on PostgreSQL) is a change to this module and its tests; the
 //! run's life cycle does not know which one it holds.
 

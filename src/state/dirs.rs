@@ -1,4 +1,4 @@
-//! Where tether keeps its locks and run dirs (SPEC §2), and the trust checks that make them
+//! Where tether keeps its locks and run dirs (CLI-CONTRACT §3), and the trust checks that make them
 //! safe to act on as root (PROTOCOL.md, "Trust model").
 //!
 //! A state dir is reached by walking from `/` one component at a time on directory fds

@@ -1,4 +1,4 @@
-//! Kernel `flock` locks on files in the lock dir (SPEC §4.1): the app lock, and the same
+//! Kernel `flock` locks on files in the lock dir (PROTOCOL §3): the app lock, and the same
 //! mechanism for `run.lock` and slots.
 //!
 //! Races closed here:

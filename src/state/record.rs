@@ -1,5 +1,5 @@
-//! The two records a run leaves: lock metadata (in the app lockfile, SPEC §4.2) and the run
-//! record `run.json` (in the run dir, SPEC §4.3).
+//! The two records a run leaves: lock metadata (in the app lockfile, CLI-CONTRACT §12) and the run
+//! record `run.json` (in the run dir, CLI-CONTRACT §12).
 //!
 //! Readers must survive a torn or corrupt file (a holder killed mid-write): they parse the
 //! first JSON value and ignore trailing bytes, and treat anything unparsable as "unknown".
@@ -357,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn states_use_the_spec_names() {
+    fn states_use_the_contract_names() {
         assert_eq!(
             serde_json::to_string(&State::TearingDown).unwrap(),
             "\"tearing-down\""

@@ -1,5 +1,5 @@
-//! The run dir: `<runs dir>/<run-id>/` (0700) with `run.lock`, `run.json` and `tmp/` (SPEC §2,
-//! §3.1 step 3, §4.3).
+//! The run dir: `<runs dir>/<run-id>/` (0700) with `run.lock`, `run.json` and `tmp/` (CLI-CONTRACT §3,
+//! CLI-CONTRACT §5 step 3, CLI-CONTRACT §12).
 //!
 //! All of a run's state is keyed by run id, never by app: two runs of one app (one waiting,
 //! one running) never share a file. `run.lock` is held for the run's whole life, so "is this
@@ -53,7 +53,7 @@ pub(crate) struct RunDir {
 /// What claiming found.
 pub(crate) struct Claim {
     pub(crate) dir: RunDir,
-    /// The dir existed with the unclean record of a dead run of the same id (§3.4): the claimer
+    /// The dir existed with the unclean record of a dead run of the same id (CLI-CONTRACT §5 step 3): the claimer
     /// now holds its `run.lock` and must reap it before reusing the dir.
     pub(crate) dead: Option<RunRecord>,
     /// The dir existed already (a dead run's, or a kept one).

@@ -1,4 +1,4 @@
-//! Host slots (SPEC §3.5): `slot-NN.lock` files in the lock dir cap how many commands run at
+//! Host slots (PROTOCOL §12): `slot-NN.lock` files in the lock dir cap how many commands run at
 //! once on this host, across apps.
 //!
 //! The failure this closes (cf. "every worker got slot 0"): slot ids must be unique among

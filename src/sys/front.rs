@@ -1,4 +1,4 @@
-//! Lifetime guards (SPEC §3.1 step 1): the front/core split and PDEATHSIG with the
+//! Lifetime guards (CLI-CONTRACT §5 step 1): the front/core split and PDEATHSIG with the
 //! `getppid()` re-check. The core goes on as a [`Supervisor`].
 //!
 //! CI agents end a step in different ways: SIGKILL to the step shell only (Drone exec), SIGKILL

@@ -1,10 +1,10 @@
-//! Finding the command before anything is created (SPEC §12): `execvp`'s rules, so a missing
+//! Finding the command before anything is created (CLI-CONTRACT §19): `execvp`'s rules, so a missing
 //! or non-executable command is refused (127 / 126) with nothing left behind.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// How a command name resolves, checked before anything is created (SPEC §12).
+/// How a command name resolves, checked before anything is created (CLI-CONTRACT §19).
 pub(crate) enum Resolved {
     Found(PathBuf),
     NotFound(String),

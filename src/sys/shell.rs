@@ -1,4 +1,4 @@
-//! Running a teardown (or setup) shell command under a bound (SPEC §5 step 3, §4.4).
+//! Running a teardown (or setup) shell command under a bound (CLI-CONTRACT §6 step 3, PROTOCOL §6).
 //!
 //! The command runs by `sh -c` in its own process group, with PDEATHSIG=SIGKILL towards the
 //! core, in the run's cgroup when there is one (emptied of the command's processes first). It

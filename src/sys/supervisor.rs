@@ -136,7 +136,7 @@ impl Supervisor {
         self.agent_watch = on;
     }
 
-    /// Start a child (SPEC §3.1 step 8). Its exit status is then asked for with
+    /// Start a child (CLI-CONTRACT §5 step 8). Its exit status is then asked for with
     /// [`Supervisor::exit_status`].
     pub(crate) fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Child, SpawnError> {
         let spawned = spawn::spawn(spec)?;

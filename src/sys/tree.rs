@@ -1,4 +1,4 @@
-//! Killing a run's whole process tree, and nothing else (SPEC §5 step 2).
+//! Killing a run's whole process tree, and nothing else (CLI-CONTRACT §6 step 2).
 //!
 //! The failure this closes: a cleanup that unmounts or deletes while `make` children still
 //! run ("device busy"), or a daemon the command double-forked outliving the run. A run's

@@ -1,5 +1,5 @@
 //! `exit-with --code N` / `exit-with --signal N`: ends with a chosen status, for exit-code
-//! pass-through tests (SPEC §3.3).
+//! pass-through tests (CLI-CONTRACT §7).
 //!
 //! `--code N` exits with status N. `--signal N` restores the default disposition of signal N,
 //! unblocks it and raises it on itself, so the process dies *by* that signal (the parent sees

@@ -2,7 +2,7 @@
 //!
 //! Writes one line `N -> TARGET` per open fd (from `/proc/self/fd`, sorted by number) to F
 //! atomically (`F.tmp`, then rename) and exits 0. Run as tether's command (or teardown
-//! command) it proves that the app lock, `run.lock` and slot fds are not inherited (SPEC §3.1).
+//! command) it proves that the app lock, `run.lock` and slot fds are not inherited (CLI-CONTRACT §5).
 //! The directory handle used to list `/proc/self/fd` is closed before the targets are read, so
 //! it never appears in the output; the output file is opened only after the listing.
 //! Exit status 2 on bad usage, 1 on an I/O error.

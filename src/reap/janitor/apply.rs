@@ -306,7 +306,7 @@ impl Sweep<'_, '_> {
         self.report.push(e);
     }
 
-    /// SPEC §4.4 / issue 14: a run cgroup whose core is dead and whose state is gone (wiped
+    /// PROTOCOL §6 / issue 14: a run cgroup whose core is dead and whose state is gone (wiped
     /// dirs, a deleted sandbox): everything in it is killed and it is removed.
     fn orphan(&mut self, o: Orphan, mut e: Entry) {
         if !o.cgroup.exists() {

@@ -1,4 +1,4 @@
-//! `tether janitor` (SPEC §8): sweep the lock dir, the runs dir and tether's cgroups, reap what
+//! `tether janitor` (CLI-CONTRACT §15): sweep the lock dir, the runs dir and tether's cgroups, reap what
 //! dead runs left, and never touch a live run.
 //!
 //! A sweep is a plan, then its application (issues 15, 18). The plan (plan.rs) is made from
@@ -10,7 +10,7 @@
 //!
 //! Life and death come from lock probes only. A held app lock is a live run: it is reported
 //! (with a warning when it has been held longer than its own bounds allow) and left alone. An
-//! unheld one is taken, identity-checked, reconciled (SPEC §4.4) and then unlinked *while still
+//! unheld one is taken, identity-checked, reconciled (PROTOCOL §6) and then unlinked *while still
 //! held*, so a waiter blocked on it wakes up on an orphaned inode, fails its identity check
 //! and re-opens the path (PROTOCOL.md). Run dirs whose `run.lock` is free are reaped under
 //! their app's lock; this is what finds dead runs after a reboot wiped `/run/lock`.

@@ -82,7 +82,7 @@ pub(super) fn skipped(kind: &'static str, name: &str, app: Option<String>, why: 
     }
 }
 
-/// The entry's line (SPEC §8: `<domain>: live run <id> (pid <pid>), leaving it`, …).
+/// The entry's line (CLI-CONTRACT §15: `<domain>: live run <id> (pid <pid>), leaving it`, …).
 fn say(e: &Entry) {
     // A lockfile is its app's; a run dir or cgroup is named (several may be one app's).
     let subject = match (e.kind, &e.app) {

@@ -1,4 +1,4 @@
-//! Reconcile (SPEC §4.4): whoever holds an app lock first reaps every dead, unclean run of
+//! Reconcile (PROTOCOL §6): whoever holds an app lock first reaps every dead, unclean run of
 //! that app — the one the lockfile's metadata names, and every run dir whose record names
 //! the app, whose `run.lock` nobody holds, and whose state is not `clean`.
 //!

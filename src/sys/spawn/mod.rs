@@ -1,4 +1,4 @@
-//! Starting a child the way a supervisor must (SPEC §3.1 step 8; tini, process-wrap):
+//! Starting a child the way a supervisor must (CLI-CONTRACT §5 step 8; tini, process-wrap):
 //! its own process group, PDEATHSIG=SIGKILL towards the core (re-checked), every signal
 //! disposition back to default (an agent may have started us with SIGINT ignored) and the
 //! signal mask emptied (the core blocks its funnel signals), stdin `/dev/null`, and — when
@@ -83,7 +83,7 @@ impl std::fmt::Display for SpawnError {
     }
 }
 
-/// Start a child (SPEC §3.1 step 8).
+/// Start a child (CLI-CONTRACT §5 step 8).
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     prepare_and_clone(spec)
 }
