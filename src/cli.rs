@@ -3,6 +3,7 @@
 //! Every clap error is a usage error, exit 125 (clap's own default, 2, would collide with a
 //! command's status); `--help` and `--version` exit 0.
 
+use crate::cluster::check::ClusterCmdArgs;
 use crate::config::args::ConfigArgs;
 use crate::out::status::StatusArgs;
 use crate::reap::cmd::{ForgetArgs, JanitorArgs};
@@ -35,6 +36,8 @@ pub(crate) enum Command {
     Config(ConfigArgs),
     /// Give up on a dead run whose reap keeps failing: remove its state, run nothing.
     Forget(ForgetArgs),
+    /// The cluster-wide locks' PostgreSQL server: `tether cluster check`.
+    Cluster(ClusterCmdArgs),
 }
 
 /// Parse argv and run; returns the process exit code.
@@ -56,5 +59,6 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Status(args) => crate::out::status::main(args),
         Command::Config(args) => crate::config::args::main(args),
         Command::Forget(args) => crate::reap::cmd::forget(args),
+        Command::Cluster(args) => crate::cluster::check::main(args),
     }
 }

@@ -16,6 +16,8 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(60 * 60);
 pub(crate) const GRACE: Duration = Duration::from_secs(10);
 pub(crate) const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub(crate) const RETAIN_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
+/// Bound on connecting to the cluster's server (`cluster.connect_timeout`).
+pub(crate) const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Settings<'a> {
     cfg: &'a Config,
@@ -234,5 +236,63 @@ pub(crate) fn show(cfg: &Config) -> String {
             .unwrap_or_else(|| "none".into()),
         &src(cfg.run_as.is_some(), None),
     );
+    show_cluster(&mut out, cfg, &src);
     out
+}
+
+/// The `cluster` lines of `config show`: where the server is, where the password comes from.
+fn show_cluster(out: &mut String, cfg: &Config, src: &dyn Fn(bool, Option<&str>) -> String) {
+    use super::cluster;
+    let line = |out: &mut String, key: &str, value: String, source: String| {
+        out.push_str(&format!("{key:<18} {value:<40} ({source})\n"));
+    };
+    let file = cfg.cluster.as_ref();
+    let env_url = std::env::var("TETHER_CLUSTER_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let url = match &env_url {
+        Some(text) => match cluster::parse_url(text) {
+            Ok(u) => u.to_string(),
+            Err(e) => format!("invalid: {e}"),
+        },
+        None => file
+            .and_then(|c| c.url.as_ref())
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| "none (single host: local locks only)".into()),
+    };
+    let url_set = file.is_some_and(|c| c.url.is_some());
+    line(
+        out,
+        "cluster.url",
+        url,
+        src(url_set, Some("TETHER_CLUSTER_URL")),
+    );
+    if env_url.is_none() && !url_set {
+        return;
+    }
+    let password = match (
+        file.and_then(|c| c.password_env.as_ref()),
+        file.and_then(|c| c.password_file.as_ref()),
+    ) {
+        (Some(var), _) => format!("from ${var}"),
+        (None, Some(path)) => format!("from {}", path.display()),
+        (None, None) => "none".into(),
+    };
+    let pw_set = file.is_some_and(|c| c.password_env.is_some() || c.password_file.is_some());
+    line(out, "cluster.password", password, src(pw_set, None));
+    let ca = file.and_then(|c| c.ca_file.as_ref());
+    line(
+        out,
+        "cluster.ca_file",
+        ca.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none (public CAs for verify-full)".into()),
+        src(ca.is_some(), None),
+    );
+    let timeout = file.and_then(|c| c.connect_timeout);
+    line(
+        out,
+        "cluster.connect_timeout",
+        duration::canonical(timeout.unwrap_or(CLUSTER_CONNECT_TIMEOUT)),
+        src(timeout.is_some(), None),
+    );
 }
