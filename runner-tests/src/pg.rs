@@ -215,6 +215,30 @@ fn build_template(tpl: &Path) {
     fs::rename(&staged, tpl).expect("renaming the template into place");
 }
 
+/// A CA and a server certificate for `localhost` / 127.0.0.1 in `dir` (P-256 keys, one day),
+/// the key readable by the `postgres` user only.
+fn make_certs(dir: &Path) {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -keyout ca.key -out ca.crt -subj /CN=tether-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout server.key -out server.csr -subj /CN=localhost
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+  -extfile ext.cnf -out server.crt
+chmod 600 server.key
+"#;
+    let mut sh = Command::new("sh");
+    sh.args(["-c", script]).current_dir(dir);
+    run_ok(sh, "making the test TLS certificates with openssl");
+    let (uid, gid) = postgres_ids();
+    for f in ["server.key", "server.crt", "ca.crt"] {
+        std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {f}: {e}"));
+    }
+}
+
 /// `cp -a` (owners and modes kept: the copy stays the `postgres` user's).
 fn copy_tree(from: &Path, to: &Path) {
     let mut cp = Command::new("cp");
@@ -235,10 +259,32 @@ impl Postgres {
     /// Start a fresh server (see the module doc). Panics, with the server's log, when it
     /// cannot.
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// [`Postgres::start`] with TLS on: a throwaway CA ([`Postgres::ca_file`]) signed the
+    /// server's certificate for `localhost` and 127.0.0.1 (made with `openssl`).
+    pub fn start_with_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let tpl = template();
         let dir = postgres_temp_dir("tether-pg-");
         let root = dir.path().to_path_buf();
         copy_tree(&tpl.join("data"), &root.join("data"));
+        let mut tls_args = Vec::new();
+        if tls {
+            make_certs(&root);
+            tls_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", root.join("server.crt").display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", root.join("server.key").display()),
+            ];
+        }
         let mut last_log = String::new();
         for _ in 0..PORT_TRIES {
             let port = free_port();
@@ -267,6 +313,7 @@ impl Postgres {
                     "-c",
                     "shared_buffers=16MB",
                 ])
+                .args(&tls_args)
                 .stdout(log_file.try_clone().expect("dup the log fd"))
                 .stderr(log_file);
             let child = cmd
@@ -324,6 +371,11 @@ impl Postgres {
             }
             std::thread::sleep(POLL); // polling postmaster.pid, bounded
         }
+    }
+
+    /// The CA that signed the server's certificate ([`Postgres::start_with_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.root.join("ca.crt")
     }
 
     /// The TCP port on 127.0.0.1.

@@ -426,3 +426,84 @@ fn pg_fixture_drop_stops_the_server_and_its_backends() {
 fn children(pid: i32) -> Vec<i32> {
     runner_tests::children_of(pid)
 }
+
+#[test]
+fn cluster_tls_verify_full_and_require() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start_with_tls();
+    let url = |host: &str, mode: &str| {
+        format!(
+            "postgres://tether@{host}:{}/tether?sslmode={mode}",
+            pg.port()
+        )
+    };
+    let cfg = |name: &str, url: String, ca: bool| {
+        let ca = if ca {
+            format!("  ca_file: {}\n", pg.ca_file().display())
+        } else {
+            String::new()
+        };
+        write_config(
+            &sb,
+            name,
+            &format!("cluster:\n  url: {url}\n  password_env: {PASSWORD_ENV}\n{ca}"),
+        )
+    };
+
+    // verify-full against the test CA, by name and by address (both in the certificate).
+    for host in ["localhost", "127.0.0.1"] {
+        let out = check(&sb, &cfg("full.yml", url(host, "verify-full"), true), &[]);
+        out.assert_code(0);
+        assert!(
+            out.stdout.contains("tls         TLSv1.3 ")
+                && out.stdout.contains("(sslmode=verify-full)"),
+            "the server sees a TLS session\n{out}"
+        );
+    }
+    // verify-full with the public CAs only: the test CA is unknown, refused for good (125).
+    let out = check(
+        &sb,
+        &cfg("public.yml", url("localhost", "verify-full"), false),
+        &[],
+    );
+    out.assert_code(125);
+    out.assert_stderr_contains("cannot connect: error performing TLS handshake");
+    out.assert_stderr_contains("UnknownIssuer");
+    // require: encrypted, the certificate not checked.
+    let out = check(
+        &sb,
+        &cfg("require.yml", url("127.0.0.1", "require"), false),
+        &[],
+    );
+    out.assert_code(0);
+    assert!(out.stdout.contains("tls         TLSv1.3 "), "{out}");
+    // disable: the server says so too.
+    let out = check(
+        &sb,
+        &cfg("plain.yml", url("127.0.0.1", "disable"), false),
+        &[],
+    );
+    out.assert_code(0);
+    assert!(
+        out.stdout.contains("tls         off (sslmode=disable)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn cluster_tls_required_but_not_offered_is_125() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let url = format!(
+        "postgres://tether@127.0.0.1:{}/tether?sslmode=require",
+        pg.port()
+    );
+    let cfg = write_config(
+        &sb,
+        "cluster.yml",
+        &format!("cluster:\n  url: {url}\n  password_env: {PASSWORD_ENV}\n"),
+    );
+    let out = check(&sb, &cfg, &[]);
+    out.assert_code(125);
+    out.assert_stderr_contains("server does not support TLS");
+}

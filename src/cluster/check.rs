@@ -76,7 +76,9 @@ fn check(args: CheckArgs) -> Result<String> {
                 current_setting('tcp_keepalives_interval'), \
                 current_setting('tcp_keepalives_count'), \
                 current_setting('tcp_user_timeout'), \
-                current_setting('client_connection_check_interval')",
+                current_setting('client_connection_check_interval'), \
+                (SELECT CASE WHEN ssl THEN version || ' ' || cipher ELSE 'off' END \
+                   FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
     )?;
     let v: Vec<String> = settings
         .into_iter()
@@ -127,6 +129,10 @@ fn report(
             "tether ok (table tether.runs, {} columns; sequence tether.fence)",
             schema::RUN_COLUMNS.len()
         ),
+    ));
+    out.push_str(&line(
+        "tls",
+        format!("{} (sslmode={})", get(6), target.url.sslmode.name()),
     ));
     out.push_str(&line(
         "backend",

@@ -157,11 +157,13 @@ fn resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
 
 /// Refused credentials, an unknown database or a missing privilege will not get better by
 /// retrying (125); everything else at connect time is the server being unreachable (75).
+/// A TLS failure that is the certificate's or the configuration's (not the network's) is
+/// permanent too.
 fn connect_error(server: &str, e: &postgres::Error) -> Error {
     let permanent = e.code().is_some_and(|c| {
         let code = c.code();
         code.starts_with("28") || code == "3D000" || code == "42501"
-    });
+    }) || tls_refused(e);
     let failure = if permanent {
         Failure::Tether
     } else {
@@ -171,6 +173,28 @@ fn connect_error(server: &str, e: &postgres::Error) -> Error {
         failure,
         format!("cluster {server}: cannot connect: {}", one_line(e)),
     )
+}
+
+/// Whether the chain holds a rustls error other than an I/O one (a certificate refused, a
+/// handshake the server cannot do), or the server's "no TLS here" (sslmode asks for TLS).
+fn tls_refused(e: &postgres::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = next {
+        // io::Error hides its payload from `source()`: look inside.
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            if candidate.downcast_ref::<rustls::Error>().is_some()
+                || candidate.to_string() == "server does not support TLS"
+            {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// The error and its causes on one line (a server error's DETAIL/HINT come on new lines).
