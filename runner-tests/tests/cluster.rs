@@ -507,3 +507,66 @@ fn cluster_tls_required_but_not_offered_is_125() {
     out.assert_code(125);
     out.assert_stderr_contains("server does not support TLS");
 }
+
+#[test]
+fn cluster_config_show_names_sources_never_the_password() {
+    let sb = Sandbox::new();
+    let show = |cfg: &Path, env_url: Option<&str>| {
+        let mut cmd = sb
+            .tether("config")
+            .no_sandbox_dirs()
+            .args(["show", "--config"])
+            .arg(cfg)
+            .env(PASSWORD_ENV, PASSWORD)
+            .env_remove("TETHER_CLUSTER_URL");
+        if let Some(url) = env_url {
+            cmd = cmd.env("TETHER_CLUSTER_URL", url);
+        }
+        let out = cmd.run();
+        out.assert_code(0);
+        assert!(!out.stdout.contains(PASSWORD), "the password leaked\n{out}");
+        out.stdout
+    };
+    let line = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let none = write_config(&sb, "none.yml", "deadline: 1m\n");
+    let out = show(&none, None);
+    assert_eq!(
+        line(&out, "cluster.url"),
+        "cluster.url none (single host: local locks only) (default)"
+    );
+    assert_eq!(
+        line(&out, "cluster.password"),
+        "",
+        "no cluster, no more lines"
+    );
+
+    let cfg = write_config(
+        &sb,
+        "cluster.yml",
+        &format!("cluster:\n  url: postgres://tether@db:5433/ci\n  password_env: {PASSWORD_ENV}\n"),
+    );
+    let file = format!("(file {})", cfg.display());
+    let out = show(&cfg, None);
+    assert_eq!(
+        line(&out, "cluster.url"),
+        format!("cluster.url postgres://tether@db:5433/ci?sslmode=verify-full {file}")
+    );
+    assert_eq!(
+        line(&out, "cluster.password"),
+        format!("cluster.password from ${PASSWORD_ENV} {file}")
+    );
+    assert_eq!(
+        line(&out, "cluster.connect_timeout"),
+        "cluster.connect_timeout 5s (default)"
+    );
+    let out = show(&cfg, Some("postgres://other@h/db?sslmode=disable"));
+    assert_eq!(
+        line(&out, "cluster.url"),
+        "cluster.url postgres://other@h:5432/db?sslmode=disable (env TETHER_CLUSTER_URL)"
+    );
+}

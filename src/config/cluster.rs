@@ -194,7 +194,7 @@ pub(crate) fn parse_url(text: &str) -> std::result::Result<ClusterUrl, String> {
         host,
         port,
         dbname,
-        // Absent: the safe one (D45).
+        // Absent: the safe one (D44).
         sslmode: sslmode.unwrap_or(SslMode::VerifyFull),
     })
 }
