@@ -29,7 +29,8 @@ const PASSWORD_FILE_MAX: u64 = 4096;
 
 /// An open session (one server backend, as long as nothing pools in between).
 pub(crate) struct Session {
-    client: postgres::Client,
+    /// Boxed: the client is large, and sessions move into lock waits and out again.
+    client: Box<postgres::Client>,
     /// The server as messages name it: the URL, and the address used.
     pub(crate) server: String,
 }
@@ -86,7 +87,7 @@ impl Session {
             match connected {
                 Ok(client) => {
                     return Ok(Session {
-                        client,
+                        client: Box::new(client),
                         server: format!("{url} ({addr})"),
                     })
                 }

@@ -62,6 +62,7 @@ impl Claimed {
         let app = self.ctx.spec.app.clone();
         let lock = self.acquire(&app, true, sup)?;
         self.ctx.lock_wait.stop();
+        self.ctx.record.fence = lock.fence();
         self.app_lock = Some(lock);
         // 5. Reconcile.
         self.reconcile(sup)?;

@@ -29,8 +29,8 @@ pub(super) enum Step {
     Lock {
         name: String,
         app: Domain,
-        /// Its metadata (`None`: none, torn, or not tether's).
-        meta: Option<LockMeta>,
+        /// Its metadata (`None`: none, torn, or not tether's). Boxed, as the record below.
+        meta: Option<Box<LockMeta>>,
         /// Whether it has content at all (garbage is an unknown dead run of the app).
         has_content: bool,
         /// The holder in the kernel's lock table, if any.
@@ -39,7 +39,8 @@ pub(super) enum Step {
     /// A run dir that is tether's.
     RunDir {
         name: String,
-        record: Result<RunRecord, ReadError>,
+        /// Boxed: a record is large next to the other steps.
+        record: Box<Result<RunRecord, ReadError>>,
         /// Its `run.lock` is held (a live run, or one being claimed).
         held: bool,
         /// A lockfile step above reaps this very run (listed once in a dry run).
@@ -148,7 +149,8 @@ fn lock_steps(opts: &Options, lock: &Dir, table: &[LockEntry], steps: &mut Vec<S
             .map(|e| e.pid);
         let meta = lock::open_existing(lock, &name)
             .ok()
-            .and_then(|f| record::read_meta(&f));
+            .and_then(|f| record::read_meta(&f))
+            .map(Box::new);
         steps.push(Step::Lock {
             name,
             app,
@@ -215,7 +217,7 @@ fn run_dir_steps(
         steps.push(Step::RunDir {
             reaped_by_lockfile: by_lockfile.contains(&name),
             name,
-            record,
+            record: Box::new(record),
             held,
         });
     }
@@ -299,7 +301,7 @@ impl Step {
                 Some((e, false))
             }
             Step::RunDir { name, record, .. } => {
-                let (action, detail) = match record {
+                let (action, detail) = match record.as_ref() {
                     Ok(r) if r.meta.state == State::Clean => {
                         let dir = runs.and_then(|runs| rundir::open_trusted(runs, name).ok())?;
                         if !past_retention(&dir, r, opts.retain) {
@@ -327,8 +329,8 @@ impl Step {
                     ),
                 };
                 let mut e = entry("run-dir", name, action);
-                e.app = record.as_ref().ok().map(|r| r.meta.app.clone());
-                e.run_id = record.as_ref().ok().map(|r| r.meta.run_id.clone());
+                e.app = record.as_ref().as_ref().ok().map(|r| r.meta.app.clone());
+                e.run_id = record.as_ref().as_ref().ok().map(|r| r.meta.run_id.clone());
                 e.detail = Some(detail);
                 Some((e, true))
             }
