@@ -59,7 +59,10 @@ fn record(h: &Host, id: &str) -> Option<serde_json::Value> {
 
 /// `+F` / `-F` pairs in `lines`: the fences in order; panics on an overlap or a mismatch.
 fn handoffs(lines: &[String]) -> Vec<i64> {
-    assert!(lines.len().is_multiple_of(2), "unfinished run in the log: {lines:?}");
+    assert!(
+        lines.len().is_multiple_of(2),
+        "unfinished run in the log: {lines:?}"
+    );
     lines
         .chunks(2)
         .map(|pair| {
@@ -257,4 +260,68 @@ fn without_a_cluster_a_run_has_no_fence() {
         .run()
         .assert_code(0);
     assert_eq!(fs::read_to_string(&mark).expect("the mark"), "unset\n");
+}
+
+#[test]
+fn cluster_lock_wait_is_bounded_by_lock_timeout_and_leaves_no_waiter() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let started = sb.mark("started");
+    let release = sb.mark("release");
+    let mut holder = run_on(&sb, &a, &cfg, "bounded.test", &rid(&sb, "a"))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    runner_tests::wait_file(&started, TIMEOUT);
+    let ran = sb.mark("b-ran");
+    let id_b = rid(&sb, "b");
+    let out = run_on(&sb, &b, &cfg, "bounded.test", &id_b)
+        .arg("--lock-timeout")
+        .arg("1s")
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    out.assert_code(75);
+    out.assert_stderr_contains("still held after --lock-timeout 1s — giving up");
+    assert!(!ran.exists(), "B's command never ran\n{out}");
+    assert_eq!(names(&b.runs), Vec::<String>::new(), "B left no run dir");
+    wait_until("B's session is gone from the server", TIMEOUT, || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{id_b}'"
+        )) == "0"
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+}
+
+#[test]
+fn cluster_lock_refuses_a_transaction_pooling_proxy() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let proxy = runner_tests::PoolingProxy::start(pg.socket_dir(), pg.port());
+    let url = format!(
+        "postgres://tether@127.0.0.1:{}/tether?sslmode=disable",
+        proxy.port()
+    );
+    let cfg = write_config(&sb, "cluster.yml", &format!("cluster:\n  url: {url}\n"));
+    let h = host(&sb, "host-a");
+    let ran = sb.mark("ran");
+    let out = run_on(&sb, &h, &cfg, "pooled.test", &rid(&sb, "pooled"))
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    out.assert_code(125);
+    out.assert_stderr_contains("the server backend changed between two statements");
+    assert!(
+        !ran.exists(),
+        "the command never ran behind a pooler\n{out}"
+    );
+    assert_eq!(names(&h.runs), Vec::<String>::new(), "no run dir is left");
 }

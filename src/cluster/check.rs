@@ -33,9 +33,6 @@ pub(crate) struct CheckArgs {
     pub(crate) cluster: ClusterArgs,
 }
 
-/// How many statements must agree on the backend pid.
-const POOL_PROBES: usize = 3;
-
 /// `tether cluster …`.
 pub(crate) fn main(args: ClusterCmdArgs) -> i32 {
     crate::output::init(Default::default(), false, false);
@@ -61,7 +58,7 @@ fn check(args: CheckArgs) -> Result<String> {
         )
     })?;
     let mut s = Session::connect(&target, "tether cluster check")?;
-    let pid = same_backend(&mut s)?;
+    let pid = s.same_backend()?;
     let made = schema::ensure(&mut s)?;
     if !made.is_empty() {
         crate::output::info(
@@ -93,26 +90,6 @@ fn check(args: CheckArgs) -> Result<String> {
     Ok(report(&target, &s, pid, &get))
 }
 
-/// The backend pid over [`POOL_PROBES`] separate statements: session advisory locks need one
-/// backend for the whole session, which a transaction-pooling proxy (PgBouncer
-/// `pool_mode=transaction`) does not give.
-fn same_backend(s: &mut Session) -> Result<String> {
-    let first = s.value("SELECT pg_backend_pid()")?;
-    for _ in 1..POOL_PROBES {
-        let next = s.value("SELECT pg_backend_pid()")?;
-        if next != first {
-            return Err(Error::tether(format!(
-                "cluster {}: the server backend changed between two statements (pid {first}, \
-                 then {next}): a transaction-pooling proxy (e.g. PgBouncer with \
-                 pool_mode=transaction) is in between, and session advisory locks do not work \
-                 through it; connect to PostgreSQL directly or use pool_mode=session",
-                s.server
-            )));
-        }
-    }
-    Ok(first)
-}
-
 fn report(
     target: &ClusterTarget,
     s: &Session,
@@ -136,7 +113,10 @@ fn report(
     ));
     out.push_str(&line(
         "backend",
-        format!("pid {pid}, the same over {POOL_PROBES} statements (no transaction pooling)"),
+        format!(
+            "pid {pid}, the same over {} statements (no transaction pooling)",
+            session::POOL_PROBES
+        ),
     ));
     out.push_str(&line(
         "keepalive",

@@ -24,6 +24,9 @@ pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
 pub(crate) const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many separate statements must agree on the backend pid.
+pub(crate) const POOL_PROBES: usize = 3;
+
 /// Longest password file read.
 const PASSWORD_FILE_MAX: u64 = 4096;
 
@@ -101,6 +104,26 @@ impl Session {
                 format!("cluster {url}: {} has no address", url.host),
             ),
         })
+    }
+
+    /// The backend pid over [`POOL_PROBES`] separate statements: session advisory locks need one
+    /// backend for the whole session, which a transaction-pooling proxy (PgBouncer
+    /// `pool_mode=transaction`) does not give.
+    pub(crate) fn same_backend(&mut self) -> Result<String> {
+        let first = self.value("SELECT pg_backend_pid()")?;
+        for _ in 1..POOL_PROBES {
+            let next = self.value("SELECT pg_backend_pid()")?;
+            if next != first {
+                return Err(Error::tether(format!(
+                    "cluster {}: the server backend changed between two statements (pid {first}, \
+                     then {next}): a transaction-pooling proxy (e.g. PgBouncer with \
+                     pool_mode=transaction) is in between, and session advisory locks do not work \
+                     through it; connect to PostgreSQL directly or use pool_mode=session",
+                    self.server
+                )));
+            }
+        }
+        Ok(first)
     }
 
     /// Run `sql` (simple protocol: one round trip, no prepared statement) and return its

@@ -72,10 +72,11 @@ pub(crate) fn key(app: &Domain) -> i64 {
 }
 
 impl ClusterLocks {
-    /// A session for one app lock: connected, the schema ensured (one line when it was
-    /// created), and the server told to notice a vanished client during a lock wait.
+    /// A session for one app lock: connected, refused behind a transaction-pooling proxy,
+    /// the schema ensured (one line when it was created), and the server told to notice a vanished client during a lock wait.
     pub(crate) fn connect(&self) -> io::Result<Session> {
         let mut s = Session::connect(&self.target, &self.run_id).map_err(io_err)?;
+        s.same_backend().map_err(io_err)?;
         let made = schema::ensure(&mut s).map_err(io_err)?;
         if !made.is_empty() {
             crate::output::info(
