@@ -246,6 +246,16 @@ fn copy_tree(from: &Path, to: &Path) {
     run_ok(cp, "copying a PostgreSQL data dir");
 }
 
+/// A cluster URL on 127.0.0.1 where nothing listens (a port taken from the kernel and released),
+/// and its port: a database that is down.
+pub fn refused_url() -> (String, u16) {
+    let port = free_port();
+    (
+        format!("postgres://tether@127.0.0.1:{port}/tether?sslmode=disable"),
+        port,
+    )
+}
+
 /// A port nobody listens on right now (another test may take it before the server does: the
 /// start is then retried).
 fn free_port() -> u16 {

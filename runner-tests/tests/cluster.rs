@@ -169,12 +169,7 @@ fn cluster_connection_starts_no_thread() {
 #[test]
 fn cluster_check_unreachable_exits_75_naming_the_server() {
     let sb = Sandbox::new();
-    // A port nobody listens on: taken from the kernel, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let url = format!("postgres://tether@127.0.0.1:{port}/tether?sslmode=disable");
+    let (url, port) = runner_tests::pg::refused_url();
     let cfg = write_config(&sb, "cluster.yml", &format!("cluster:\n  url: {url}\n"));
     let out = check(&sb, &cfg, &[]);
     out.assert_code(75);

@@ -215,11 +215,7 @@ fn cluster_lock_handoffs_across_hosts_never_overlap() {
 #[test]
 fn cluster_lock_database_down_at_start_exits_75_leaving_nothing() {
     let sb = Sandbox::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let url = format!("postgres://tether@127.0.0.1:{port}/tether?sslmode=disable");
+    let (url, port) = runner_tests::pg::refused_url();
     let cfg = write_config(&sb, "cluster.yml", &format!("cluster:\n  url: {url}\n"));
     let h = host(&sb, "host-a");
     let ran = sb.mark("ran");
