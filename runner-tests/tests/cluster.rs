@@ -385,11 +385,9 @@ fn pg_fixture_server_dies_with_a_killed_test() {
             .arg(&ready),
     );
     wait_file(&ready, TIMEOUT);
-    let postmaster: i32 = std::fs::read_to_string(&ready)
-        .expect("reading the postmaster pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    let text = std::fs::read_to_string(&ready).expect("reading the postmaster pid");
+    let (pid, dir) = text.trim().split_once(' ').expect("<pid> <dir>");
+    let postmaster: i32 = pid.parse().expect("a pid");
     assert!(pid_alive(postmaster), "the server runs while its test does");
     let backends = children(postmaster);
     assert!(
@@ -401,6 +399,8 @@ fn pg_fixture_server_dies_with_a_killed_test() {
     for pid in backends {
         wait_pid_gone(pid, TIMEOUT);
     }
+    // The killed holder could not remove its server's dir.
+    std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {dir}: {e}"));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `pg-holder --ready F`: starts a throwaway PostgreSQL ([`runner_tests::Postgres`]), writes
-//! the postmaster's pid to F (atomically), then waits for ever (until killed). The fixture's
+//! `<postmaster pid> <server dir>` to F (atomically), then waits for ever (until killed; the
+//! test removes the dir its killed fixture could not). The fixture's
 //! self-test SIGKILLs it to prove that a killed test takes its server down with it.
 
 use runner_tests::helper::Cli;
@@ -13,7 +14,10 @@ fn main() {
     }
     let ready = cli.path("--ready");
     let pg = Postgres::start();
-    cli.write_ready(&ready, pg.pid().to_string());
+    cli.write_ready(
+        &ready,
+        format!("{} {}", pg.pid(), pg.socket_dir().display()),
+    );
     loop {
         std::thread::park(); // until killed: nothing to wait for
     }
