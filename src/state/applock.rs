@@ -1,6 +1,6 @@
 //! The app lock, behind one seam (issue 15): acquiring, waiting for, probing, reading the
 //! holder of, and releasing the lock of an app go through [`AppLocks`]. Its members: a kernel
-//! `flock` on `<lock dir>/app-<domain>.lock` (SPEC §4.1, PROTOCOL.md), and — with a cluster
+//! `flock` on `<lock dir>/app-<domain>.lock` (PROTOCOL.md), and — with a cluster
 //! configured (issue 16) — that flock *and then* a session advisory lock on PostgreSQL
 //! (`cluster_lock`), with a fence. The run's life cycle does not know which one it holds.
 
