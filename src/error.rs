@@ -17,6 +17,8 @@ pub(crate) enum Failure {
     NotExecutable,
     /// The command was not found.
     NotFound,
+    /// The cluster's database is unreachable: nothing was done, retry later.
+    Unavailable,
 }
 
 impl Failure {
@@ -25,6 +27,7 @@ impl Failure {
             Failure::Tether => crate::exit::TETHER_FAILURE,
             Failure::NotExecutable => crate::exit::NOT_EXECUTABLE,
             Failure::NotFound => crate::exit::NOT_FOUND,
+            Failure::Unavailable => crate::exit::UNAVAILABLE,
         }
     }
 }

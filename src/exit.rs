@@ -10,6 +10,8 @@ pub(crate) const HUNG_UP: i32 = 129;
 pub(crate) const DEADLINE: i32 = 142;
 /// The app lock could not be had under the busy policy; nothing was run.
 pub(crate) const BUSY: i32 = 75;
+/// The cluster's database could not be reached: retry later (EX_TEMPFAIL, like `BUSY`).
+pub(crate) const UNAVAILABLE: i32 = 75;
 /// tether's own failure.
 pub(crate) const TETHER_FAILURE: i32 = 125;
 /// The command is not executable.

@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["ident"],
     &["sys"],
+    &["cluster"],
     &["state"],
     &["reap"],
     &["out"],

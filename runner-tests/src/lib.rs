@@ -49,6 +49,8 @@ mod files;
 mod held;
 pub mod helper;
 mod locks;
+pub mod pg;
+mod pg_proxy;
 mod procs;
 mod sandbox;
 mod shell;
@@ -73,6 +75,8 @@ pub use locks::{
     wait_flock_waiters, wait_hold_lock, wait_lock_free,
 };
 pub use nix::sys::signal::Signal;
+pub use pg::Postgres;
+pub use pg_proxy::PoolingProxy;
 pub use procs::{
     children_of, descendants_of, pid_alive, pid_comm, poll_all_gone, poll_pid_gone, proc_info,
     sig_ignored, wait_all_gone, wait_child_named, wait_pid_gone, KillOnDrop, ProcInfo,

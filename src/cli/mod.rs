@@ -7,6 +7,7 @@
 mod docs;
 mod usage;
 
+use crate::cluster::check::ClusterCmdArgs;
 use crate::config::args::ConfigArgs;
 use crate::out::history::HistoryArgs;
 use crate::out::status::StatusArgs;
@@ -43,6 +44,8 @@ pub(crate) enum Command {
     Config(ConfigArgs),
     /// Give up on a dead run whose reap keeps failing: remove its state, run nothing.
     Forget(ForgetArgs),
+    /// The cluster-wide locks' PostgreSQL server: `tether cluster check`.
+    Cluster(ClusterCmdArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(docs::CompletionsArgs),
     /// Print the man page tether(1) on stdout, or write every page with --dir.
@@ -70,6 +73,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::History(args) => crate::out::history::main(args),
         Command::Config(args) => crate::config::args::main(args, crate::ident::identity::check),
         Command::Forget(args) => crate::reap::cmd::forget(args),
+        Command::Cluster(args) => crate::cluster::check::main(args),
         Command::Completions(args) => docs::completions(args, Cli::command()),
         Command::Man(args) => docs::man(args, Cli::command()),
     }

@@ -19,6 +19,34 @@ pub(crate) struct PlaceArgs {
     pub(crate) config: Option<PathBuf>,
 }
 
+/// The cluster's PostgreSQL server (issue 16). The URL carries no password: that comes from
+/// the config's `cluster.password_env` or `cluster.password_file`.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    /// postgres://user@host[:port]/dbname[?sslmode=disable|require|verify-full]
+    // Parsed after clap, not by a value parser: clap would echo a refused value, password and
+    // all, in its error.
+    #[arg(long, env = "TETHER_CLUSTER_URL")]
+    pub(crate) cluster_url: Option<String>,
+}
+
+impl ClusterArgs {
+    /// The cluster to use (flag > environment > file), `None` when there is none.
+    pub(crate) fn target(
+        &self,
+        cfg: &Config,
+    ) -> crate::error::Result<Option<super::cluster::ClusterTarget>> {
+        let flag = match self.cluster_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(text) => Some(
+                super::cluster::parse_url(text)
+                    .map_err(|m| crate::error::Error::tether(format!("--cluster-url: {m}")))?,
+            ),
+            None => None,
+        };
+        Ok(super::cluster::target(flag, cfg.cluster.as_ref()))
+    }
+}
+
 /// How much tether says, and in which format (run, janitor).
 #[derive(Debug, Args)]
 pub(crate) struct OutputArgs {

@@ -7,6 +7,7 @@
 //! this module only reads the file, `run`/`cli` apply the order.
 
 pub(crate) mod args;
+pub(crate) mod cluster;
 pub(crate) mod duration;
 pub(crate) mod env;
 pub(crate) mod places;
@@ -88,6 +89,8 @@ pub(crate) struct Config {
     pub(crate) run_as: Option<RunAs>,
     pub(crate) report: Option<Report>,
     pub(crate) limits: Limits,
+    /// The cluster-wide lock's PostgreSQL server (issue 16); `None`: single host.
+    pub(crate) cluster: Option<cluster::ClusterConfig>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -108,6 +111,7 @@ const TOP_KEYS: &[&str] = &[
     "run_as",
     "report",
     "limits",
+    "cluster",
 ];
 
 /// Template variables `run_env` values may use.
@@ -319,6 +323,7 @@ pub(crate) fn parse(text: &str, name: &str) -> Result<Config> {
                 cfg.run_as = Some(ra);
             }
             "report" => cfg.report = Some(parse_report(&ctx, node)?),
+            "cluster" => cfg.cluster = Some(cluster::parse_block(&ctx, node)?),
             "limits" => {
                 for (k, kl, v) in ctx.map(node)? {
                     let sub = Ctx { name, key: k };

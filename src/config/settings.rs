@@ -18,6 +18,8 @@ pub(crate) const RETAIN_FAILED: Duration = Duration::from_secs(24 * 60 * 60);
 /// The report's overall time budget and retry cap (`report.timeout`, `report.retries`).
 pub(crate) const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const REPORT_RETRIES: u32 = 3;
+/// Bound on connecting to the cluster's server (`cluster.connect_timeout`).
+pub(crate) const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Settings<'a> {
     cfg: &'a Config,

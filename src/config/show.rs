@@ -139,7 +139,45 @@ pub(crate) fn render(cfg: &Config) -> String {
     t.row("run_as", or_none(run_as), cfg.run_as.is_some());
     limits(&mut t);
     report(&mut t);
+    cluster(&mut t);
     t.out
+}
+
+/// Where the cluster's server is and where its password comes from (issue 16).
+fn cluster(t: &mut Table<'_>) {
+    let file = t.cfg.cluster.clone();
+    let file = file.as_ref();
+    let url = file.and_then(|c| c.url.as_ref()).map(|u| u.to_string());
+    let url_set = url.is_some();
+    let url = url.unwrap_or_else(|| "none (single host: local locks only)".into());
+    match std::env::var("TETHER_CLUSTER_URL").ok().filter(|v| !v.is_empty()) {
+        Some(text) => {
+            let shown = match super::cluster::parse_url(&text) {
+                Ok(u) => u.to_string(),
+                Err(e) => format!("invalid: {e}"),
+            };
+            t.row_from("cluster.url", shown, "env TETHER_CLUSTER_URL");
+        }
+        None => t.row("cluster.url", url, url_set),
+    }
+    let password = match (
+        file.and_then(|c| c.password_env.as_ref()),
+        file.and_then(|c| c.password_file.as_ref()),
+    ) {
+        (Some(var), _) => format!("from ${var}"),
+        (None, Some(path)) => format!("from {}", path.display()),
+        (None, None) => "none".into(),
+    };
+    let pw_set = file.is_some_and(|c| c.password_env.is_some() || c.password_file.is_some());
+    t.row("cluster.password", password, pw_set);
+    let ca = file.and_then(|c| c.ca_file.as_ref());
+    let ca_shown = ca
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "none (public CAs for verify-full)".into());
+    t.row("cluster.ca_file", ca_shown, ca.is_some());
+    let timeout = file.and_then(|c| c.connect_timeout);
+    let shown = duration::canonical(timeout.unwrap_or(settings::CLUSTER_CONNECT_TIMEOUT));
+    t.row("cluster.connect_timeout", shown, timeout.is_some());
 }
 
 fn limits(t: &mut Table<'_>) {
@@ -222,6 +260,10 @@ mod tests {
             "report.webhook",
             "report.timeout",
             "report.retries",
+            "cluster.url",
+            "cluster.password",
+            "cluster.ca_file",
+            "cluster.connect_timeout",
         ] {
             assert!(empty.iter().any(|k| k == nested), "no row for {nested}");
         }

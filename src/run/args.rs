@@ -1,6 +1,6 @@
 //! `tether run`'s arguments.
 
-use crate::config::args::{duration, OutputArgs, PlaceArgs};
+use crate::config::args::{duration, ClusterArgs, OutputArgs, PlaceArgs};
 use crate::config::OnBusy;
 use clap::Args;
 use std::ffi::OsString;
@@ -57,6 +57,8 @@ pub(crate) struct RunArgs {
     pub(crate) agent_watch: bool,
     #[command(flatten)]
     pub(crate) places: PlaceArgs,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub(crate) summary_json: Option<PathBuf>,

@@ -43,6 +43,9 @@ pub(super) fn run_env(ctx: &Ctx, slot: Option<String>, side: Side) -> Vec<(OsStr
     if slot.is_some() {
         environment::set(&mut env, "TETHER_SLOT", slot_text.into());
     }
+    if let Some(fence) = ctx.record.fence {
+        environment::set(&mut env, "TETHER_FENCE", fence.to_string().into());
+    }
     if let (true, Some(id)) = (for_command, &spec.run_as) {
         environment::set(&mut env, "HOME", id.home.clone().into_os_string());
         environment::set(&mut env, "USER", id.user.clone().into());

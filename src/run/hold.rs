@@ -64,6 +64,7 @@ impl Claimed {
         let lock = self.acquire(&app, true, sup)?;
         self.ctx.lock_wait.stop();
         self.ctx.held_since = Some(Instant::now());
+        self.ctx.record.fence = lock.fence();
         self.app_lock = Some(lock);
         // 5. Reconcile.
         self.reconcile(sup)?;

@@ -180,10 +180,17 @@ impl Ctx {
             runtime_ms: None,
             reap_failures: 0,
             keep: spec.keep_run_dir,
+            fence: None,
+        };
+        let app_locks = match &spec.cluster {
+            Some(target) => {
+                AppLocks::cluster(lock_dir.clone(), target.clone(), spec.run_id.to_string())
+            }
+            None => AppLocks::flock(lock_dir.clone()),
         };
         Ctx {
             spec,
-            app_locks: AppLocks::flock(lock_dir.clone()),
+            app_locks,
             lock_dir,
             runs_dir,
             record,

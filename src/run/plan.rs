@@ -46,6 +46,8 @@ pub(crate) struct Spec {
     pub(crate) ci: Option<CiInfo>,
     pub(crate) wait_progress: Duration,
     pub(crate) cwd: Option<PathBuf>,
+    /// The cluster whose lock the run also takes (issue 16); `None`: this host only.
+    pub(crate) cluster: Option<crate::config::cluster::ClusterTarget>,
 }
 
 /// The spec and the state dirs it will use: checked, not yet created.
@@ -109,6 +111,7 @@ impl Plan {
         if let Some(existing) = lock.existing_dir() {
             check_lockfile_place(existing, &app_lock_name(&app))?;
         }
+        let cluster = args.cluster.target(cfg)?;
         let group = args
             .group
             .or_else(|| ci.as_ref().and_then(CiInfo::default_group));
@@ -135,6 +138,7 @@ impl Plan {
             ci,
             wait_progress: args.wait_progress_interval.max(Duration::from_millis(100)),
             cwd: std::env::current_dir().ok(),
+            cluster,
         };
         Ok(Plan {
             spec,

@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::ident::names::{Domain, RunId};
 use crate::output;
 use crate::state::applock::{AppLock, Attempt};
+use crate::state::cluster_lock::into_error;
 use crate::state::record::{self, LockMeta};
 use crate::state::rundir;
 use crate::sys::signals::{until, Event};
@@ -46,7 +47,7 @@ impl Claimed {
                     return Ok(l);
                 }
                 Ok(Attempt::Busy(b)) => b,
-                Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
+                Err(e) => return Err(Stop::Fail(into_error(e, "app lock"))),
             };
             let holder = describe_holder(busy.holder(), busy.holder_pid());
             if ours && self.ctx.spec.on_busy == OnBusy::Fail {
@@ -74,7 +75,7 @@ impl Claimed {
             }
             let waiting = busy
                 .wait()
-                .map_err(|e| Stop::Fail(Error::tether(format!("cannot wait for lock: {e}"))))?;
+                .map_err(|e| Stop::Fail(into_error(e, "cannot wait for lock")))?;
             let mut next_progress = Instant::now() + self.ctx.spec.wait_progress;
             let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
             loop {
@@ -113,7 +114,7 @@ impl Claimed {
                 }
                 // The janitor unlinked the file we waited on: start over on the new inode.
                 Ok(None) => output::debug("lock", "lockfile was replaced while waiting; retrying"),
-                Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
+                Err(e) => return Err(Stop::Fail(into_error(e, "app lock"))),
             }
         }
     }

@@ -1,6 +1,7 @@
 //! tether's state on disk: where it lives and who may own it, app and run locks, run dirs, records, slots.
 
 pub(crate) mod applock;
+pub(crate) mod cluster_lock;
 pub(crate) mod dirs;
 pub(crate) mod lock;
 pub(crate) mod record;

@@ -121,6 +121,9 @@ pub(crate) struct RunRecord {
     /// the janitor's retention passes), not left by a run that died after its teardown.
     #[serde(default)]
     pub(crate) keep: bool,
+    /// The fencing token of the cluster lock (issue 16); absent without a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) fence: Option<i64>,
 }
 
 /// Parse the first JSON value of `bytes`; trailing bytes (a torn rewrite) are ignored.
@@ -322,6 +325,7 @@ pub(crate) mod samples {
             runtime_ms: None,
             reap_failures: 0,
             keep: false,
+            fence: None,
         }
     }
 }

@@ -1,0 +1,485 @@
+//! A throwaway PostgreSQL server per test (issue 16), from the PostgreSQL 15 binaries in
+//! `/usr/lib/postgresql/15/bin`, run as the `postgres` user.
+//!
+//! - **Template**: `initdb` runs once per target dir into `<target>/tether-pg-template/`
+//!   (guarded by a flock on `<target>/tether-pg-template.lock`, built in a staging dir and
+//!   renamed into place, so a half-made template is never used). It has the role `tether`
+//!   (password [`PASSWORD`]) owning the database `tether`; local (unix socket) connections are
+//!   trusted, TCP ones need the password (scram-sha-256).
+//! - **Per test**: [`Postgres::start`] copies the template into a fresh temp dir and starts
+//!   `postgres` on a free port on 127.0.0.1, its unix socket in that temp dir, `fsync=off`.
+//!   Dropping it stops the server (`SIGQUIT`: PostgreSQL's immediate shutdown, which also
+//!   stops every backend) and waits for it, then removes the dir.
+//! - **Nothing survives a killed test**: the server is started with `PR_SET_PDEATHSIG` =
+//!   `SIGQUIT` towards the test thread that started it, so a SIGKILLed test (nextest's
+//!   timeout, a crash) takes its server down with it; the backends leave when the postmaster
+//!   does (they watch it).
+//! - **Loud**: a test that needs PostgreSQL and cannot start it panics with the reason and the
+//!   server's log. Nothing is skipped.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::POLL;
+
+/// Where the PostgreSQL 15 server binaries are.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The password of the role `tether` in every test server.
+pub const PASSWORD: &str = "tether-test-password";
+/// The variable the suite's configs name in `cluster.password_env`.
+pub const PASSWORD_ENV: &str = "TETHER_TEST_PG_PASSWORD";
+
+/// How long a server may take to start (a loaded CI machine).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a start is retried when another test took the port in between.
+const PORT_TRIES: usize = 5;
+
+/// One running test server; see the module doc.
+#[derive(Debug)]
+pub struct Postgres {
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    port: u16,
+}
+
+/// uid and gid of the `postgres` user.
+fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
+    let user = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!("the PostgreSQL test server needs the `postgres` user (apt-get install postgresql-15)")
+        });
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+/// A command run as `postgres`, its parent-death signal set after the identity change (the
+/// kernel clears it on a change of credentials).
+fn as_postgres(program: &str, deathsig: Option<libc::c_int>) -> Command {
+    let path = Path::new(PG_BIN).join(program);
+    assert!(
+        path.is_file(),
+        "PostgreSQL server binary {} is missing: the suite needs PostgreSQL 15 \
+         (apt-get install postgresql-15)",
+        path.display()
+    );
+    let (uid, gid) = postgres_ids();
+    let mut cmd = Command::new(path);
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(sig) = deathsig {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Run `cmd` to completion; panic with its output when it fails.
+fn run_ok(mut cmd: Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `<target>`: above `<target>/<profile>/deps/<test exe>` or `<target>/<profile>/<helper>`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe() to locate the target dir");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.pop();
+    dir
+}
+
+/// A temp dir the `postgres` user owns.
+fn postgres_temp_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("creating a temp dir for PostgreSQL");
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", dir.path().display()));
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.path().display()));
+    dir
+}
+
+/// The template data dir, made once (see the module doc).
+fn template() -> PathBuf {
+    let target = target_dir();
+    fs::create_dir_all(&target).unwrap_or_else(|e| panic!("mkdir {}: {e}", target.display()));
+    let tpl = target.join("tether-pg-template");
+    let lock_path = target.join("tether-pg-template.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", lock_path.display()));
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map(|held| {
+            if !tpl.join("data/PG_VERSION").is_file() {
+                build_template(&tpl);
+            }
+            drop(held);
+        })
+        .unwrap_or_else(|(_, e)| panic!("flock {}: {e}", lock_path.display()));
+    tpl
+}
+
+fn build_template(tpl: &Path) {
+    let staging = postgres_temp_dir("tether-pg-initdb-");
+    let data = staging.path().join("data");
+    let pwfile = staging.path().join("pw");
+    fs::write(&pwfile, "postgres-test-password\n").expect("writing the initdb password file");
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown the password file");
+    let mut initdb = as_postgres("initdb", None);
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "--username=postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()));
+    run_ok(initdb, "initdb");
+    // The role and database the tests connect as, made in single-user mode (no server yet).
+    let mut single = as_postgres("postgres", None);
+    single
+        .args(["--single", "-D"])
+        .arg(&data)
+        .args(["-c", "fsync=off", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = single.spawn().expect("starting postgres --single");
+    {
+        use std::io::Write;
+        let mut stdin = child
+            .stdin
+            .take()
+            .expect("the single-user postgres's stdin");
+        writeln!(
+            stdin,
+            "CREATE ROLE tether LOGIN PASSWORD '{PASSWORD}';\nCREATE DATABASE tether OWNER tether;"
+        )
+        .expect("writing to postgres --single");
+    }
+    let out = child
+        .wait_with_output()
+        .expect("waiting for postgres --single");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("ERROR"),
+        "creating the test role and database failed ({}):\n{text}",
+        out.status
+    );
+    let staged = tpl.with_extension("tmp");
+    let _ = fs::remove_dir_all(&staged);
+    fs::create_dir_all(&staged).expect("creating the template staging dir");
+    copy_tree(&data, &staged.join("data"));
+    let _ = fs::remove_dir_all(tpl);
+    fs::rename(&staged, tpl).expect("renaming the template into place");
+}
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1 in `dir` (P-256 keys, one day),
+/// the key readable by the `postgres` user only.
+fn make_certs(dir: &Path) {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -keyout ca.key -out ca.crt -subj /CN=tether-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout server.key -out server.csr -subj /CN=localhost
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+  -extfile ext.cnf -out server.crt
+chmod 600 server.key
+"#;
+    let mut sh = Command::new("sh");
+    sh.args(["-c", script]).current_dir(dir);
+    run_ok(sh, "making the test TLS certificates with openssl");
+    let (uid, gid) = postgres_ids();
+    for f in ["server.key", "server.crt", "ca.crt"] {
+        std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {f}: {e}"));
+    }
+}
+
+/// `cp -a` (owners and modes kept: the copy stays the `postgres` user's).
+fn copy_tree(from: &Path, to: &Path) {
+    let mut cp = Command::new("cp");
+    cp.arg("-a").arg(from).arg(to);
+    run_ok(cp, "copying a PostgreSQL data dir");
+}
+
+/// A cluster URL on 127.0.0.1 where nothing listens (a port taken from the kernel and released),
+/// and its port: a database that is down.
+pub fn refused_url() -> (String, u16) {
+    let port = free_port();
+    (
+        format!("postgres://tether@127.0.0.1:{port}/tether?sslmode=disable"),
+        port,
+    )
+}
+
+/// A port nobody listens on right now (another test may take it before the server does: the
+/// start is then retried).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+impl Postgres {
+    /// Start a fresh server (see the module doc). Panics, with the server's log, when it
+    /// cannot.
+    pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// [`Postgres::start`] with TLS on: a throwaway CA ([`Postgres::ca_file`]) signed the
+    /// server's certificate for `localhost` and 127.0.0.1 (made with `openssl`).
+    pub fn start_with_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
+        let tpl = template();
+        let dir = postgres_temp_dir("tether-pg-");
+        let root = dir.path().to_path_buf();
+        copy_tree(&tpl.join("data"), &root.join("data"));
+        let mut tls_args = Vec::new();
+        if tls {
+            make_certs(&root);
+            tls_args = vec![
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", root.join("server.crt").display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", root.join("server.key").display()),
+            ];
+        }
+        let mut last_log = String::new();
+        for _ in 0..PORT_TRIES {
+            let port = free_port();
+            let log = root.join(format!("server-{port}.log"));
+            let log_file = fs::File::create(&log).expect("creating the server log");
+            let (uid, gid) = postgres_ids();
+            std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the server log");
+            let mut cmd = as_postgres("postgres", Some(libc::SIGQUIT));
+            cmd.arg("-D")
+                .arg(root.join("data"))
+                .arg("-p")
+                .arg(port.to_string())
+                .arg("-k")
+                .arg(&root)
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=50",
+                    "-c",
+                    "shared_buffers=16MB",
+                ])
+                .args(&tls_args)
+                .stdout(log_file.try_clone().expect("dup the log fd"))
+                .stderr(log_file);
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
+            let mut pg = Postgres {
+                child: Some(child),
+                dir: None,
+                root: root.clone(),
+                port,
+            };
+            match pg.wait_ready(&log) {
+                Ok(()) => {
+                    pg.dir = Some(dir);
+                    return pg;
+                }
+                Err(text) => {
+                    pg.stop();
+                    let port_taken = text.contains("Address already in use");
+                    last_log = text;
+                    if !port_taken {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("the PostgreSQL test server did not start:\n{last_log}");
+    }
+
+    /// Until `postmaster.pid` says `ready`; `Err(log)` when the server exits or times out.
+    fn wait_ready(&mut self, log: &Path) -> Result<(), String> {
+        let pidfile = self.root.join("data/postmaster.pid");
+        let until = Instant::now() + START_TIMEOUT;
+        loop {
+            let ready = fs::read_to_string(&pidfile)
+                .ok()
+                .is_some_and(|t| t.lines().nth(7).is_some_and(|l| l.trim() == "ready"));
+            if ready {
+                return Ok(());
+            }
+            let exited = match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            let log_text = || fs::read_to_string(log).unwrap_or_default();
+            if let Some(status) = exited {
+                return Err(format!("postgres exited ({status}):\n{}", log_text()));
+            }
+            if Instant::now() > until {
+                return Err(format!(
+                    "postgres not ready after {START_TIMEOUT:?}:\n{}",
+                    log_text()
+                ));
+            }
+            std::thread::sleep(POLL); // polling postmaster.pid, bounded
+        }
+    }
+
+    /// The CA that signed the server's certificate ([`Postgres::start_with_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory of the unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// The postmaster's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// `postgres://tether@<host>:<port>/tether?sslmode=disable`.
+    pub fn url_with_host(&self, host: &str) -> String {
+        format!(
+            "postgres://tether@{host}:{}/tether?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// [`Postgres::url_with_host`] on 127.0.0.1.
+    pub fn url(&self) -> String {
+        self.url_with_host("127.0.0.1")
+    }
+
+    /// A config file's `cluster:` block for this server (password from [`PASSWORD_ENV`]).
+    pub fn config_block(&self) -> String {
+        format!(
+            "cluster:\n  url: {}\n  password_env: {PASSWORD_ENV}\n  connect_timeout: 10s\n",
+            self.url()
+        )
+    }
+
+    /// Run SQL as the superuser over the unix socket; the rows, `|`-separated, one a line.
+    /// Panics when psql fails.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(Path::new(PG_BIN).join("psql"))
+            .arg("-h")
+            .arg(&self.root)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "tether",
+            ])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("starting psql: {e}"));
+        assert!(
+            out.status.success(),
+            "psql {sql:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+    }
+
+    /// Stop the server now (immediate shutdown) and wait for it; idempotent.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() > until => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+                Ok(None) => std::thread::sleep(POLL), // polling the server's exit, bounded
+            }
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("TETHER_TEST_KEEP").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("runner-tests: keeping {}", dir.keep().display());
+            }
+        }
+    }
+}

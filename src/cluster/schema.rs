@@ -1,0 +1,143 @@
+//! What tether keeps in the cluster's database: the schema `tether` with the table `runs` (one
+//! row per cluster run, issue 16 §3) and the sequence `fence` (the fencing tokens, §5).
+//! Created on first use, idempotently, under a transaction-scoped advisory lock so that two
+//! tethers starting at once do not race each other's `CREATE` (PROTOCOL.md, "Cluster").
+
+use super::session::Session;
+use crate::error::{Error, Result};
+
+/// The two-key advisory lock that serialises schema creation: `('teth', 1)`. Two-key advisory
+/// locks never conflict with the one-key (bigint) locks the app locks use.
+const SETUP_LOCK: (i32, i32) = (0x7465_7468, 1);
+
+/// The columns of `tether.runs` and their types, as `information_schema` names them.
+pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
+    ("run_id", "text", "text PRIMARY KEY"),
+    ("app", "text", "text NOT NULL"),
+    ("host", "text", "text NOT NULL"),
+    ("boot_id", "text", "text NOT NULL"),
+    ("pid", "integer", "integer NOT NULL"),
+    // The pid's start time in clock ticks since boot (/proc/<pid>/stat field 22): a pid is
+    // only the same process with the same start time.
+    ("pid_start", "bigint", "bigint NOT NULL"),
+    ("state", "text", "text NOT NULL"),
+    ("teardown", "text", "text"),
+    ("ci_link", "text", "text"),
+    ("fence", "bigint", "bigint NOT NULL"),
+    (
+        "heartbeat",
+        "timestamp with time zone",
+        "timestamptz NOT NULL DEFAULT now()",
+    ),
+    (
+        "started",
+        "timestamp with time zone",
+        "timestamptz NOT NULL DEFAULT now()",
+    ),
+];
+
+/// Make what is missing; returns what was created (empty: everything was there).
+pub(crate) fn ensure(s: &mut Session) -> Result<Vec<&'static str>> {
+    s.execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+        SETUP_LOCK.0, SETUP_LOCK.1
+    ))?;
+    let made = create_missing(s);
+    // COMMIT on success; on failure the transaction is rolled back (and the lock freed).
+    let end = if made.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = s.execute(end);
+    let made = made?;
+    ended?;
+    Ok(made)
+}
+
+fn create_missing(s: &mut Session) -> Result<Vec<&'static str>> {
+    let row = s.rows(
+        "SELECT to_regnamespace('tether') IS NOT NULL, \
+                to_regclass('tether.runs') IS NOT NULL, \
+                to_regclass('tether.fence') IS NOT NULL",
+    )?;
+    let have: Vec<bool> = row
+        .first()
+        .map(|r| r.iter().map(|v| v.as_deref() == Some("t")).collect())
+        .unwrap_or_default();
+    let [schema, runs, fence] = have[..] else {
+        return Err(Error::tether(format!(
+            "cluster {}: cannot read the catalog",
+            s.server
+        )));
+    };
+    let mut made = Vec::new();
+    if !schema {
+        s.execute("CREATE SCHEMA tether")
+            .map_err(|e| explain(e, "schema tether"))?;
+        made.push("schema tether");
+    }
+    if !runs {
+        let cols: Vec<String> = RUN_COLUMNS
+            .iter()
+            .map(|(name, _, decl)| format!("{name} {decl}"))
+            .collect();
+        s.execute(&format!(
+            "CREATE TABLE tether.runs ({}); CREATE INDEX runs_app ON tether.runs (app)",
+            cols.join(", ")
+        ))
+        .map_err(|e| explain(e, "table tether.runs"))?;
+        made.push("table tether.runs");
+    }
+    if !fence {
+        s.execute("CREATE SEQUENCE tether.fence AS bigint MINVALUE 1")
+            .map_err(|e| explain(e, "sequence tether.fence"))?;
+        made.push("sequence tether.fence");
+    }
+    Ok(made)
+}
+
+/// Add what to do to a failed `CREATE`.
+fn explain(e: Error, what: &str) -> Error {
+    Error::new(
+        e.failure,
+        format!(
+            "{} (creating {what}; the cluster user needs CREATE on the database, or an \
+             administrator creates the schema once with `tether cluster check`)",
+            e.message
+        ),
+    )
+}
+
+/// Check that what exists is what this tether needs: every column of `tether.runs` with its
+/// type, and the sequence. A mismatch names each difference.
+pub(crate) fn verify(s: &mut Session) -> Result<()> {
+    let rows = s.rows(
+        "SELECT column_name, data_type FROM information_schema.columns \
+         WHERE table_schema = 'tether' AND table_name = 'runs'",
+    )?;
+    let found: Vec<(String, String)> = rows
+        .into_iter()
+        .filter_map(|r| {
+            let mut it = r.into_iter();
+            Some((it.next()??, it.next()??))
+        })
+        .collect();
+    let mut wrong = Vec::new();
+    for (name, ty, _) in RUN_COLUMNS {
+        match found.iter().find(|(n, _)| n == name) {
+            None => wrong.push(format!("column {name} is missing")),
+            Some((_, t)) if t != ty => wrong.push(format!("column {name} is {t}, not {ty}")),
+            Some(_) => {}
+        }
+    }
+    let seq = s.value("SELECT to_regclass('tether.fence') IS NOT NULL")?;
+    if seq != "t" {
+        wrong.push("sequence tether.fence is missing".into());
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::tether(format!(
+            "cluster {}: the schema tether is not what this tether needs: {}",
+            s.server,
+            wrong.join("; ")
+        )))
+    }
+}
