@@ -534,10 +534,11 @@ fn cluster_config_show_names_sources_never_the_password() {
         line(&out, "cluster.url"),
         "cluster.url none (single host: local locks only) (default)"
     );
+    // `config show` lists every key, set or not: without a cluster, no password source.
     assert_eq!(
         line(&out, "cluster.password"),
-        "",
-        "no cluster, no more lines"
+        "cluster.password none (default)",
+        "no cluster, no password source"
     );
 
     let cfg = write_config(

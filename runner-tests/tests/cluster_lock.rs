@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
-    log_lines, names, rid, sh_wait_for, shell_quote, touch, wait_line, wait_until, write_config,
+    log_lines, rid, run_dirs, sh_wait_for, shell_quote, touch, wait_line, wait_until, write_config,
     Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
 };
 
@@ -205,7 +205,7 @@ fn cluster_lock_handoffs_across_hosts_never_overlap() {
     );
     for h in &hosts {
         assert_eq!(
-            names(&h.runs),
+            run_dirs(&h.runs),
             Vec::<String>::new(),
             "clean runs leave no run dir"
         );
@@ -232,7 +232,11 @@ fn cluster_lock_database_down_at_start_exits_75_leaving_nothing() {
         !ran.exists(),
         "neither the command nor a teardown ran\n{out}"
     );
-    assert_eq!(names(&h.runs), Vec::<String>::new(), "no run dir is left");
+    assert_eq!(
+        run_dirs(&h.runs),
+        Vec::<String>::new(),
+        "no run dir is left"
+    );
     assert_eq!(
         out.summary_field("result"),
         Some("failed"),
@@ -288,7 +292,7 @@ fn cluster_lock_wait_is_bounded_by_lock_timeout_and_leaves_no_waiter() {
     out.assert_code(75);
     out.assert_stderr_contains("still held after --lock-timeout 1s — giving up");
     assert!(!ran.exists(), "B's command never ran\n{out}");
-    assert_eq!(names(&b.runs), Vec::<String>::new(), "B left no run dir");
+    assert_eq!(run_dirs(&b.runs), Vec::<String>::new(), "B left no run dir");
     wait_until("B's session is gone from the server", TIMEOUT, || {
         pg.psql(&format!(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{id_b}'"
@@ -319,5 +323,9 @@ fn cluster_lock_refuses_a_transaction_pooling_proxy() {
         !ran.exists(),
         "the command never ran behind a pooler\n{out}"
     );
-    assert_eq!(names(&h.runs), Vec::<String>::new(), "no run dir is left");
+    assert_eq!(
+        run_dirs(&h.runs),
+        Vec::<String>::new(),
+        "no run dir is left"
+    );
 }

@@ -150,7 +150,10 @@ fn cluster(t: &mut Table<'_>) {
     let url = file.and_then(|c| c.url.as_ref()).map(|u| u.to_string());
     let url_set = url.is_some();
     let url = url.unwrap_or_else(|| "none (single host: local locks only)".into());
-    match std::env::var("TETHER_CLUSTER_URL").ok().filter(|v| !v.is_empty()) {
+    match std::env::var("TETHER_CLUSTER_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
         Some(text) => {
             let shown = match super::cluster::parse_url(&text) {
                 Ok(u) => u.to_string(),
