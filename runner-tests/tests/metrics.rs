@@ -46,22 +46,18 @@ fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in {m:#?}"))
 }
 
+/// Every result the issue lists: each has a `tether_runs_total` sample per app.
+const RESULTS: &str = "passed failed cancelled deadline superseded lock-lost";
+
 /// The `tether_runs_total` samples of `app`, every result the issue lists.
 fn results(m: &BTreeMap<String, f64>, app: &str) -> Vec<(String, f64)> {
-    [
-        "passed",
-        "failed",
-        "cancelled",
-        "deadline",
-        "superseded",
-        "lock-lost",
-    ]
-    .iter()
-    .map(|r| {
-        let series = format!("tether_runs_total{{app=\"{app}\",result=\"{r}\"}}");
-        ((*r).to_owned(), get(m, &series))
-    })
-    .collect()
+    RESULTS
+        .split_whitespace()
+        .map(|r| {
+            let series = format!("tether_runs_total{{app=\"{app}\",result=\"{r}\"}}");
+            (r.to_owned(), get(m, &series))
+        })
+        .collect()
 }
 
 /// A run of `app` whose core is SIGKILLed while its command runs: it leaves its app's lock
@@ -134,17 +130,10 @@ fn prometheus_exposition_shows_a_held_app_its_waiter_a_dead_run_and_the_journal(
     assert_eq!(get(&m, "tether_dead_runs_pending_reap"), 1.0);
     assert_eq!(get(&m, "tether_slots_busy"), 0.0);
     let expect = |passed: f64, failed: f64| -> Vec<(String, f64)> {
-        let mut v: Vec<(String, f64)> = [
-            "passed",
-            "failed",
-            "cancelled",
-            "deadline",
-            "superseded",
-            "lock-lost",
-        ]
-        .iter()
-        .map(|r| ((*r).to_owned(), 0.0))
-        .collect();
+        let mut v: Vec<(String, f64)> = RESULTS
+            .split_whitespace()
+            .map(|r| (r.to_owned(), 0.0))
+            .collect();
         v[0].1 = passed;
         v[1].1 = failed;
         v

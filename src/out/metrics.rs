@@ -488,15 +488,10 @@ mod tests {
     }
 
     fn dir(id: &str, status: &str, app: &str, state: &str, pid: i32, ago: u64) -> RunDirStatus {
+        let live = (status == "live").then_some(pid);
         RunDirStatus {
-            run_id: id.into(),
-            status: status.into(),
-            reap_pending: status == "dead-unclean",
-            app: Some(app.into()),
-            state: Some(state.into()),
-            pid: (status == "live").then_some(pid),
-            ci: None,
             started_at: Some(NOW - ago),
+            ..crate::out::status::tests::run(id, status, app, state, live)
         }
     }
 

@@ -370,7 +370,7 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ident::ci_env::CiInfo;
 
@@ -389,7 +389,14 @@ mod tests {
         }
     }
 
-    fn run(id: &str, status: &str, app: &str, state: &str, pid: Option<i32>) -> RunDirStatus {
+    /// A run dir row as `collect` reads it (also the metrics tests' rows).
+    pub(crate) fn run(
+        id: &str,
+        status: &str,
+        app: &str,
+        state: &str,
+        pid: Option<i32>,
+    ) -> RunDirStatus {
         RunDirStatus {
             run_id: id.into(),
             status: status.into(),
