@@ -152,3 +152,73 @@ fn status_takes_quiet_and_log_format_as_the_other_commands() {
     let out = refused(&[]);
     assert!(text(&out.stderr).starts_with("tether: error: "), "{out:?}");
 }
+
+/// `--format prometheus` over the same state plus a journal with both generations: the
+/// exposition pinned (no lock held, so nothing varies), the dead holder's reap pending, the
+/// slot count from the config file (or `--slots`), counters over the current generation;
+/// `--format json` is `--json`; `--json` with `--format` is a usage error.
+#[test]
+fn status_prometheus_snapshot_and_format_flags() {
+    let t = tempfile::tempdir().unwrap();
+    state(t.path());
+    fs::write(t.path().join("config.yaml"), "slots: 3\n").unwrap();
+    let line = |id: &str, result: &str, wait: u64, hold: u64| {
+        json!({
+            "at": 1_700_000_100u64, "run_id": id, "app": "idle.example.org", "group": null,
+            "host": "ci-host", "result": result, "exit": 0, "reason": "exited",
+            "lock_wait_ms": wait, "runtime_ms": hold, "hold_ms": hold, "teardown": "ok",
+            "reaps": 1,
+        })
+        .to_string()
+            + "\n"
+    };
+    let runs = t.path().join("runs");
+    fs::write(
+        runs.join(".history.jsonl.1"),
+        line("old-1", "passed", 100, 900),
+    )
+    .unwrap();
+    let current = line("new-1", "passed", 300, 1_100) + &line("new-2", "failed", 0, 700);
+    fs::write(runs.join(".history.jsonl"), current).unwrap();
+    for f in [".history.jsonl", ".history.jsonl.1"] {
+        fs::set_permissions(runs.join(f), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    let out = status(t.path(), &["--format", "prometheus"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let prom = text(&out.stdout);
+    insta::assert_snapshot!("status_cli_prometheus", prom);
+    for sample in [
+        "tether_app_reap_pending{app=\"a-rather-long-review-app-name.staging.eu-west-1.example.org\"} 1\n",
+        "tether_dead_runs_pending_reap 1\n",
+        "tether_slots_total 3\n",
+        "tether_runs_total{app=\"idle.example.org\",result=\"passed\"} 1\n",
+        "tether_runs_total{app=\"idle.example.org\",result=\"failed\"} 1\n",
+        "tether_reaps_total{app=\"idle.example.org\"} 2\n",
+        "tether_lock_wait_seconds_count{app=\"idle.example.org\"} 2\n",
+        "tether_lock_wait_seconds{app=\"idle.example.org\",quantile=\"0.95\"} 0.3\n",
+    ] {
+        assert!(prom.contains(sample), "no {sample:?} in:\n{prom}");
+    }
+    let flag = status(t.path(), &["--format", "prometheus", "--slots", "8"]);
+    assert!(
+        text(&flag.stdout).contains("tether_slots_total 8\n"),
+        "{flag:?}"
+    );
+
+    assert_eq!(
+        status(t.path(), &["--format", "json"]).stdout,
+        status(t.path(), &["--json"]).stdout
+    );
+    assert_eq!(
+        status(t.path(), &["--format", "text"]).stdout,
+        status(t.path(), &[]).stdout
+    );
+    let both = status(t.path(), &["--json", "--format", "text"]);
+    assert_eq!(both.status.code(), Some(125), "{both:?}");
+    assert!(
+        text(&both.stderr).starts_with("tether: usage: "),
+        "{both:?}"
+    );
+    assert!(both.stdout.is_empty(), "{both:?}");
+}

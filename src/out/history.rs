@@ -113,22 +113,30 @@ fn rotate(runs: &Dir, file: &std::fs::File, max: u64) -> std::io::Result<()> {
 
 /// Every entry of both generations, oldest first, and how many lines did not parse.
 pub(crate) fn load(runs: &Dir) -> Result<(Vec<Entry>, usize), String> {
+    let (mut entries, mut skipped) = load_generation(runs, HISTORY_OLD)?;
+    let (current, more) = load_generation(runs, HISTORY)?;
+    entries.extend(current);
+    skipped += more;
+    entries.sort_by_key(|e| e.at);
+    Ok((entries, skipped))
+}
+
+/// The entries of one generation (`HISTORY` or `HISTORY_OLD`), in file order, and how many of
+/// its lines did not parse. A generation that does not exist is empty.
+pub(crate) fn load_generation(runs: &Dir, name: &str) -> Result<(Vec<Entry>, usize), String> {
+    let bytes = match runs.read_owned(name, READ_CAP) {
+        Ok(b) => b,
+        Err(ReadError::Missing) => return Ok((Vec::new(), 0)),
+        Err(ReadError::Refused(why)) => return Err(why),
+    };
     let mut entries = Vec::new();
     let mut skipped = 0;
-    for name in [HISTORY_OLD, HISTORY] {
-        let bytes = match runs.read_owned(name, READ_CAP) {
-            Ok(b) => b,
-            Err(ReadError::Missing) => continue,
-            Err(ReadError::Refused(why)) => return Err(why),
-        };
-        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            match serde_json::from_slice::<Entry>(line) {
-                Ok(e) => entries.push(e),
-                Err(_) => skipped += 1,
-            }
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Entry>(line) {
+            Ok(e) => entries.push(e),
+            Err(_) => skipped += 1,
         }
     }
-    entries.sort_by_key(|e| e.at);
     Ok((entries, skipped))
 }
 

@@ -1,7 +1,8 @@
 //! What tether reports: the summary, PR comments and webhooks, the run journal (`history`),
-//! `status`.
+//! `status` and its Prometheus form (`metrics`).
 
 pub(crate) mod history;
+pub(crate) mod metrics;
 pub(crate) mod report;
 pub(crate) mod status;
 pub(crate) mod summary;

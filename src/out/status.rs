@@ -47,6 +47,9 @@ pub(crate) struct RunDirStatus {
     pub(crate) state: Option<String>,
     pub(crate) pid: Option<i32>,
     pub(crate) ci: Option<crate::ident::ci_env::CiInfo>,
+    /// Unix seconds the run started (its record's `started_at`): a queued live run has been
+    /// waiting since then.
+    pub(crate) started_at: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +165,7 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
             state: rec.as_ref().map(|r| r.meta.state.as_str().to_owned()),
             pid: holder,
             ci: rec.as_ref().and_then(|r| r.meta.ci.clone()),
+            started_at: rec.as_ref().map(|r| r.meta.started_at),
         });
     }
     Status { apps, slots, runs }
@@ -290,11 +294,28 @@ fn note(reap_pending: bool) -> String {
     }
 }
 
+/// What `tether status` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Three tables.
+    Text,
+    /// One JSON document.
+    Json,
+    /// Prometheus metrics for node_exporter's textfile collector.
+    Prometheus,
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct StatusArgs {
-    /// Print one JSON document.
-    #[arg(long)]
+    /// What to print [default: text].
+    #[arg(long, value_enum)]
+    pub(crate) format: Option<Format>,
+    /// Print one JSON document (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
     pub(crate) json: bool,
+    /// The host's slot count, for tether_slots_total [default: the config's slots].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) slots: Option<u32>,
     #[command(flatten)]
     pub(crate) places: crate::config::args::PlaceArgs,
     #[command(flatten)]
@@ -326,7 +347,15 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
         lock_dir.as_ref().map(|d| &d.dir),
         runs_dir.as_ref().map(|d| &d.dir),
     );
-    if args.json {
+    let format = match (args.json, args.format) {
+        (true, _) => Format::Json,
+        (false, f) => f.unwrap_or(Format::Text),
+    };
+    if format == Format::Prometheus {
+        let slots = args.slots.or(cfg.slots);
+        return super::metrics::print(&st, slots, runs_dir.as_ref().map(|d| &d.dir));
+    }
+    if format == Format::Json {
         match serde_json::to_string_pretty(&st) {
             Ok(text) => crate::output::stdout(&format!("{text}\n")),
             Err(e) => {
@@ -341,7 +370,7 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ident::ci_env::CiInfo;
 
@@ -360,7 +389,14 @@ mod tests {
         }
     }
 
-    fn run(id: &str, status: &str, app: &str, state: &str, pid: Option<i32>) -> RunDirStatus {
+    /// A run dir row as `collect` reads it (also the metrics tests' rows).
+    pub(crate) fn run(
+        id: &str,
+        status: &str,
+        app: &str,
+        state: &str,
+        pid: Option<i32>,
+    ) -> RunDirStatus {
         RunDirStatus {
             run_id: id.into(),
             status: status.into(),
@@ -369,6 +405,7 @@ mod tests {
             state: Some(state.into()),
             pid,
             ci: None,
+            started_at: Some(1_796_400_000),
         }
     }
 
@@ -429,6 +466,7 @@ mod tests {
                     state: None,
                     pid: None,
                     ci: None,
+                    started_at: None,
                 },
             ],
         }
