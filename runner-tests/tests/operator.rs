@@ -666,11 +666,7 @@ fn config_errors_name_file_line_and_key_and_leave_nothing() {
         );
         assert!(!marker.exists(), "{what}: the command ran\n{f}");
 
-        let check = sb
-            .tether("config")
-            .no_sandbox_dirs()
-            .args(["check", file])
-            .run();
+        let check = config_check(&sb, file);
         check.assert_code(125);
         assert_eq!(
             check.stderr_lines("tether: error: "),
@@ -690,11 +686,7 @@ fn config_errors_name_file_line_and_key_and_leave_nothing() {
         "good.yml",
         "deadline: 45m\nslots: 2\nenv:\n  allow: [PATH]\nrun_env:\n  ABRA_DIR: \"{run_dir}/abra\"\n",
     );
-    let good = sb
-        .tether("config")
-        .no_sandbox_dirs()
-        .args(["check", "good.yml"])
-        .run();
+    let good = config_check(&sb, "good.yml");
     good.assert_code(0);
     assert_eq!(good.stdout.trim(), "config good.yml: ok", "{good}");
 }
@@ -718,12 +710,7 @@ fn config_not_utf8_or_not_a_file_is_named_and_never_hangs() {
             "config fifo.yml: cannot read: not a regular file",
         ),
     ] {
-        let check = sb
-            .tether("config")
-            .no_sandbox_dirs()
-            .args(["check", file])
-            .timeout(Duration::from_secs(20))
-            .run();
+        let check = config_check(&sb, file);
         check.assert_code(125);
         assert_eq!(
             check.stderr_lines("tether: error: "),
@@ -731,6 +718,16 @@ fn config_not_utf8_or_not_a_file_is_named_and_never_hangs() {
             "{check}"
         );
     }
+}
+
+/// `tether config check FILE`, run from the sandbox root (a relative FILE names no temp path).
+/// Bounded: a config read that blocked would fail the test, not hang it.
+fn config_check(sb: &Sandbox, file: &str) -> Finished {
+    sb.tether("config")
+        .no_sandbox_dirs()
+        .args(["check", file])
+        .timeout(Duration::from_secs(20))
+        .run()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1024,11 +1021,7 @@ fn config_check_refuses_a_run_as_user_or_group_that_does_not_exist() {
         ),
     ] {
         write_config(&sb, file, text);
-        let check = sb
-            .tether("config")
-            .no_sandbox_dirs()
-            .args(["check", file])
-            .run();
+        let check = config_check(&sb, file);
         check.assert_code(125);
         assert_eq!(
             check.stderr_lines("tether: "),
@@ -1037,11 +1030,7 @@ fn config_check_refuses_a_run_as_user_or_group_that_does_not_exist() {
         );
     }
     write_config(&sb, "ok.yml", "run_as: {user: root}\n");
-    let check = sb
-        .tether("config")
-        .no_sandbox_dirs()
-        .args(["check", "ok.yml"])
-        .run();
+    let check = config_check(&sb, "ok.yml");
     check.assert_code(0);
     if is_root() {
         assert_eq!(check.stderr, "", "root may use run_as: no warning\n{check}");
