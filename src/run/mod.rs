@@ -27,6 +27,7 @@ mod plan;
 mod queue;
 mod supervise;
 mod teardown;
+mod waitline;
 
 pub(crate) use args::RunArgs;
 

@@ -6,7 +6,6 @@ use super::claim::Claimed;
 use super::finish::{announce_acquired, announce_waiting, describe_holder};
 use super::Stop;
 use crate::config::duration;
-use crate::config::OnBusy;
 use crate::error::Error;
 use crate::ident::names::{Domain, RunId};
 use crate::output;
@@ -18,25 +17,25 @@ use crate::sys::supervisor::Supervisor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How often `--on-busy cancel-older` looks at who holds the lock while waiting.
-const CANCEL_RECHECK: Duration = Duration::from_millis(200);
-
 /// How often a run waiting for a host slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(20);
 
 impl Claimed {
     /// Take the lock of `app`, waiting visibly (and interruptibly) while it is busy. `ours`:
-    /// the run's own app (the busy policy applies), else the app of a dead run reusing our id.
+    /// the run's own app (in its queue, under the busy policy: `waitline.rs`), else the app of
+    /// a dead run reusing our id (a plain wait on the lock).
     pub(super) fn acquire(
         &mut self,
         app: &Domain,
         ours: bool,
         sup: &mut Supervisor,
     ) -> Result<AppLock, Stop> {
+        if ours {
+            return self.acquire_queued(app, sup);
+        }
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
         let mut announced = false;
-        let mut said_no_group = false;
         loop {
             let busy = match locks.try_acquire(app) {
                 Ok(Attempt::Held(l)) => {
@@ -49,29 +48,8 @@ impl Claimed {
                 Err(e) => return Err(Stop::Fail(Error::tether(format!("app lock: {e}")))),
             };
             let holder = describe_holder(busy.holder(), busy.holder_pid());
-            if ours && self.ctx.spec.on_busy == OnBusy::Fail {
-                return Err(Stop::Busy(format!(
-                    "app lock {app}: held by {holder} — --on-busy fail, giving up"
-                )));
-            }
-            let cancel_older = ours && self.ctx.spec.on_busy == OnBusy::CancelOlder;
-            if ours {
-                self.note_queued();
-            }
             announce_waiting(app, &holder);
             announced = true;
-            if cancel_older && self.ctx.spec.group.is_none() && !said_no_group {
-                // Otherwise the policy waits silently, and the operator wonders why.
-                output::warn(
-                    "cancel-older",
-                    "--on-busy cancel-older: this run has no group (no --group, no CI run \
-                     detected) — nothing to cancel, waiting",
-                );
-                said_no_group = true;
-            }
-            if cancel_older {
-                self.cancel_holder_if_same_group(busy.holder(), busy.holder_pid());
-            }
             let waiting = busy
                 .wait()
                 .map_err(|e| Stop::Fail(Error::tether(format!("cannot wait for lock: {e}"))))?;
@@ -81,11 +59,6 @@ impl Claimed {
                 let mut timeout = until(next_progress);
                 if let Some(g) = give_up {
                     timeout = timeout.min(until(g));
-                }
-                if cancel_older {
-                    // The holder may change while we wait (another queued run of the group).
-                    timeout = timeout.min(CANCEL_RECHECK);
-                    self.cancel_holder_if_same_group(waiting.holder(), waiting.holder_pid());
                 }
                 let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
                 if events.contains(&Event::Ready) {
@@ -170,7 +143,11 @@ impl Claimed {
     /// group key and its pid is the lock's holder in the kernel's lock table and still the
     /// process that wrote the record (start time). A holder of another group, or one we cannot
     /// identify, is never signalled.
-    fn cancel_holder_if_same_group(&mut self, meta: Option<LockMeta>, holder: Option<i32>) {
+    pub(super) fn cancel_holder_if_same_group(
+        &mut self,
+        meta: Option<LockMeta>,
+        holder: Option<i32>,
+    ) {
         let Some(group) = self.ctx.spec.group.clone() else {
             return;
         };

@@ -5,6 +5,7 @@
 //! run's life cycle does not know which one it holds.
 
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
+use super::queue::Queue;
 use super::record::{self, LockMeta};
 use crate::ident::names::Domain;
 use crate::sys::safe_fs::Dir;
@@ -84,6 +85,25 @@ impl AppLocks {
                 Ok(lock::try_acquire_existing(dir, app_lock_name(app))?
                     .map(|held| AppLock { held }))
             }
+        }
+    }
+
+    /// The queue of runs waiting for `app` (PROTOCOL §14), created when `create`. `Ok(None)`:
+    /// nobody queued for it yet.
+    pub(crate) fn queue(&self, app: &Domain, create: bool) -> io::Result<Option<Queue>> {
+        match &self.backend {
+            Backend::Flock { dir } => Queue::open(dir, app, create),
+        }
+    }
+
+    /// The holder of `app`'s lock right now: its metadata and its pid in the kernel's lock
+    /// table (`None`, `None`: free or missing).
+    pub(crate) fn holder_now(&self, app: &Domain) -> (Option<LockMeta>, Option<i32>) {
+        match &self.backend {
+            Backend::Flock { dir } => match lock::open_existing(dir, app_lock_name(app)) {
+                Ok(f) => (record::read_meta(&f), crate::sys::proc_locks::holder_of(&f)),
+                Err(_) => (None, None),
+            },
         }
     }
 

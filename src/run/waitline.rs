@@ -1,0 +1,394 @@
+//! Step 4 for the run's own app (PROTOCOL §14): waiting in the app's queue — a ticket taken
+//! in arrival order (or its reverse under `--queue-order newest-first`), the wait on the
+//! nearest live ticket ahead, the head's wait on the app lock and its "still the head?" check,
+//! `--max-queue`, the stopped-waiter skip, and the waiting line with the position.
+
+use super::claim::Claimed;
+use super::finish::{announce_acquired, describe_holder};
+use super::Stop;
+use crate::config::duration::{self, human_secs};
+use crate::config::OnBusy;
+use crate::error::Error;
+use crate::ident::names::Domain;
+use crate::output;
+use crate::state::applock::{AppLock, Attempt, WaitingLock};
+use crate::state::queue::{Entry, Queue, Ticket, TicketInfo, TicketWait};
+use crate::state::record;
+use crate::sys::signals::{until, Event};
+use crate::sys::supervisor::Supervisor;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How often a waiter looks at the queue again (positions, stopped waiters, cancel-older).
+const LOOK_AGAIN: Duration = Duration::from_millis(200);
+/// How often an arrival tries the counter's flock while another arrival holds it.
+const COUNTER_RETRY: Duration = Duration::from_millis(2);
+/// Runs named after `ahead:` in the waiting line; more are counted.
+const AHEAD_SHOWN: usize = 3;
+
+/// What the waiter is blocked on right now.
+enum Blocked {
+    Nothing,
+    /// The head's wait for the app lock (never abandoned: a granted lock must be looked at).
+    App(WaitingLock),
+    /// The wait for the ticket `name` ahead of us.
+    Ticket(String, TicketWait),
+    /// The lock is ours and we are the head.
+    Done(AppLock),
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> Stop {
+    Stop::Fail(Error::tether(format!("{what}: {e}")))
+}
+
+impl Claimed {
+    /// Take the lock of the run's own app, in queue order (PROTOCOL §14).
+    pub(super) fn acquire_queued(
+        &mut self,
+        app: &Domain,
+        sup: &mut Supervisor,
+    ) -> Result<AppLock, Stop> {
+        let locks = self.ctx.app_locks.clone();
+        let started = Instant::now();
+        // Uncontended: a free lock and nobody queued. A free lock with a queue is the queue's.
+        match locks.try_acquire(app).map_err(|e| fail("app lock", e))? {
+            Attempt::Held(l) => {
+                let queue = locks.queue(app, false).map_err(|e| fail("app queue", e))?;
+                let waiting = match &queue {
+                    Some(q) => q.live().map_err(|e| fail("app queue", e))?.len(),
+                    None => 0,
+                };
+                if waiting == 0 {
+                    return Ok(l);
+                }
+                l.release();
+                self.refuse_if_fail(app, &format!("{waiting} runs waiting"))?;
+            }
+            Attempt::Busy(b) => {
+                let holder = describe_holder(b.holder(), b.holder_pid());
+                self.refuse_if_fail(app, &format!("held by {holder}"))?;
+            }
+        }
+        let queue = locks
+            .queue(app, true)
+            .map_err(|e| fail("app queue", e))?
+            .ok_or_else(|| fail("app queue", "vanished"))?;
+        let ticket = self.take_ticket(app, &queue, sup)?;
+        self.note_queued();
+        let mut line = Line::new(app.clone(), self.ctx.spec.wait_progress);
+        let mut blocked = Blocked::Nothing;
+        // Waits abandoned for a skipped (stopped) waiter ahead: kept so their pipes stay open.
+        let mut parked: Vec<TicketWait> = Vec::new();
+        let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
+        let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
+        if cancel_older && self.ctx.spec.group.is_none() {
+            // Otherwise the policy waits silently, and the operator wonders why.
+            output::warn(
+                "cancel-older",
+                "--on-busy cancel-older: this run has no group (no --group, no CI run \
+                 detected) — nothing to cancel, waiting",
+            );
+        }
+        loop {
+            let entries = queue.live().map_err(|e| fail("app queue", e))?;
+            let Some(me) = entries.iter().position(|e| e.name == ticket.name()) else {
+                return Err(fail("app queue", "our ticket was removed"));
+            };
+            if cancel_older {
+                let (meta, pid) = locks.holder_now(app);
+                self.cancel_holder_if_same_group(meta, pid);
+            }
+            line.show(&locks, me + 1, entries.len(), &entries[..me]);
+            let ahead = line.not_skipped(&entries[..me]);
+            blocked = match (blocked, ahead.last()) {
+                // The head: wait on the app lock itself.
+                (Blocked::Ticket(_, w), None) => {
+                    parked.push(w);
+                    self.head(&locks, app, &queue, &ticket, &line, started)?
+                }
+                (Blocked::Nothing, None) => {
+                    self.head(&locks, app, &queue, &ticket, &line, started)?
+                }
+                // Someone ahead: wait on the nearest, unless still waiting on one ahead.
+                (Blocked::Ticket(name, w), Some(_)) if ahead.iter().any(|e| e.name == name) => {
+                    Blocked::Ticket(name, w)
+                }
+                (Blocked::Ticket(_, w), Some(pred)) => {
+                    parked.push(w);
+                    wait_on(&queue, pred)?
+                }
+                (Blocked::Nothing, Some(pred)) => wait_on(&queue, pred)?,
+                (b @ (Blocked::App(_) | Blocked::Done(_)), _) => b,
+            };
+            if let Blocked::Done(held) = blocked {
+                return Ok(held);
+            }
+            let fd = match &blocked {
+                Blocked::App(w) => Some(w.ready_fd()),
+                Blocked::Ticket(_, w) => Some(w.raw_fd()),
+                Blocked::Nothing | Blocked::Done(_) => None,
+            };
+            let mut timeout = LOOK_AGAIN.min(until(line.next_progress));
+            if let Some(g) = give_up {
+                timeout = timeout.min(until(g));
+            }
+            let events = sup.wait(Some(timeout), fd);
+            let ready = events.contains(&Event::Ready);
+            super::act_on(events, &self.ctx)?;
+            if ready {
+                blocked = match blocked {
+                    Blocked::App(w) => match w.finish().map_err(|e| fail("app lock", e))? {
+                        Some(held) if is_head(&queue, &ticket, &line)? => {
+                            announce_acquired(app, started);
+                            return Ok(held);
+                        }
+                        // Someone came ahead (newest-first, a waiter continued): theirs.
+                        Some(held) => {
+                            held.release();
+                            Blocked::Nothing
+                        }
+                        None => Blocked::Nothing,
+                    },
+                    _ => Blocked::Nothing,
+                };
+            }
+            if give_up.is_some_and(|g| Instant::now() >= g) {
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: still held after --lock-timeout {} — giving up",
+                    duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
+                )));
+            }
+        }
+    }
+
+    /// `--on-busy fail`: give up instead of queueing.
+    fn refuse_if_fail(&self, app: &Domain, why: &str) -> Result<(), Stop> {
+        if self.ctx.spec.on_busy == OnBusy::Fail {
+            return Err(Stop::Busy(format!(
+                "app lock {app}: {why} — --on-busy fail, giving up"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Count the queue and take a ticket under the counter's flock (`--max-queue`).
+    fn take_ticket(
+        &mut self,
+        app: &Domain,
+        queue: &Queue,
+        sup: &mut Supervisor,
+    ) -> Result<Ticket, Stop> {
+        let meta = &self.ctx.record.meta;
+        let info = TicketInfo {
+            run_id: meta.run_id.clone(),
+            pid: meta.pid,
+            pid_start: meta.pid_start,
+            group: self.ctx.spec.group.clone(),
+            since: record::unix_now(),
+        };
+        loop {
+            if let Some(counter) = queue.try_counter().map_err(|e| fail("app queue", e))? {
+                let waiting = queue.live().map_err(|e| fail("app queue", e))?.len();
+                if let Some(max) = self.ctx.spec.max_queue {
+                    if waiting >= max as usize {
+                        let runs = if waiting == 1 { "run" } else { "runs" };
+                        return Err(Stop::Busy(format!(
+                            "app lock {app}: {waiting} {runs} already waiting (--max-queue \
+                             {max}) — giving up"
+                        )));
+                    }
+                }
+                return counter
+                    .take(queue, &info, self.ctx.spec.queue_order)
+                    .map_err(|e| fail("app queue", e));
+            }
+            let events = sup.wait(Some(COUNTER_RETRY), None);
+            super::act_on(events, &self.ctx)?;
+        }
+    }
+
+    /// We are the head: take the app lock if it is free (and we are still the head once we
+    /// hold it), else wait for it.
+    fn head(
+        &mut self,
+        locks: &crate::state::applock::AppLocks,
+        app: &Domain,
+        queue: &Queue,
+        ticket: &Ticket,
+        line: &Line,
+        started: Instant,
+    ) -> Result<Blocked, Stop> {
+        match locks.try_acquire(app).map_err(|e| fail("app lock", e))? {
+            Attempt::Held(held) => {
+                if is_head(queue, ticket, line)? {
+                    announce_acquired(app, started);
+                    return Ok(Blocked::Done(held));
+                }
+                held.release();
+                Ok(Blocked::Nothing)
+            }
+            Attempt::Busy(b) => {
+                if self.ctx.spec.on_busy == OnBusy::CancelOlder {
+                    self.cancel_holder_if_same_group(b.holder(), b.holder_pid());
+                }
+                let w = b.wait().map_err(|e| fail("cannot wait for lock", e))?;
+                Ok(Blocked::App(w))
+            }
+        }
+    }
+}
+
+/// Still the head: no live, unskipped ticket ahead of ours.
+fn is_head(queue: &Queue, ticket: &Ticket, line: &Line) -> Result<bool, Stop> {
+    let entries = queue.live().map_err(|e| fail("app queue", e))?;
+    let me = entries
+        .iter()
+        .position(|e| e.name == ticket.name())
+        .unwrap_or(entries.len());
+    Ok(line.not_skipped(&entries[..me]).is_empty())
+}
+
+fn wait_on(queue: &Queue, pred: &Entry) -> Result<Blocked, Stop> {
+    Ok(
+        match queue
+            .wait_for(&pred.name)
+            .map_err(|e| fail("app queue", e))?
+        {
+            Some(w) => Blocked::Ticket(pred.name.clone(), w),
+            None => Blocked::Nothing,
+        },
+    )
+}
+
+/// The waiting line and what it remembers: the position last said, when to repeat it, and
+/// which waiters ahead were seen stopped since when.
+struct Line {
+    app: Domain,
+    interval: Duration,
+    next_progress: Instant,
+    said: Option<usize>,
+    stopped: HashMap<String, (Instant, bool)>,
+}
+
+impl Line {
+    fn new(app: Domain, interval: Duration) -> Line {
+        Line {
+            app,
+            interval,
+            next_progress: Instant::now(),
+            said: None,
+            stopped: HashMap::new(),
+        }
+    }
+
+    /// The entries ahead, without the waiters skipped because they have been stopped for the
+    /// wait-progress interval (said once per stop). A waiter that runs again counts again.
+    fn not_skipped<'e>(&self, ahead: &'e [Entry]) -> Vec<&'e Entry> {
+        ahead
+            .iter()
+            .filter(|e| {
+                !self
+                    .stopped
+                    .get(&e.name)
+                    .is_some_and(|(_, skipped)| *skipped)
+            })
+            .collect()
+    }
+
+    /// Update the stopped waiters ahead, then say the line if the position changed or the
+    /// interval passed.
+    fn show(
+        &mut self,
+        locks: &crate::state::applock::AppLocks,
+        position: usize,
+        total: usize,
+        ahead: &[Entry],
+    ) {
+        self.stopped
+            .retain(|name, _| ahead.iter().any(|e| &e.name == name));
+        for e in ahead {
+            let stopped = e.pid.is_some_and(crate::sys::procfs::is_stopped);
+            if !stopped {
+                self.stopped.remove(&e.name);
+                continue;
+            }
+            let (since, skipped) = self
+                .stopped
+                .entry(e.name.clone())
+                .or_insert((Instant::now(), false));
+            if !*skipped && since.elapsed() >= self.interval {
+                *skipped = true;
+                let who = run_of(e);
+                output::emit(
+                    output::Level::Warn,
+                    "queue-skip",
+                    &format!(
+                        "app lock {}: {who} ahead in the queue is stopped (state T) for {} — \
+                         skipping it",
+                        self.app,
+                        duration::human(since.elapsed())
+                    ),
+                    &[("app", self.app.as_str().into())],
+                );
+            }
+        }
+        if self.said == Some(position) && Instant::now() < self.next_progress {
+            return;
+        }
+        self.said = Some(position);
+        self.next_progress = Instant::now() + self.interval;
+        let (meta, pid) = locks.holder_now(&self.app);
+        let holder = match pid {
+            Some(_) => format!("held by {}", describe_holder(meta, pid)),
+            None => "free, being handed over".into(),
+        };
+        let mut text = format!(
+            "app lock {}: position {position} of {total} — {holder}",
+            self.app
+        );
+        if !ahead.is_empty() {
+            let now = record::unix_now();
+            let mut names: Vec<String> = ahead
+                .iter()
+                .take(AHEAD_SHOWN)
+                .map(|e| {
+                    let waited = e
+                        .info
+                        .as_ref()
+                        .map(|i| human_secs(now.saturating_sub(i.since)))
+                        .unwrap_or_else(|| "?".into());
+                    let skipped = if self.stopped.get(&e.name).is_some_and(|s| s.1) {
+                        ", stopped, skipped"
+                    } else {
+                        ""
+                    };
+                    format!("{} (waiting {waited}{skipped})", run_of(e))
+                })
+                .collect();
+            if ahead.len() > AHEAD_SHOWN {
+                names.push(format!("and {} more", ahead.len() - AHEAD_SHOWN));
+            }
+            text.push_str(&format!("; ahead: {}", names.join(", ")));
+        }
+        text.push_str(" — waiting");
+        output::emit(
+            output::Level::Info,
+            "waiting",
+            &text,
+            &[
+                ("app", self.app.as_str().into()),
+                ("position", position.into()),
+                ("queued", total.into()),
+            ],
+        );
+    }
+}
+
+/// `run <id>`, or what is known of a ticket that is not tether's.
+fn run_of(e: &Entry) -> String {
+    match (&e.info, e.pid) {
+        (Some(i), _) => format!("run {}", i.run_id),
+        (None, Some(pid)) => format!("an unknown run (pid {pid})"),
+        (None, None) => "an unknown run".into(),
+    }
+}
