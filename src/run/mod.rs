@@ -232,6 +232,8 @@ enum Stop {
     Busy(String),
     /// tether's own failure.
     Fail(crate::error::Error),
+    /// A newer run of our group took our place in the queue (PROTOCOL §14); its id.
+    Superseded(String),
 }
 
 /// Act on funnel events that arrived while the run was busy (or are pending now).

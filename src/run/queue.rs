@@ -142,43 +142,46 @@ impl Claimed {
     /// `--on-busy cancel-older` (PROTOCOL §12): SIGTERM the holder when its own record has our
     /// group key and its pid is the lock's holder in the kernel's lock table and still the
     /// process that wrote the record (start time). A holder of another group, or one we cannot
-    /// identify, is never signalled.
+    /// identify, is never signalled. True: the holder is an older run of our group (signalled
+    /// now or before).
     pub(super) fn cancel_holder_if_same_group(
         &mut self,
         meta: Option<LockMeta>,
         holder: Option<i32>,
-    ) {
+    ) -> bool {
         let Some(group) = self.ctx.spec.group.clone() else {
-            return;
+            return false;
         };
         let Some(meta) = meta else {
-            return;
+            return false;
         };
+        if self.cancelled.contains(&meta.run_id) {
+            return true;
+        }
         if meta.run_id == self.ctx.spec.run_id.as_str()
-            || self.cancelled.contains(&meta.run_id)
             || meta.started_at > self.ctx.record.meta.started_at
         {
-            return;
+            return false;
         }
         let Ok(id) = RunId::parse(&meta.run_id) else {
-            return;
+            return false;
         };
         if Path::new(&meta.run_dir) != rundir::path_of(&self.ctx.runs_dir, &id) {
-            return;
+            return false;
         }
         let Some(rec) = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
             .ok()
             .and_then(|d| record::read_record(&d).ok())
         else {
-            return;
+            return false;
         };
         if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
-            return;
+            return false;
         }
         if holder != Some(meta.pid)
             || crate::sys::procfs::start_time(meta.pid) != Some(meta.pid_start)
         {
-            return;
+            return false;
         }
         output::emit(
             output::Level::Info,
@@ -199,5 +202,6 @@ impl Claimed {
             );
         }
         self.cancelled.insert(meta.run_id);
+        true
     }
 }

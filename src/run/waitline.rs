@@ -9,12 +9,13 @@ use super::Stop;
 use crate::config::duration::{self, human_secs};
 use crate::config::OnBusy;
 use crate::error::Error;
-use crate::ident::names::Domain;
+use crate::ident::names::{Domain, RunId};
 use crate::output;
 use crate::state::applock::{AppLock, Attempt, WaitingLock};
-use crate::state::queue::{Entry, Queue, Ticket, TicketInfo, TicketWait};
-use crate::state::record;
-use crate::sys::signals::{until, Event};
+use crate::state::queue::{Entry, Placement, Queue, Ticket, TicketInfo, TicketWait};
+use crate::state::{record, rundir};
+use crate::sys::safe_fs::Dir;
+use crate::sys::signals::{until, Event, Sig};
 use crate::sys::supervisor::Supervisor;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -73,8 +74,9 @@ impl Claimed {
             .queue(app, true)
             .map_err(|e| fail("app queue", e))?
             .ok_or_else(|| fail("app queue", "vanished"))?;
-        let ticket = self.take_ticket(app, &queue, sup)?;
+        // The record first: a newer run of our group verifies us by it (PROTOCOL §14).
         self.note_queued();
+        let ticket = self.take_ticket(app, &queue, sup)?;
         let mut line = Line::new(app.clone(), self.ctx.spec.wait_progress);
         let mut blocked = Blocked::Nothing;
         // Waits abandoned for a skipped (stopped) waiter ahead: kept so their pipes stay open.
@@ -134,6 +136,11 @@ impl Claimed {
             }
             let events = sup.wait(Some(timeout), fd);
             let ready = events.contains(&Event::Ready);
+            if events.contains(&Event::Signal(Sig::Term)) {
+                if let Some(by) = rundir::superseded_by(self.dir.dir()) {
+                    return Err(Stop::Superseded(by));
+                }
+            }
             super::act_on(events, &self.ctx)?;
             if ready {
                 blocked = match blocked {
@@ -188,7 +195,10 @@ impl Claimed {
         };
         loop {
             if let Some(counter) = queue.try_counter().map_err(|e| fail("app queue", e))? {
-                let waiting = queue.live().map_err(|e| fail("app queue", e))?.len();
+                let entries = queue.live().map_err(|e| fail("app queue", e))?;
+                let (at, victims) = self.supersede_plan(app, &entries);
+                // The runs we replace are leaving: they do not count.
+                let waiting = entries.len() - victims.len();
                 if let Some(max) = self.ctx.spec.max_queue {
                     if waiting >= max as usize {
                         let runs = if waiting == 1 { "run" } else { "runs" };
@@ -198,13 +208,103 @@ impl Claimed {
                         )));
                     }
                 }
-                return counter
-                    .take(queue, &info, self.ctx.spec.queue_order)
-                    .map_err(|e| fail("app queue", e));
+                let ticket = counter
+                    .take(queue, &info, self.ctx.spec.queue_order, at)
+                    .map_err(|e| fail("app queue", e))?;
+                for (victim, dir) in victims {
+                    self.supersede(&victim, &dir);
+                }
+                return Ok(ticket);
             }
             let events = sup.wait(Some(COUNTER_RETRY), None);
             super::act_on(events, &self.ctx)?;
         }
+    }
+
+    /// `--on-busy cancel-older` on arrival (PROTOCOL §14): the older runs of our group we
+    /// replace — the holder (signalled here) and the queued ones (verified, signalled once our
+    /// ticket is placed) — and where our ticket goes: the head if we replace the holder, else
+    /// right behind the foremost queued one.
+    fn supersede_plan(
+        &mut self,
+        app: &Domain,
+        entries: &[Entry],
+    ) -> (Placement, Vec<(Entry, Dir)>) {
+        if self.ctx.spec.on_busy != OnBusy::CancelOlder || self.ctx.spec.group.is_none() {
+            return (Placement::Arrival, Vec::new());
+        }
+        let (meta, pid) = self.ctx.app_locks.holder_now(app);
+        let holder = self.cancel_holder_if_same_group(meta, pid);
+        let victims: Vec<(Entry, Dir)> = entries
+            .iter()
+            .filter_map(|e| Some((e.clone(), self.queued_of_our_group(e)?)))
+            .collect();
+        let at = match victims.first() {
+            _ if holder => Placement::Head,
+            Some((first, _)) => Placement::After(first.name.clone()),
+            None => Placement::Arrival,
+        };
+        (at, victims)
+    }
+
+    /// The run dir of a queued run we may supersede, verified as the holder is for
+    /// cancel-older: its pid holds its ticket in the kernel's lock table and started when the
+    /// ticket says, and its own record (owner-checked) names the same run, pid and our group.
+    fn queued_of_our_group(&self, e: &Entry) -> Option<Dir> {
+        let group = self.ctx.spec.group.as_deref()?;
+        let info = e.info.as_ref()?;
+        if info.run_id == self.ctx.spec.run_id.as_str()
+            || info.group.as_deref() != Some(group)
+            || e.pid != Some(info.pid)
+            || crate::sys::procfs::start_time(info.pid) != Some(info.pid_start)
+        {
+            return None;
+        }
+        let id = RunId::parse(&info.run_id).ok()?;
+        let dir = rundir::open_trusted(&self.ctx.runs_dir, id.as_str()).ok()?;
+        let rec = record::read_record(&dir).ok()?;
+        (rec.meta.run_id == info.run_id
+            && rec.group.as_deref() == Some(group)
+            && rec.meta.pid == info.pid
+            && rec.meta.pid_start == info.pid_start)
+            .then_some(dir)
+    }
+
+    /// Tell a queued run of our group it was superseded (a marker in its run dir), then
+    /// SIGTERM its core: it leaves the queue with result `superseded`, having run nothing.
+    fn supersede(&mut self, victim: &Entry, dir: &Dir) {
+        let Some(info) = &victim.info else { return };
+        let me = self.ctx.spec.run_id.to_string();
+        let group = self.ctx.spec.group.clone().unwrap_or_default();
+        if let Err(e) = rundir::mark_superseded(dir, &me) {
+            output::warn(
+                "cancelling",
+                &format!("cannot mark run {} superseded: {e}", info.run_id),
+            );
+            return;
+        }
+        output::emit(
+            output::Level::Info,
+            "cancelling",
+            &format!(
+                "cancelling older queued run {} of group {group} — taking its place",
+                info.run_id
+            ),
+            &[
+                ("run_id", info.run_id.clone().into()),
+                ("group", group.into()),
+            ],
+        );
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(info.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        ) {
+            output::warn(
+                "cancelling",
+                &format!("cannot signal run {} (pid {}): {e}", info.run_id, info.pid),
+            );
+        }
+        self.cancelled.insert(info.run_id.clone());
     }
 
     /// We are the head: take the app lock if it is free (and we are still the head once we

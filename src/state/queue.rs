@@ -37,6 +37,16 @@ const MIDDLE: u64 = 5_000_000_000_000_000_000;
 /// A ticket holds a little JSON; anything bigger is not tether's.
 const MAX_TICKET_BYTES: u64 = 4096;
 
+/// Where a new ticket goes.
+pub(crate) enum Placement {
+    /// By arrival, as the queue order says.
+    Arrival,
+    /// Right behind the ticket `name` (the foremost run a supersede replaced).
+    After(String),
+    /// At the head (the run a supersede replaced held the app).
+    Head,
+}
+
 /// Who waits, as its ticket says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct TicketInfo {
@@ -259,6 +269,7 @@ impl Counter {
         queue: &Queue,
         info: &TicketInfo,
         order: QueueOrder,
+        at: Placement,
     ) -> io::Result<Ticket> {
         let mut buf = [0u8; 32];
         let n = self.file.read_at(&mut buf, 0)?;
@@ -274,7 +285,17 @@ impl Counter {
             QueueOrder::OldestFirst => MIDDLE + next,
             QueueOrder::NewestFirst => MIDDLE - next,
         };
-        queue.place(&format!("{key:020}"), info)
+        // `<name>.1` sorts right after `<name>` and before the next number ('.' < '0'); every
+        // ticket is placed under the counter, so "not there yet" stays true until the rename.
+        let mut name = match at {
+            Placement::Arrival => format!("{key:020}"),
+            Placement::After(victim) => format!("{victim}.1"),
+            Placement::Head => format!("{:020}.{next:020}", 0),
+        };
+        while queue.dir.stat_at(&name).is_ok() {
+            name.push_str(".1");
+        }
+        queue.place(&name, info)
     }
 }
 
@@ -374,6 +395,20 @@ mod tests {
         };
         assert_eq!(ids(&q), ["c", "a", "b"]);
         assert!(a.name() < b.name() && c.name() < a.name());
+        // Supersede in place: right behind a, twice over; at the head.
+        let a2 = take(
+            "a2",
+            QueueOrder::OldestFirst,
+            Placement::After(a.name().into()),
+        );
+        let a3 = take(
+            "a3",
+            QueueOrder::OldestFirst,
+            Placement::After(a.name().into()),
+        );
+        let h = take("h", QueueOrder::OldestFirst, Placement::Head);
+        assert_eq!(ids(&q), ["h", "c", "a", "a2", "a3", "b"]);
+        drop((a2, a3, h));
         drop(a);
         assert_eq!(ids(&q), ["c", "b"]);
         drop((b, c));
