@@ -376,16 +376,13 @@ mod tests {
     #[test]
     fn tickets_order_by_arrival_or_reverse_and_leave_when_dropped() {
         let (_t, q) = queue();
-        let a = q
-            .try_counter()
-            .unwrap()
-            .unwrap()
-            .take(&q, &info("a"), QueueOrder::OldestFirst);
-        let a = a.unwrap();
-        let b = q.try_counter().unwrap().unwrap();
-        let b = b.take(&q, &info("b"), QueueOrder::OldestFirst).unwrap();
-        let c = q.try_counter().unwrap().unwrap();
-        let c = c.take(&q, &info("c"), QueueOrder::NewestFirst).unwrap();
+        let take = |id: &str, order, at| {
+            let counter = q.try_counter().unwrap().unwrap();
+            counter.take(&q, &info(id), order, at).unwrap()
+        };
+        let a = take("a", QueueOrder::OldestFirst, Placement::Arrival);
+        let b = take("b", QueueOrder::OldestFirst, Placement::Arrival);
+        let c = take("c", QueueOrder::NewestFirst, Placement::Arrival);
         let ids = |q: &Queue| -> Vec<String> {
             q.live()
                 .unwrap()
