@@ -149,40 +149,56 @@ impl Claimed {
         meta: Option<LockMeta>,
         holder: Option<i32>,
     ) -> bool {
-        let Some(group) = self.ctx.spec.group.clone() else {
-            return false;
-        };
-        let Some(meta) = meta else {
-            return false;
-        };
+        match self.older_holder_of_our_group(meta, holder) {
+            Some(meta) => {
+                self.cancel_holder(meta);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The holder's metadata when it is an older run of our group, verified as above (or one
+    /// we already signalled).
+    pub(super) fn older_holder_of_our_group(
+        &self,
+        meta: Option<LockMeta>,
+        holder: Option<i32>,
+    ) -> Option<LockMeta> {
+        let group = self.ctx.spec.group.as_deref()?;
+        let meta = meta?;
         if self.cancelled.contains(&meta.run_id) {
-            return true;
+            return Some(meta);
         }
         if meta.run_id == self.ctx.spec.run_id.as_str()
             || meta.started_at > self.ctx.record.meta.started_at
         {
-            return false;
+            return None;
         }
-        let Ok(id) = RunId::parse(&meta.run_id) else {
-            return false;
-        };
+        let id = RunId::parse(&meta.run_id).ok()?;
         if Path::new(&meta.run_dir) != rundir::path_of(&self.ctx.runs_dir, &id) {
-            return false;
+            return None;
         }
-        let Some(rec) = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
+        let rec = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
             .ok()
-            .and_then(|d| record::read_record(&d).ok())
-        else {
-            return false;
-        };
-        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
-            return false;
+            .and_then(|d| record::read_record(&d).ok())?;
+        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group) {
+            return None;
         }
         if holder != Some(meta.pid)
             || crate::sys::procfs::start_time(meta.pid) != Some(meta.pid_start)
         {
-            return false;
+            return None;
         }
+        Some(meta)
+    }
+
+    /// SIGTERM a verified holder of our group, once.
+    pub(super) fn cancel_holder(&mut self, meta: LockMeta) {
+        if self.cancelled.contains(&meta.run_id) {
+            return;
+        }
+        let group = self.ctx.spec.group.clone().unwrap_or_default();
         output::emit(
             output::Level::Info,
             "cancelling",
@@ -202,6 +218,5 @@ impl Claimed {
             );
         }
         self.cancelled.insert(meta.run_id);
-        true
     }
 }

@@ -13,6 +13,7 @@ use crate::ident::names::{Domain, RunId};
 use crate::output;
 use crate::state::applock::{AppLock, Attempt, WaitingLock};
 use crate::state::queue::{Entry, Placement, Queue, Ticket, TicketInfo, TicketWait};
+use crate::state::record::LockMeta;
 use crate::state::{record, rundir};
 use crate::sys::safe_fs::Dir;
 use crate::sys::signals::{until, Event, Sig};
@@ -26,6 +27,9 @@ const LOOK_AGAIN: Duration = Duration::from_millis(200);
 const COUNTER_RETRY: Duration = Duration::from_millis(2);
 /// Runs named after `ahead:` in the waiting line; more are counted.
 const AHEAD_SHOWN: usize = 3;
+
+/// Where a superseding run's ticket goes, the holder it replaces, the queued runs it replaces.
+type Supersede = (Placement, Option<LockMeta>, Vec<(Entry, Dir)>);
 
 /// What the waiter is blocked on right now.
 enum Blocked {
@@ -196,7 +200,7 @@ impl Claimed {
         loop {
             if let Some(counter) = queue.try_counter().map_err(|e| fail("app queue", e))? {
                 let entries = queue.live().map_err(|e| fail("app queue", e))?;
-                let (at, victims) = self.supersede_plan(app, &entries);
+                let (at, holder, victims) = self.supersede_plan(app, &entries);
                 // The runs we replace are leaving: they do not count.
                 let waiting = entries.len() - victims.len();
                 if let Some(max) = self.ctx.spec.max_queue {
@@ -211,6 +215,11 @@ impl Claimed {
                 let ticket = counter
                     .take(queue, &info, self.ctx.spec.queue_order, at)
                     .map_err(|e| fail("app queue", e))?;
+                // Signalled only now: a victim that leaves at once cannot let anyone in before
+                // our ticket stands in its place.
+                if let Some(meta) = holder {
+                    self.cancel_holder(meta);
+                }
                 for (victim, dir) in victims {
                     self.supersede(&victim, &dir);
                 }
@@ -222,29 +231,25 @@ impl Claimed {
     }
 
     /// `--on-busy cancel-older` on arrival (PROTOCOL §14): the older runs of our group we
-    /// replace — the holder (signalled here) and the queued ones (verified, signalled once our
-    /// ticket is placed) — and where our ticket goes: the head if we replace the holder, else
-    /// right behind the foremost queued one.
-    fn supersede_plan(
-        &mut self,
-        app: &Domain,
-        entries: &[Entry],
-    ) -> (Placement, Vec<(Entry, Dir)>) {
+    /// replace — the holder and the queued ones, verified, to be signalled once our ticket is
+    /// placed — and where our ticket goes: the head if we replace the holder, else right
+    /// behind the foremost queued one.
+    fn supersede_plan(&self, app: &Domain, entries: &[Entry]) -> Supersede {
         if self.ctx.spec.on_busy != OnBusy::CancelOlder || self.ctx.spec.group.is_none() {
-            return (Placement::Arrival, Vec::new());
+            return (Placement::Arrival, None, Vec::new());
         }
         let (meta, pid) = self.ctx.app_locks.holder_now(app);
-        let holder = self.cancel_holder_if_same_group(meta, pid);
+        let holder = self.older_holder_of_our_group(meta, pid);
         let victims: Vec<(Entry, Dir)> = entries
             .iter()
             .filter_map(|e| Some((e.clone(), self.queued_of_our_group(e)?)))
             .collect();
         let at = match victims.first() {
-            _ if holder => Placement::Head,
+            _ if holder.is_some() => Placement::Head,
             Some((first, _)) => Placement::After(first.name.clone()),
             None => Placement::Arrival,
         };
-        (at, victims)
+        (at, holder, victims)
     }
 
     /// The run dir of a queued run we may supersede, verified as the holder is for
@@ -387,10 +392,9 @@ impl Line {
         ahead
             .iter()
             .filter(|e| {
-                !self
-                    .stopped
-                    .get(&e.name)
-                    .is_some_and(|(_, skipped)| *skipped)
+                let skipped = self.stopped.get(&e.name).is_some_and(|(_, s)| *s);
+                // Looked at again now: a waiter continued since counts at once.
+                !(skipped && e.pid.is_some_and(crate::sys::procfs::is_stopped))
             })
             .collect()
     }
