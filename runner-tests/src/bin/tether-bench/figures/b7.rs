@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
 use crate::stats::stats;
-use crate::util::{os, read_ns, spawn, wait_exit, LIMIT};
+use crate::util::{now_ns, os, read_ns, spawn, wait_exit, LIMIT};
 use crate::world::{log_file, Ctx, World};
 
 /// What the figure measures, for the report.
@@ -23,6 +23,8 @@ pub struct Trial {
     pub overlaps: usize,
     pub excl_overlaps: usize,
     pub failures: usize,
+    /// Each run's wait: from its spawn to its command's start stamp (ns).
+    pub waits: Vec<u64>,
 }
 
 pub fn b7_trial(
@@ -53,6 +55,7 @@ pub fn b7_trial(
                 s.spawn(move || {
                     barrier.wait();
                     let (mut fails, mut excl) = (0usize, 0usize);
+                    let mut spawned = Vec::with_capacity(runs);
                     for i in 0..runs {
                         let (sp, ep) = stamp_paths(w, i);
                         let stamp: Vec<OsString> = vec![
@@ -75,33 +78,40 @@ pub fn b7_trial(
                                 c
                             }
                         };
+                        spawned.push(now_ns());
                         match spawn(&mut cmd).and_then(|mut c| wait_exit(&mut c, LIMIT)) {
                             Ok(st) if st.success() => {}
                             Ok(st) if st.code() == Some(99) => excl += 1,
                             _ => fails += 1,
                         }
                     }
-                    (fails, excl)
+                    (fails, excl, spawned)
                 })
             })
             .collect();
         barrier.wait();
         let t0 = Instant::now();
-        let results: Vec<(usize, usize)> = handles
+        let results: Vec<(usize, usize, Vec<u64>)> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or((runs, 0)))
+            .map(|h| h.join().unwrap_or((runs, 0, Vec::new())))
             .collect();
         (t0.elapsed(), results)
     });
     let failures: usize = per_worker.iter().map(|r| r.0).sum();
     let excl_overlaps: usize = per_worker.iter().map(|r| r.1).sum();
     let mut spans = Vec::new();
+    let mut waits = Vec::new();
     let mut missing = 0;
-    for w in 0..WORKERS {
+    for (w, worker) in per_worker.iter().enumerate() {
         for i in 0..runs {
             let (sp, ep) = stamp_paths(w, i);
             match (read_ns(&sp), read_ns(&ep)) {
-                (Ok(s), Ok(e)) => spans.push((s, e)),
+                (Ok(s), Ok(e)) => {
+                    spans.push((s, e));
+                    if let Some(t) = worker.2.get(i) {
+                        waits.push(s.saturating_sub(*t));
+                    }
+                }
                 _ => missing += 1,
             }
         }
@@ -120,6 +130,7 @@ pub fn b7_trial(
         excl_overlaps,
         // A failed run usually leaves no stamps: count each failure once.
         failures: failures.max(missing),
+        waits,
     })
 }
 
