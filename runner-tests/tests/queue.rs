@@ -6,7 +6,7 @@
 //! queued (its ticket exists and its core holds the ticket's flock, from `/proc/locks`); every
 //! command appends its run id to one `O_APPEND` log, which is the acquisition order.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -42,31 +42,84 @@ impl Drop for Hogs {
     }
 }
 
-/// A run of `app` whose command appends its run id to `log`.
-fn logging_run<'a>(sb: &'a Sandbox, app: &str, id: &str, log: &Path) -> TetherCmd<'a> {
-    let script = format!("echo \"$TETHER_RUN_ID\" >> {}", shell_quote(log));
-    sb.tether_run()
-        .app(app)
-        .run_id(id)
-        .command(["sh", "-c", &script])
+/// One app's world for a queue test: its sandbox, the log every command appends its run id to
+/// (the acquisition order), and its holder's release marker.
+struct Q<'a> {
+    sb: &'a Sandbox,
+    app: String,
+    log: PathBuf,
+    release: PathBuf,
 }
 
-/// Start `cmd` and return once the queue of `app` has `n` live tickets, the last one held by
-/// the new run's core: it is queued, behind everyone before it.
-fn enqueue(sb: &Sandbox, app: &str, cmd: TetherCmd<'_>, n: usize) -> (RunningTether, i32) {
-    let run = cmd.spawn();
-    let core = run.wait_core_pid(TIMEOUT);
-    let mut have = Vec::new();
-    wait_until("the run to be queued", TIMEOUT, || {
-        have = queue_tickets(sb.lock_dir(), app);
-        have.len() >= n && have.iter().any(|(_, pid)| *pid == core)
-    });
-    (run, core)
+impl<'a> Q<'a> {
+    fn new(sb: &'a Sandbox, app: &str) -> Q<'a> {
+        Q {
+            sb,
+            app: app.to_owned(),
+            log: sb.fresh_mark("order.log"),
+            release: sb.fresh_mark("release"),
+        }
+    }
+
+    /// A holder (run id from `name`) that runs until [`Q::release`].
+    fn hold(&self, name: &str, extra: &[&str]) -> (String, HeldRun) {
+        let id = rid(self.sb, name);
+        let held = start_held_run(self.sb, &self.app, &id, &self.release, |c| c.args(extra));
+        (id, held)
+    }
+
+    /// A run whose command appends its run id to the log.
+    fn run(&self, id: &str) -> TetherCmd<'a> {
+        let script = format!("echo \"$TETHER_RUN_ID\" >> {}", shell_quote(&self.log));
+        self.sb
+            .tether_run()
+            .app(&self.app)
+            .run_id(id)
+            .command(["sh", "-c", &script])
+    }
+
+    /// Start `cmd` and return once the queue has `n` live tickets, one held by the new run's
+    /// core: it is queued, behind everyone before it. Returns the run and its core's pid.
+    fn enqueue(&self, cmd: TetherCmd<'_>, n: usize) -> (RunningTether, i32) {
+        let run = cmd.spawn();
+        let core = run.wait_core_pid(TIMEOUT);
+        let mut have = Vec::new();
+        wait_until("the run to be queued", TIMEOUT, || {
+            have = queue_tickets(self.sb.lock_dir(), &self.app);
+            have.len() >= n && have.iter().any(|(_, pid)| *pid == core)
+        });
+        (run, core)
+    }
+
+    /// Queue one run per `(name, extra args)`, in order, each proven queued before the next
+    /// starts (`first` runs are queued already).
+    fn queue(&self, first: usize, runs: &[(&str, &[&str])]) -> (Vec<String>, Vec<RunningTether>) {
+        let ids: Vec<String> = runs.iter().map(|(n, _)| rid(self.sb, n)).collect();
+        let started = ids
+            .iter()
+            .zip(runs)
+            .enumerate()
+            .map(|(k, (id, (_, extra)))| self.enqueue(self.run(id).args(*extra), first + k + 1).0)
+            .collect();
+        (ids, started)
+    }
+
+    /// Let the holder go; it must exit with `code`.
+    fn release(&self, mut holder: HeldRun, code: i32) {
+        touch(&self.release);
+        holder.run.wait_exit(TIMEOUT).assert_code(code);
+    }
+
+    fn order(&self) -> Vec<String> {
+        log_lines(&self.log)
+    }
 }
 
-/// A holder of `app` in group `group`, released by `release`.
-fn hold(sb: &Sandbox, app: &str, id: &str, release: &Path, extra: &[&str]) -> HeldRun {
-    start_held_run(sb, app, id, release, |c| c.args(extra))
+/// Every run in `runs` exits 0.
+fn all_pass<'r>(runs: impl IntoIterator<Item = &'r mut RunningTether>) {
+    for r in runs {
+        r.wait_exit(TIMEOUT).assert_code(0);
+    }
 }
 
 /// One FIFO trial: a holder, 20 waiters queued one after another, then released. With
@@ -74,18 +127,14 @@ fn hold(sb: &Sandbox, app: &str, id: &str, release: &Path, extra: &[&str]) -> He
 /// `--on-busy cancel-older`, supersedes it in place. Returns the acquisition order and the
 /// expected one.
 fn fifo_trial(sb: &Sandbox, trial: usize, supersede: bool) -> (Vec<String>, Vec<String>) {
-    let app = format!(
-        "t{trial}{}.fifo.example.org",
-        if supersede { "s" } else { "" }
-    );
-    let log = sb.fresh_mark("order.log");
-    let release = sb.fresh_mark("release");
-    let holder = hold(sb, &app, &rid(sb, &format!("h{trial}")), &release, &[]);
+    let tag = if supersede { "s" } else { "" };
+    let q = Q::new(sb, &format!("t{trial}{tag}.fifo.example.org"));
+    let (_, holder) = q.hold(&format!("h{trial}"), &[]);
     let ids: Vec<String> = (0..20).map(|k| rid(sb, &format!("w{trial}-{k}"))).collect();
     let mut runs = Vec::new();
     let mut queued = 0;
     for (k, id) in ids.iter().enumerate() {
-        let mut cmd = logging_run(sb, &app, id, &log);
+        let mut cmd = q.run(id);
         if supersede && k == 5 {
             cmd = cmd.args(["--group", "S"]);
         }
@@ -95,11 +144,9 @@ fn fifo_trial(sb: &Sandbox, trial: usize, supersede: bool) -> (Vec<String>, Vec<
             queued -= 1;
         }
         queued += 1;
-        runs.push(enqueue(sb, &app, cmd, queued).0);
+        runs.push(q.enqueue(cmd, queued).0);
     }
-    touch(&release);
-    let mut holder = holder.run;
-    holder.wait_exit(TIMEOUT).assert_code(0);
+    q.release(holder, 0);
     for (k, mut r) in runs.into_iter().enumerate() {
         let f = r.wait_exit(TIMEOUT);
         if supersede && k == 5 {
@@ -114,7 +161,7 @@ fn fifo_trial(sb: &Sandbox, trial: usize, supersede: bool) -> (Vec<String>, Vec<
         let new = expected.remove(12);
         expected[5] = new;
     }
-    (log_lines(&log), expected)
+    (q.order(), expected)
 }
 
 /// Issue 17 item 1, PROTOCOL §14: 20 waiters started in a known order while both cores are
@@ -138,34 +185,24 @@ fn twenty_waiters_take_the_app_in_arrival_order_under_load() {
 #[test]
 fn a_sigkilled_waiter_leaves_the_queue_and_those_behind_move_up() {
     let sb = Sandbox::new();
-    let app = "killed.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let mut holder = hold(&sb, app, &rid(&sb, "h"), &release, &[]);
-    let ids: Vec<String> = ["w1", "w2", "w3"].iter().map(|n| rid(&sb, n)).collect();
-    let mut runs = Vec::new();
-    for (k, id) in ids.iter().enumerate() {
-        let cmd = logging_run(&sb, app, id, &log).args(["--wait-progress-interval", "60s"]);
-        runs.push(enqueue(&sb, app, cmd, k + 1));
-    }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(runs[1].1), Signal::SIGKILL)
+    let q = Q::new(&sb, "killed.example.org");
+    let (_, holder) = q.hold("h", &[]);
+    let (ids, mut runs) = q.queue(0, &[("w1", &[]), ("w2", &[]), ("w3", &[])]);
+    let tickets = queue_tickets(sb.lock_dir(), &q.app);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(tickets[1].1), Signal::SIGKILL)
         .expect("killing w2's core");
     // w3 says its new place as soon as it sees it.
-    runs[2].0.wait_line("position 2 of 2", TIMEOUT);
+    runs[2].wait_line("position 2 of 2", TIMEOUT);
     assert_eq!(
-        queue_tickets(sb.lock_dir(), app).len(),
+        queue_tickets(sb.lock_dir(), &q.app).len(),
         2,
         "w2's ticket is gone"
     );
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    let mut w3 = runs.pop().expect("w3");
-    let _w2 = runs.pop().expect("w2");
-    let mut w1 = runs.pop().expect("w1");
-    w1.0.wait_exit(TIMEOUT).assert_code(0);
-    w3.0.wait_exit(TIMEOUT).assert_code(0);
-    assert_eq!(log_lines(&log), [ids[0].clone(), ids[2].clone()]);
-    assert!(queue_tickets(sb.lock_dir(), app).is_empty());
+    q.release(holder, 0);
+    let (w1, w3) = runs.split_at_mut(2);
+    all_pass([&mut w1[0], &mut w3[0]]);
+    assert_eq!(q.order(), [ids[0].clone(), ids[2].clone()]);
+    assert!(queue_tickets(sb.lock_dir(), &q.app).is_empty());
 }
 
 /// `/proc/<pid>/stat`'s state letter.
@@ -180,40 +217,28 @@ fn proc_state(pid: i32) -> Option<char> {
 #[test]
 fn a_stopped_waiter_is_skipped_after_the_bound_and_retakes_its_place_when_continued() {
     let sb = Sandbox::new();
-    let app = "stopped.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let mut holder = hold(&sb, app, &rid(&sb, "h"), &release, &[]);
-    let (w1, w2) = (rid(&sb, "w1"), rid(&sb, "w2"));
-    let every = ["--wait-progress-interval", "300ms"];
-    let (mut r1, core1) = enqueue(&sb, app, logging_run(&sb, app, &w1, &log).args(every), 1);
-    let (mut r2, core2) = enqueue(&sb, app, logging_run(&sb, app, &w2, &log).args(every), 2);
+    let q = Q::new(&sb, "stopped.example.org");
+    let (_, holder) = q.hold("h", &[]);
+    let every: &[&str] = &["--wait-progress-interval", "300ms"];
+    let (ids, mut runs) = q.queue(0, &[("w1", every), ("w2", every)]);
+    let tickets = queue_tickets(sb.lock_dir(), &q.app);
+    let (core1, core2) = (tickets[0].1, tickets[1].1);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(core1), Signal::SIGSTOP).expect("SIGSTOP");
-    let line = r2.wait_line("skipping it", TIMEOUT);
-    assert!(
-        line.contains(&format!("run {w1} ahead in the queue is stopped")),
-        "{line}"
-    );
+    let line = runs[1].wait_line("skipping it", TIMEOUT);
+    let named = format!("run {} ahead in the queue is stopped", ids[0]);
+    assert!(line.contains(&named), "{line}");
     // w2 now waits on the app lock itself, as the head does.
     wait_until("w2 to wait on the app lock", TIMEOUT, || {
-        runner_tests::flock_waiters(sb.lock_path(app)).contains(&core2)
+        runner_tests::flock_waiters(sb.lock_path(&q.app)).contains(&core2)
     });
     assert_eq!(proc_state(core1), Some('T'), "w1 is still stopped");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(core1), Signal::SIGCONT).expect("SIGCONT");
     wait_until("w1 to run again", TIMEOUT, || {
         proc_state(core1).is_some_and(|s| s != 'T')
     });
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    let f1 = r1.wait_exit(TIMEOUT);
-    f1.assert_code(0);
-    let f2 = r2.wait_exit(TIMEOUT);
-    f2.assert_code(0);
-    assert_eq!(
-        log_lines(&log),
-        [w1, w2],
-        "continued, w1 went first again\n{f1}\n{f2}"
-    );
+    q.release(holder, 0);
+    all_pass(&mut runs);
+    assert_eq!(q.order(), ids, "continued, w1 went first again");
 }
 
 /// Issue 17 item 2, PROTOCOL §14: holder A0 and queued B1, A1, B2; a new A run with
@@ -223,51 +248,35 @@ fn a_stopped_waiter_is_skipped_after_the_bound_and_retakes_its_place_when_contin
 #[test]
 fn supersede_replaces_the_holder_and_the_queued_runs_of_the_group_and_takes_the_head() {
     let sb = Sandbox::new();
-    let app = "supersede.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
+    let q = Q::new(&sb, "supersede.example.org");
     let a0 = rid(&sb, "a0");
-    let td = format!("echo teardown-{a0} >> {}", shell_quote(&log));
-    let holder = hold(
-        &sb,
-        app,
-        &a0,
-        &release,
-        &["--group", "A", "--teardown", &td],
-    );
-    let ids: Vec<String> = ["b1", "a1", "b2", "a2"]
-        .iter()
-        .map(|n| rid(&sb, n))
-        .collect();
-    let groups = ["B", "A", "B", "A"];
-    let mut runs = Vec::new();
-    for k in 0..3 {
-        let cmd = logging_run(&sb, app, &ids[k], &log).args(["--group", groups[k]]);
-        runs.push(enqueue(&sb, app, cmd, k + 1).0);
-    }
-    let cmd =
-        logging_run(&sb, app, &ids[3], &log).args(["--group", "A", "--on-busy", "cancel-older"]);
-    let mut a2 = cmd.spawn();
-    let mut h = holder.run;
-    h.wait_exit(TIMEOUT).assert_code(143);
-    let a1 = runs[1].wait_exit(TIMEOUT);
-    a1.assert_code(143)
+    let td = format!("echo teardown-{a0} >> {}", shell_quote(&q.log));
+    let held = start_held_run(&sb, &q.app, &a0, &q.release, |c| {
+        c.args(["--group", "A", "--teardown", &td])
+    });
+    let (b, a): (&[&str], &[&str]) = (&["--group", "B"], &["--group", "A"]);
+    let (ids, mut runs) = q.queue(0, &[("b1", b), ("a1", a), ("b2", b)]);
+    let a2 = rid(&sb, "a2");
+    let mut new = q
+        .run(&a2)
+        .args(["--group", "A", "--on-busy", "cancel-older"])
+        .spawn();
+    let mut holder = held.run;
+    holder.wait_exit(TIMEOUT).assert_code(143);
+    runs[1]
+        .wait_exit(TIMEOUT)
+        .assert_code(143)
         .assert_stderr_contains("result=superseded")
-        .assert_stderr_contains(&format!("superseded by run {}", ids[3]));
+        .assert_stderr_contains(&format!("superseded by run {a2}"));
     assert!(!sb.run_dir(&ids[1]).exists(), "a1 left no run dir");
-    a2.wait_exit(TIMEOUT)
+    new.wait_exit(TIMEOUT)
         .assert_code(0)
         .assert_stderr_contains(&format!("cancelling older queued run {}", ids[1]));
-    runs[0].wait_exit(TIMEOUT).assert_code(0);
-    runs[2].wait_exit(TIMEOUT).assert_code(0);
+    let (b1, b2) = runs.split_at_mut(2);
+    all_pass([&mut b1[0], &mut b2[0]]);
     assert_eq!(
-        log_lines(&log),
-        [
-            format!("teardown-{a0}"),
-            ids[3].clone(),
-            ids[0].clone(),
-            ids[2].clone()
-        ],
+        q.order(),
+        [format!("teardown-{a0}"), a2, ids[0].clone(), ids[2].clone()],
         "a0 torn down once, a1 ran nothing, a2 went first, the B runs in their order"
     );
 }
@@ -278,24 +287,16 @@ fn supersede_replaces_the_holder_and_the_queued_runs_of_the_group_and_takes_the_
 #[test]
 fn supersede_takes_the_place_of_the_foremost_queued_run_it_replaced() {
     let sb = Sandbox::new();
-    let app = "inplace.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let mut holder = hold(&sb, app, &rid(&sb, "c0"), &release, &["--group", "C"]);
-    let ids: Vec<String> = ["b1", "a1", "b2", "a2"]
-        .iter()
-        .map(|n| rid(&sb, n))
-        .collect();
-    let groups = ["B", "A", "B", "A"];
-    let mut runs = Vec::new();
-    for k in 0..4 {
-        let cmd = logging_run(&sb, app, &ids[k], &log).args(["--group", groups[k]]);
-        runs.push(enqueue(&sb, app, cmd, k + 1).0);
-    }
+    let q = Q::new(&sb, "inplace.example.org");
+    let (_, holder) = q.hold("c0", &["--group", "C"]);
+    let (b, a): (&[&str], &[&str]) = (&["--group", "B"], &["--group", "A"]);
+    let (ids, mut runs) = q.queue(0, &[("b1", b), ("a1", a), ("b2", b), ("a2", a)]);
     let a3 = rid(&sb, "a3");
-    let cmd = logging_run(&sb, app, &a3, &log).args(["--group", "A", "--on-busy", "cancel-older"]);
-    let (mut r3, core3) = enqueue(&sb, app, cmd, 3);
-    let order: Vec<i32> = queue_tickets(sb.lock_dir(), app)
+    let cmd = q
+        .run(&a3)
+        .args(["--group", "A", "--on-busy", "cancel-older"]);
+    let (mut r3, core3) = q.enqueue(cmd, 3);
+    let order: Vec<i32> = queue_tickets(sb.lock_dir(), &q.app)
         .iter()
         .map(|t| t.1)
         .collect();
@@ -306,13 +307,11 @@ fn supersede_takes_the_place_of_the_foremost_queued_run_it_replaced() {
             .assert_code(143)
             .assert_stderr_contains("result=superseded");
     }
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    r3.wait_exit(TIMEOUT).assert_code(0);
-    runs[0].wait_exit(TIMEOUT).assert_code(0);
-    runs[2].wait_exit(TIMEOUT).assert_code(0);
+    q.release(holder, 0);
+    let (b1, rest) = runs.split_at_mut(2);
+    all_pass([&mut r3, &mut b1[0], &mut rest[0]]);
     assert_eq!(
-        log_lines(&log),
+        q.order(),
         [ids[0].clone(), a3, ids[2].clone()],
         "the holder of group C untouched; a3 between the B runs"
     );
@@ -323,35 +322,29 @@ fn supersede_takes_the_place_of_the_foremost_queued_run_it_replaced() {
 #[test]
 fn max_queue_refuses_the_next_waiter_at_once_with_75() {
     let sb = Sandbox::new();
-    let app = "bounded.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let mut holder = hold(&sb, app, &rid(&sb, "h"), &release, &[]);
-    let (w1, w2, w3) = (rid(&sb, "w1"), rid(&sb, "w2"), rid(&sb, "w3"));
-    let (mut r1, _) = enqueue(&sb, app, logging_run(&sb, app, &w1, &log), 1);
-    let (mut r2, _) = enqueue(&sb, app, logging_run(&sb, app, &w2, &log), 2);
-    let before = names(&sb.lock_dir().join(format!("queue-{app}")));
+    let q = Q::new(&sb, "bounded.example.org");
+    let (_, holder) = q.hold("h", &[]);
+    let (ids, mut runs) = q.queue(0, &[("w1", &[]), ("w2", &[])]);
+    let queue_dir = sb.lock_dir().join(format!("queue-{}", q.app));
+    let before = names(&queue_dir);
+    let w3 = rid(&sb, "w3");
     let t0 = Instant::now();
-    let f = logging_run(&sb, app, &w3, &log)
+    let f = q
+        .run(&w3)
         .args(["--max-queue", "2"])
         .timeout(Duration::from_secs(20))
         .run();
     let took = t0.elapsed();
     f.assert_code(75).assert_stderr_contains(&format!(
-        "tether: warning: app lock {app}: 2 runs already waiting (--max-queue 2) — giving up"
+        "tether: warning: app lock {}: 2 runs already waiting (--max-queue 2) — giving up",
+        q.app
     ));
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(!sb.run_dir(&w3).exists(), "no run dir left");
-    assert_eq!(
-        names(&sb.lock_dir().join(format!("queue-{app}"))),
-        before,
-        "no ticket or temp file left"
-    );
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    r1.wait_exit(TIMEOUT).assert_code(0);
-    r2.wait_exit(TIMEOUT).assert_code(0);
-    assert_eq!(log_lines(&log), [w1, w2]);
+    assert_eq!(names(&queue_dir), before, "no ticket or temp file left");
+    q.release(holder, 0);
+    all_pass(&mut runs);
+    assert_eq!(q.order(), ids);
     assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
 }
 
@@ -359,26 +352,16 @@ fn max_queue_refuses_the_next_waiter_at_once_with_75() {
 #[test]
 fn newest_first_serves_the_latest_arrival_first() {
     let sb = Sandbox::new();
-    let app = "newest.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let mut holder = hold(&sb, app, &rid(&sb, "h"), &release, &[]);
-    let ids: Vec<String> = ["w1", "w2", "w3"].iter().map(|n| rid(&sb, n)).collect();
-    let mut runs = Vec::new();
-    for (k, id) in ids.iter().enumerate() {
-        let cmd = logging_run(&sb, app, id, &log).args(["--queue-order", "newest-first"]);
-        runs.push(enqueue(&sb, app, cmd, k + 1).0);
-    }
+    let q = Q::new(&sb, "newest.example.org");
+    let (_, holder) = q.hold("h", &[]);
+    let newest: &[&str] = &["--queue-order", "newest-first"];
+    let (mut ids, mut runs) = q.queue(0, &[("w1", newest), ("w2", newest), ("w3", newest)]);
     // The newest is the head: it alone waits on the app lock.
-    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    for r in &mut runs {
-        r.wait_exit(TIMEOUT).assert_code(0);
-    }
-    let mut expected = ids.clone();
-    expected.reverse();
-    assert_eq!(log_lines(&log), expected);
+    wait_flock_waiters(sb.lock_path(&q.app), 1, TIMEOUT);
+    q.release(holder, 0);
+    all_pass(&mut runs);
+    ids.reverse();
+    assert_eq!(q.order(), ids);
 }
 
 /// Issue 17 item 4, CLI-CONTRACT §13 and §16: the waiting line says the position and who is
@@ -387,39 +370,29 @@ fn newest_first_serves_the_latest_arrival_first() {
 #[test]
 fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
     let sb = Sandbox::new();
-    let app = "visible.example.org";
-    let log = sb.mark("order.log");
-    let release = sb.mark("release");
-    let h = rid(&sb, "h");
-    let mut holder = hold(&sb, app, &h, &release, &[]);
-    let (w1, w2) = (rid(&sb, "w1"), rid(&sb, "w2"));
-    let (mut r1, c1) = enqueue(
-        &sb,
-        app,
-        logging_run(&sb, app, &w1, &log).args(["--group", "g1"]),
-        1,
-    );
-    let (mut r2, c2) = enqueue(&sb, app, logging_run(&sb, app, &w2, &log), 2);
-    let line = r2.wait_line("position 2 of 2", TIMEOUT);
+    let q = Q::new(&sb, "visible.example.org");
+    let (h, holder) = q.hold("h", &[]);
+    let (ids, mut runs) = q.queue(0, &[("w1", &["--group", "g1"]), ("w2", &[])]);
+    let tickets = queue_tickets(sb.lock_dir(), &q.app);
+    let (w1, w2) = (&ids[0], &ids[1]);
+    let line = runs[1].wait_line("position 2 of 2", TIMEOUT);
     let prefix = format!(
-        "tether: app lock {app}: position 2 of 2 — held by run {h} (pid {}, ",
-        holder.core
+        "tether: app lock {}: position 2 of 2 — held by run {h} (pid {}, ",
+        q.app, holder.core
     );
     assert!(line.starts_with(&prefix), "{line}");
-    assert!(
-        line.contains(&format!("); ahead: run {w1} (waiting ")),
-        "{line}"
-    );
+    let ahead = format!("); ahead: run {w1} (waiting ");
+    assert!(line.contains(&ahead), "{line}");
     assert!(line.ends_with(") — waiting"), "{line}");
-    r1.wait_line(&format!("position 1 of 1 — held by run {h} "), TIMEOUT);
+    runs[0].wait_line(&format!("position 1 of 1 — held by run {h} "), TIMEOUT);
 
     let st = sb.tether_status().arg("--json").run();
     st.assert_code(0);
     let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("status JSON");
     let a = &v["apps"][0];
     assert_eq!(a["run_id"], h.as_str());
-    let q = a["queue"].as_array().expect("queue array");
-    let got: Vec<(i64, &str, Option<&str>, i64)> = q
+    let queue = a["queue"].as_array().expect("queue array");
+    let got: Vec<(i64, &str, Option<&str>, i64)> = queue
         .iter()
         .map(|w| {
             (
@@ -430,14 +403,15 @@ fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
             )
         })
         .collect();
-    assert_eq!(
-        got,
-        [
-            (1, w1.as_str(), Some("g1"), i64::from(c1)),
-            (2, w2.as_str(), None, i64::from(c2))
-        ]
+    let want = [
+        (1, w1.as_str(), Some("g1"), i64::from(tickets[0].1)),
+        (2, w2.as_str(), None, i64::from(tickets[1].1)),
+    ];
+    assert_eq!(got, want);
+    assert!(
+        queue.iter().all(|w| w["waiting_s"].as_u64().is_some()),
+        "{queue:?}"
     );
-    assert!(q.iter().all(|w| w["waiting_s"].as_u64().is_some()), "{q:?}");
     let text = sb.tether_status().run();
     let rows: Vec<&str> = text
         .stdout
@@ -446,14 +420,9 @@ fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
         .skip(2)
         .take(2)
         .collect();
-    assert!(
-        rows[0].contains(&format!(" 1    {w1}")) && rows[0].contains(" g1 "),
-        "{}",
-        text.stdout
-    );
+    let first = rows[0].contains(&format!(" 1    {w1}")) && rows[0].contains(" g1 ");
+    assert!(first, "{}", text.stdout);
     assert!(rows[1].contains(&format!(" 2    {w2}")), "{}", text.stdout);
-    touch(&release);
-    holder.run.wait_exit(TIMEOUT).assert_code(0);
-    r1.wait_exit(TIMEOUT).assert_code(0);
-    r2.wait_exit(TIMEOUT).assert_code(0);
+    q.release(holder, 0);
+    all_pass(&mut runs);
 }

@@ -208,15 +208,20 @@ impl Claimed {
                 ("group", group.clone().into()),
             ],
         );
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(meta.pid),
-            nix::sys::signal::Signal::SIGTERM,
-        ) {
-            output::warn(
-                "cancelling",
-                &format!("cannot signal run {} (pid {}): {e}", meta.run_id, meta.pid),
-            );
-        }
+        terminate(&meta.run_id, meta.pid);
         self.cancelled.insert(meta.run_id);
+    }
+}
+
+/// One SIGTERM to the core of an older run of our group (a failure is said, not fatal).
+pub(super) fn terminate(run_id: &str, pid: i32) {
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    ) {
+        output::warn(
+            "cancelling",
+            &format!("cannot signal run {run_id} (pid {pid}): {e}"),
+        );
     }
 }

@@ -300,15 +300,7 @@ impl Claimed {
                 ("group", group.into()),
             ],
         );
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(info.pid),
-            nix::sys::signal::Signal::SIGTERM,
-        ) {
-            output::warn(
-                "cancelling",
-                &format!("cannot signal run {} (pid {}): {e}", info.run_id, info.pid),
-            );
-        }
+        super::queue::terminate(&info.run_id, info.pid);
         self.cancelled.insert(info.run_id.clone());
     }
 
