@@ -5,28 +5,29 @@
 
 use super::claim::Claimed;
 use super::finish::{announce_acquired, describe_holder};
+use super::waitline_say::Line;
 use super::Stop;
-use crate::config::duration::{self, human_secs};
+use crate::config::duration;
 use crate::config::OnBusy;
 use crate::error::Error;
 use crate::ident::names::{Domain, RunId};
 use crate::output;
 use crate::state::applock::{AppLock, Attempt, WaitingLock};
-use crate::state::queue::{Entry, Placement, Queue, Ticket, TicketInfo, TicketWait};
+use crate::state::queue::{
+    describe, describe_in_kernel, Entry, Placement, Queue, Ticket, TicketInfo, TicketWait,
+};
 use crate::state::record::LockMeta;
 use crate::state::{record, rundir};
 use crate::sys::safe_fs::Dir;
 use crate::sys::signals::{until, Event, Sig};
 use crate::sys::supervisor::Supervisor;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How often a waiter looks at the queue again (positions, stopped waiters, cancel-older).
 const LOOK_AGAIN: Duration = Duration::from_millis(200);
-/// How often an arrival tries the counter's flock while another arrival holds it.
-const COUNTER_RETRY: Duration = Duration::from_millis(2);
-/// Runs named after `ahead:` in the waiting line; more are counted.
-const AHEAD_SHOWN: usize = 3;
+/// How soon a waiter tries again when a try found nothing to block on: the counter's flock
+/// held by another arrival, or a ticket ahead that left as we looked.
+const RETRY: Duration = Duration::from_millis(1);
 
 /// Where a superseding run's ticket goes, the holder it replaces, the queued runs it replaces.
 type Supersede = (Placement, Option<LockMeta>, Vec<(Entry, Dir)>);
@@ -69,10 +70,12 @@ impl Claimed {
                 l.release();
                 self.refuse_if_fail(app, &format!("{waiting} runs waiting"))?;
             }
-            Attempt::Busy(b) => {
+            // The holder is described (a read of /proc/locks) only for the refusal.
+            Attempt::Busy(b) if self.ctx.spec.on_busy == OnBusy::Fail => {
                 let holder = describe_holder(b.holder(), b.holder_pid());
                 self.refuse_if_fail(app, &format!("held by {holder}"))?;
             }
+            Attempt::Busy(_) => {}
         }
         let queue = locks
             .queue(app, true)
@@ -95,16 +98,29 @@ impl Claimed {
                  detected) — nothing to cancel, waiting",
             );
         }
+        let mut next_look = Instant::now();
         loop {
-            let entries = queue.live().map_err(|e| fail("app queue", e))?;
+            let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
             let Some(me) = entries.iter().position(|e| e.name == ticket.name()) else {
                 return Err(fail("app queue", "our ticket was removed"));
             };
-            if cancel_older {
-                let (meta, pid) = locks.holder_now(app);
-                self.cancel_holder_if_same_group(meta, pid);
+            // Who holds what, and whether they are stopped, is looked at every LOOK_AGAIN and
+            // when there is something to say; a wake-up in between needs only the names.
+            let look = Instant::now() >= next_look;
+            if look || line.wants_to_say(me + 1) || line.skips_any() {
+                describe(&mut entries);
             }
-            line.show(&locks, me + 1, entries.len(), &entries[..me]);
+            if look {
+                next_look = Instant::now() + LOOK_AGAIN;
+                line.track_stopped(&entries[..me]);
+                if cancel_older {
+                    let (meta, pid) = locks.holder_now(app);
+                    self.cancel_holder_if_same_group(meta, pid);
+                }
+            }
+            if line.wants_to_say(me + 1) {
+                line.say(&locks, me + 1, entries.len(), &entries[..me]);
+            }
             let ahead = line.not_skipped(&entries[..me]);
             blocked = match (blocked, ahead.last()) {
                 // The head: wait on the app lock itself.
@@ -129,12 +145,14 @@ impl Claimed {
             if let Blocked::Done(held) = blocked {
                 return Ok(held);
             }
-            let fd = match &blocked {
-                Blocked::App(w) => Some(w.ready_fd()),
-                Blocked::Ticket(_, w) => Some(w.raw_fd()),
-                Blocked::Nothing | Blocked::Done(_) => None,
+            let (fd, mut timeout) = match &blocked {
+                Blocked::App(w) => (Some(w.ready_fd()), until(next_look)),
+                Blocked::Ticket(_, w) => (Some(w.raw_fd()), until(next_look)),
+                // Nothing to block on (the ticket ahead left before we opened it, or the lock
+                // went back to the head): look again almost at once, not at the next tick.
+                Blocked::Nothing | Blocked::Done(_) => (None, RETRY),
             };
-            let mut timeout = LOOK_AGAIN.min(until(line.next_progress));
+            timeout = timeout.min(until(line.next_progress));
             if let Some(g) = give_up {
                 timeout = timeout.min(until(g));
             }
@@ -199,7 +217,10 @@ impl Claimed {
         };
         loop {
             if let Some(counter) = queue.try_counter().map_err(|e| fail("app queue", e))? {
-                let entries = queue.live().map_err(|e| fail("app queue", e))?;
+                let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
+                if self.ctx.spec.on_busy == OnBusy::CancelOlder {
+                    describe_in_kernel(&mut entries);
+                }
                 let (at, holder, victims) = self.supersede_plan(app, &entries);
                 // The runs we replace are leaving: they do not count.
                 let waiting = entries.len() - victims.len();
@@ -225,7 +246,7 @@ impl Claimed {
                 }
                 return Ok(ticket);
             }
-            let events = sup.wait(Some(COUNTER_RETRY), None);
+            let events = sup.wait(Some(RETRY), None);
             super::act_on(events, &self.ctx)?;
         }
     }
@@ -337,7 +358,10 @@ impl Claimed {
 
 /// Still the head: no live, unskipped ticket ahead of ours.
 fn is_head(queue: &Queue, ticket: &Ticket, line: &Line) -> Result<bool, Stop> {
-    let entries = queue.live().map_err(|e| fail("app queue", e))?;
+    let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
+    if line.skips_any() {
+        describe(&mut entries);
+    }
     let me = entries
         .iter()
         .position(|e| e.name == ticket.name())
@@ -355,136 +379,4 @@ fn wait_on(queue: &Queue, pred: &Entry) -> Result<Blocked, Stop> {
             None => Blocked::Nothing,
         },
     )
-}
-
-/// The waiting line and what it remembers: the position last said, when to repeat it, and
-/// which waiters ahead were seen stopped since when.
-struct Line {
-    app: Domain,
-    interval: Duration,
-    next_progress: Instant,
-    said: Option<usize>,
-    stopped: HashMap<String, (Instant, bool)>,
-}
-
-impl Line {
-    fn new(app: Domain, interval: Duration) -> Line {
-        Line {
-            app,
-            interval,
-            next_progress: Instant::now(),
-            said: None,
-            stopped: HashMap::new(),
-        }
-    }
-
-    /// The entries ahead, without the waiters skipped because they have been stopped for the
-    /// wait-progress interval (said once per stop). A waiter that runs again counts again.
-    fn not_skipped<'e>(&self, ahead: &'e [Entry]) -> Vec<&'e Entry> {
-        ahead
-            .iter()
-            .filter(|e| {
-                let skipped = self.stopped.get(&e.name).is_some_and(|(_, s)| *s);
-                // Looked at again now: a waiter continued since counts at once.
-                !(skipped && e.pid.is_some_and(crate::sys::procfs::is_stopped))
-            })
-            .collect()
-    }
-
-    /// Update the stopped waiters ahead, then say the line if the position changed or the
-    /// interval passed.
-    fn show(
-        &mut self,
-        locks: &crate::state::applock::AppLocks,
-        position: usize,
-        total: usize,
-        ahead: &[Entry],
-    ) {
-        self.stopped
-            .retain(|name, _| ahead.iter().any(|e| &e.name == name));
-        for e in ahead {
-            let stopped = e.pid.is_some_and(crate::sys::procfs::is_stopped);
-            if !stopped {
-                self.stopped.remove(&e.name);
-                continue;
-            }
-            let (since, skipped) = self
-                .stopped
-                .entry(e.name.clone())
-                .or_insert((Instant::now(), false));
-            if !*skipped && since.elapsed() >= self.interval {
-                *skipped = true;
-                let who = run_of(e);
-                output::emit(
-                    output::Level::Warn,
-                    "queue-skip",
-                    &format!(
-                        "app lock {}: {who} ahead in the queue is stopped (state T) for {} — \
-                         skipping it",
-                        self.app,
-                        duration::human(since.elapsed())
-                    ),
-                    &[("app", self.app.as_str().into())],
-                );
-            }
-        }
-        if self.said == Some(position) && Instant::now() < self.next_progress {
-            return;
-        }
-        self.said = Some(position);
-        self.next_progress = Instant::now() + self.interval;
-        let (meta, pid) = locks.holder_now(&self.app);
-        let holder = match pid {
-            Some(_) => format!("held by {}", describe_holder(meta, pid)),
-            None => "free, being handed over".into(),
-        };
-        let mut text = format!(
-            "app lock {}: position {position} of {total} — {holder}",
-            self.app
-        );
-        if !ahead.is_empty() {
-            let now = record::unix_now();
-            let mut names: Vec<String> = ahead
-                .iter()
-                .take(AHEAD_SHOWN)
-                .map(|e| {
-                    let waited = e
-                        .info
-                        .as_ref()
-                        .map(|i| human_secs(now.saturating_sub(i.since)))
-                        .unwrap_or_else(|| "?".into());
-                    let skipped = if self.stopped.get(&e.name).is_some_and(|s| s.1) {
-                        ", stopped, skipped"
-                    } else {
-                        ""
-                    };
-                    format!("{} (waiting {waited}{skipped})", run_of(e))
-                })
-                .collect();
-            if ahead.len() > AHEAD_SHOWN {
-                names.push(format!("and {} more", ahead.len() - AHEAD_SHOWN));
-            }
-            text.push_str(&format!("; ahead: {}", names.join(", ")));
-        }
-        text.push_str(" — waiting");
-        output::emit(
-            output::Level::Info,
-            "waiting",
-            &text,
-            &[
-                ("app", self.app.as_str().into()),
-                ("position", position.into()),
-                ("queued", total.into()),
-            ],
-        );
-    }
-}
-
-/// `run <id>`, or what is known of a ticket that is not tether's.
-fn run_of(e: &Entry) -> String {
-    match (&e.info, e.pid) {
-        (Some(i), _) => format!("run {}", i.run_id),
-        (None, Some(pid)) => format!("an unknown run (pid {pid})"),
-        (None, None) => "an unknown run".into(),
-    }
 }

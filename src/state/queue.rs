@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
 
 /// The queue dir's name in the lock dir is this plus the app's domain.
 pub(crate) const DIR_PREFIX: &str = "queue-";
@@ -58,14 +59,18 @@ pub(crate) struct TicketInfo {
     pub(crate) since: u64,
 }
 
-/// One live ticket of the queue, in queue order.
+/// One live ticket of the queue, in queue order. `info` and `pid` are read by
+/// [`describe`] (a waiter only needs names to know its place, and looks every wake-up).
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub(crate) name: String,
-    /// `None` when the content is not a ticket tether wrote.
+    /// `None` when the content is not a ticket tether wrote (or not described yet).
     pub(crate) info: Option<TicketInfo>,
-    /// The ticket's holder in the kernel's lock table.
+    /// The waiting run's pid: the ticket's own ([`describe`]) or its holder in the kernel's
+    /// lock table ([`describe_in_kernel`]); `None` until described.
     pub(crate) pid: Option<i32>,
+    /// The open ticket, kept to describe it.
+    file: Option<Arc<File>>,
 }
 
 /// An app's queue dir, open.
@@ -156,7 +161,6 @@ impl Queue {
     /// The live tickets in queue order. A ticket whose flock we can take is a dead waiter's:
     /// it is unlinked on the way (identity-checked, while we hold it).
     pub(crate) fn live(&self) -> io::Result<Vec<Entry>> {
-        let table = proc_locks::read();
         let mut out = Vec::new();
         for name in self.ticket_names()? {
             let file = match lock::open_existing(&self.dir, &name) {
@@ -174,7 +178,12 @@ impl Queue {
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
-            out.push(entry_of(name, &file, &table));
+            out.push(Entry {
+                name,
+                info: None,
+                pid: None,
+                file: Some(Arc::new(file)),
+            });
         }
         Ok(out)
     }
@@ -234,6 +243,35 @@ impl Queue {
     }
 }
 
+/// Fill in what each live entry's ticket says; its `pid` is the ticket's own (the ticket is
+/// live: locked, by the process that wrote it — lock fds are never inherited). No read of
+/// `/proc/locks`: reading it takes the kernel's global file-lock rwsem for writing and stalls
+/// every `flock` on the host, so waiters that look every wake-up must not (see
+/// [`describe_in_kernel`] for a verified pid).
+pub(crate) fn describe(entries: &mut [Entry]) {
+    for e in entries.iter_mut() {
+        if let Some(file) = e.file.take() {
+            e.info = read_info(&file);
+            e.pid = e.info.as_ref().map(|i| i.pid);
+        }
+    }
+}
+
+/// As [`describe`], with each `pid` from the kernel's lock table (one read): for verifying a
+/// run before signalling it.
+pub(crate) fn describe_in_kernel(entries: &mut [Entry]) {
+    if entries.iter().all(|e| e.file.is_none()) {
+        return;
+    }
+    let table = proc_locks::read();
+    for e in entries.iter_mut() {
+        if let Some(file) = e.file.take() {
+            let described = entry_of(std::mem::take(&mut e.name), &file, &table);
+            *e = described;
+        }
+    }
+}
+
 fn entry_of(name: String, file: &File, table: &[LockEntry]) -> Entry {
     let pid = file.metadata().ok().and_then(|md| {
         proc_locks::entries_for(table, md.dev(), md.ino())
@@ -245,6 +283,7 @@ fn entry_of(name: String, file: &File, table: &[LockEntry]) -> Entry {
         name,
         info: read_info(file),
         pid,
+        file: None,
     }
 }
 
@@ -384,8 +423,9 @@ mod tests {
         let b = take("b", QueueOrder::OldestFirst, Placement::Arrival);
         let c = take("c", QueueOrder::NewestFirst, Placement::Arrival);
         let ids = |q: &Queue| -> Vec<String> {
-            q.live()
-                .unwrap()
+            let mut entries = q.live().unwrap();
+            describe(&mut entries);
+            entries
                 .into_iter()
                 .map(|e| e.info.unwrap().run_id)
                 .collect()

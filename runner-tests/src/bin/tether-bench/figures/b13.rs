@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::figures::b7::b7_trial;
+use crate::figures::b7::{b7_trial, Base};
 use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
 use crate::stats::stats;
@@ -11,10 +11,11 @@ use crate::world::{log_file, Ctx, World};
 
 /// What the figure measures, for the report.
 pub const ABOUT: &str = "\
-    B7's load (8 threads each running `tether run --app X -- stamp ...` back to back on one \
-    app vs the same with `flock L stamp ...`); a run's wait = its command's start stamp minus \
-    the time its worker spawned it; per trial the spread = max wait / median wait (lower is \
-    fairer), 3 interleaved trial pairs of 8 × 50 runs.";
+    B7's load, 8 threads each running `tether run --app X -- stamp ...` back to back on one \
+    app (tether's queue) vs `flock L tether run --app X_w -- stamp ...` (the same tether work, \
+    an app of its own per worker, ordered by plain flock); a run's wait = its command's start \
+    stamp minus the time its worker spawned it; per trial the spread = max wait / median wait \
+    (lower is fairer), 3 interleaved trial pairs of 8 × 50 runs.";
 
 pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let w = World::new("b13")?;
@@ -32,7 +33,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let (mut t_max, mut b_max) = (Vec::new(), Vec::new());
     let samples = measure_pairs(ctx, rep, &plan, |side, it| {
         let runs = if it.warm_up { 5 } else { runs };
-        let r = b7_trial(ctx, &w, &log, side, (100 + it.index, runs))?;
+        let r = b7_trial(ctx, &w, &log, (side, Base::Tether), (100 + it.index, runs))?;
         let waits: Vec<f64> = r.waits.iter().map(|&ns| ns as f64 / 1e6).collect();
         let Some(s) = stats(&waits) else {
             return Ok(None);
@@ -50,9 +51,8 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
         "B13",
         format!(
             "8 threads × {runs} runs per trial; figures are max wait / median wait per trial \
-             (lower is better). Longest wait, median over trials: tether {:.0} ms, flock(1) \
-             {:.0} ms (tether's runs are slower, so its waits are longer in absolute terms; \
-             the spread is scale-free).",
+             (lower is better). Longest wait, median over trials: tether's queue {:.0} ms, plain \
+             flock(1) around the same tether runs {:.0} ms.",
             med(&t_max),
             med(&b_max)
         ),
@@ -60,9 +60,9 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let row = Row::new(
         "B13",
         "fairness: spread of wait times, 8 workers, one app (max/median)",
-        "tether's spread < flock(1)'s",
+        "the queue's spread < plain flock's",
     )
-    .with_ab("`flock L cmd` loop", &samples);
+    .with_ab("`flock L tether run …` loop", &samples);
     let pass = match (row.tether, row.base) {
         (Some(t), Some(b)) => t.median < b.median,
         _ => false,

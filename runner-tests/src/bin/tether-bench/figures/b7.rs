@@ -18,6 +18,14 @@ pub const ABOUT: &str = "\
     trial pairs (30 pairs of 1,600 runs would not fit the 5-minute budget); overlaps from the \
     stamps (marker files on tmpfs, as in B2).";
 
+/// What the baseline side runs under `flock L`: the stamp itself (B7), or the same
+/// `tether run` on an app of its own per worker (B13: tether's work, ordered by plain flock).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Base {
+    Stamp,
+    Tether,
+}
+
 pub struct Trial {
     pub throughput: f64,
     pub overlaps: usize,
@@ -31,7 +39,7 @@ pub fn b7_trial(
     ctx: &Ctx,
     world: &World,
     log: &File,
-    side: Side,
+    (side, base): (Side, Base),
     (trial, runs): (usize, usize),
 ) -> Result<Trial, String> {
     const WORKERS: usize = 8;
@@ -71,6 +79,22 @@ pub fn b7_trial(
                             Side::Tether => {
                                 let id = format!("b7-{trial}-{w}-{i}");
                                 ctx.tether_run(dirs, log, (app, &id), &[], &stamp)
+                            }
+                            Side::Base if base == Base::Tether => {
+                                let (app, id) = (
+                                    format!("b13-w{w}.bench.localhost"),
+                                    format!("b13-{trial}-{w}-{i}"),
+                                );
+                                let t = ctx.tether_run(dirs, log, (&app, &id), &[], &stamp);
+                                let mut c = ctx.command("flock", log);
+                                c.arg(flock_lock).arg(t.get_program()).args(t.get_args());
+                                for (k, v) in t.get_envs() {
+                                    match v {
+                                        Some(v) => c.env(k, v),
+                                        None => c.env_remove(k),
+                                    };
+                                }
+                                c
                             }
                             Side::Base => {
                                 let mut c = ctx.command("flock", log);
@@ -156,7 +180,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let samples = measure_pairs(ctx, rep, &plan, |side, it| {
         let trial = it.index;
         let runs = if it.warm_up { 5 } else { runs };
-        let r = b7_trial(ctx, &w, &log, side, (trial, runs))?;
+        let r = b7_trial(ctx, &w, &log, (side, Base::Stamp), (trial, runs))?;
         if !it.warm_up {
             let ov = r.overlaps + r.excl_overlaps;
             match side {
