@@ -296,17 +296,19 @@ fn supersede_takes_the_place_of_the_foremost_queued_run_it_replaced() {
         .run(&a3)
         .args(["--group", "A", "--on-busy", "cancel-older"]);
     let (mut r3, core3) = q.enqueue(cmd, 3);
-    let order: Vec<i32> = queue_tickets(sb.lock_dir(), &q.app)
-        .iter()
-        .map(|t| t.1)
-        .collect();
-    assert_eq!(order.get(1), Some(&core3), "a3 is second, where a1 was");
+    // The replaced runs leave; then the queue is b1, a3, b2.
     for k in [1, 3] {
         runs[k]
             .wait_exit(TIMEOUT)
             .assert_code(143)
             .assert_stderr_contains("result=superseded");
     }
+    let order: Vec<i32> = queue_tickets(sb.lock_dir(), &q.app)
+        .iter()
+        .map(|t| t.1)
+        .collect();
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(order.get(1), Some(&core3), "a3 is second, where a1 was");
     q.release(holder, 0);
     let (b1, rest) = runs.split_at_mut(2);
     all_pass([&mut r3, &mut b1[0], &mut rest[0]]);

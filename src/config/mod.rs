@@ -33,10 +33,11 @@ pub(crate) enum OnBusy {
 /// Which waiter of an app goes next (`--queue-order`, config `queue_order`; PROTOCOL §14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub(crate) enum QueueOrder {
-    /// First come, first served.
+    // First come, first served. (Plain comments: a doc comment here would turn clap's help
+    // for every flag into its long, spaced-out form.)
     #[default]
     OldestFirst,
-    /// The latest arrival goes next (GitLab's `newest_first`).
+    // The latest arrival goes next (GitLab's `newest_first`).
     NewestFirst,
 }
 

@@ -77,13 +77,9 @@ impl Claimed {
             }
             Attempt::Busy(_) => {}
         }
-        let queue = locks
-            .queue(app, true)
-            .map_err(|e| fail("app queue", e))?
-            .ok_or_else(|| fail("app queue", "vanished"))?;
         // The record first: a newer run of our group verifies us by it (PROTOCOL §14).
         self.note_queued();
-        let ticket = self.take_ticket(app, &queue, sup)?;
+        let (queue, ticket) = self.take_ticket(app, sup)?;
         let mut line = Line::new(app.clone(), self.ctx.spec.wait_progress);
         let mut blocked = Blocked::Nothing;
         // Waits abandoned for a skipped (stopped) waiter ahead: kept so their pipes stay open.
@@ -201,12 +197,7 @@ impl Claimed {
     }
 
     /// Count the queue and take a ticket under the counter's flock (`--max-queue`).
-    fn take_ticket(
-        &mut self,
-        app: &Domain,
-        queue: &Queue,
-        sup: &mut Supervisor,
-    ) -> Result<Ticket, Stop> {
+    fn take_ticket(&mut self, app: &Domain, sup: &mut Supervisor) -> Result<(Queue, Ticket), Stop> {
         let meta = &self.ctx.record.meta;
         let info = TicketInfo {
             run_id: meta.run_id.clone(),
@@ -215,8 +206,23 @@ impl Claimed {
             group: self.ctx.spec.group.clone(),
             since: record::unix_now(),
         };
+        let open = || {
+            let q = self.ctx.app_locks.queue(app, true);
+            q.map_err(|e| fail("app queue", e))?
+                .ok_or_else(|| fail("app queue", "vanished"))
+        };
+        let mut queue = open()?;
         loop {
-            if let Some(counter) = queue.try_counter().map_err(|e| fail("app queue", e))? {
+            let counter = match queue.try_counter() {
+                Ok(c) => c,
+                // The janitor removed the empty queue meanwhile: make it again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    queue = open()?;
+                    continue;
+                }
+                Err(e) => return Err(fail("app queue", e)),
+            };
+            if let Some(counter) = counter {
                 let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
                 if self.ctx.spec.on_busy == OnBusy::CancelOlder {
                     describe_in_kernel(&mut entries);
@@ -234,7 +240,7 @@ impl Claimed {
                     }
                 }
                 let ticket = counter
-                    .take(queue, &info, self.ctx.spec.queue_order, at)
+                    .take(&queue, &info, self.ctx.spec.queue_order, at)
                     .map_err(|e| fail("app queue", e))?;
                 // Signalled only now: a victim that leaves at once cannot let anyone in before
                 // our ticket stands in its place.
@@ -244,7 +250,7 @@ impl Claimed {
                 for (victim, dir) in victims {
                     self.supersede(&victim, &dir);
                 }
-                return Ok(ticket);
+                return Ok((queue, ticket));
             }
             let events = sup.wait(Some(RETRY), None);
             super::act_on(events, &self.ctx)?;

@@ -148,13 +148,46 @@ impl Queue {
         Ok(Some(Queue { dir }))
     }
 
-    /// The counter's flock, without blocking. `None`: another arrival holds it right now.
+    /// The counter's flock, without blocking. `None`: another arrival holds it right now, or
+    /// the janitor removed the counter meanwhile (try again). `NotFound`: the janitor removed
+    /// the whole (empty) queue dir: open it again.
     pub(crate) fn try_counter(&self) -> io::Result<Option<Counter>> {
         let file = lock::open_lockfile(&self.dir, COUNTER)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(Counter { file })),
+            // Locked, but maybe an inode the janitor unlinked while we opened it.
+            Ok(()) if identity_matches(&file, &self.dir, COUNTER) => Ok(Some(Counter { file })),
+            Ok(()) => Ok(None),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// The janitor's tidy-up of an app's queue nobody stands in: under the counter's flock,
+    /// with no live ticket and nothing else in the dir, unlink the counter while holding it,
+    /// then the dir. An arrival racing it makes a new counter (the `rmdir` then fails, and the
+    /// queue stays) or finds the dir gone and makes it again. True: removed.
+    pub(crate) fn remove_if_empty(lock_dir: &Dir, app: &Domain) -> io::Result<bool> {
+        let Some(queue) = Queue::open(lock_dir, app, false)? else {
+            return Ok(false);
+        };
+        let Some(counter) = queue.try_counter()? else {
+            return Ok(false);
+        };
+        if !queue.live()?.is_empty()
+            || queue
+                .dir
+                .entries()?
+                .iter()
+                .any(|(n, _)| n.as_os_str() != COUNTER)
+        {
+            return Ok(false);
+        }
+        queue.dir.unlink(COUNTER)?;
+        drop(counter);
+        match lock_dir.remove_dir(dir_name(app)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -471,6 +504,34 @@ mod tests {
         q.dir.write_new(&name, b"{}", 0o644).unwrap();
         assert!(q.live().unwrap().is_empty());
         assert!(q.dir.stat_at(&name).is_err(), "dead ticket unlinked");
+    }
+
+    #[test]
+    fn an_empty_queue_is_removed_and_one_in_use_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let lock_dir = Dir::open_unchecked(t.path()).unwrap();
+        let app = Domain::parse("a.example.org").unwrap();
+        let q = Queue::open(&lock_dir, &app, true).unwrap().unwrap();
+        let counter = q.try_counter().unwrap().unwrap();
+        let ticket = counter
+            .take(&q, &info("a"), QueueOrder::OldestFirst, Placement::Arrival)
+            .unwrap();
+        assert!(
+            !Queue::remove_if_empty(&lock_dir, &app).unwrap(),
+            "a live ticket"
+        );
+        let held = q.try_counter().unwrap().unwrap();
+        drop(ticket);
+        assert!(
+            !Queue::remove_if_empty(&lock_dir, &app).unwrap(),
+            "counter held"
+        );
+        drop(held);
+        assert!(Queue::remove_if_empty(&lock_dir, &app).unwrap());
+        assert!(Queue::open(&lock_dir, &app, false).unwrap().is_none());
+        // An arrival that still had the removed dir open is told so, and opens a new one.
+        let err = q.try_counter().err().map(|e| e.kind());
+        assert_eq!(err, Some(io::ErrorKind::NotFound));
     }
 
     #[test]
