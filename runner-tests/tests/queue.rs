@@ -348,6 +348,17 @@ fn max_queue_refuses_the_next_waiter_at_once_with_75() {
     all_pass(&mut runs);
     assert_eq!(q.order(), ids);
     assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
+
+    // `--max-queue 0`: never wait, and no queue dir made for an app nobody queued for yet.
+    let q0 = Q::new(&sb, "bounded0.example.org");
+    let (_, holder) = q0.hold("h0", &[]);
+    q0.run(&rid(&sb, "z"))
+        .args(["--max-queue", "0"])
+        .run()
+        .assert_code(75)
+        .assert_stderr_contains("busy and --max-queue 0 — giving up");
+    assert!(!sb.lock_dir().join(format!("queue-{}", q0.app)).exists());
+    q0.release(holder, 0);
 }
 
 /// Issue 17 item 1: `--queue-order newest-first` serves the latest arrival first.

@@ -206,6 +206,12 @@ impl Claimed {
             group: self.ctx.spec.group.clone(),
             since: record::unix_now(),
         };
+        if self.ctx.spec.max_queue == Some(0) {
+            // Checked before the queue is made: a refused run leaves nothing behind.
+            return Err(Stop::Busy(format!(
+                "app lock {app}: busy and --max-queue 0 — giving up"
+            )));
+        }
         let open = || {
             let q = self.ctx.app_locks.queue(app, true);
             q.map_err(|e| fail("app queue", e))?
