@@ -72,7 +72,7 @@ pub use files::{
 pub use held::{start_held_run, HeldRun};
 pub use locks::{
     flock_holders, flock_waiters, hold_lock, lock_is_free, open_lock_file, poll_lock_free,
-    wait_flock_waiters, wait_hold_lock, wait_lock_free,
+    queue_tickets, wait_flock_waiters, wait_hold_lock, wait_lock_free, wait_queued,
 };
 pub use nix::sys::signal::Signal;
 pub use pg::Postgres;

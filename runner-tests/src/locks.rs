@@ -169,6 +169,47 @@ pub fn flock_holders(path: impl AsRef<Path>) -> Vec<i32> {
         .collect()
 }
 
+/// The live tickets of `domain`'s queue in `lock_dir` (PROTOCOL §15), in queue order: each
+/// ticket's name and the pid holding its flock (the waiting run's core). Touches nothing.
+pub fn queue_tickets(lock_dir: impl AsRef<Path>, domain: &str) -> Vec<(String, i32)> {
+    let dir = lock_dir.as_ref().join(format!("queue-{domain}"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.len() >= 20 && n.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let pid = *flock_holders(dir.join(&n)).first()?;
+            Some((n, pid))
+        })
+        .collect()
+}
+
+/// Waits until `domain`'s queue holds at least `n` live tickets; returns them in queue order.
+pub fn wait_queued(
+    lock_dir: impl AsRef<Path>,
+    domain: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(String, i32)> {
+    let lock_dir = lock_dir.as_ref();
+    let mut tickets = Vec::new();
+    if poll_until(timeout, || {
+        tickets = queue_tickets(lock_dir, domain);
+        tickets.len() >= n
+    }) {
+        return tickets;
+    }
+    panic!(
+        "timed out after {timeout:?} waiting for {n} queued runs of {domain} (have {tickets:?})"
+    );
+}
+
 /// Pids blocked in `flock` on `path`, from the kernel's lock table (touches nothing).
 pub fn flock_waiters(path: impl AsRef<Path>) -> Vec<i32> {
     flock_entries(path.as_ref())

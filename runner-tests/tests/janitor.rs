@@ -1456,8 +1456,9 @@ fn json_report_snapshot() {
 
 /// CLI-CONTRACT §16: `tether status --json` shows the kernel's view — an app held by the holder's core
 /// (pid from /proc/locks) with its run id, 2 waiters and state running; the waiters' run dirs
-/// live and queued; a dead unclean run dir; a kept (`--keep-run-dir`) run dir. It takes no
-/// lock and writes nothing: the waiters stay blocked, the lock table and files are unchanged.
+/// live and queued (and in the app's queue, PROTOCOL §15); a dead unclean run dir; a kept
+/// (`--keep-run-dir`) run dir. It takes no lock and writes nothing: the waiters stay blocked,
+/// the lock table, the queue and the files are unchanged.
 #[test]
 fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     let sb = Sandbox::new();
@@ -1477,7 +1478,9 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
                 .spawn()
         })
         .collect();
-    let waiting = wait_waiters(&lock, 2);
+    // Both queue (PROTOCOL §15); the head alone waits on the app lock itself.
+    runner_tests::wait_queued(sb.lock_dir(), app, 2, TIMEOUT);
+    let waiting = wait_waiters(&lock, 1);
     let dead_id = rid(&sb, "dead");
     let dead = make_dead_run(&sb, "other.example.org", &dead_id, "true", &[]);
     let kept_id = rid(&sb, "kept");
@@ -1492,11 +1495,17 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     let files_before = (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[]));
     let table = |path: &Path| lock_table(path);
     let locks_before = table(&lock);
+    let queue_before = runner_tests::queue_tickets(sb.lock_dir(), app);
     let f = sb.tether_status().arg("--json").run();
     f.assert_code(0);
     let st: Value = serde_json::from_str(&f.stdout).unwrap_or_else(|e| panic!("{e}\n{f}"));
     // Nothing moved.
     assert_eq!(table(&lock), locks_before, "status changed the lock table");
+    assert_eq!(
+        runner_tests::queue_tickets(sb.lock_dir(), app),
+        queue_before,
+        "status changed the queue"
+    );
     assert_eq!(locks_before, (vec![holder.core], waiting.clone()));
     assert_eq!(
         (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
@@ -1518,6 +1527,14 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     );
     assert_eq!(app_entry["run_id"], hid.as_str());
     assert_eq!(app_entry["waiters"], 2);
+    let mut queued: Vec<&str> = app_entry["queue"]
+        .as_array()
+        .map(|q| q.iter().filter_map(|w| w["run_id"].as_str()).collect())
+        .unwrap_or_default();
+    queued.sort_unstable();
+    let mut expected = vec![w1.as_str(), w2.as_str()];
+    expected.sort_unstable();
+    assert_eq!(queued, expected, "{st:#}");
     assert_eq!(app_entry["state"], "running");
     assert!(app_entry["age_s"].as_u64().is_some(), "{st:#}");
     let other = st["apps"]
@@ -1554,10 +1571,9 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
             (&json!("live"), &json!("queued")),
             "{r}"
         );
-        assert!(
-            waiting.contains(&(r["pid"].as_i64().unwrap_or_default() as i32)),
-            "{r}"
-        );
+        // Its core: the pid that holds its ticket in the queue.
+        let pid = r["pid"].as_i64().unwrap_or_default() as i32;
+        assert!(queue_before.iter().any(|t| t.1 == pid), "{r}");
     }
     assert_eq!(run(&dead_id)["status"], "dead-unclean");
     assert_eq!(run(&kept_id)["status"], "kept");

@@ -14,7 +14,7 @@ use runner_tests::{
     flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
     read_fd_listing, rid, run_dirs, sh_wait_for, shell_quote, snapshot, start_held_run, touch,
     wait_all_gone, wait_file, wait_flock_waiters, wait_holder_pid, wait_line, wait_pids,
-    wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+    wait_queued, wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
 };
 
 /// The `pid` of run `id`'s record once its state is `state`.
@@ -68,7 +68,7 @@ fn same_app_runs_never_overlap() {
         .iter()
         .map(|id| (id.to_string(), run(id)))
         .collect();
-    wait_flock_waiters(&lock, 3, TIMEOUT);
+    wait_queued(sb.lock_dir(), app, 3, TIMEOUT);
 
     let mut order: Vec<String> = Vec::new();
     for k in 0..4 {
@@ -88,9 +88,9 @@ fn same_app_runs_never_overlap() {
             !order.contains(&holder),
             "{holder} ran twice (log {lines:?})"
         );
-        // Everyone else is blocked in the kernel while `holder` runs, and nobody started.
+        // Everyone else is queued (PROTOCOL §15) while `holder` runs, and nobody started.
         if k < 3 {
-            wait_flock_waiters(&lock, 3 - k, TIMEOUT);
+            wait_queued(sb.lock_dir(), app, 3 - k, TIMEOUT);
         }
         assert_eq!(
             log_lines(&log),
@@ -125,7 +125,7 @@ fn same_app_runs_never_overlap() {
     assert_eq!(sorted, ids);
 
     for (id, f) in &finished {
-        let held_by = format!("tether: app lock {app}: held by run {r0} (pid {core0}, ");
+        let held_by = format!("— held by run {r0} (pid {core0}, ");
         let waiting = line_index(f, &[&held_by, "— waiting"])
             .unwrap_or_else(|| panic!("{id}: no waiting line naming {r0} and pid {core0}\n{f}"));
         let acquired = line_index(f, &[&format!("tether: app lock {app}: acquired after ")])
@@ -215,7 +215,8 @@ fn waiting_line_names_holder_and_repeats() {
     f.assert_code(0);
     let lines = f.stderr_lines("— waiting");
     assert!(lines.len() >= 2, "at least two waiting lines\n{f}");
-    let held_by = format!("tether: app lock {app}: held by run {holder_id} (pid {core}, ");
+    let held_by =
+        format!("tether: app lock {app}: position 1 of 1 — held by run {holder_id} (pid {core}, ");
     for line in &lines {
         assert!(
             line.starts_with(&held_by) && line.ends_with(") — waiting"),
@@ -460,7 +461,15 @@ fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
         "--lock-timeout left its run dir\n{f}"
     );
     assert_eq!(run_dirs(&sb.runs_dir()), std::slice::from_ref(&holder_id));
-    assert_eq!(names(&sb.lock_dir()), [format!("app-{app}.lock")]);
+    // The queue the timed-out run stood in keeps only its counter (PROTOCOL §15).
+    assert_eq!(
+        names(&sb.lock_dir()),
+        [format!("app-{app}.lock"), format!("queue-{app}")]
+    );
+    assert_eq!(
+        names(&sb.lock_dir().join(format!("queue-{app}"))),
+        ["counter"]
+    );
 
     assert!(holder.is_running(), "the holder was left alone");
     touch(&release);

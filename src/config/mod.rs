@@ -31,6 +31,26 @@ pub(crate) enum OnBusy {
     CancelOlder,
 }
 
+/// Which waiter of an app goes next (`--queue-order`, config `queue_order`; PROTOCOL §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum QueueOrder {
+    // First come, first served. (Plain comments: a doc comment here would turn clap's help
+    // for every flag into its long, spaced-out form.)
+    #[default]
+    OldestFirst,
+    // The latest arrival goes next (GitLab's `newest_first`).
+    NewestFirst,
+}
+
+impl QueueOrder {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            QueueOrder::OldestFirst => "oldest-first",
+            QueueOrder::NewestFirst => "newest-first",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct RunAs {
     pub(crate) user: String,
@@ -79,6 +99,9 @@ pub(crate) struct Config {
     pub(crate) teardown: Option<String>,
     pub(crate) teardown_timeout: Option<Duration>,
     pub(crate) on_busy: Option<OnBusy>,
+    pub(crate) queue_order: Option<QueueOrder>,
+    /// At most this many runs wait for one app; one more gives up at once (exit 75).
+    pub(crate) max_queue: Option<u32>,
     pub(crate) retain_failed: Option<Duration>,
     pub(crate) log_format: Option<LogFormat>,
     /// Tear down when the reader of stdout/stderr goes away (the CI agent died).
@@ -103,6 +126,8 @@ const TOP_KEYS: &[&str] = &[
     "teardown",
     "teardown_timeout",
     "on_busy",
+    "queue_order",
+    "max_queue",
     "retain_failed",
     "log_format",
     "agent_watch",
@@ -260,6 +285,20 @@ pub(crate) fn parse(text: &str, name: &str) -> Result<Config> {
                     }
                 }
             }
+            "queue_order" => {
+                cfg.queue_order = match ctx.opt_str(node)?.as_deref() {
+                    None => None,
+                    Some("oldest-first") => Some(QueueOrder::OldestFirst),
+                    Some("newest-first") => Some(QueueOrder::NewestFirst),
+                    Some(other) => {
+                        return Err(ctx.err(
+                            node.line,
+                            format!("expected oldest-first or newest-first, got {other:?}"),
+                        ))
+                    }
+                }
+            }
+            "max_queue" => cfg.max_queue = ctx.opt_u32(node)?,
             "log_format" => {
                 cfg.log_format = match ctx.opt_str(node)?.as_deref() {
                     None => None,

@@ -5,7 +5,7 @@
 //! nowhere else.
 
 use super::places::Place;
-use super::OnBusy;
+use super::{OnBusy, QueueOrder};
 use crate::config::Config;
 use crate::output::LogFormat;
 use std::path::PathBuf;
@@ -61,6 +61,15 @@ impl<'a> Settings<'a> {
 
     pub(crate) fn on_busy(&self, flag: Option<OnBusy>) -> OnBusy {
         flag.or(self.cfg.on_busy).unwrap_or(OnBusy::Wait)
+    }
+
+    pub(crate) fn queue_order(&self, flag: Option<QueueOrder>) -> QueueOrder {
+        flag.or(self.cfg.queue_order).unwrap_or_default()
+    }
+
+    /// No bound unless one is given.
+    pub(crate) fn max_queue(&self, flag: Option<u32>) -> Option<u32> {
+        flag.or(self.cfg.max_queue)
     }
 
     /// Watch stdout/stderr for the CI agent's death (D32): on unless turned off.

@@ -103,6 +103,13 @@ pub(crate) fn render(cfg: &Config) -> String {
         OnBusy::CancelOlder => "cancel-older",
     };
     t.row("on_busy", on_busy, cfg.on_busy.is_some());
+    let order = s.queue_order(None).as_str();
+    t.row("queue_order", order, cfg.queue_order.is_some());
+    let max_queue = s
+        .max_queue(None)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "none".into());
+    t.row("max_queue", max_queue, cfg.max_queue.is_some());
     let log_format = match s.log_format(None) {
         LogFormat::Text => "text",
         LogFormat::Json => "json",

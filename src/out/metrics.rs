@@ -157,15 +157,22 @@ struct App<'a> {
     current: Vec<&'a Entry>,
 }
 
-/// How long the app's longest-waiting run has waited: live runs whose record says `queued`,
-/// other than the holder (a holder waiting for a slot is `queued` too).
+/// How long the app's longest-waiting run has waited: the longest wait in its queue, or of a
+/// live run whose record says `queued` other than the holder (a holder waiting for a slot is
+/// `queued` too), whichever is longer.
 fn oldest_wait(st: &Status, app: &str, holder: Option<i32>, now: u64) -> u64 {
+    let queued = st
+        .apps
+        .iter()
+        .filter(|a| a.app == app)
+        .flat_map(|a| a.queue.iter().filter_map(|q| q.waiting_s));
     st.runs
         .iter()
         .filter(|r| r.status == "live" && r.state.as_deref() == Some("queued"))
         .filter(|r| r.app.as_deref() == Some(app) && (r.pid.is_none() || r.pid != holder))
         .filter_map(|r| r.started_at)
         .map(|t| now.saturating_sub(t))
+        .chain(queued)
         .max()
         .unwrap_or(0)
 }
@@ -484,6 +491,7 @@ mod tests {
             age_s: pid.map(|_| 192),
             state: Some("running".into()),
             ci: None,
+            queue: Vec::new(),
         }
     }
 

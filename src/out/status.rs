@@ -28,6 +28,22 @@ pub(crate) struct AppLock {
     pub(crate) state: Option<String>,
     /// The holder's CI origin (system, repo, PR, commit, link).
     pub(crate) ci: Option<crate::ident::ci_env::CiInfo>,
+    /// The runs waiting for it, in queue order (PROTOCOL §15): the first goes next.
+    pub(crate) queue: Vec<Queued>,
+}
+
+/// A run waiting in an app's queue, as its live ticket says.
+#[derive(Debug, Serialize)]
+pub(crate) struct Queued {
+    /// 1 = next.
+    pub(crate) position: usize,
+    pub(crate) run_id: Option<String>,
+    pub(crate) group: Option<String>,
+    /// The ticket's holder in the kernel's lock table.
+    pub(crate) pid: Option<i32>,
+    /// Unix seconds it started waiting.
+    pub(crate) since: Option<u64>,
+    pub(crate) waiting_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +124,7 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
             continue;
         };
         let meta = read_meta_at(lock_dir, &name);
+        let queue = queue_of(lock_dir, app, &table);
         // The kernel decides life, as for the reaper: a free lock whose metadata is not
         // `clean` is a run that died holding it.
         let dead = holder.is_none() && meta.as_ref().is_some_and(|m| m.state != State::Clean);
@@ -122,13 +139,18 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
             reap_pending: dead,
             pid: holder,
             run_id: meta.as_ref().map(|m| m.run_id.clone()),
-            waiters: entries.iter().filter(|e| e.waiting).count(),
+            waiters: entries
+                .iter()
+                .filter(|e| e.waiting)
+                .count()
+                .max(queue.len()),
             age_s: meta
                 .as_ref()
                 .filter(|_| holder.is_some())
                 .map(|m| crate::state::record::unix_now().saturating_sub(m.started_at)),
             state: meta.as_ref().map(|m| m.state.as_str().to_owned()),
             ci: meta.as_ref().and_then(|m| m.ci.clone()),
+            queue,
         });
     }
     let mut runs = Vec::new();
@@ -169,6 +191,30 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
         });
     }
     Status { apps, slots, runs }
+}
+
+/// The live tickets of `app`'s queue, read without taking a lock.
+fn queue_of(lock_dir: &Dir, app: &str, table: &[LockEntry]) -> Vec<Queued> {
+    let Ok(domain) = crate::ident::names::Domain::parse(app) else {
+        return Vec::new();
+    };
+    let Ok(Some(queue)) = crate::state::queue::Queue::open(lock_dir, &domain, false) else {
+        return Vec::new();
+    };
+    let now = record::unix_now();
+    queue
+        .observed(table)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Queued {
+            position: i + 1,
+            run_id: e.info.as_ref().map(|t| t.run_id.clone()),
+            group: e.info.as_ref().and_then(|t| t.group.clone()),
+            pid: e.pid,
+            since: e.info.as_ref().map(|t| t.since),
+            waiting_s: e.info.as_ref().map(|t| now.saturating_sub(t.since)),
+        })
+        .collect()
 }
 
 /// `-` for what is not known.
@@ -233,6 +279,31 @@ impl Status {
                 &[
                     "APP", "LOCK", "RUN", "PID", "WAITERS", "AGE", "RECORD", "NOTE",
                 ],
+                &rows,
+            ));
+        }
+        out.push_str("QUEUE\n");
+        let rows: Vec<Vec<String>> = self
+            .apps
+            .iter()
+            .flat_map(|a| {
+                a.queue.iter().map(|q| {
+                    vec![
+                        a.app.clone(),
+                        q.position.to_string(),
+                        or_dash(q.run_id.as_ref()),
+                        or_dash(q.group.as_ref()),
+                        or_dash(q.pid),
+                        or_dash(q.waiting_s.map(duration::human_secs)),
+                    ]
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str("  (nobody waiting)\n");
+        } else {
+            out.push_str(&table(
+                &["APP", "POS", "RUN", "GROUP", "PID", "WAITING"],
                 &rows,
             ));
         }
@@ -386,6 +457,7 @@ pub(crate) mod tests {
             age_s: None,
             state: Some(if status == "free" { "clean" } else { "running" }.into()),
             ci: None,
+            queue: Vec::new(),
         }
     }
 
@@ -417,6 +489,24 @@ pub(crate) mod tests {
         let mut held = app(long, "held", Some("gh-1234567890-1"), Some(4242));
         held.waiters = 2;
         held.age_s = Some(192);
+        held.queue = vec![
+            Queued {
+                position: 1,
+                run_id: Some("gh-1234567891-1".into()),
+                group: Some("acme/shop#pr-18".into()),
+                pid: Some(4301),
+                since: Some(1_700_000_000),
+                waiting_s: Some(64),
+            },
+            Queued {
+                position: 2,
+                run_id: Some("drone-12346-1".into()),
+                group: None,
+                pid: Some(4307),
+                since: Some(1_700_000_030),
+                waiting_s: Some(34),
+            },
+        ];
         let mut fresh = app("fresh.example.org", "held", Some("drone-12345-3"), Some(77));
         fresh.age_s = Some(0);
         let mut pr = run("gh-1234567890-1", "live", long, "running", Some(4242));
@@ -532,7 +622,7 @@ pub(crate) mod tests {
         };
         assert_eq!(
             st.to_text(),
-            "APP LOCKS\n  (none)\nSLOTS\n  (none in use)\nRUN DIRS\n  (none)\n"
+            "APP LOCKS\n  (none)\nQUEUE\n  (nobody waiting)\nSLOTS\n  (none in use)\nRUN DIRS\n  (none)\n"
         );
     }
 }

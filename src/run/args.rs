@@ -1,7 +1,7 @@
 //! `tether run`'s arguments.
 
 use crate::config::args::{duration, ClusterArgs, OutputArgs, PlaceArgs};
-use crate::config::OnBusy;
+use crate::config::{OnBusy, QueueOrder};
 use clap::Args;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -30,6 +30,12 @@ pub(crate) struct RunArgs {
     /// What to do when another run holds the app lock [default: wait].
     #[arg(long, value_enum)]
     pub(crate) on_busy: Option<OnBusy>,
+    /// Which waiter goes next when the app is free [default: oldest-first].
+    #[arg(long, value_enum)]
+    pub(crate) queue_order: Option<QueueOrder>,
+    /// Give up at once (exit 75) when this many runs already wait for the app.
+    #[arg(long, value_name = "N")]
+    pub(crate) max_queue: Option<u32>,
     /// Group key for --on-busy cancel-older (default: CI repo + PR, else repo + branch).
     #[arg(long)]
     pub(crate) group: Option<String>,

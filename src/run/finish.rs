@@ -230,6 +230,18 @@ impl Aborted {
                 output::error(&e.message);
                 ("failed", e.exit_code(), "error")
             }
+            Stop::Superseded(by) => {
+                output::emit(
+                    output::Level::Warn,
+                    "superseded",
+                    &format!(
+                        "superseded by run {by} of this run's group while queued — leaving \
+                         the queue, nothing ran"
+                    ),
+                    &[("by", by.into())],
+                );
+                ("superseded", crate::exit::TERMINATED, "superseded")
+            }
         };
         Aborted(Box::new(Ending::GaveUp {
             facts: Facts {

@@ -27,6 +27,8 @@ mod plan;
 mod queue;
 mod supervise;
 mod teardown;
+mod waitline;
+mod waitline_say;
 
 pub(crate) use args::RunArgs;
 
@@ -238,6 +240,8 @@ enum Stop {
     Busy(String),
     /// tether's own failure.
     Fail(crate::error::Error),
+    /// A newer run of our group took our place in the queue (PROTOCOL §15); its id.
+    Superseded(String),
 }
 
 /// Act on funnel events that arrived while the run was busy (or are pending now).

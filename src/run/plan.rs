@@ -6,7 +6,7 @@
 use super::RunArgs;
 use crate::config::env::EnvPolicy;
 use crate::config::settings::Settings;
-use crate::config::{Config, Limits, OnBusy, Report};
+use crate::config::{Config, Limits, OnBusy, QueueOrder, Report};
 use crate::error::{Error, Failure, Result};
 use crate::ident::ci_env::{self, CiInfo};
 use crate::ident::identity::Identity;
@@ -28,6 +28,8 @@ pub(crate) struct Spec {
     pub(crate) grace: Duration,
     pub(crate) lock_timeout: Option<Duration>,
     pub(crate) on_busy: OnBusy,
+    pub(crate) queue_order: QueueOrder,
+    pub(crate) max_queue: Option<u32>,
     pub(crate) group: Option<String>,
     pub(crate) setup: Option<String>,
     pub(crate) teardown: Option<String>,
@@ -122,6 +124,8 @@ impl Plan {
             grace: settings.grace(args.grace),
             lock_timeout: args.lock_timeout,
             on_busy: settings.on_busy(args.on_busy),
+            queue_order: settings.queue_order(args.queue_order),
+            max_queue: settings.max_queue(args.max_queue),
             group,
             setup: args.setup.or(cfg.setup.clone()),
             teardown: args.teardown.or(cfg.teardown.clone()),

@@ -6,7 +6,6 @@ use super::claim::Claimed;
 use super::finish::{announce_acquired, announce_waiting, describe_holder};
 use super::Stop;
 use crate::config::duration;
-use crate::config::OnBusy;
 use crate::error::Error;
 use crate::ident::names::{Domain, RunId};
 use crate::output;
@@ -19,25 +18,25 @@ use crate::sys::supervisor::Supervisor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How often `--on-busy cancel-older` looks at who holds the lock while waiting.
-const CANCEL_RECHECK: Duration = Duration::from_millis(200);
-
 /// How often a run waiting for a host slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(20);
 
 impl Claimed {
     /// Take the lock of `app`, waiting visibly (and interruptibly) while it is busy. `ours`:
-    /// the run's own app (the busy policy applies), else the app of a dead run reusing our id.
+    /// the run's own app (in its queue, under the busy policy: `waitline.rs`), else the app of
+    /// a dead run reusing our id (a plain wait on the lock).
     pub(super) fn acquire(
         &mut self,
         app: &Domain,
         ours: bool,
         sup: &mut Supervisor,
     ) -> Result<AppLock, Stop> {
+        if ours {
+            return self.acquire_queued(app, sup);
+        }
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
         let mut announced = false;
-        let mut said_no_group = false;
         loop {
             let busy = match locks.try_acquire(app) {
                 Ok(Attempt::Held(l)) => {
@@ -50,29 +49,8 @@ impl Claimed {
                 Err(e) => return Err(Stop::Fail(into_error(e, "app lock"))),
             };
             let holder = describe_holder(busy.holder(), busy.holder_pid());
-            if ours && self.ctx.spec.on_busy == OnBusy::Fail {
-                return Err(Stop::Busy(format!(
-                    "app lock {app}: held by {holder} — --on-busy fail, giving up"
-                )));
-            }
-            let cancel_older = ours && self.ctx.spec.on_busy == OnBusy::CancelOlder;
-            if ours {
-                self.note_queued();
-            }
             announce_waiting(app, &holder);
             announced = true;
-            if cancel_older && self.ctx.spec.group.is_none() && !said_no_group {
-                // Otherwise the policy waits silently, and the operator wonders why.
-                output::warn(
-                    "cancel-older",
-                    "--on-busy cancel-older: this run has no group (no --group, no CI run \
-                     detected) — nothing to cancel, waiting",
-                );
-                said_no_group = true;
-            }
-            if cancel_older {
-                self.cancel_holder_if_same_group(busy.holder(), busy.holder_pid());
-            }
             let waiting = busy
                 .wait()
                 .map_err(|e| Stop::Fail(into_error(e, "cannot wait for lock")))?;
@@ -82,11 +60,6 @@ impl Claimed {
                 let mut timeout = until(next_progress);
                 if let Some(g) = give_up {
                     timeout = timeout.min(until(g));
-                }
-                if cancel_older {
-                    // The holder may change while we wait (another queued run of the group).
-                    timeout = timeout.min(CANCEL_RECHECK);
-                    self.cancel_holder_if_same_group(waiting.holder(), waiting.holder_pid());
                 }
                 let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
                 if events.contains(&Event::Ready) {
@@ -170,40 +143,63 @@ impl Claimed {
     /// `--on-busy cancel-older` (PROTOCOL §12): SIGTERM the holder when its own record has our
     /// group key and its pid is the lock's holder in the kernel's lock table and still the
     /// process that wrote the record (start time). A holder of another group, or one we cannot
-    /// identify, is never signalled.
-    fn cancel_holder_if_same_group(&mut self, meta: Option<LockMeta>, holder: Option<i32>) {
-        let Some(group) = self.ctx.spec.group.clone() else {
-            return;
-        };
-        let Some(meta) = meta else {
-            return;
-        };
+    /// identify, is never signalled. True: the holder is an older run of our group (signalled
+    /// now or before).
+    pub(super) fn cancel_holder_if_same_group(
+        &mut self,
+        meta: Option<LockMeta>,
+        holder: Option<i32>,
+    ) -> bool {
+        match self.older_holder_of_our_group(meta, holder) {
+            Some(meta) => {
+                self.cancel_holder(meta);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The holder's metadata when it is an older run of our group, verified as above (or one
+    /// we already signalled).
+    pub(super) fn older_holder_of_our_group(
+        &self,
+        meta: Option<LockMeta>,
+        holder: Option<i32>,
+    ) -> Option<LockMeta> {
+        let group = self.ctx.spec.group.as_deref()?;
+        let meta = meta?;
+        if self.cancelled.contains(&meta.run_id) {
+            return Some(meta);
+        }
         if meta.run_id == self.ctx.spec.run_id.as_str()
-            || self.cancelled.contains(&meta.run_id)
             || meta.started_at > self.ctx.record.meta.started_at
         {
-            return;
+            return None;
         }
-        let Ok(id) = RunId::parse(&meta.run_id) else {
-            return;
-        };
+        let id = RunId::parse(&meta.run_id).ok()?;
         if Path::new(&meta.run_dir) != rundir::path_of(&self.ctx.runs_dir, &id) {
-            return;
+            return None;
         }
-        let Some(rec) = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
+        let rec = rundir::open_trusted(&self.ctx.runs_dir, id.as_str())
             .ok()
-            .and_then(|d| record::read_record(&d).ok())
-        else {
-            return;
-        };
-        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group.as_str()) {
-            return;
+            .and_then(|d| record::read_record(&d).ok())?;
+        if rec.meta.run_id != meta.run_id || rec.group.as_deref() != Some(group) {
+            return None;
         }
         if holder != Some(meta.pid)
             || crate::sys::procfs::start_time(meta.pid) != Some(meta.pid_start)
         {
+            return None;
+        }
+        Some(meta)
+    }
+
+    /// SIGTERM a verified holder of our group, once.
+    pub(super) fn cancel_holder(&mut self, meta: LockMeta) {
+        if self.cancelled.contains(&meta.run_id) {
             return;
         }
+        let group = self.ctx.spec.group.clone().unwrap_or_default();
         output::emit(
             output::Level::Info,
             "cancelling",
@@ -213,15 +209,20 @@ impl Claimed {
                 ("group", group.clone().into()),
             ],
         );
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(meta.pid),
-            nix::sys::signal::Signal::SIGTERM,
-        ) {
-            output::warn(
-                "cancelling",
-                &format!("cannot signal run {} (pid {}): {e}", meta.run_id, meta.pid),
-            );
-        }
+        terminate(&meta.run_id, meta.pid);
         self.cancelled.insert(meta.run_id);
+    }
+}
+
+/// One SIGTERM to the core of an older run of our group (a failure is said, not fatal).
+pub(super) fn terminate(run_id: &str, pid: i32) {
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    ) {
+        output::warn(
+            "cancelling",
+            &format!("cannot signal run {run_id} (pid {pid}): {e}"),
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
+use super::queue::Queue;
 use super::record::{self, LockMeta};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
@@ -153,6 +154,22 @@ impl AppLocks {
                 }
             }),
         )
+    }
+
+    /// The queue of runs waiting for `app` on this host (PROTOCOL §15), created when `create`.
+    /// `Ok(None)`: nobody queued for it yet. (With a cluster, the host's queue orders this
+    /// host's runs before the cluster lock; order across hosts is a later part of issue 16.)
+    pub(crate) fn queue(&self, app: &Domain, create: bool) -> io::Result<Option<Queue>> {
+        Queue::open(self.backend.dir(), app, create)
+    }
+
+    /// The holder of `app`'s lock on this host right now: its metadata and its pid in the
+    /// kernel's lock table (`None`, `None`: free or missing).
+    pub(crate) fn holder_now(&self, app: &Domain) -> (Option<LockMeta>, Option<i32>) {
+        match lock::open_existing(self.backend.dir(), app_lock_name(app)) {
+            Ok(f) => (record::read_meta(&f), crate::sys::proc_locks::holder_of(&f)),
+            Err(_) => (None, None),
+        }
     }
 
     /// The last metadata written for `app`'s lock on this host, read without taking the lock.

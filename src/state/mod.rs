@@ -4,6 +4,7 @@ pub(crate) mod applock;
 pub(crate) mod cluster_lock;
 pub(crate) mod dirs;
 pub(crate) mod lock;
+pub(crate) mod queue;
 pub(crate) mod record;
 pub(crate) mod rundir;
 pub(crate) mod slots;

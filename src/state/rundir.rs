@@ -60,6 +60,24 @@ pub(crate) struct Claim {
     pub(crate) existed: bool,
 }
 
+/// The marker another run leaves in a queued run's dir when it supersedes it (PROTOCOL §15):
+/// the superseding run's id.
+const SUPERSEDED_FILE: &str = "superseded";
+
+/// Tell the run of `dir` (opened with [`open_trusted`]) that run `by` superseded it.
+pub(crate) fn mark_superseded(dir: &Dir, by: &str) -> io::Result<()> {
+    match dir.write_new(SUPERSEDED_FILE, format!("{by}\n").as_bytes(), 0o600) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// The run that superseded the run of `dir`, if one did.
+pub(crate) fn superseded_by(dir: &Dir) -> Option<String> {
+    let bytes = dir.read_owned(SUPERSEDED_FILE, 256).ok()?;
+    Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+}
+
 pub(crate) fn path_of(runs: &Dir, id: &RunId) -> PathBuf {
     runs.join(id.as_str())
 }

@@ -21,6 +21,13 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// Is `pid` stopped (`T`, e.g. by SIGSTOP) or stopped by a tracer (`t`)?
+pub(crate) fn is_stopped(pid: i32) -> bool {
+    stat_fields(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|s| s == "T" || s == "t")
+}
+
 /// Is `pid` a live process (not a zombie, not gone)?
 pub(crate) fn is_alive(pid: i32) -> bool {
     match stat_fields(pid) {

@@ -96,6 +96,7 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
         sweep.apply(step);
     }
     sweep.report_pending();
+    sweep.tidy_queues();
     if sweep.reaper.supervisor().stop_requested() {
         output::warn(
             "janitor",
@@ -117,6 +118,24 @@ struct Sweep<'o, 'f> {
 }
 
 impl Sweep<'_, '_> {
+    /// Remove the queue dirs nobody stands in (PROTOCOL §15; silent: a queue is tether's
+    /// bookkeeping, not a run). Dead tickets are unlinked on the way.
+    fn tidy_queues(&self) {
+        let Some(lock) = &self.lock else { return };
+        for (name, _) in lock.entries().unwrap_or_default() {
+            let Some(domain) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(crate::state::queue::DIR_PREFIX))
+                .and_then(|d| crate::ident::names::Domain::parse(d).ok())
+            else {
+                continue;
+            };
+            if self.opts.app.as_ref().is_none_or(|a| *a == domain) {
+                let _ = crate::state::queue::Queue::remove_if_empty(lock, &domain);
+            }
+        }
+    }
+
     /// `tether forget …` for a run whose reap keeps failing (the exact command, dirs included
     /// when they are not the defaults).
     fn forget_hint(&self, run_id: &str) -> String {

@@ -131,7 +131,9 @@ fn lock_steps(
             .strip_prefix("app-")
             .and_then(|n| n.strip_suffix(".lock"))
         else {
-            if !name.starts_with("slot-") {
+            // Slots, and the app queues (PROTOCOL §15: a dead waiter's ticket is unlinked by
+            // the next waiter that looks; an empty queue is a counter, kept as lockfiles are).
+            if !name.starts_with("slot-") && !name.starts_with(crate::state::queue::DIR_PREFIX) {
                 steps.push(skip(None, "not an app lockfile name"));
             }
             continue;
@@ -401,6 +403,7 @@ mod tests {
         w(locks.join("app-junk.example.org.lock"), "{\"garbage");
         w(locks.join("stray"), "");
         w(locks.join("slot-00.lock"), "");
+        std::fs::create_dir(locks.join("queue-live.example.org")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", locks.join("app-link.example.org.lock")).unwrap();
         for (id, rec) in [
             (
@@ -462,7 +465,7 @@ mod tests {
         assert!(has(".retired-x-1", "would-remove"), "{got:?}");
         assert!(has("afile", "skipped"), "{got:?}");
         // tether's own files, slots: nothing to say.
-        for quiet in [".forgotten.jsonl", "slot-00.lock"] {
+        for quiet in [".forgotten.jsonl", "slot-00.lock", "queue-live.example.org"] {
             assert!(got.iter().all(|(n, ..)| n != quiet), "{quiet}: {got:?}");
         }
         // Nothing is listed twice.

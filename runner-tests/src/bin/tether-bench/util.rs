@@ -38,6 +38,17 @@ pub fn wait_file(path: &Path) -> Result<(), String> {
     })
 }
 
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock `stamp` writes).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn read_ns(path: &Path) -> Result<u64, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     text.trim()

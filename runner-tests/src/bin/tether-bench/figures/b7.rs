@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::measure::{measure_pairs, Plan, Side};
 use crate::report::{Report, Row};
 use crate::stats::stats;
-use crate::util::{os, read_ns, spawn, wait_exit, LIMIT};
+use crate::util::{now_ns, os, read_ns, spawn, wait_exit, LIMIT};
 use crate::world::{log_file, Ctx, World};
 
 /// What the figure measures, for the report.
@@ -18,18 +18,28 @@ pub const ABOUT: &str = "\
     trial pairs (30 pairs of 1,600 runs would not fit the 5-minute budget); overlaps from the \
     stamps (marker files on tmpfs, as in B2).";
 
+/// What the baseline side runs under `flock L`: the stamp itself (B7), or the same
+/// `tether run` on an app of its own per worker (B13: tether's work, ordered by plain flock).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Base {
+    Stamp,
+    Tether,
+}
+
 pub struct Trial {
     pub throughput: f64,
     pub overlaps: usize,
     pub excl_overlaps: usize,
     pub failures: usize,
+    /// Each run's wait: from its spawn to its command's start stamp (ns).
+    pub waits: Vec<u64>,
 }
 
 pub fn b7_trial(
     ctx: &Ctx,
     world: &World,
     log: &File,
-    side: Side,
+    (side, base): (Side, Base),
     (trial, runs): (usize, usize),
 ) -> Result<Trial, String> {
     const WORKERS: usize = 8;
@@ -53,6 +63,7 @@ pub fn b7_trial(
                 s.spawn(move || {
                     barrier.wait();
                     let (mut fails, mut excl) = (0usize, 0usize);
+                    let mut spawned = Vec::with_capacity(runs);
                     for i in 0..runs {
                         let (sp, ep) = stamp_paths(w, i);
                         let stamp: Vec<OsString> = vec![
@@ -69,39 +80,62 @@ pub fn b7_trial(
                                 let id = format!("b7-{trial}-{w}-{i}");
                                 ctx.tether_run(dirs, log, (app, &id), &[], &stamp)
                             }
+                            Side::Base if base == Base::Tether => {
+                                let (app, id) = (
+                                    format!("b13-w{w}.bench.localhost"),
+                                    format!("b13-{trial}-{w}-{i}"),
+                                );
+                                let t = ctx.tether_run(dirs, log, (&app, &id), &[], &stamp);
+                                let mut c = ctx.command("flock", log);
+                                c.arg(flock_lock).arg(t.get_program()).args(t.get_args());
+                                for (k, v) in t.get_envs() {
+                                    match v {
+                                        Some(v) => c.env(k, v),
+                                        None => c.env_remove(k),
+                                    };
+                                }
+                                c
+                            }
                             Side::Base => {
                                 let mut c = ctx.command("flock", log);
                                 c.arg(flock_lock).args(&stamp);
                                 c
                             }
                         };
+                        spawned.push(now_ns());
                         match spawn(&mut cmd).and_then(|mut c| wait_exit(&mut c, LIMIT)) {
                             Ok(st) if st.success() => {}
                             Ok(st) if st.code() == Some(99) => excl += 1,
                             _ => fails += 1,
                         }
                     }
-                    (fails, excl)
+                    (fails, excl, spawned)
                 })
             })
             .collect();
         barrier.wait();
         let t0 = Instant::now();
-        let results: Vec<(usize, usize)> = handles
+        let results: Vec<(usize, usize, Vec<u64>)> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or((runs, 0)))
+            .map(|h| h.join().unwrap_or((runs, 0, Vec::new())))
             .collect();
         (t0.elapsed(), results)
     });
     let failures: usize = per_worker.iter().map(|r| r.0).sum();
     let excl_overlaps: usize = per_worker.iter().map(|r| r.1).sum();
     let mut spans = Vec::new();
+    let mut waits = Vec::new();
     let mut missing = 0;
-    for w in 0..WORKERS {
+    for (w, worker) in per_worker.iter().enumerate() {
         for i in 0..runs {
             let (sp, ep) = stamp_paths(w, i);
             match (read_ns(&sp), read_ns(&ep)) {
-                (Ok(s), Ok(e)) => spans.push((s, e)),
+                (Ok(s), Ok(e)) => {
+                    spans.push((s, e));
+                    if let Some(t) = worker.2.get(i) {
+                        waits.push(s.saturating_sub(*t));
+                    }
+                }
                 _ => missing += 1,
             }
         }
@@ -120,6 +154,7 @@ pub fn b7_trial(
         excl_overlaps,
         // A failed run usually leaves no stamps: count each failure once.
         failures: failures.max(missing),
+        waits,
     })
 }
 
@@ -145,7 +180,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
     let samples = measure_pairs(ctx, rep, &plan, |side, it| {
         let trial = it.index;
         let runs = if it.warm_up { 5 } else { runs };
-        let r = b7_trial(ctx, &w, &log, side, (trial, runs))?;
+        let r = b7_trial(ctx, &w, &log, (side, Base::Stamp), (trial, runs))?;
         if !it.warm_up {
             let ov = r.overlaps + r.excl_overlaps;
             match side {

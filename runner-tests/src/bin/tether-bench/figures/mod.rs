@@ -1,4 +1,4 @@
-//! The figures B1–B8 of the benchmark issue, one module each: `run` measures the figure
+//! The figures B1–B8 of the benchmark issue and B13 (issue 17), one module each: `run` measures the figure
 //! against its baseline and adds its rows and notes to the report; `ABOUT` says what it
 //! measures.
 
@@ -6,6 +6,7 @@ use crate::report::Report;
 use crate::world::Ctx;
 
 pub mod b1;
+pub mod b13;
 pub mod b2;
 pub mod b3;
 pub mod b4;
@@ -22,7 +23,7 @@ pub struct Figure {
 }
 
 /// Every figure, in the report's order.
-pub const ALL: [Figure; 8] = [
+pub const ALL: [Figure; 9] = [
     Figure {
         id: "B1",
         run: b1::run,
@@ -62,5 +63,10 @@ pub const ALL: [Figure; 8] = [
         id: "B8",
         run: b8::run,
         about: b8::ABOUT,
+    },
+    Figure {
+        id: "B13",
+        run: b13::run,
+        about: b13::ABOUT,
     },
 ];
