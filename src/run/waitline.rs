@@ -47,6 +47,12 @@ fn fail(what: &str, e: impl std::fmt::Display) -> Stop {
     Stop::Fail(Error::tether(format!("{what}: {e}")))
 }
 
+/// A failure of the lock backend itself: its own exit code survives (the cluster's database
+/// unreachable is 75, not tether's 125).
+fn lock_failed(what: &str, e: std::io::Error) -> Stop {
+    Stop::Fail(crate::state::cluster_lock::into_error(e, what))
+}
+
 impl Claimed {
     /// Take the lock of the run's own app, in queue order (PROTOCOL §15).
     pub(super) fn acquire_queued(
@@ -57,7 +63,10 @@ impl Claimed {
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
         // Uncontended: a free lock and nobody queued. A free lock with a queue is the queue's.
-        match locks.try_acquire(app).map_err(|e| fail("app lock", e))? {
+        match locks
+            .try_acquire(app)
+            .map_err(|e| lock_failed("app lock", e))?
+        {
             Attempt::Held(l) => {
                 let queue = locks.queue(app, false).map_err(|e| fail("app queue", e))?;
                 let waiting = match &queue {
@@ -162,7 +171,7 @@ impl Claimed {
             super::act_on(events, &self.ctx)?;
             if ready {
                 blocked = match blocked {
-                    Blocked::App(w) => match w.finish().map_err(|e| fail("app lock", e))? {
+                    Blocked::App(w) => match w.finish().map_err(|e| lock_failed("app lock", e))? {
                         Some(held) if is_head(&queue, &ticket, &line)? => {
                             announce_acquired(app, started);
                             return Ok(held);
@@ -348,7 +357,10 @@ impl Claimed {
         line: &Line,
         started: Instant,
     ) -> Result<Blocked, Stop> {
-        match locks.try_acquire(app).map_err(|e| fail("app lock", e))? {
+        match locks
+            .try_acquire(app)
+            .map_err(|e| lock_failed("app lock", e))?
+        {
             Attempt::Held(held) => {
                 if is_head(queue, ticket, line)? {
                     announce_acquired(app, started);
@@ -361,7 +373,9 @@ impl Claimed {
                 if self.ctx.spec.on_busy == OnBusy::CancelOlder {
                     self.cancel_holder_if_same_group(b.holder(), b.holder_pid());
                 }
-                let w = b.wait().map_err(|e| fail("cannot wait for lock", e))?;
+                let w = b
+                    .wait()
+                    .map_err(|e| lock_failed("cannot wait for lock", e))?;
                 Ok(Blocked::App(w))
             }
         }

@@ -114,21 +114,27 @@ impl Queue {
     /// The dir must be a real directory owned by our uid or root and writable by nobody else.
     pub(crate) fn open(lock_dir: &Dir, app: &Domain, create: bool) -> io::Result<Option<Queue>> {
         let name = dir_name(app);
-        if create {
-            match lock_dir.create_dir(&name, 0o755) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
+        // A janitor removes a queue dir nobody stands in; it may do so between our mkdir and
+        // our open. Make it again then (bounded: each round means a janitor made progress).
+        let mut rounds = 0;
+        let dir = loop {
+            if create {
+                match lock_dir.create_dir(&name, 0o755) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        let dir = match lock_dir.open_dir(&name) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("queue dir {}: {e}", lock_dir.join(&name).display()),
-                ))
+            match lock_dir.open_dir(&name) {
+                Ok(d) => break d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && rounds < 100 => rounds += 1,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("queue dir {}: {e}", lock_dir.join(&name).display()),
+                    ))
+                }
             }
         };
         let st = dir.stat()?;
