@@ -9,6 +9,7 @@
 //! stays in the run's cgroup, without one (`TETHER_NO_CGROUP=1`) it carries the run's token.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -405,6 +406,37 @@ fn a_failing_teardown_can_be_forgotten() {
         "the forgotten run was reaped\n{again}"
     );
     janitor(&sb).run().assert_code(0);
+}
+
+/// `forget` with a lock dir that fails the trust checks: the run is still forgotten (its state
+/// is in the runs dir), the lock dir is not written to, and a warning says the app's lock
+/// metadata was left as it is (it used to be silent).
+#[test]
+fn forget_with_an_untrusted_lock_dir_says_it_left_the_metadata() {
+    let sb = Sandbox::new();
+    let app = "typo2.example.org";
+    let id = rid(&sb, "typo");
+    sb.tether_run()
+        .app(app)
+        .run_id(&id)
+        .teardown("nonexist-td")
+        .command(["true"])
+        .run()
+        .assert_code(125);
+    let lock_file = sb.lock_dir().join(format!("app-{app}.lock"));
+    let before = fs::read(&lock_file).expect("lock metadata");
+    fs::set_permissions(sb.lock_dir(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    let f = sb.tether("forget").arg(&id).run();
+    f.assert_code(0)
+        .assert_stderr_contains(&format!("forgot run {id}"))
+        .assert_stderr_contains(&format!(
+            "warning: lock dir {} is group/world writable",
+            sb.lock_dir().display()
+        ))
+        .assert_stderr_contains(&format!("the lock metadata of {app} was left as it is"));
+    assert!(!sb.run_dir(&id).exists(), "{f}");
+    assert_eq!(fs::read(&lock_file).expect("lock metadata"), before, "{f}");
+    fs::set_permissions(sb.lock_dir(), fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 /// Item 8: `--teardown-timeout 0` means no timeout, as `--deadline 0` does (it used to time

@@ -150,10 +150,23 @@ fn settle_lock_metadata(lock_place: &Place, app: &str, id: &str) {
     let Ok(app) = crate::ident::names::Domain::parse(app) else {
         return;
     };
-    let Some(lock) = dirs::choose("lock dir", lock_place, 0o755)
-        .ok()
-        .and_then(|c| c.existing())
-    else {
+    let lock = match dirs::choose("lock dir", lock_place, 0o755) {
+        Ok(chosen) => chosen.existing(),
+        Err(e) => {
+            // The run is still forgotten (its state lives in the runs dir); but an untrusted
+            // lock dir is never written to, and the operator must hear that its metadata may
+            // still name the run.
+            output::warn(
+                "forget",
+                &format!(
+                    "{}; the lock metadata of {app} was left as it is",
+                    e.message
+                ),
+            );
+            None
+        }
+    };
+    let Some(lock) = lock else {
         return;
     };
     let name = crate::state::lock::app_lock_name(&app);
