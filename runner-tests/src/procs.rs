@@ -274,15 +274,7 @@ impl ProcessGuard {
             )
         };
         for (pgid, leader_start) in pgids {
-            // A leader that exists with another start time means the number was recycled.
-            let recycled = match (proc_info(pgid), leader_start) {
-                (Some(now), Some(then)) => now.start_time != then,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if pgid > 1 && !recycled {
-                let _ = kill(Pid::from_raw(-pgid), Signal::SIGKILL);
-            }
+            kill_own_group(pgid, leader_start);
         }
         for (pid, start) in pids {
             if proc_info(pid).is_some_and(|i| i.start_time == start) {

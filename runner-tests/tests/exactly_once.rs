@@ -337,6 +337,20 @@ fn janitor_and_status_say_what_really_happened() {
 // ---------------------------------------------------------------------------------------------
 // 8. a way out
 
+/// A run of `app` whose teardown command does not exist (a typo): it exits 125 and leaves its
+/// run dir and unclean lock metadata for a reap that can never succeed. Its run id.
+fn run_with_a_failing_teardown(sb: &Sandbox, app: &str) -> String {
+    let id = rid(sb, "typo");
+    sb.tether_run()
+        .app(app)
+        .run_id(&id)
+        .teardown("nonexist-td")
+        .command(["true"])
+        .run()
+        .assert_code(125);
+    id
+}
+
 /// Item 8: a teardown with a typo fails the same way forever. The run exits 125 and keeps its
 /// state; the next run of the app and the janitor fail too, each printing the exact `tether
 /// forget` command; `tether forget` refuses a live run, forgets the dead one (runs nothing,
@@ -345,14 +359,7 @@ fn janitor_and_status_say_what_really_happened() {
 fn a_failing_teardown_can_be_forgotten() {
     let sb = Sandbox::new();
     let app = "typo.example.org";
-    let id = rid(&sb, "typo");
-    sb.tether_run()
-        .app(app)
-        .run_id(&id)
-        .teardown("nonexist-td")
-        .command(["true"])
-        .run()
-        .assert_code(125);
+    let id = run_with_a_failing_teardown(&sb, app);
     let hint = format!(
         "tether forget --lock-dir {} --runs-dir {} {id}",
         sb.lock_dir().display(),
@@ -415,14 +422,7 @@ fn a_failing_teardown_can_be_forgotten() {
 fn forget_with_an_untrusted_lock_dir_says_it_left_the_metadata() {
     let sb = Sandbox::new();
     let app = "typo2.example.org";
-    let id = rid(&sb, "typo");
-    sb.tether_run()
-        .app(app)
-        .run_id(&id)
-        .teardown("nonexist-td")
-        .command(["true"])
-        .run()
-        .assert_code(125);
+    let id = run_with_a_failing_teardown(&sb, app);
     let lock_file = sb.lock_dir().join(format!("app-{app}.lock"));
     let before = fs::read(&lock_file).expect("lock metadata");
     fs::set_permissions(sb.lock_dir(), fs::Permissions::from_mode(0o777)).expect("chmod");
