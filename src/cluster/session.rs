@@ -186,7 +186,15 @@ impl Session {
 
     /// An error of this session, classed like a connect error.
     pub(crate) fn error(&self, what: &str, e: &postgres::Error) -> Error {
-        let failure = if e.as_db_error().is_none() {
+        // The server going away is "retry later" (75), whether the socket closed or the
+        // server said so first: SQLSTATE class 08 (connection exception) and 57P01–57P03
+        // (shut down, crashed, not accepting connections yet) — a restart, a failover, an
+        // operator's pg_terminate_backend.
+        let gone = e.code().is_some_and(|c| {
+            let code = c.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        });
+        let failure = if e.as_db_error().is_none() || gone {
             Failure::Unavailable
         } else {
             Failure::Tether

@@ -160,6 +160,8 @@ impl Ended {
         // The heartbeat stops with the lock: nothing to watch once it is released on purpose.
         sup.end_lease();
         app_lock.release();
+        // The suite counts the core's threads here: the heartbeat is gone with the lock.
+        fault_pause("TETHER_FAULT_PAUSE_AFTER_RELEASE");
         // Housekeeping after the release, so the next run of the app is not kept waiting:
         // the retired run dir's contents and the (empty) cgroup.
         if let Some(retired) = retired {
