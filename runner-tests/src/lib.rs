@@ -45,6 +45,7 @@
 
 mod agent;
 mod command;
+mod dir_hosts;
 mod files;
 mod held;
 pub mod helper;
@@ -65,6 +66,7 @@ use std::time::Duration;
 
 pub use agent::{FakeAgent, FakeAgentCmd};
 pub use command::{Finished, RunningTether, TetherCmd};
+pub use dir_hosts::{dir_host, DirHost};
 pub use files::{
     backdate, log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch,
     wait_holder_pid, write_config,

@@ -9,38 +9,17 @@
 //! 3.2 s (the smallest `config` allows for these: self_fence + heartbeat + 2 s).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
-    log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, thread_names, touch,
-    wait_count, wait_file, wait_until, write_config, Postgres, Sandbox, Signal, TetherCmd, TIMEOUT,
+    dir_host, log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, thread_names, touch,
+    wait_count, wait_file, wait_until, write_config, Postgres, Sandbox, Signal, TIMEOUT,
 };
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const SELF_FENCE: Duration = Duration::from_secs(1);
-
-/// One simulated host: its own lock dir and runs dir.
-struct Host {
-    lock: PathBuf,
-    runs: PathBuf,
-}
-
-fn host(sb: &Sandbox, name: &str) -> Host {
-    let root = sb.path().join(name);
-    let h = Host {
-        lock: root.join("locks"),
-        runs: root.join("runs"),
-    };
-    for (dir, mode) in [(&root, 0o755), (&h.lock, 0o755), (&h.runs, 0o700)] {
-        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
-    }
-    h
-}
 
 /// The server's `cluster:` block with the suite's small fencing knobs.
 fn fence_config(pg: &Postgres) -> String {
@@ -48,21 +27,6 @@ fn fence_config(pg: &Postgres) -> String {
         "{}  heartbeat: 200ms\n  self_fence: 1s\n  server_release: 3200ms\n",
         pg.config_block()
     )
-}
-
-/// `tether run` on host `h` with the cluster config `cfg`.
-fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> TetherCmd<'a> {
-    sb.tether_run()
-        .no_sandbox_dirs()
-        .arg("--lock-dir")
-        .arg(&h.lock)
-        .arg("--runs-dir")
-        .arg(&h.runs)
-        .arg("--config")
-        .arg(cfg)
-        .app(app)
-        .run_id(id)
-        .env(PASSWORD_ENV, PASSWORD)
 }
 
 /// Shell: the command's tree — a background child and the shell itself, both pids written to
@@ -75,6 +39,14 @@ fn tree_command(pids: &Path, never: &Path) -> Vec<String> {
         "-c".into(),
         format!("( {wait} ) & echo $! >> {p}; echo $$ >> {p}; {wait}"),
     ]
+}
+
+/// A teardown that appends `$TETHER_REASON $TETHER_EXIT_CODE` to `file`.
+fn reasons_teardown(file: &Path) -> String {
+    format!(
+        "echo \"$TETHER_REASON $TETHER_EXIT_CODE\" >> {}",
+        shell_quote(file)
+    )
 }
 
 /// The pids of the tree, once both are written.
@@ -154,15 +126,13 @@ fn fence_a_holder_whose_session_is_killed_kills_its_tree_and_tears_down_lock_los
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &fence_config(&pg));
-    let a = host(&sb, "host-a");
+    let a = dir_host(&sb, "host-a");
     let app = "fence-killed.test";
     let (pids, never, reasons) = (sb.mark("pids"), sb.mark("never"), sb.mark("reasons"));
     let id = rid(&sb, "a");
-    let mut run = run_on(&sb, &a, &cfg, app, &id)
-        .teardown(format!(
-            "echo \"$TETHER_REASON $TETHER_EXIT_CODE\" >> {}",
-            shell_quote(&reasons)
-        ))
+    let mut run = a
+        .run(&sb, &cfg, app, &id)
+        .teardown(reasons_teardown(&reasons))
         .command(tree_command(&pids, &never))
         .spawn();
     let tree = tree_pids(&pids);
@@ -209,21 +179,20 @@ fn fence_the_database_stopping_fences_the_holder_ends_the_waiter_and_a_restart_s
     let sb = Sandbox::new();
     let mut pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &fence_config(&pg));
-    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let (a, b) = (dir_host(&sb, "host-a"), dir_host(&sb, "host-b"));
     let app = "fence-restart.test";
     let (pids, never, reasons) = (sb.mark("pids"), sb.mark("never"), sb.mark("reasons"));
     let ran_b = sb.mark("ran-b");
     let id_a = rid(&sb, "a");
-    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
-        .teardown(format!(
-            "echo \"$TETHER_REASON $TETHER_EXIT_CODE\" >> {}",
-            shell_quote(&reasons)
-        ))
+    let mut run_a = a
+        .run(&sb, &cfg, app, &id_a)
+        .teardown(reasons_teardown(&reasons))
         .command(tree_command(&pids, &never))
         .spawn();
     let tree = tree_pids(&pids);
     let id_b = rid(&sb, "b");
-    let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+    let mut run_b = b
+        .run(&sb, &cfg, app, &id_b)
         .command(["sh", "-c", &format!("touch {}", shell_quote(&ran_b))])
         .spawn();
     wait_queued(&pg, &id_b);
@@ -255,7 +224,8 @@ fn fence_the_database_stopping_fences_the_holder_ends_the_waiter_and_a_restart_s
 
     pg.restart();
     let id_c = rid(&sb, "c");
-    let done_c = run_on(&sb, &b, &cfg, app, &id_c)
+    let done_c = b
+        .run(&sb, &cfg, app, &id_c)
         .command(["sh", "-c", "test -n \"$TETHER_FENCE\""])
         .run();
     done_c.assert_code(0);
@@ -267,7 +237,7 @@ fn fence_a_silent_server_fences_the_holder_in_time_and_the_lock_moves_only_after
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &fence_config(&pg));
-    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let (a, b) = (dir_host(&sb, "host-a"), dir_host(&sb, "host-b"));
     let app = "fence-silent.test";
     let never = sb.mark("never");
     for trial in 0..3 {
@@ -276,7 +246,8 @@ fn fence_a_silent_server_fences_the_holder_in_time_and_the_lock_moves_only_after
         let a_dead = sb.mark(&format!("a-dead-{trial}"));
         let b_start = sb.mark(&format!("b-start-{trial}"));
         let id_a = rid(&sb, &format!("a{trial}"));
-        let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        let mut run_a = a
+            .run(&sb, &cfg, app, &id_a)
             .teardown(format!(
                 "date +%s%N > {td}; for p in $(cat {p}); do kill -0 $p 2>/dev/null && echo \
                  alive $p >> {dead}; done; echo checked >> {dead}",
@@ -288,7 +259,8 @@ fn fence_a_silent_server_fences_the_holder_in_time_and_the_lock_moves_only_after
             .spawn();
         tree_pids(&pids);
         let id_b = rid(&sb, &format!("b{trial}"));
-        let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+        let mut run_b = b
+            .run(&sb, &cfg, app, &id_b)
             .command([
                 "sh",
                 "-c",
@@ -349,7 +321,7 @@ fn fence_a_quiet_cluster_run_passes_with_one_heartbeat_thread_gone_after_release
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &fence_config(&pg));
-    let a = host(&sb, "host-a");
+    let a = dir_host(&sb, "host-a");
     let app = "fence-quiet.test";
     let (threads, go) = (sb.mark("threads"), sb.mark("go"));
     let released = sb.mark("released");
@@ -360,7 +332,8 @@ fn fence_a_quiet_cluster_run_passes_with_one_heartbeat_thread_gone_after_release
         "cat /proc/$PPID/task/*/comm | sort >> {}",
         shell_quote(&threads)
     );
-    let mut run = run_on(&sb, &a, &cfg, app, &id)
+    let mut run = a
+        .run(&sb, &cfg, app, &id)
         .arg("--setup")
         .arg(&list)
         .command([
