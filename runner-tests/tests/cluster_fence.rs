@@ -14,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
-    dir_host, log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, thread_names, touch,
-    wait_count, wait_file, wait_until, write_config, Postgres, Sandbox, Signal, TIMEOUT,
+    dir_host, log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, start_lock_holder,
+    thread_names, touch, wait_count, wait_file, wait_until, write_config, Postgres, Sandbox,
+    Signal, TIMEOUT,
 };
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -172,6 +173,38 @@ fn fence_a_holder_whose_session_is_killed_kills_its_tree_and_tears_down_lock_los
         "the line names the app and the server\n{done}"
     );
     done.assert_stderr_lacks("grace");
+}
+
+#[test]
+fn fence_a_lock_lost_while_waiting_for_a_slot_ends_the_run_with_nothing_run() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &fence_config(&pg));
+    let a = dir_host(&sb, "host-a");
+    let app = "fence-slot.test";
+    let (ran, reasons) = (sb.mark("ran"), sb.mark("reasons"));
+    // The host's only slot is someone else's: after the cluster lock the run waits for it.
+    let _slot = start_lock_holder(&sb, a.lock.join("slot-00.lock"));
+    let id = rid(&sb, "a");
+    let mut run = a
+        .run(&sb, &cfg, app, &id)
+        .args(["--slots", "1"])
+        .teardown(reasons_teardown(&reasons))
+        .command(["sh", "-c", &format!("touch {}", shell_quote(&ran))])
+        .spawn();
+    run.wait_line("tether: the 1 slot is busy — waiting", TIMEOUT);
+    pg.psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{id}'"
+    ));
+    let done = run.wait_exit(TIMEOUT);
+    done.assert_code(75);
+    assert_eq!(done.summary_field("result"), Some("lock-lost"), "{done}");
+    assert_eq!(done.stderr_lines("lock-lost:").len(), 1, "{done}");
+    assert!(!ran.exists(), "the command never ran\n{done}");
+    assert!(
+        !reasons.exists(),
+        "no teardown was owed: nothing ran\n{done}"
+    );
 }
 
 #[test]
