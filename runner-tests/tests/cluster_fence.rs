@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
     dir_host, log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, start_lock_holder,
-    thread_names, touch, wait_count, wait_file, wait_until, write_config, Postgres, Sandbox,
+    thread_names, touch, wait_count, wait_some, wait_until, write_config, Postgres, Sandbox,
     Signal, TIMEOUT,
 };
 
@@ -400,11 +400,12 @@ fn fence_a_quiet_cluster_run_passes_with_one_heartbeat_thread_gone_after_release
     touch(&go);
 
     let waiting = released.with_extension("waiting");
-    wait_file(&waiting, TIMEOUT);
-    let core = fs::read_to_string(&waiting)
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-        .unwrap_or_else(|| panic!("the core's pid in {}", waiting.display()));
+    // The core writes its pid into the file it creates: read until the pid is there.
+    let core = wait_some("the core's pid at the fault point", TIMEOUT, || {
+        fs::read_to_string(&waiting)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+    });
     let after = thread_names(core);
     touch(&released);
     let done = run.wait_exit(TIMEOUT);
