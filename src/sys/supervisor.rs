@@ -190,8 +190,7 @@ impl Supervisor {
         });
         let ms: libc::c_int = match timeout {
             None => -1,
-            // Rounded up: a lease that expires in 0.4 ms must not make this a busy loop.
-            Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+            Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
         };
         // SAFETY: poll(2) on a valid array of pollfds we own. EINTR cannot happen (every
         // signal we expect is blocked); any failure reads as "nothing yet".
