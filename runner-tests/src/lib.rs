@@ -64,7 +64,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use agent::{FakeAgent, FakeAgentCmd};
-pub use command::{Finished, RunningTether, TetherCmd};
+pub use command::{on_host, Finished, RunningTether, TetherCmd};
 pub use files::{
     backdate, log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch,
     wait_holder_pid, write_config,

@@ -1,0 +1,176 @@
+//! Issue 16 §2 and issue 17 under a cluster: the order of waiters across hosts, and what the
+//! host queue's options do with a cluster configured (PROTOCOL §15 "Under a cluster").
+//!
+//! A "host" is its own lock dir, runs dir and host name (`unshare --uts`): their flocks are
+//! separate kernel objects, so the only queue they share is PostgreSQL's. Each arrival is
+//! started only once the one before it is seen *waiting in PostgreSQL* (`pg_locks`, not
+//! granted, its session named after its run id), so the arrival order is known exactly.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
+use runner_tests::{
+    log_lines, on_host, rid, run_dirs, sh_wait_for, shell_quote, touch, wait_file, wait_until,
+    write_config, Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
+};
+
+/// One simulated host: its name, its own lock dir and runs dir.
+struct Host {
+    name: String,
+    lock: PathBuf,
+    runs: PathBuf,
+}
+
+fn host(sb: &Sandbox, name: &str) -> Host {
+    let root = sb.path().join(name);
+    let h = Host {
+        name: name.to_owned(),
+        lock: root.join("locks"),
+        runs: root.join("runs"),
+    };
+    for (dir, mode) in [(&root, 0o755), (&h.lock, 0o755), (&h.runs, 0o700)] {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
+    }
+    h
+}
+
+/// `tether run` on host `h` (its dirs, its host name) with the cluster config `cfg`.
+fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> TetherCmd<'a> {
+    sb.tether_run()
+        .wrapped(on_host(&h.name))
+        .no_sandbox_dirs()
+        .arg("--lock-dir")
+        .arg(&h.lock)
+        .arg("--runs-dir")
+        .arg(&h.runs)
+        .arg("--config")
+        .arg(cfg)
+        .app(app)
+        .run_id(id)
+        .env(PASSWORD_ENV, PASSWORD)
+}
+
+/// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
+fn pg_waiting(pg: &Postgres, id: &str) -> (usize, usize) {
+    let row = pg.psql(&format!(
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.application_name = '{id}') \
+         FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted"
+    ));
+    let mut it = row.split(' ').map(|n| n.parse().unwrap_or(usize::MAX));
+    (
+        it.next().unwrap_or(usize::MAX),
+        it.next().unwrap_or(usize::MAX),
+    )
+}
+
+/// Two hosts whose runs wait for one app, and a third whose run holds it.
+struct World<'a> {
+    sb: &'a Sandbox,
+    pg: &'a Postgres,
+    cfg: PathBuf,
+    hosts: [Host; 2],
+    holder_host: Host,
+}
+
+/// A holder on `w.holder_host` keeps `app` while `arrivals` (host index, name) start one by
+/// one, each only once the previous ones wait in PostgreSQL; then the holder ends. Returns the
+/// order the arrivals' commands ran in, as `<name> <host name>` lines.
+fn arrivals_in_order(
+    w: &World,
+    app: &str,
+    arrivals: &[(usize, &str)],
+    trial: usize,
+) -> Vec<String> {
+    let (sb, pg, cfg, hosts, holder_host) = (w.sb, w.pg, &w.cfg, &w.hosts, &w.holder_host);
+    let order = sb.mark(&format!("order-{trial}"));
+    let started = sb.mark(&format!("started-{trial}"));
+    let release = sb.mark(&format!("release-{trial}"));
+    let mut holder = run_on(
+        sb,
+        holder_host,
+        cfg,
+        app,
+        &rid(sb, &format!("holder-{trial}")),
+    )
+    .command([
+        "sh",
+        "-c",
+        &format!(
+            "touch {}; {}",
+            shell_quote(&started),
+            sh_wait_for(&shell_quote(&release))
+        ),
+    ])
+    .spawn();
+    wait_file(&started, TIMEOUT);
+    let q = shell_quote(&order);
+    let mut waiters: Vec<RunningTether> = Vec::new();
+    for (n, (h, name)) in arrivals.iter().enumerate() {
+        let id = rid(sb, &format!("{name}-{trial}"));
+        waiters.push(
+            run_on(sb, &hosts[*h], cfg, app, &id)
+                .command(["sh", "-c", &format!("echo \"{name} $(hostname)\" >> {q}")])
+                .spawn(),
+        );
+        wait_until(
+            &format!("{name} waits in PostgreSQL behind {n} others (trial {trial})"),
+            TIMEOUT,
+            || pg_waiting(pg, &id) == (n + 1, 1),
+        );
+    }
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    for w in &mut waiters {
+        w.wait_exit(TIMEOUT).assert_code(0);
+    }
+    log_lines(&order)
+}
+
+#[test]
+fn cluster_waiters_of_two_hosts_are_served_in_arrival_order() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let w = World {
+        sb: &sb,
+        pg: &pg,
+        cfg,
+        hosts: [host(&sb, "host-a"), host(&sb, "host-b")],
+        holder_host: host(&sb, "host-c"),
+    };
+    // Bunched and interleaved: three of host a, two of host b, then a and b alternating. With
+    // the flock taken first only one run per host waited in PostgreSQL at a time, and the
+    // first five came out A1 B1 A2 B2 A3.
+    let arrivals = [
+        (0, "A1"),
+        (0, "A2"),
+        (0, "A3"),
+        (1, "B1"),
+        (1, "B2"),
+        (0, "A4"),
+        (1, "B3"),
+    ];
+    let expected: Vec<String> = arrivals
+        .iter()
+        .map(|(h, name)| format!("{name} {}", w.hosts[*h].name))
+        .collect();
+    for trial in 0..3 {
+        let got = arrivals_in_order(&w, "fifo.test", &arrivals, trial);
+        assert_eq!(
+            got, expected,
+            "trial {trial}: the app went to the waiters of both hosts in arrival order"
+        );
+    }
+    for h in w.hosts.iter().chain([&w.holder_host]) {
+        assert_eq!(
+            run_dirs(&h.runs),
+            Vec::<String>::new(),
+            "no run dir is left"
+        );
+    }
+}
