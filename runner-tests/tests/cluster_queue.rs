@@ -174,3 +174,162 @@ fn cluster_waiters_of_two_hosts_are_served_in_arrival_order() {
         );
     }
 }
+
+/// Sessions holding (granted) an advisory lock, named `id`.
+fn pg_holding(pg: &Postgres, id: &str) -> String {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND l.granted AND s.application_name = '{id}'"
+    ))
+}
+
+#[test]
+fn cluster_lock_is_taken_before_the_hosts_flock() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "order.test";
+    let log = sb.mark("log");
+    let q = shell_quote(&log);
+    let started = sb.mark("started");
+    let release = sb.mark("release");
+    // A tether without a cluster holds host a's flock of the app (it waits for nothing else).
+    let mut local = sb
+        .tether_run()
+        .wrapped(on_host(&a.name))
+        .no_sandbox_dirs()
+        .arg("--lock-dir")
+        .arg(&a.lock)
+        .arg("--runs-dir")
+        .arg(&a.runs)
+        .app(app)
+        .run_id(rid(&sb, "local"))
+        .env_remove("TETHER_CLUSTER_URL")
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}; echo local >> {q}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    // A cluster run on host a takes the cluster lock at once and then waits for the flock.
+    let id_a = rid(&sb, "a");
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .command(["sh", "-c", &format!("echo a >> {q}")])
+        .spawn();
+    run_a.wait_line("— waiting", TIMEOUT);
+    wait_until(
+        "A holds the cluster lock while it waits for the flock",
+        TIMEOUT,
+        || pg_holding(&pg, &id_a) == "1",
+    );
+    // A run on host b waits in PostgreSQL behind A: B holds nothing, so nothing can circle.
+    let id_b = rid(&sb, "b");
+    let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+        .command(["sh", "-c", &format!("echo b >> {q}")])
+        .spawn();
+    wait_until("B waits in PostgreSQL", TIMEOUT, || {
+        pg_waiting(&pg, &id_b) == (1, 1)
+    });
+    assert_eq!(log_lines(&log), Vec::<String>::new(), "nobody ran yet");
+    touch(&release);
+    local.wait_exit(TIMEOUT).assert_code(0);
+    run_a.wait_exit(TIMEOUT).assert_code(0);
+    run_b.wait_exit(TIMEOUT).assert_code(0);
+    assert_eq!(
+        log_lines(&log),
+        ["local", "a", "b"],
+        "the flock's holder, then A (which held the cluster lock), then B"
+    );
+}
+
+#[test]
+fn cluster_max_queue_counts_the_waiters_in_postgresql() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "max.test";
+    let started = sb.mark("started");
+    let release = sb.mark("release");
+    let mut holder = run_on(&sb, &a, &cfg, app, &rid(&sb, "holder"))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    // One waiter, on the other host: the host's own tickets could not have counted it.
+    let id_w = rid(&sb, "w");
+    let mut waiter = run_on(&sb, &b, &cfg, app, &id_w).command(["true"]).spawn();
+    wait_until("the waiter waits in PostgreSQL", TIMEOUT, || {
+        pg_waiting(&pg, &id_w) == (1, 1)
+    });
+    let ran = sb.mark("ran");
+    let out = run_on(&sb, &a, &cfg, app, &rid(&sb, "over"))
+        .arg("--max-queue")
+        .arg("1")
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    out.assert_code(75);
+    out.assert_stderr_contains(
+        "app lock max.test: 1 run already waiting (--max-queue 1) — giving up",
+    );
+    assert!(!ran.exists(), "the refused run ran nothing\n{out}");
+    // --max-queue 2 lets it in behind the one waiter.
+    let id_in = rid(&sb, "in");
+    let mut second = run_on(&sb, &a, &cfg, app, &id_in)
+        .arg("--max-queue")
+        .arg("2")
+        .command(["true"])
+        .spawn();
+    wait_until("the second waiter waits in PostgreSQL", TIMEOUT, || {
+        pg_waiting(&pg, &id_in) == (2, 1)
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    waiter.wait_exit(TIMEOUT).assert_code(0);
+    second.wait_exit(TIMEOUT).assert_code(0);
+    for h in [&a, &b] {
+        assert_eq!(
+            run_dirs(&h.runs),
+            Vec::<String>::new(),
+            "no run dir is left"
+        );
+    }
+}
+
+#[test]
+fn cluster_refuses_newest_first_naming_the_option() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let a = host(&sb, "host-a");
+    let ran = sb.mark("ran");
+    let out = run_on(&sb, &a, &cfg, "newest.test", &rid(&sb, "n"))
+        .arg("--queue-order")
+        .arg("newest-first")
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    out.assert_code(125);
+    out.assert_stderr_contains(
+        "queue order newest-first (--queue-order, queue_order) is not available with a cluster",
+    );
+    assert!(!ran.exists(), "nothing ran\n{out}");
+    assert_eq!(run_dirs(&a.runs), Vec::<String>::new(), "nothing is left");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name <> '' AND backend_type = 'client backend' AND application_name <> 'psql'"),
+        "0",
+        "refused before connecting"
+    );
+}
