@@ -9,19 +9,14 @@
 //! before the queue existed (queued runs, and holders on other hosts, are not superseded).
 
 use super::claim::Claimed;
-use super::finish::{announce_acquired, announce_waiting, describe_holder};
+use super::finish::{announce_acquired, describe_holder};
 use super::Stop;
-use crate::config::{duration, OnBusy};
+use crate::config::OnBusy;
 use crate::ident::names::Domain;
-use crate::output;
 use crate::state::applock::{AppLock, Attempt};
 use crate::state::cluster_lock::into_error;
-use crate::sys::signals::{until, Event};
 use crate::sys::supervisor::Supervisor;
-use std::time::{Duration, Instant};
-
-/// How often a waiter looks for a holder of its group to cancel (`cancel-older`).
-const LOOK_AGAIN: Duration = Duration::from_millis(200);
+use std::time::Instant;
 
 fn lock_failed(what: &str, e: std::io::Error) -> Stop {
     Stop::Fail(into_error(e, what))
@@ -36,7 +31,6 @@ impl Claimed {
     ) -> Result<AppLock, Stop> {
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
-        let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
         let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
         let mut first = true;
         loop {
@@ -52,9 +46,9 @@ impl Claimed {
                 }
                 Attempt::Busy(b) => b,
             };
-            let holder = describe_holder(busy.holder(), busy.holder_pid());
             if first {
                 if self.ctx.spec.on_busy == OnBusy::Fail {
+                    let holder = describe_holder(busy.holder(), busy.holder_pid());
                     return Err(Stop::Busy(format!(
                         "app lock {app}: held by {holder} — --on-busy fail, giving up"
                     )));
@@ -63,56 +57,12 @@ impl Claimed {
                 self.note_queued();
             }
             first = false;
-            announce_waiting(app, &holder);
-            let waiting = busy
-                .wait()
-                .map_err(|e| lock_failed("cannot wait for lock", e))?;
-            let mut next_progress = Instant::now() + self.ctx.spec.wait_progress;
-            let mut next_look = Instant::now();
-            loop {
-                if cancel_older && Instant::now() >= next_look {
-                    // A holder of our group on this host (the only one we can verify).
-                    let (meta, pid) = locks.holder_now(app);
-                    self.cancel_holder_if_same_group(meta, pid);
-                    next_look = Instant::now() + LOOK_AGAIN;
-                }
-                let mut timeout = until(next_progress);
-                if cancel_older {
-                    timeout = timeout.min(until(next_look));
-                }
-                if let Some(g) = give_up {
-                    timeout = timeout.min(until(g));
-                }
-                let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
-                if events.contains(&Event::Ready) {
-                    break;
-                }
-                super::act_on(events, &self.ctx)?;
-                if give_up.is_some_and(|g| Instant::now() >= g) {
-                    return Err(Stop::Busy(format!(
-                        "app lock {app}: still held after --lock-timeout {} — giving up",
-                        duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
-                    )));
-                }
-                if Instant::now() >= next_progress {
-                    announce_waiting(
-                        app,
-                        &describe_holder(waiting.holder(), waiting.holder_pid()),
-                    );
-                    next_progress = Instant::now() + self.ctx.spec.wait_progress;
-                }
-            }
-            match waiting.finish().map_err(|e| lock_failed("app lock", e))? {
-                Some(held) => {
-                    announce_acquired(app, started);
-                    return Ok(held);
-                }
-                // Not for a cluster wait (it re-opens the flock itself); kept for the seam.
-                None => output::debug("lock", "lockfile was replaced while waiting; retrying"),
+            // The plain wait: its waiter thread waits in PostgreSQL's queue, then for the flock.
+            if let Some(held) = self.wait_busy(app, busy, started, cancel_older, sup)? {
+                return Ok(held);
             }
         }
     }
-
     /// `--max-queue N` under a cluster: the runs already waiting in PostgreSQL's queue for the
     /// app, counted in `pg_locks` (D71: two runs arriving at once may both pass the count).
     fn refuse_over_max_queue(
