@@ -333,3 +333,94 @@ fn cluster_refuses_newest_first_naming_the_option() {
         "refused before connecting"
     );
 }
+
+#[test]
+fn cluster_waiter_sigkilled_in_the_middle_leaves_the_queue_by_itself() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "killed.test";
+    let order = sb.mark("order");
+    let q = shell_quote(&order);
+    let started = sb.mark("started");
+    let release = sb.mark("release");
+    let mut holder = run_on(&sb, &a, &cfg, app, &rid(&sb, "holder"))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    let mut waiters = Vec::new();
+    for (n, (h, name)) in [(&b, "W1"), (&a, "W2"), (&b, "W3")].into_iter().enumerate() {
+        let id = rid(&sb, name);
+        waiters.push(
+            run_on(&sb, h, &cfg, app, &id)
+                .command(["sh", "-c", &format!("echo {name} >> {q}")])
+                .spawn(),
+        );
+        wait_until(&format!("{name} waits in PostgreSQL"), TIMEOUT, || {
+            pg_waiting(&pg, &id) == (n + 1, 1)
+        });
+    }
+    // The middle waiter's core dies: its session closes and the server drops it from the queue.
+    let core = waiters[1].wait_core_pid(TIMEOUT);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(core),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the middle waiter's core");
+    let id_w3 = rid(&sb, "W3");
+    wait_until("the killed waiter left PostgreSQL's queue", TIMEOUT, || {
+        pg_waiting(&pg, &id_w3) == (2, 1)
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    waiters[0].wait_exit(TIMEOUT).assert_code(0);
+    waiters[2].wait_exit(TIMEOUT).assert_code(0);
+    let _ = waiters[1].wait_exit(TIMEOUT);
+    assert_eq!(
+        log_lines(&order),
+        ["W1", "W3"],
+        "the ones around the killed waiter kept their order; it ran nothing"
+    );
+}
+
+#[test]
+fn cluster_cancel_older_cancels_a_holder_of_the_group_on_this_host() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let a = host(&sb, "host-a");
+    let app = "cancel.test";
+    let started = sb.mark("started");
+    let never = sb.mark("never");
+    let mut older = run_on(&sb, &a, &cfg, app, &rid(&sb, "older"))
+        .args(["--group", "pr-7"])
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&never))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    let ran = sb.mark("newer-ran");
+    let newer = run_on(&sb, &a, &cfg, app, &rid(&sb, "newer"))
+        .args(["--group", "pr-7", "--on-busy", "cancel-older"])
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    newer.assert_code(0);
+    newer.assert_stderr_contains("cancelling older run");
+    older.wait_exit(TIMEOUT).assert_code(143);
+    assert!(ran.exists(), "the newer run ran once the older one let go");
+}
