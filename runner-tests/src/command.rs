@@ -33,6 +33,8 @@ pub const FIXTURE_ORPHAN_AGE: &str = "1000h";
 pub struct TetherCmd<'a> {
     sb: &'a Sandbox,
     bin: Option<PathBuf>,
+    /// A command line tether is started through (it must `exec` what follows it).
+    wrapper: Vec<OsString>,
     subcommand: String,
     sandbox_dirs: bool,
     app: Option<OsString>,
@@ -52,6 +54,7 @@ impl<'a> TetherCmd<'a> {
         TetherCmd {
             sb,
             bin: None,
+            wrapper: Vec::new(),
             subcommand: subcommand.to_owned(),
             sandbox_dirs: true,
             app: None,
@@ -127,6 +130,18 @@ impl<'a> TetherCmd<'a> {
     /// Runs another binary than [`tether_bin`].
     pub fn bin(mut self, bin: impl Into<PathBuf>) -> Self {
         self.bin = Some(bin.into());
+        self
+    }
+
+    /// Starts tether through `wrapper…` (which must `exec` the tether command line it is
+    /// given after its own words, so the pid stays tether's): e.g. [`on_host`] for another
+    /// host name in a UTS namespace of its own.
+    pub fn wrapped<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.wrapper = wrapper.into_iter().map(|a| a.as_ref().to_owned()).collect();
         self
     }
 
@@ -207,6 +222,7 @@ impl<'a> TetherCmd<'a> {
                     .map(|v| format!("{}={}", k.to_string_lossy(), shell_quote(v)))
             })
             .collect();
+        words.extend(self.wrapper.iter().map(shell_quote));
         words.push(shell_quote(self.program()));
         words.extend(self.argv().iter().map(shell_quote));
         words.join(" ")
@@ -219,7 +235,14 @@ impl<'a> TetherCmd<'a> {
             .unwrap_or_else(|e| panic!("creating {}: {e}", stdout_path.display()));
         let stderr = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
-        let mut cmd = Command::new(self.program());
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(self.program()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(self.program());
+                c
+            }
+        };
         cmd.args(self.argv());
         crate::scrub_env(&mut cmd);
         for (key, value) in &self.envs {
@@ -253,6 +276,21 @@ impl<'a> TetherCmd<'a> {
     pub fn run(&self) -> Finished {
         self.spawn().wait_exit(self.timeout)
     }
+}
+
+/// The wrapper of a tether started as if on host `name`: a UTS namespace of its own (root
+/// only) whose host name is `name`; `unshare` and `sh` both `exec`, so the pid is tether's.
+pub fn on_host(name: &str) -> Vec<String> {
+    [
+        "unshare",
+        "--uts",
+        "sh",
+        "-c",
+        "hostname \"$0\" && exec \"$@\"",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A tether process started by [`TetherCmd::spawn`]. Dropping it while tether still runs

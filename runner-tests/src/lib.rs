@@ -65,7 +65,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use agent::{FakeAgent, FakeAgentCmd};
-pub use command::{Finished, RunningTether, TetherCmd};
+pub use command::{on_host, Finished, RunningTether, TetherCmd};
 pub use dir_hosts::{dir_host, DirHost};
 pub use files::{
     backdate, log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch,

@@ -28,6 +28,7 @@ mod queue;
 mod supervise;
 mod teardown;
 mod waitline;
+mod waitline_cluster;
 mod waitline_say;
 
 pub(crate) use args::RunArgs;

@@ -114,6 +114,14 @@ impl Plan {
             check_lockfile_place(existing, &app_lock_name(&app))?;
         }
         let cluster = args.cluster.target(cfg)?;
+        let queue_order = settings.queue_order(args.queue_order);
+        if cluster.is_some() && queue_order == QueueOrder::NewestFirst {
+            // The cluster's queue is PostgreSQL's lock queue: arrival order only (D71).
+            return Err(Error::tether(
+                "queue order newest-first (--queue-order, queue_order) is not available with a \
+                 cluster: runs wait in the cluster's queue in arrival order (oldest-first)",
+            ));
+        }
         let group = args
             .group
             .or_else(|| ci.as_ref().and_then(CiInfo::default_group));
@@ -124,7 +132,7 @@ impl Plan {
             grace: settings.grace(args.grace),
             lock_timeout: args.lock_timeout,
             on_busy: settings.on_busy(args.on_busy),
-            queue_order: settings.queue_order(args.queue_order),
+            queue_order,
             max_queue: settings.max_queue(args.max_queue),
             group,
             setup: args.setup.or(cfg.setup.clone()),

@@ -9,7 +9,7 @@ use crate::config::duration;
 use crate::error::Error;
 use crate::ident::names::{Domain, RunId};
 use crate::output;
-use crate::state::applock::{AppLock, Attempt};
+use crate::state::applock::{AppLock, Attempt, BusyLock};
 use crate::state::cluster_lock::into_error;
 use crate::state::record::{self, LockMeta};
 use crate::state::rundir;
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// How often a run waiting for a host slot looks again.
 const SLOT_POLL: Duration = Duration::from_millis(20);
+/// How often a plain wait looks for a holder of its group to cancel (`cancel-older`).
+const LOOK_AGAIN: Duration = Duration::from_millis(200);
 
 impl Claimed {
     /// Take the lock of `app`, waiting visibly (and interruptibly) while it is busy. `ours`:
@@ -48,47 +50,75 @@ impl Claimed {
                 Ok(Attempt::Busy(b)) => b,
                 Err(e) => return Err(Stop::Fail(into_error(e, "app lock"))),
             };
-            let holder = describe_holder(busy.holder(), busy.holder_pid());
-            announce_waiting(app, &holder);
             announced = true;
-            let waiting = busy
-                .wait()
-                .map_err(|e| Stop::Fail(into_error(e, "cannot wait for lock")))?;
-            let mut next_progress = Instant::now() + self.ctx.spec.wait_progress;
-            let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
-            loop {
-                let mut timeout = until(next_progress);
-                if let Some(g) = give_up {
-                    timeout = timeout.min(until(g));
-                }
-                let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
-                if events.contains(&Event::Ready) {
-                    break;
-                }
-                super::act_on(events, &self.ctx)?;
-                if give_up.is_some_and(|g| Instant::now() >= g) {
-                    return Err(Stop::Busy(format!(
-                        "app lock {app}: still held after --lock-timeout {} — giving up",
-                        duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
-                    )));
-                }
-                if Instant::now() >= next_progress {
-                    announce_waiting(
-                        app,
-                        &describe_holder(waiting.holder(), waiting.holder_pid()),
-                    );
-                    next_progress = Instant::now() + self.ctx.spec.wait_progress;
-                }
+            if let Some(held) = self.wait_busy(app, busy, started, false, sup)? {
+                return Ok(held);
             }
-            match waiting.finish() {
-                Ok(Some(held)) => {
-                    announce_acquired(app, started);
-                    return Ok(held);
+        }
+    }
+
+    /// Wait for a busy app lock, visibly (the waiting line now and every wait-progress
+    /// interval), interruptibly and within `--lock-timeout` counted from `started`;
+    /// `cancel_older`: look for a holder of our group on this host every [`LOOK_AGAIN`].
+    /// `Ok(None)`: the lockfile was replaced meanwhile — try again.
+    pub(super) fn wait_busy(
+        &mut self,
+        app: &Domain,
+        busy: BusyLock,
+        started: Instant,
+        cancel_older: bool,
+        sup: &mut Supervisor,
+    ) -> Result<Option<AppLock>, Stop> {
+        announce_waiting(app, &describe_holder(busy.holder(), busy.holder_pid()));
+        let waiting = busy
+            .wait()
+            .map_err(|e| Stop::Fail(into_error(e, "cannot wait for lock")))?;
+        let mut next_progress = Instant::now() + self.ctx.spec.wait_progress;
+        let mut next_look = Instant::now();
+        let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
+        loop {
+            let mut timeout = until(next_progress);
+            if cancel_older {
+                if Instant::now() >= next_look {
+                    let (meta, pid) = self.ctx.app_locks.holder_now(app);
+                    self.cancel_holder_if_same_group(meta, pid);
+                    next_look = Instant::now() + LOOK_AGAIN;
                 }
-                // The janitor unlinked the file we waited on: start over on the new inode.
-                Ok(None) => output::debug("lock", "lockfile was replaced while waiting; retrying"),
-                Err(e) => return Err(Stop::Fail(into_error(e, "app lock"))),
+                timeout = timeout.min(until(next_look));
             }
+            if let Some(g) = give_up {
+                timeout = timeout.min(until(g));
+            }
+            let events = sup.wait(Some(timeout), Some(waiting.ready_fd()));
+            if events.contains(&Event::Ready) {
+                break;
+            }
+            super::act_on(events, &self.ctx)?;
+            if give_up.is_some_and(|g| Instant::now() >= g) {
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: still held after --lock-timeout {} — giving up",
+                    duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
+                )));
+            }
+            if Instant::now() >= next_progress {
+                announce_waiting(
+                    app,
+                    &describe_holder(waiting.holder(), waiting.holder_pid()),
+                );
+                next_progress = Instant::now() + self.ctx.spec.wait_progress;
+            }
+        }
+        match waiting.finish() {
+            Ok(Some(held)) => {
+                announce_acquired(app, started);
+                Ok(Some(held))
+            }
+            // The janitor unlinked the file we waited on: start over on the new inode.
+            Ok(None) => {
+                output::debug("lock", "lockfile was replaced while waiting; retrying");
+                Ok(None)
+            }
+            Err(e) => Err(Stop::Fail(into_error(e, "app lock"))),
         }
     }
 

@@ -61,6 +61,10 @@ impl Claimed {
         sup: &mut Supervisor,
     ) -> Result<AppLock, Stop> {
         let locks = self.ctx.app_locks.clone();
+        if locks.is_cluster() {
+            // The order is PostgreSQL's queue across all hosts (waitline_cluster.rs).
+            return self.acquire_in_cluster(app, sup);
+        }
         let started = Instant::now();
         // Uncontended: a free lock and nobody queued. A free lock with a queue is the queue's.
         match locks

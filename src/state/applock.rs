@@ -1,8 +1,9 @@
 //! The app lock, behind one seam (issue 15): acquiring, waiting for, probing, reading the
 //! holder of, and releasing the lock of an app go through [`AppLocks`]. Its members: a kernel
 //! `flock` on `<lock dir>/app-<domain>.lock` (PROTOCOL.md), and — with a cluster
-//! configured (issue 16) — that flock *and then* a session advisory lock on PostgreSQL
-//! (`cluster_lock`), with a fence. The run's life cycle does not know which one it holds.
+//! configured (issue 16) — a session advisory lock on PostgreSQL (`cluster_lock`), with a
+//! fence, *and then* that flock (the order and why it cannot deadlock: PROTOCOL §14, D69–D70).
+//! The run's life cycle does not know which one it holds.
 
 use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
@@ -27,7 +28,7 @@ pub(crate) struct AppLocks {
 enum Backend {
     /// `flock(2)` on `app-<domain>.lock` in the lock dir.
     Flock { dir: Dir },
-    /// The same flock, then the app's advisory lock on the cluster's PostgreSQL server.
+    /// The app's advisory lock on the cluster's PostgreSQL server, then the same flock.
     /// (Boxed: it is large next to the flock's dir.)
     Cluster {
         dir: Dir,
@@ -50,12 +51,13 @@ pub(crate) enum Attempt {
     Busy(BusyLock),
 }
 
-/// A held app lock, identity-checked (PROTOCOL.md). Dropping it releases it: the cluster lock
-/// first (declared first, dropped first: its connection closes), then the flock.
+/// A held app lock, identity-checked (PROTOCOL.md). Dropping it releases it in the reverse of
+/// the order it was taken: the flock first (declared first, dropped first), then the cluster
+/// lock (its connection closes).
 #[derive(Debug)]
 pub(crate) struct AppLock {
-    cluster: Option<ClusterHold>,
     held: HeldLock,
+    cluster: Option<ClusterHold>,
 }
 
 /// An app lock someone else holds.
@@ -68,8 +70,12 @@ pub(crate) struct BusyLock {
 enum Busy {
     /// Another run on this host holds the flock (the lockfile, to wait on and read).
     Local(File),
-    /// This run holds the flock; a run on another host holds the cluster lock.
-    Remote { held: HeldLock, session: Session },
+    /// Another run (on any host) holds the cluster lock, or runs wait for it ahead of us; this
+    /// run holds nothing of the app, and waits in PostgreSQL's queue on `session`.
+    Remote { session: Session },
+    /// This run holds the cluster lock; something else on this host holds the flock (a
+    /// janitor's probe, a tether without a cluster): the lockfile, to read.
+    LocalAfterCluster { hold: ClusterHold, file: File },
 }
 
 /// A wait for an app lock, readable on [`WaitingLock::ready_fd`] when it is over.
@@ -83,11 +89,8 @@ pub(crate) struct WaitingLock {
 
 enum Wait {
     Flock(Waiter),
-    /// The flock (unless `held`), then the cluster lock.
-    Cluster {
-        wait: ClusterWait,
-        held: Option<HeldLock>,
-    },
+    /// The cluster lock (unless ours already), then the flock.
+    Cluster(ClusterWait),
 }
 
 impl AppLocks {
@@ -109,9 +112,11 @@ impl AppLocks {
         }
     }
 
-    /// Try once to take the lock of `app` (created if missing). With a cluster: the flock, then
-    /// the cluster lock; an unreachable server is an error (class kept: see
-    /// [`cluster_lock::into_error`](super::cluster_lock::into_error)).
+    /// Try once to take the lock of `app` (created if missing). With a cluster: the cluster
+    /// lock, then the flock; an unreachable server is an error (class kept: see
+    /// [`cluster_lock::into_error`](super::cluster_lock::into_error)). A cluster lock with
+    /// waiters queued for it is busy even between two holders: PostgreSQL does not let a try
+    /// pass its waiters (D69).
     pub(crate) fn try_acquire(&self, app: &Domain) -> io::Result<Attempt> {
         let busy = |busy| {
             Attempt::Busy(BusyLock {
@@ -120,26 +125,26 @@ impl AppLocks {
                 app: app.clone(),
             })
         };
-        let held = match lock::try_acquire(self.backend.dir(), app_lock_name(app))? {
-            TryLock::Held(held) => held,
-            TryLock::Busy(file) => return Ok(busy(Busy::Local(file))),
-        };
-        match &self.backend {
-            Backend::Flock { .. } => Ok(Attempt::Held(AppLock {
-                cluster: None,
-                held,
-            })),
+        let hold = match &self.backend {
+            Backend::Flock { .. } => None,
             Backend::Cluster { cluster, .. } => {
                 let session = cluster.connect()?;
-                Ok(match cluster.try_lock(session, app)? {
-                    Ok(hold) => Attempt::Held(AppLock {
-                        cluster: Some(hold),
-                        held,
-                    }),
-                    Err(session) => busy(Busy::Remote { held, session }),
-                })
+                match cluster.try_lock(session, app)? {
+                    Ok(hold) => Some(hold),
+                    Err(session) => return Ok(busy(Busy::Remote { session })),
+                }
             }
-        }
+        };
+        Ok(
+            match (
+                lock::try_acquire(self.backend.dir(), app_lock_name(app))?,
+                hold,
+            ) {
+                (TryLock::Held(held), cluster) => Attempt::Held(AppLock { held, cluster }),
+                (TryLock::Busy(file), None) => busy(Busy::Local(file)),
+                (TryLock::Busy(file), Some(hold)) => busy(Busy::LocalAfterCluster { hold, file }),
+            },
+        )
     }
 
     /// Take the lock of `app` only if it exists and is free (a janitor never creates one just
@@ -149,18 +154,24 @@ impl AppLocks {
         Ok(
             lock::try_acquire_existing(self.backend.dir(), app_lock_name(app))?.map(|held| {
                 AppLock {
-                    cluster: None,
                     held,
+                    cluster: None,
                 }
             }),
         )
     }
 
     /// The queue of runs waiting for `app` on this host (PROTOCOL §15), created when `create`.
-    /// `Ok(None)`: nobody queued for it yet. (With a cluster, the host's queue orders this
-    /// host's runs before the cluster lock; order across hosts is a later part of issue 16.)
+    /// `Ok(None)`: nobody queued for it yet. (With a cluster the runs do not use it: their
+    /// queue is PostgreSQL's, see [`AppLocks::is_cluster`].)
     pub(crate) fn queue(&self, app: &Domain, create: bool) -> io::Result<Option<Queue>> {
         Queue::open(self.backend.dir(), app, create)
+    }
+
+    /// Whether the app locks live on a cluster (issue 16): then the order of the waiters is
+    /// PostgreSQL's lock queue across all hosts, not this host's tickets (PROTOCOL §15).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
     /// The holder of `app`'s lock on this host right now: its metadata and its pid in the
@@ -229,12 +240,12 @@ impl AppLock {
         self.cluster.as_ref().map(|c| c.fence)
     }
 
-    /// Release (close; never unlink: a waiter may be blocked on it): the cluster lock's
-    /// connection first, then the flock.
+    /// Release (close; never unlink: a waiter may be blocked on it) in the reverse of the
+    /// order taken: the flock first, then the cluster lock's connection.
     pub(crate) fn release(self) {
-        let AppLock { cluster, held } = self;
-        drop(cluster);
+        let AppLock { held, cluster } = self;
         held.release();
+        drop(cluster);
     }
 }
 
@@ -243,15 +254,26 @@ impl BusyLock {
     /// `None` for one on another host: not shown yet).
     pub(crate) fn holder(&self) -> Option<LockMeta> {
         match &self.busy {
-            Busy::Local(file) => record::read_meta(file),
+            Busy::Local(file) | Busy::LocalAfterCluster { file, .. } => record::read_meta(file),
             Busy::Remote { .. } => None,
+        }
+    }
+
+    /// How many runs wait in PostgreSQL's queue for this app right now (`--max-queue` under a
+    /// cluster, PROTOCOL §15); `None` when the wait is not PostgreSQL's.
+    pub(crate) fn cluster_waiters(&mut self) -> io::Result<Option<usize>> {
+        match &mut self.busy {
+            Busy::Remote { session } => super::cluster_lock::waiters(session, &self.app).map(Some),
+            Busy::Local(_) | Busy::LocalAfterCluster { .. } => Ok(None),
         }
     }
 
     /// The holder's pid as the kernel's lock table has it (never a pid from a file).
     pub(crate) fn holder_pid(&self) -> Option<i32> {
         match &self.busy {
-            Busy::Local(file) => crate::sys::proc_locks::holder_of(file),
+            Busy::Local(file) | Busy::LocalAfterCluster { file, .. } => {
+                crate::sys::proc_locks::holder_of(file)
+            }
             Busy::Remote { .. } => None,
         }
     }
@@ -259,27 +281,21 @@ impl BusyLock {
     /// Block for the lock on a helper thread whose only job is that (DECISIONS D4); the
     /// caller keeps waiting on its funnel and `ready_fd`.
     pub(crate) fn wait(self) -> io::Result<WaitingLock> {
-        let (wait, reader) = match (self.busy, &self.backend) {
-            (Busy::Local(file), Backend::Flock { .. }) => {
+        let dir = self.backend.dir().clone();
+        let name = app_lock_name(&self.app);
+        let (wait, reader) = match self.busy {
+            Busy::Local(file) => {
                 let reader = file.try_clone().ok();
                 (Wait::Flock(Waiter::start(file)?), reader)
             }
-            (Busy::Local(file), Backend::Cluster { cluster, .. }) => {
-                let reader = file.try_clone().ok();
-                let session = cluster.connect()?;
-                let wait = ClusterWait::start(Some(file), session, &self.app)?;
-                (Wait::Cluster { wait, held: None }, reader)
-            }
-            (Busy::Remote { held, session }, _) => {
-                let wait = ClusterWait::start(None, session, &self.app)?;
-                (
-                    Wait::Cluster {
-                        wait,
-                        held: Some(held),
-                    },
-                    None,
-                )
-            }
+            Busy::Remote { session } => (
+                Wait::Cluster(ClusterWait::start(session, &self.app, dir, name)?),
+                None,
+            ),
+            Busy::LocalAfterCluster { hold, file } => (
+                Wait::Cluster(ClusterWait::flock_after(hold, dir, name)?),
+                Some(file),
+            ),
         };
         Ok(WaitingLock {
             wait,
@@ -295,7 +311,7 @@ impl WaitingLock {
     pub(crate) fn ready_fd(&self) -> RawFd {
         match &self.wait {
             Wait::Flock(w) => w.raw_fd(),
-            Wait::Cluster { wait, .. } => wait.raw_fd(),
+            Wait::Cluster(wait) => wait.raw_fd(),
         }
     }
 
@@ -311,25 +327,21 @@ impl WaitingLock {
     }
 
     /// The lock, once `ready_fd` was readable. `Ok(None)`: the lock we waited on was removed
-    /// meanwhile (a janitor's tidy-up): try again (a cluster lock taken meanwhile is released).
+    /// meanwhile (a janitor's tidy-up): try again. (A cluster wait re-opens the flock itself,
+    /// so it never gives back a cluster lock it waited for in PostgreSQL's queue.)
     pub(crate) fn finish(self) -> io::Result<Option<AppLock>> {
         let dir = self.backend.dir();
         let name = app_lock_name(&self.app);
         match self.wait {
             Wait::Flock(w) => Ok(lock::confirm(w.finish()?, dir, name).map(|held| AppLock {
-                cluster: None,
                 held,
+                cluster: None,
             })),
-            Wait::Cluster { wait, held } => {
-                let (file, hold) = wait.finish()?;
-                let held = match (held, file) {
-                    (Some(held), _) => Some(held),
-                    (None, Some(file)) => lock::confirm(file, dir, name),
-                    (None, None) => None,
-                };
-                Ok(held.map(|held| AppLock {
-                    cluster: Some(hold),
+            Wait::Cluster(wait) => {
+                let (held, hold) = wait.finish()?;
+                Ok(Some(AppLock {
                     held,
+                    cluster: Some(hold),
                 }))
             }
         }

@@ -1,16 +1,22 @@
-//! The cluster half of an app lock (issue 16, part 1): a **session-level advisory lock** on a
-//! connection the run's core owns for the whole run, taken **after** the host's `flock` of the
-//! same app, and a fencing token from the sequence `tether.fence` (PROTOCOL.md, "Cluster").
+//! The cluster half of an app lock (issue 16): a **session-level advisory lock** on a
+//! connection the run's core owns for the whole run, taken **before** the host's `flock` of the
+//! same app, and a fencing token from the sequence `tether.fence` (PROTOCOL.md §14).
 //!
-//! Why the order cannot deadlock: every tether takes the two locks of an app in the same order
-//! (this host's flock, then the cluster lock) and holds the locks of one app at a time. A run
-//! waiting for the cluster lock holds its host's flock, so on each host at most one run waits
-//! in PostgreSQL for a given app; the cluster holder already has both of its locks and waits
-//! for neither. The waits-for chain therefore always ends at a holder that waits for nothing.
+//! Why the cluster lock comes first (DECISIONS D69): a run waits in PostgreSQL's lock queue
+//! holding nothing of the app, so every waiter of every host stands in one queue, and the
+//! server grants it in arrival order — FIFO across hosts. Taken the other way round, the host's
+//! flock let only one run per host into PostgreSQL's queue at a time.
 //!
-//! The blocking `pg_advisory_lock` runs on a helper thread that only signals a pipe (as the
-//! flock wait does, D4); the thread is joined before the lock is handed out, so the command is
-//! still forked from a single-threaded core.
+//! Why the order cannot deadlock (D70): every cluster run takes the two locks of an app in the
+//! same order (cluster lock, then this host's flock) and holds the locks of one app at a time.
+//! A cluster waiter holds neither; a run blocked on the flock already holds the cluster lock; a
+//! flock holder is either that cluster holder (it waits for nothing) or something that never
+//! waits for the cluster lock (a janitor's or reaper's non-blocking probe, a tether without a
+//! cluster). The waits-for chain always ends at a holder that waits for nothing.
+//!
+//! The blocking waits (`pg_advisory_lock`, then the `flock`) run on a helper thread that only
+//! signals a pipe (as the flock wait does, D4); the thread is joined before the lock is handed
+//! out, so the command is still forked from a single-threaded core.
 
 use super::heartbeat::Heartbeat;
 use crate::cluster::schema;
@@ -18,9 +24,10 @@ use crate::cluster::session::Session;
 use crate::config::cluster::{ClusterTarget, FenceTiming};
 use crate::error::Error;
 use crate::ident::names::Domain;
+use crate::state::lock::{self, HeldLock};
 use crate::sys::lease::Lease;
+use crate::sys::safe_fs::Dir;
 use std::fmt;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::thread::JoinHandle;
@@ -162,38 +169,79 @@ fn fence(mut session: Session) -> io::Result<ClusterHold> {
     })
 }
 
-/// A wait for the flock (when `file` is given) and then the cluster lock, on a helper thread.
+/// The number of sessions waiting in PostgreSQL's queue for `app`'s lock right now (not
+/// granted), from `pg_locks`: `--max-queue` under a cluster. An advisory lock on a bigint key
+/// shows as `classid` = its high 32 bits, `objid` = its low 32 bits, `objsubid` = 1.
+pub(crate) fn waiters(session: &mut Session, app: &Domain) -> io::Result<usize> {
+    let k = key(app) as u64;
+    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = {hi} AND objid = {lo} AND objsubid = 1"
+    );
+    let text = session.value(&sql).map_err(io_err)?;
+    text.parse::<usize>().map_err(|_| {
+        io_err(Error::tether(format!(
+            "cluster {}: the waiter count {text:?} is not a number",
+            session.server
+        )))
+    })
+}
+
+/// A wait for the cluster lock (unless this run holds it already) and then the host's flock of
+/// the app, on a helper thread that does nothing else and says it is done on a pipe.
 pub(crate) struct ClusterWait {
     done_rx: OwnedFd,
-    handle: JoinHandle<(Option<File>, Session, io::Result<()>)>,
+    handle: JoinHandle<(Option<Session>, io::Result<HeldLock>)>,
+    /// The cluster lock when it was ours before the wait began (only the flock is waited for).
+    hold: Option<ClusterHold>,
 }
 
 impl ClusterWait {
-    /// Start waiting: `file` is an app's lockfile still to be flocked (`None`: this run holds
-    /// the flock already), then `pg_advisory_lock` on `session`.
+    /// Wait in PostgreSQL's queue for `app` on `session` (`pg_advisory_lock`), then for the
+    /// flock `name` in `dir`.
     pub(crate) fn start(
-        file: Option<File>,
-        mut session: Session,
+        session: Session,
         app: &Domain,
+        dir: Dir,
+        name: String,
+    ) -> io::Result<Self> {
+        Self::spawn(Some(session), Some(app), dir, name, None)
+    }
+
+    /// The cluster lock is ours (`hold`); wait for the host's flock only (a janitor's probe or a
+    /// tether without a cluster has it: both let go without waiting for anything).
+    pub(crate) fn flock_after(hold: ClusterHold, dir: Dir, name: String) -> io::Result<Self> {
+        Self::spawn(None, None, dir, name, Some(hold))
+    }
+
+    fn spawn(
+        session: Option<Session>,
+        app: Option<&Domain>,
+        dir: Dir,
+        name: String,
+        hold: Option<ClusterHold>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let sql = format!("SELECT pg_advisory_lock({})", key(app));
+        let sql = app.map(|a| format!("SELECT pg_advisory_lock({})", key(a)));
         let handle = std::thread::Builder::new()
             .name("cluster-wait".into())
             .spawn(move || {
-                let mut result = match &file {
-                    Some(f) => f.lock(),
-                    None => Ok(()),
+                let mut session = session;
+                let queued = match (&mut session, &sql) {
+                    (Some(s), Some(sql)) => s.execute(sql).map_err(io_err),
+                    _ => Ok(()),
                 };
-                if result.is_ok() {
-                    result = session.execute(&sql).map_err(io_err);
-                }
+                // The flock only once the cluster lock is ours: never the other way round.
+                let result = queued.and_then(|()| lock::lock_blocking(&dir, &name));
                 let _ = nix::unistd::write(&tx, b"x");
-                (file, session, result)
+                (session, result)
             })?;
         Ok(ClusterWait {
             done_rx: rx,
             handle,
+            hold,
         })
     }
 
@@ -201,14 +249,19 @@ impl ClusterWait {
         self.done_rx.as_raw_fd()
     }
 
-    /// Join the thread (finished once `raw_fd` is readable): the flocked file (if it waited
-    /// for one) and the cluster hold with its fence.
-    pub(crate) fn finish(self) -> io::Result<(Option<File>, ClusterHold)> {
-        let (file, session, result) = self
+    /// Join the thread (finished once `raw_fd` is readable): the flock, and the cluster hold
+    /// with its fence (drawn now, on the core, for a lock the thread waited for).
+    pub(crate) fn finish(self) -> io::Result<(HeldLock, ClusterHold)> {
+        let (session, result) = self
             .handle
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
-        result?;
-        Ok((file, fence(session)?))
+        let held = result?;
+        let hold = match (self.hold, session) {
+            (Some(hold), _) => hold,
+            (None, Some(session)) => fence(session)?,
+            (None, None) => return Err(io::Error::other("cluster lock wait without a session")),
+        };
+        Ok((held, hold))
     }
 }

@@ -134,6 +134,19 @@ pub(crate) fn confirm(file: File, dir: &Dir, name: impl AsRef<OsStr>) -> Option<
     }
 }
 
+/// Block until the lock `name` in `dir` is ours, identity-checked (re-opening the path when a
+/// janitor replaced the file meanwhile). Only for a helper thread: it never returns early.
+pub(crate) fn lock_blocking(dir: &Dir, name: impl AsRef<OsStr>) -> io::Result<HeldLock> {
+    let name = name.as_ref();
+    loop {
+        let file = open_lockfile(dir, name)?;
+        file.lock()?;
+        if let Some(held) = confirm(file, dir, name) {
+            return Ok(held);
+        }
+    }
+}
+
 /// A blocking `flock` running on a helper thread; readable `fd()` means it finished.
 pub(crate) struct Waiter {
     done_rx: OwnedFd,

@@ -1,0 +1,93 @@
+//! Step 4 for the run's own app with a cluster configured (issue 16 §2, PROTOCOL §15 "Under a
+//! cluster"): the run waits in PostgreSQL's lock queue for the app — one queue for the runs of
+//! every host, granted in arrival order — and not in this host's tickets, which would let only
+//! one run per host into that queue at a time (and so interleave the hosts, D69).
+//!
+//! What the host queue's options mean here, for now (D71): `--max-queue N` counts the sessions
+//! waiting in `pg_locks` for the app's key; `--queue-order newest-first` is refused when the
+//! run is planned; `--on-busy cancel-older` cancels a holder of the group on this host, as
+//! before the queue existed (queued runs, and holders on other hosts, are not superseded).
+
+use super::claim::Claimed;
+use super::finish::{announce_acquired, describe_holder};
+use super::Stop;
+use crate::config::OnBusy;
+use crate::ident::names::Domain;
+use crate::state::applock::{AppLock, Attempt};
+use crate::state::cluster_lock::into_error;
+use crate::sys::supervisor::Supervisor;
+use std::time::Instant;
+
+fn lock_failed(what: &str, e: std::io::Error) -> Stop {
+    Stop::Fail(into_error(e, what))
+}
+
+impl Claimed {
+    /// Take the lock of the run's own app in PostgreSQL's queue, then the host's flock.
+    pub(super) fn acquire_in_cluster(
+        &mut self,
+        app: &Domain,
+        sup: &mut Supervisor,
+    ) -> Result<AppLock, Stop> {
+        let locks = self.ctx.app_locks.clone();
+        let started = Instant::now();
+        let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
+        let mut first = true;
+        loop {
+            let mut busy = match locks
+                .try_acquire(app)
+                .map_err(|e| lock_failed("app lock", e))?
+            {
+                Attempt::Held(l) => {
+                    if !first {
+                        announce_acquired(app, started);
+                    }
+                    return Ok(l);
+                }
+                Attempt::Busy(b) => b,
+            };
+            if first {
+                if self.ctx.spec.on_busy == OnBusy::Fail {
+                    let holder = describe_holder(busy.holder(), busy.holder_pid());
+                    return Err(Stop::Busy(format!(
+                        "app lock {app}: held by {holder} — --on-busy fail, giving up"
+                    )));
+                }
+                self.refuse_over_max_queue(app, &mut busy)?;
+                self.note_queued();
+            }
+            first = false;
+            // The plain wait: its waiter thread waits in PostgreSQL's queue, then for the flock.
+            if let Some(held) = self.wait_busy(app, busy, started, cancel_older, sup)? {
+                return Ok(held);
+            }
+        }
+    }
+    /// `--max-queue N` under a cluster: the runs already waiting in PostgreSQL's queue for the
+    /// app, counted in `pg_locks` (D71: two runs arriving at once may both pass the count).
+    fn refuse_over_max_queue(
+        &self,
+        app: &Domain,
+        busy: &mut crate::state::applock::BusyLock,
+    ) -> Result<(), Stop> {
+        let Some(max) = self.ctx.spec.max_queue else {
+            return Ok(());
+        };
+        if max == 0 {
+            return Err(Stop::Busy(format!(
+                "app lock {app}: busy and --max-queue 0 — giving up"
+            )));
+        }
+        let waiting = busy
+            .cluster_waiters()
+            .map_err(|e| lock_failed("app lock", e))?
+            .unwrap_or(0);
+        if waiting >= max as usize {
+            let runs = if waiting == 1 { "run" } else { "runs" };
+            return Err(Stop::Busy(format!(
+                "app lock {app}: {waiting} {runs} already waiting (--max-queue {max}) — giving up"
+            )));
+        }
+        Ok(())
+    }
+}
