@@ -9,6 +9,7 @@
 //!   password_env: TETHER_PG_PASSWORD      # or password_file: /etc/tether/pg-password
 //!   ca_file: /etc/tether/pg-ca.pem        # verify-full: trust this CA (default: public CAs)
 //!   connect_timeout: 5s
+//!   leftovers_wait: 10s                   # after reaping another host's dead run (PROTOCOL §17)
 //! ```
 
 use super::read::{unknown_key, Ctx};
@@ -78,6 +79,9 @@ pub(crate) struct ClusterConfig {
     pub(crate) password_file: Option<PathBuf>,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) connect_timeout: Option<Duration>,
+    /// How long a run that reaped a dead run of another host waits for that host to confirm
+    /// its leftovers killed (PROTOCOL §17); default `settings::CLUSTER_LEFTOVERS_WAIT`.
+    pub(crate) leftovers_wait: Option<Duration>,
 }
 
 const KEYS: &[&str] = &[
@@ -86,6 +90,7 @@ const KEYS: &[&str] = &[
     "password_file",
     "ca_file",
     "connect_timeout",
+    "leftovers_wait",
 ];
 
 /// The default port of PostgreSQL.
@@ -110,6 +115,7 @@ pub(super) fn parse_block(ctx: &Ctx<'_>, node: &Node) -> Result<ClusterConfig> {
             "password_file" => c.password_file = sub.opt_str(v)?.map(PathBuf::from),
             "ca_file" => c.ca_file = sub.opt_str(v)?.map(PathBuf::from),
             "connect_timeout" => c.connect_timeout = sub.opt_duration(v)?,
+            "leftovers_wait" => c.leftovers_wait = sub.opt_duration(v)?,
             _ => return Err(ctx.err(*kl, unknown_key(k, KEYS))),
         }
     }
@@ -265,6 +271,7 @@ pub(crate) struct ClusterTarget {
     pub(crate) password_file: Option<PathBuf>,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) leftovers_wait: Option<Duration>,
 }
 
 /// The cluster to use, or `None`: no cluster configured, today's single-host behaviour.
@@ -280,6 +287,7 @@ pub(crate) fn target(
         password_file: file.password_file,
         ca_file: file.ca_file,
         connect_timeout: file.connect_timeout,
+        leftovers_wait: file.leftovers_wait,
     })
 }
 

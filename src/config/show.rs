@@ -188,6 +188,9 @@ fn cluster(t: &mut Table<'_>) {
     let timeout = file.and_then(|c| c.connect_timeout);
     let shown = duration::canonical(timeout.unwrap_or(settings::CLUSTER_CONNECT_TIMEOUT));
     t.row("cluster.connect_timeout", shown, timeout.is_some());
+    let wait = file.and_then(|c| c.leftovers_wait);
+    let shown = duration::canonical(wait.unwrap_or(settings::CLUSTER_LEFTOVERS_WAIT));
+    t.row("cluster.leftovers_wait", shown, wait.is_some());
 }
 
 fn limits(t: &mut Table<'_>) {
@@ -274,6 +277,7 @@ mod tests {
             "cluster.password",
             "cluster.ca_file",
             "cluster.connect_timeout",
+            "cluster.leftovers_wait",
         ] {
             assert!(empty.iter().any(|k| k == nested), "no row for {nested}");
         }

@@ -322,7 +322,18 @@ pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> Strin
         Some(m) => {
             // `started_at` is whole seconds: so is the age (`0s`, never `0ms`).
             let age = record::unix_now().saturating_sub(m.started_at);
-            format!("run {} (pid {}, {})", m.run_id, m.pid, human_secs(age))
+            // A holder on another host (its cluster row, PROTOCOL §17) is named with its host.
+            let host = if !m.host.is_empty() && m.host != crate::sys::procfs::hostname() {
+                format!(" on host {}", m.host)
+            } else {
+                String::new()
+            };
+            format!(
+                "run {}{host} (pid {}, {})",
+                m.run_id,
+                m.pid,
+                human_secs(age)
+            )
         }
         None => match pid {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),

@@ -150,6 +150,15 @@ impl Ended {
         if let Some(slot) = slot {
             slot.lock.release();
         }
+        // The run's row goes once its teardown is done, on the lock's session before it
+        // closes (PROTOCOL §17); a failed teardown keeps it `running`, so the next holder, on
+        // any host, reaps the run as it would reap a dead one.
+        let mut app_lock = app_lock;
+        if teardown_ok {
+            app_lock.remove_row(ctx.spec.run_id.as_str());
+        } else {
+            app_lock.keep_row();
+        }
         app_lock.release();
         // Housekeeping after the release, so the next run of the app is not kept waiting:
         // the retired run dir's contents and the (empty) cgroup.

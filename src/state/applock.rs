@@ -8,6 +8,7 @@ use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
+use crate::cluster::runs::{self, NewRow};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -68,8 +69,13 @@ pub(crate) struct BusyLock {
 enum Busy {
     /// Another run on this host holds the flock (the lockfile, to wait on and read).
     Local(File),
-    /// This run holds the flock; a run on another host holds the cluster lock.
-    Remote { held: HeldLock, session: Session },
+    /// This run holds the flock; a run on another host holds the cluster lock (`holder`: as
+    /// its row and `pg_locks` describe it when the try failed).
+    Remote {
+        held: HeldLock,
+        session: Session,
+        holder: Option<LockMeta>,
+    },
 }
 
 /// A wait for an app lock, readable on [`WaitingLock::ready_fd`] when it is over.
@@ -99,13 +105,32 @@ impl AppLocks {
     }
 
     /// The locks in `dir` and, for each app, on the cluster's server (issue 16); `run_id`
-    /// names the sessions (`application_name`).
-    pub(crate) fn cluster(dir: Dir, target: ClusterTarget, run_id: String) -> AppLocks {
+    /// names the sessions (`application_name`); `row`, the run's row in `tether.runs`
+    /// (PROTOCOL §17; `None`: a janitor, which writes none).
+    pub(crate) fn cluster(
+        dir: Dir,
+        target: ClusterTarget,
+        run_id: String,
+        row: Option<NewRow>,
+    ) -> AppLocks {
         AppLocks {
             backend: Backend::Cluster {
                 dir,
-                cluster: Box::new(ClusterLocks { target, run_id }),
+                cluster: Box::new(ClusterLocks {
+                    target,
+                    run_id,
+                    row,
+                    row_written: Default::default(),
+                }),
             },
+        }
+    }
+
+    /// A run that gives up waiting removes its `waiting` row (PROTOCOL §17; no-op without a
+    /// cluster, or when it wrote none).
+    pub(crate) fn forget_waiting_row(&self) {
+        if let Backend::Cluster { cluster, .. } = &self.backend {
+            cluster.forget_waiting_row();
         }
     }
 
@@ -130,30 +155,45 @@ impl AppLocks {
                 held,
             })),
             Backend::Cluster { cluster, .. } => {
-                let session = cluster.connect()?;
+                let session = cluster.connect(app)?;
                 Ok(match cluster.try_lock(session, app)? {
                     Ok(hold) => Attempt::Held(AppLock {
                         cluster: Some(hold),
                         held,
                     }),
-                    Err(session) => busy(Busy::Remote { held, session }),
+                    Err(mut session) => {
+                        let holder = remote_holder(&mut session, app);
+                        busy(Busy::Remote {
+                            held,
+                            session,
+                            holder,
+                        })
+                    }
                 })
             }
         }
     }
 
     /// Take the lock of `app` only if it exists and is free (a janitor never creates one just
-    /// to look). `None`: busy or missing. The host's flock only, cluster or not (cross-host
-    /// reaping is a later part of issue 16).
+    /// to look). `None`: busy or missing. With a cluster, the cluster lock too (tried, never
+    /// waited for): a dead run of a cluster app is reaped only under both (PROTOCOL §17).
     pub(crate) fn try_acquire_existing(&self, app: &Domain) -> io::Result<Option<AppLock>> {
-        Ok(
-            lock::try_acquire_existing(self.backend.dir(), app_lock_name(app))?.map(|held| {
-                AppLock {
-                    cluster: None,
+        let Some(held) = lock::try_acquire_existing(self.backend.dir(), app_lock_name(app))? else {
+            return Ok(None);
+        };
+        match &self.backend {
+            Backend::Flock { .. } => Ok(Some(AppLock {
+                cluster: None,
+                held,
+            })),
+            Backend::Cluster { cluster, .. } => {
+                let session = cluster.connect(app)?;
+                Ok(cluster.try_lock(session, app)?.ok().map(|hold| AppLock {
+                    cluster: Some(hold),
                     held,
-                }
-            }),
-        )
+                }))
+            }
+        }
     }
 
     /// The queue of runs waiting for `app` on this host (PROTOCOL §15), created when `create`.
@@ -172,11 +212,20 @@ impl AppLocks {
         }
     }
 
-    /// The last metadata written for `app`'s lock on this host, read without taking the lock.
+    /// The last metadata written for `app`'s lock on this host, read without taking the lock;
+    /// with a cluster, when no run of this host holds it, the cluster's holder (from its row,
+    /// on a short session of its own: the waiting line names a holder on another host).
     pub(crate) fn holder_meta(&self, app: &Domain) -> Option<LockMeta> {
-        lock::open_existing(self.backend.dir(), app_lock_name(app))
+        let local = lock::open_existing(self.backend.dir(), app_lock_name(app))
             .ok()
-            .and_then(|f| record::read_meta(&f))
+            .and_then(|f| record::read_meta(&f));
+        match (&self.backend, &local) {
+            (Backend::Cluster { cluster, .. }, None) => cluster_holder(cluster, app),
+            (Backend::Cluster { cluster, .. }, Some(m)) if m.state == record::State::Clean => {
+                cluster_holder(cluster, app).or(local)
+            }
+            _ => local,
+        }
     }
 }
 
@@ -216,22 +265,53 @@ impl AppLock {
         self.cluster.as_ref().map(|c| c.fence)
     }
 
+    /// The run's teardown failed: its cluster row stays `running` at release, for the next
+    /// holder to reap (PROTOCOL §17).
+    pub(crate) fn keep_row(&mut self) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.keep_row();
+        }
+    }
+
+    /// The cluster lock's session (cluster only): statements made under the lock.
+    pub(crate) fn cluster_session(&mut self) -> Option<&mut Session> {
+        self.cluster.as_mut().map(ClusterHold::session)
+    }
+
+    /// Remove the run's own row (its teardown is over), on the lock's session before it
+    /// closes (PROTOCOL §17). A failure is only warned about: the row of a run whose session is
+    /// gone is settled by the next holder.
+    pub(crate) fn remove_row(&mut self, run_id: &str) {
+        if let Some(c) = self.cluster.as_mut() {
+            if let Err(e) = c.remove_row(run_id) {
+                crate::output::warn(
+                    "cluster",
+                    &format!("cannot remove the row of run {run_id}: {}", e.message),
+                );
+            }
+        }
+    }
+
     /// Release (close; never unlink: a waiter may be blocked on it): the cluster lock's
     /// connection first, then the flock.
     pub(crate) fn release(self) {
         let AppLock { cluster, held } = self;
-        drop(cluster);
+        if let Some(mut c) = cluster {
+            c.release_row();
+            drop(c);
+        }
         held.release();
     }
 }
 
 impl BusyLock {
-    /// The holder's metadata, for the waiting line and `cancel-older` (a holder on this host;
-    /// `None` for one on another host: not shown yet).
+    /// The holder's metadata, for the waiting line and `cancel-older`: a holder on this host
+    /// from its lockfile; one on another host from its row (host, run id, pid, when it took
+    /// the lock — nothing else of it is known here, and nothing of it is acted on).
     pub(crate) fn holder(&self) -> Option<LockMeta> {
         match &self.busy {
             Busy::Local(file) => record::read_meta(file),
-            Busy::Remote { .. } => None,
+            Busy::Remote { holder, .. } => holder.clone(),
         }
     }
 
@@ -253,12 +333,17 @@ impl BusyLock {
             }
             (Busy::Local(file), Backend::Cluster { cluster, .. }) => {
                 let reader = file.try_clone().ok();
-                let session = cluster.connect()?;
-                let wait = ClusterWait::start(Some(file), session, &self.app)?;
+                let session = cluster.connect(&self.app)?;
+                let row = cluster.row_for(&self.app).cloned();
+                let wait = ClusterWait::start(Some(file), session, &self.app, row)?;
                 (Wait::Cluster { wait, held: None }, reader)
             }
-            (Busy::Remote { held, session }, _) => {
-                let wait = ClusterWait::start(None, session, &self.app)?;
+            (Busy::Remote { held, session, .. }, backend) => {
+                let row = match backend {
+                    Backend::Cluster { cluster, .. } => cluster.row_for(&self.app).cloned(),
+                    Backend::Flock { .. } => None,
+                };
+                let wait = ClusterWait::start(None, session, &self.app, row)?;
                 (
                     Wait::Cluster {
                         wait,
@@ -321,4 +406,33 @@ impl WaitingLock {
             }
         }
     }
+}
+
+/// The run holding `app`'s cluster lock, as lock metadata for the waiting line (PROTOCOL §17);
+/// `None` when it cannot be told (no row, a query failure: the line says "unknown").
+fn remote_holder(session: &mut Session, app: &Domain) -> Option<LockMeta> {
+    let (holder, _) = runs::line_of(session, super::cluster_lock::key(app)).ok()?;
+    let h = holder?;
+    let held = h.held_for.unwrap_or(h.age).max(0.0) as u64;
+    Some(LockMeta {
+        version: record::VERSION,
+        app: h.app,
+        run_id: h.run_id,
+        pid: h.pid,
+        pid_start: h.pid_start,
+        host: h.host,
+        started_at: record::unix_now().saturating_sub(held),
+        state: record::State::Running,
+        run_dir: String::new(),
+        cgroup: None,
+        ci: None,
+        token: None,
+    })
+}
+
+/// The cluster's holder of `app`, looked up on a session of its own (`<run id>.look`, so it is
+/// never taken for the run's own session). `None` on any failure.
+fn cluster_holder(cluster: &ClusterLocks, app: &Domain) -> Option<LockMeta> {
+    let mut s = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id)).ok()?;
+    remote_holder(&mut s, app)
 }

@@ -12,6 +12,7 @@
 //! flock wait does, D4); the thread is joined before the lock is handed out, so the command is
 //! still forked from a single-threaded core.
 
+use crate::cluster::runs::{self, NewRow};
 use crate::cluster::schema;
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
@@ -28,12 +29,52 @@ use std::thread::JoinHandle;
 pub(crate) struct ClusterLocks {
     pub(crate) target: ClusterTarget,
     pub(crate) run_id: String,
+    /// The run's row in `tether.runs` (PROTOCOL §17); `None` for a janitor's probe, which
+    /// writes none.
+    pub(crate) row: Option<NewRow>,
+    /// Whether a session of this run wrote its row (shared by the clones the run's waits use).
+    pub(crate) row_written: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A held cluster lock: the session it lives on (closing it releases the lock) and the fence.
 pub(crate) struct ClusterHold {
     session: Session,
     pub(crate) fence: i64,
+    /// The run id whose row this acquisition marked `running` (PROTOCOL §17), while it is.
+    row: Option<String>,
+    /// Leave the row `running` at release: the run's teardown failed, so the next holder reaps it.
+    keep_row: bool,
+}
+
+impl ClusterHold {
+    /// Before the session closes: a row still `running` goes back to `waiting` (a run that
+    /// releases the lock to wait again — the queue's head check — is alive, and the next
+    /// holder must not take it for a dead one), unless [`keep_row`](Self::keep_row) was
+    /// called. Best effort: a failure leaves a row the next holder judges by its session.
+    pub(crate) fn release_row(&mut self) {
+        if let Some(id) = self.row.take() {
+            if !self.keep_row {
+                let _ = runs::set_state(&mut self.session, &id, runs::RUNNING, runs::WAITING);
+            }
+        }
+    }
+
+    /// The run's teardown failed: its row stays `running` for the next holder to reap.
+    pub(crate) fn keep_row(&mut self) {
+        self.keep_row = true;
+    }
+
+    /// Remove the run's own row (its teardown is over).
+    pub(crate) fn remove_row(&mut self, run_id: &str) -> crate::error::Result<()> {
+        self.row = None;
+        runs::remove(&mut self.session, run_id)
+    }
+
+    /// The lock's session, for the statements its holder makes under the lock (reaping dead
+    /// runs of the app, removing its own row).
+    pub(crate) fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
 }
 
 impl fmt::Debug for ClusterHold {
@@ -73,8 +114,9 @@ pub(crate) fn key(app: &Domain) -> i64 {
 
 impl ClusterLocks {
     /// A session for one app lock: connected, refused behind a transaction-pooling proxy,
-    /// the schema ensured (one line when it was created), and the server told to notice a vanished client during a lock wait.
-    pub(crate) fn connect(&self) -> io::Result<Session> {
+    /// the schema ensured (one line when it was created), the server told to notice a
+    /// vanished client during a lock wait, and the run's `waiting` row written.
+    pub(crate) fn connect(&self, app: &Domain) -> io::Result<Session> {
         let mut s = Session::connect(&self.target, &self.run_id).map_err(io_err)?;
         s.same_backend().map_err(io_err)?;
         let made = schema::ensure(&mut s).map_err(io_err)?;
@@ -86,7 +128,47 @@ impl ClusterLocks {
         }
         s.execute("SET client_connection_check_interval = 1000")
             .map_err(io_err)?;
+        // The run's row, before it tries or waits for the lock (PROTOCOL §17): `status` shows
+        // waiters from it, and a waiter that dies leaves a row with no session behind it.
+        if let Some(row) = self.row_for(app) {
+            runs::insert_waiting(&mut s, row).map_err(io_err)?;
+            self.row_written
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(s)
+    }
+
+    /// A run that gives up before it holds the lock removes its `waiting` row, on a session
+    /// of its own (the one that waited is blocked in the server). Only when it wrote one: a
+    /// run that never reached the server does not wait for it again.
+    pub(crate) fn forget_waiting_row(&self) {
+        let Some(row) = &self.row else { return };
+        if !self.row_written.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let gone =
+            Session::connect(&self.target, &format!("{}.leave", self.run_id)).and_then(|mut s| {
+                s.execute(&format!(
+                    "DELETE FROM tether.runs WHERE run_id = {} AND state = '{}'",
+                    runs::lit(&row.run_id),
+                    runs::WAITING
+                ))
+            });
+        if let Err(e) = gone {
+            crate::output::warn(
+                "cluster",
+                &format!(
+                    "cannot remove the waiting row of run {}: {}",
+                    row.run_id, e.message
+                ),
+            );
+        }
+    }
+
+    /// The run's row when `app` is the run's own (a run reaping a dead run of another app under
+    /// that app's lock writes no row for it).
+    pub(crate) fn row_for(&self, app: &Domain) -> Option<&NewRow> {
+        self.row.as_ref().filter(|r| r.app == app.as_str())
     }
 
     /// Try the cluster lock of `app` on `session` once: the hold, or the session back.
@@ -99,15 +181,15 @@ impl ClusterLocks {
             .value(&format!("SELECT pg_try_advisory_lock({})", key(app)))
             .map_err(io_err)?;
         if got == "t" {
-            Ok(Ok(fence(session)?))
+            Ok(Ok(fence(session, self.row_for(app))?))
         } else {
             Ok(Err(session))
         }
     }
 }
 
-/// Draw the fence for a lock just taken on `session`.
-fn fence(mut session: Session) -> io::Result<ClusterHold> {
+/// Draw the fence for a lock just taken on `session`, and mark the run's row `running` with it.
+fn fence(mut session: Session, row: Option<&NewRow>) -> io::Result<ClusterHold> {
     let text = session
         .value("SELECT nextval('tether.fence')")
         .map_err(io_err)?;
@@ -117,11 +199,20 @@ fn fence(mut session: Session) -> io::Result<ClusterHold> {
             session.server
         )))
     })?;
-    Ok(ClusterHold { session, fence })
+    if let Some(row) = row {
+        runs::mark_running(&mut session, &row.run_id, fence).map_err(io_err)?;
+    }
+    Ok(ClusterHold {
+        session,
+        fence,
+        row: row.map(|r| r.run_id.clone()),
+        keep_row: false,
+    })
 }
 
 /// A wait for the flock (when `file` is given) and then the cluster lock, on a helper thread.
 pub(crate) struct ClusterWait {
+    row: Option<NewRow>,
     done_rx: OwnedFd,
     handle: JoinHandle<(Option<File>, Session, io::Result<()>)>,
 }
@@ -133,6 +224,7 @@ impl ClusterWait {
         file: Option<File>,
         mut session: Session,
         app: &Domain,
+        row: Option<NewRow>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let sql = format!("SELECT pg_advisory_lock({})", key(app));
@@ -150,6 +242,7 @@ impl ClusterWait {
                 (file, session, result)
             })?;
         Ok(ClusterWait {
+            row,
             done_rx: rx,
             handle,
         })
@@ -167,6 +260,6 @@ impl ClusterWait {
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
         result?;
-        Ok((file, fence(session)?))
+        Ok((file, fence(session, self.row.as_ref())?))
     }
 }
