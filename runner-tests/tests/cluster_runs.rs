@@ -358,3 +358,159 @@ fn the_waiting_line_names_the_remote_holder_and_its_host() {
     run_a.wait_exit(TIMEOUT).assert_code(0);
     run_b.wait_exit(TIMEOUT).assert_code(0);
 }
+
+/// Wait until `id` waits for the cluster lock in the server (a not-granted advisory lock of a
+/// session named after it).
+fn wait_pg_waiter(pg: &Postgres, id: &str) {
+    wait_until(&format!("{id} waiting in pg_locks"), TIMEOUT, || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = '{id}'"
+        )) == "1"
+    });
+}
+
+/// §7: `status` (JSON and text) shows the cluster's holder on host A and two waiters on hosts
+/// B and C in the order they started waiting, with their hosts, pids and ages.
+#[test]
+fn status_shows_the_cluster_holder_and_its_waiters_in_order_with_their_hosts() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "10s");
+    let (a, b, c) = (
+        host(&sb, "host-a"),
+        host(&sb, "host-b"),
+        host(&sb, "host-c"),
+    );
+    let app = "status.test";
+    let (log, release) = (sb.mark("a.log"), sb.mark("rel"));
+    let (id_a, id_b, id_c) = (rid(&sb, "a"), rid(&sb, "b"), rid(&sb, "c"));
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .command(held_command(&log, &release))
+        .spawn();
+    wait_line(&log, "+", TIMEOUT);
+    let core_a = run_a.wait_core_pid(TIMEOUT);
+    let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+        .args(["--group", "g-b"])
+        .command(["true"])
+        .spawn();
+    wait_pg_waiter(&pg, &id_b);
+    let mut run_c = run_on(&sb, &c, &cfg, app, &id_c).command(["true"]).spawn();
+    wait_pg_waiter(&pg, &id_c);
+    let core_b = run_b.wait_core_pid(TIMEOUT);
+    let core_c = run_c.wait_core_pid(TIMEOUT);
+
+    let json = on(&sb, &a, &cfg, "status").arg("--json").run();
+    json.assert_code(0);
+    let v: serde_json::Value =
+        serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{json}"));
+    let cl = &v["cluster"][0];
+    assert_eq!(cl["app"], app, "{json}");
+    let holder = &cl["holder"];
+    assert_eq!(
+        (
+            holder["run_id"].as_str(),
+            holder["host"].as_str(),
+            holder["pid"].as_i64()
+        ),
+        (Some(id_a.as_str()), Some("host-a"), Some(i64::from(core_a))),
+        "{json}"
+    );
+    assert_eq!(holder["state"], "running");
+    assert!(holder["fence"].as_i64().is_some(), "{json}");
+    let waiters: Vec<(String, String, i64)> = cl["waiters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no waiters\n{json}"))
+        .iter()
+        .map(|w| {
+            (
+                w["run_id"].as_str().unwrap_or_default().to_owned(),
+                w["host"].as_str().unwrap_or_default().to_owned(),
+                w["pid"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        waiters,
+        [
+            (id_b.clone(), "host-b".to_owned(), i64::from(core_b)),
+            (id_c.clone(), "host-c".to_owned(), i64::from(core_c)),
+        ],
+        "{json}"
+    );
+    assert_eq!(cl["waiters"][0]["group"], "g-b");
+    assert!(cl["waiters"][0]["age_s"].as_u64().is_some(), "{json}");
+
+    let text = on(&sb, &a, &cfg, "status").run();
+    text.assert_code(0);
+    let lines: Vec<&str> = text
+        .stdout
+        .lines()
+        .skip_while(|l| *l != "CLUSTER")
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(cells(lines[1])[..5], ["APP", "ROLE", "RUN", "HOST", "PID"]);
+    assert_eq!(
+        cells(lines[2])[..5],
+        [app, "holder", &id_a, "host-a", &core_a.to_string()]
+    );
+    assert_eq!(
+        cells(lines[3])[..6],
+        [app, "waiter", "1", &id_b, "host-b", &core_b.to_string()]
+    );
+    assert_eq!(
+        cells(lines[4])[..6],
+        [app, "waiter", "2", &id_c, "host-c", &core_c.to_string()]
+    );
+
+    touch(&release);
+    run_a.wait_exit(TIMEOUT).assert_code(0);
+    run_b.wait_exit(TIMEOUT).assert_code(0);
+    run_c.wait_exit(TIMEOUT).assert_code(0);
+}
+
+/// §7: a janitor on host B reports host A's dead run, one line, and touches nothing (its
+/// `--dry-run` says the same); the janitor on host A reaps it (teardown once, leftover killed,
+/// row gone) under the app's flock and cluster lock.
+#[test]
+fn janitor_reports_other_hosts_dead_runs_untouched_and_reaps_its_own() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "10s");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "janitor.test";
+    let td = sb.mark("td.log");
+    let id_a = rid(&sb, "a");
+    let (leftover, fence) = holder_killed_on_a(&sb, &a, &cfg, app, &id_a, &td);
+
+    let line = format!(
+        "cluster run {id_a} of {app}: other-host — dead run on host host-a (state running): \
+         its teardown is left to the app's next holder"
+    );
+    for dry in [true, false] {
+        let mut j = on(&sb, &b, &cfg, "janitor");
+        if dry {
+            j = j.arg("--dry-run");
+        }
+        let out = j.run();
+        out.assert_code(0);
+        assert_eq!(out.stderr_lines(&line).len(), 1, "dry run {dry}\n{out}");
+        assert_eq!(row_state(&pg, &id_a).as_deref(), Some("running"), "{out}");
+        assert!(log_lines(&td).is_empty(), "a teardown ran on B\n{out}");
+        assert!(pid_alive(leftover));
+    }
+
+    let own = on(&sb, &a, &cfg, "janitor").run();
+    own.assert_code(0);
+    assert_eq!(
+        log_lines(&td),
+        [format!("td reaped {id_a} {fence}")],
+        "{own}"
+    );
+    assert!(
+        poll_pid_gone(leftover, TIMEOUT),
+        "the leftover survived\n{own}"
+    );
+    assert_eq!(row_state(&pg, &id_a), None, "{own}");
+}

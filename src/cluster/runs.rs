@@ -116,6 +116,16 @@ pub(crate) fn remove(s: &mut Session, run_id: &str) -> Result<()> {
     ))
 }
 
+/// Remove the row of `run_id` if it names `host` and `boot_id` (a run this host reaped).
+pub(crate) fn remove_of(s: &mut Session, run_id: &str, host: &str, boot_id: &str) -> Result<()> {
+    s.execute(&format!(
+        "DELETE FROM tether.runs WHERE run_id = {} AND host = {} AND boot_id = {}",
+        lit(run_id),
+        lit(host),
+        lit(boot_id)
+    ))
+}
+
 /// Move `run_id` from state `from` to `to`; whether it was in `from` (a compare-and-set: two
 /// hosts never both move one row).
 pub(crate) fn set_state(s: &mut Session, run_id: &str, from: &str, to: &str) -> Result<bool> {

@@ -118,6 +118,14 @@ fn migrate(s: &mut Session, made: &mut Vec<&'static str>) -> Result<()> {
             .find(|r| r.first().and_then(|c| c.as_deref()) == Some(name))
             .map(|r| r.get(1).and_then(|c| c.as_deref()) == Some("YES"))
     };
+    // A table that is not an older tether's (a column of the first version missing) is left
+    // as it is: `verify` names what is wrong with it.
+    let original = RUN_COLUMNS
+        .iter()
+        .filter(|(n, _, _)| !ADDED_COLUMNS.contains(n));
+    if original.clone().any(|(n, _, _)| have(n).is_none()) {
+        return Ok(());
+    }
     for name in ADDED_COLUMNS {
         if have(name).is_none() {
             let decl = RUN_COLUMNS

@@ -530,6 +530,7 @@ mod tests {
         let mut held = lock("shop.example.org", "held", "gh-1", Some(4242));
         held.waiters = 2;
         let st = Status {
+            cluster: None,
             apps: vec![
                 held,
                 lock("dead.example.org", "dead", "drone-7-1", None),
@@ -669,6 +670,7 @@ mod tests {
             current: vec![line("a.example.org", "busy", 0, 0)],
         };
         let st = Status {
+            cluster: None,
             apps: Vec::new(),
             slots: Vec::new(),
             runs: Vec::new(),
@@ -690,6 +692,7 @@ mod tests {
     fn label_values_are_escaped() {
         // Lockfile names are whatever is in the lock dir: status reads them all.
         let st = Status {
+            cluster: None,
             apps: vec![lock("we\"ird\\app\nx", "free", "r", None)],
             slots: Vec::new(),
             runs: Vec::new(),
