@@ -514,3 +514,49 @@ fn janitor_reports_other_hosts_dead_runs_untouched_and_reaps_its_own() {
     );
     assert_eq!(row_state(&pg, &id_a), None, "{own}");
 }
+
+/// A `tether.runs` made by the first cluster tether (no `grp`, no `acquired`, `fence NOT
+/// NULL`) is brought up to date by the next run, once, with one line naming what changed.
+#[test]
+fn an_older_runs_table_is_migrated_once() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    pg.psql(
+        "CREATE SCHEMA tether AUTHORIZATION tether; \
+         CREATE TABLE tether.runs (run_id text PRIMARY KEY, app text NOT NULL, \
+           host text NOT NULL, boot_id text NOT NULL, pid integer NOT NULL, \
+           pid_start bigint NOT NULL, state text NOT NULL, teardown text, ci_link text, \
+           fence bigint NOT NULL, heartbeat timestamptz NOT NULL DEFAULT now(), \
+           started timestamptz NOT NULL DEFAULT now()); \
+         CREATE INDEX runs_app ON tether.runs (app); \
+         CREATE SEQUENCE tether.fence AS bigint MINVALUE 1; \
+         ALTER TABLE tether.runs OWNER TO tether; ALTER SEQUENCE tether.fence OWNER TO tether",
+    );
+    let cfg = config(&sb, &pg, "10s");
+    let a = host(&sb, "host-a");
+    let first = run_on(&sb, &a, &cfg, "migrate.test", &rid(&sb, "m1"))
+        .command(["true"])
+        .run();
+    first.assert_code(0);
+    assert_eq!(
+        first.stderr_lines("tether: cluster: created").len(),
+        1,
+        "{first}"
+    );
+    first.assert_stderr_contains(
+        "cluster: created column tether.runs.grp, column tether.runs.acquired, nullable \
+         tether.runs.fence on",
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(column_name || ':' || is_nullable, ',' ORDER BY column_name) \
+             FROM information_schema.columns WHERE table_schema = 'tether' AND table_name = 'runs' \
+             AND column_name IN ('grp', 'acquired', 'fence')"
+        ),
+        "acquired:YES,fence:YES,grp:YES"
+    );
+    let second = run_on(&sb, &a, &cfg, "migrate.test", &rid(&sb, "m2"))
+        .command(["true"])
+        .run();
+    second.assert_code(0).assert_stderr_lacks("created");
+}

@@ -368,6 +368,7 @@ mod tests {
     #[test]
     fn a_holder_age_is_said_in_whole_seconds() {
         let mut m = samples::meta("a.example.org", "r", State::Running);
+        m.host = crate::sys::procfs::hostname();
         m.started_at = record::unix_now();
         let text = describe_holder(Some(m.clone()), None);
         // Just started: 0 s (or 1 s if the clock ticked), never `0ms`.
@@ -379,6 +380,18 @@ mod tests {
         let text = describe_holder(Some(m), None);
         assert!(
             text.ends_with(", 3m12s)") || text.ends_with(", 3m13s)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_holder_on_another_host_is_named_with_its_host() {
+        let mut m = samples::meta("a.example.org", "r", State::Running);
+        m.host = format!("not-{}", crate::sys::procfs::hostname());
+        m.started_at = record::unix_now().saturating_sub(192);
+        let text = describe_holder(Some(m.clone()), None);
+        assert!(
+            text.starts_with(&format!("run r on host {} (pid 999999, 3m1", m.host)),
             "{text}"
         );
     }

@@ -74,7 +74,7 @@ enum Busy {
     Remote {
         held: HeldLock,
         session: Session,
-        holder: Option<LockMeta>,
+        holder: Option<Box<LockMeta>>,
     },
 }
 
@@ -162,7 +162,7 @@ impl AppLocks {
                         held,
                     }),
                     Err(mut session) => {
-                        let holder = remote_holder(&mut session, app);
+                        let holder = remote_holder(&mut session, app).map(Box::new);
                         busy(Busy::Remote {
                             held,
                             session,
@@ -311,7 +311,7 @@ impl BusyLock {
     pub(crate) fn holder(&self) -> Option<LockMeta> {
         match &self.busy {
             Busy::Local(file) => record::read_meta(file),
-            Busy::Remote { holder, .. } => holder.clone(),
+            Busy::Remote { holder, .. } => holder.as_deref().cloned(),
         }
     }
 

@@ -212,7 +212,8 @@ fn fence(mut session: Session, row: Option<&NewRow>) -> io::Result<ClusterHold> 
 
 /// A wait for the flock (when `file` is given) and then the cluster lock, on a helper thread.
 pub(crate) struct ClusterWait {
-    row: Option<NewRow>,
+    /// Boxed: a wait is moved around while it lasts.
+    row: Option<Box<NewRow>>,
     done_rx: OwnedFd,
     handle: JoinHandle<(Option<File>, Session, io::Result<()>)>,
 }
@@ -242,7 +243,7 @@ impl ClusterWait {
                 (file, session, result)
             })?;
         Ok(ClusterWait {
-            row,
+            row: row.map(Box::new),
             done_rx: rx,
             handle,
         })
@@ -260,6 +261,6 @@ impl ClusterWait {
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
         result?;
-        Ok((file, fence(session, self.row.as_ref())?))
+        Ok((file, fence(session, self.row.as_deref())?))
     }
 }
