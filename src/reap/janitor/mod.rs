@@ -150,8 +150,6 @@ impl Sweep<'_, '_> {
         }
     }
 
-    /// `tether forget …` for a run whose reap keeps failing (the exact command, dirs included
-    /// when they are not the defaults).
     /// The app locks the sweep reaps under: with a cluster, each app's flock and then its
     /// cluster lock (tried, never waited for; the janitor writes no row).
     fn app_locks(&self, lock: Dir) -> crate::state::applock::AppLocks {
@@ -186,6 +184,8 @@ impl Sweep<'_, '_> {
         }
     }
 
+    /// `tether forget …` for a run whose reap keeps failing (the exact command, dirs included
+    /// when they are not the defaults).
     fn forget_hint(&self, run_id: &str) -> String {
         crate::reap::forget::hint(
             self.lock.as_ref().map(|d| d.path()),
