@@ -371,7 +371,8 @@ fn wait_pg_waiter(pg: &Postgres, id: &str) {
 }
 
 /// §7: `status` (JSON and text) shows the cluster's holder on host A and two waiters on hosts
-/// B and C in the order they started waiting, with their hosts, pids and ages.
+/// B and C in the order they started waiting, with their hosts, pids and ages; its Prometheus
+/// form counts them.
 #[test]
 fn status_shows_the_cluster_holder_and_its_waiters_in_order_with_their_hosts() {
     let sb = Sandbox::new();
@@ -463,6 +464,17 @@ fn status_shows_the_cluster_holder_and_its_waiters_in_order_with_their_hosts() {
         cells(lines[4])[..6],
         [app, "waiter", "2", &id_c, "host-c", &core_c.to_string()]
     );
+
+    let prom = on(&sb, &a, &cfg, "status")
+        .args(["--format", "prometheus"])
+        .run();
+    prom.assert_code(0);
+    for series in [
+        format!("tether_cluster_lock_held{{app=\"{app}\"}} 1"),
+        format!("tether_cluster_waiters{{app=\"{app}\"}} 2"),
+    ] {
+        assert!(prom.stdout.lines().any(|l| l == series), "{series}\n{prom}");
+    }
 
     touch(&release);
     run_a.wait_exit(TIMEOUT).assert_code(0);
