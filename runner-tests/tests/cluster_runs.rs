@@ -572,3 +572,93 @@ fn an_older_runs_table_is_migrated_once() {
         .run();
     second.assert_code(0).assert_stderr_lacks("created");
 }
+
+/// The other order: A's dead holder is reaped first by the next run *on A* (the local reconcile,
+/// teardown once, its row deleted under the cluster lock), and a run on B afterwards finds
+/// nothing to reap.
+#[test]
+fn a_dead_holder_reaped_on_its_own_host_is_not_reaped_again_elsewhere() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "10s");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "local-first.test";
+    let td = sb.mark("td.log");
+    let id_a = rid(&sb, "a");
+    let (leftover, fence) = holder_killed_on_a(&sb, &a, &cfg, app, &id_a, &td);
+
+    let local = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    local.assert_code(0);
+    assert_eq!(
+        log_lines(&td),
+        [format!("td reaped {id_a} {fence}")],
+        "{local}"
+    );
+    assert!(
+        poll_pid_gone(leftover, TIMEOUT),
+        "the leftover survived\n{local}"
+    );
+    assert_eq!(row_state(&pg, &id_a), None, "{local}");
+
+    let remote = run_on(&sb, &b, &cfg, app, &rid(&sb, "b"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    remote.assert_code(0).assert_stderr_lacks("reaping");
+    assert_eq!(log_lines(&td).len(), 1, "a second teardown\n{remote}");
+}
+
+/// §3 item 3 through the janitor: B reaped A's dead holder and went on unconfirmed; `tether
+/// janitor` on A (its `--dry-run` first: `would-kill-leftovers`, nothing killed) kills the
+/// leftover, says `leftovers-killed`, marks the row `cleaned` and then, settling A's app lock,
+/// deletes it; no teardown runs on A.
+#[test]
+fn the_janitor_kills_the_leftovers_of_its_hosts_runs_reaped_elsewhere() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "1s");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "janitor-leftovers.test";
+    let td = sb.mark("td.log");
+    let id_a = rid(&sb, "a");
+    let (leftover, _) = holder_killed_on_a(&sb, &a, &cfg, app, &id_a, &td);
+    run_on(&sb, &b, &cfg, app, &rid(&sb, "b"))
+        .teardown("true")
+        .command(["true"])
+        .run()
+        .assert_code(0);
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
+
+    let dry = on(&sb, &a, &cfg, "janitor").arg("--dry-run").run();
+    dry.assert_code(0);
+    assert_eq!(
+        dry.stderr_lines(&format!(
+            "cluster run {id_a} of {app}: would-kill-leftovers"
+        ))
+        .len(),
+        1,
+        "{dry}"
+    );
+    assert!(pid_alive(leftover), "a dry run killed\n{dry}");
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
+
+    let j = on(&sb, &a, &cfg, "janitor").run();
+    j.assert_code(0);
+    assert_eq!(
+        j.stderr_lines(&format!("cluster run {id_a} of {app}: leftovers-killed"))
+            .len(),
+        1,
+        "{j}"
+    );
+    assert!(
+        poll_pid_gone(leftover, TIMEOUT),
+        "the leftover survived\n{j}"
+    );
+    assert_eq!(log_lines(&td).len(), 1, "a second teardown\n{j}");
+    // Marked `cleaned`, then the same sweep settles A's app lock (the dead run's record is
+    // clean: nothing to run) under both locks and deletes the row.
+    assert_eq!(row_state(&pg, &id_a), None, "{j}");
+}
