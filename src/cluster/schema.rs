@@ -23,7 +23,8 @@ pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
     ("state", "text", "text NOT NULL"),
     ("teardown", "text", "text"),
     ("ci_link", "text", "text"),
-    ("fence", "bigint", "bigint NOT NULL"),
+    // NULL while the run waits (issue 16 §3: the row exists before the lock).
+    ("fence", "bigint", "bigint"),
     (
         "heartbeat",
         "timestamp with time zone",
@@ -34,7 +35,15 @@ pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
         "timestamp with time zone",
         "timestamptz NOT NULL DEFAULT now()",
     ),
+    // Added by the rows of PROTOCOL §17 (migrated in by `ensure` on older schemas):
+    // the run's `--group`, and when it took the lock.
+    ("grp", "text", "text"),
+    ("acquired", "timestamp with time zone", "timestamptz"),
 ];
+
+/// Columns a schema made before PROTOCOL §17 lacks: `ensure` adds them (their declarations are
+/// in [`RUN_COLUMNS`]).
+const ADDED_COLUMNS: &[&str] = &["grp", "acquired"];
 
 /// Make what is missing; returns what was created (empty: everything was there).
 pub(crate) fn ensure(s: &mut Session) -> Result<Vec<&'static str>> {
@@ -90,7 +99,55 @@ fn create_missing(s: &mut Session) -> Result<Vec<&'static str>> {
             .map_err(|e| explain(e, "sequence tether.fence"))?;
         made.push("sequence tether.fence");
     }
+    if runs {
+        migrate(s, &mut made)?;
+    }
     Ok(made)
+}
+
+/// Bring a `tether.runs` made by an older tether up to [`RUN_COLUMNS`]: add the missing
+/// columns, let `fence` be NULL. The catalog is read first, so a current schema costs one
+/// query and no `ALTER` (which would take the table's exclusive lock on every run start).
+fn migrate(s: &mut Session, made: &mut Vec<&'static str>) -> Result<()> {
+    let rows = s.rows(
+        "SELECT column_name, is_nullable FROM information_schema.columns \
+         WHERE table_schema = 'tether' AND table_name = 'runs'",
+    )?;
+    let have = |name: &str| {
+        rows.iter()
+            .find(|r| r.first().and_then(|c| c.as_deref()) == Some(name))
+            .map(|r| r.get(1).and_then(|c| c.as_deref()) == Some("YES"))
+    };
+    // A table that is not an older tether's (a column of the first version missing) is left
+    // as it is: `verify` names what is wrong with it.
+    let original = RUN_COLUMNS
+        .iter()
+        .filter(|(n, _, _)| !ADDED_COLUMNS.contains(n));
+    if original.clone().any(|(n, _, _)| have(n).is_none()) {
+        return Ok(());
+    }
+    for name in ADDED_COLUMNS {
+        if have(name).is_none() {
+            let decl = RUN_COLUMNS
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map_or("text", |(_, _, d)| d);
+            s.execute(&format!(
+                "ALTER TABLE tether.runs ADD COLUMN IF NOT EXISTS {name} {decl}"
+            ))
+            .map_err(|e| explain(e, "the new columns of tether.runs"))?;
+            made.push(match *name {
+                "grp" => "column tether.runs.grp",
+                _ => "column tether.runs.acquired",
+            });
+        }
+    }
+    if have("fence") == Some(false) {
+        s.execute("ALTER TABLE tether.runs ALTER COLUMN fence DROP NOT NULL")
+            .map_err(|e| explain(e, "the new columns of tether.runs"))?;
+        made.push("nullable tether.runs.fence");
+    }
+    Ok(())
 }
 
 /// Add what to do to a failed `CREATE`.

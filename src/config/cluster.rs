@@ -12,6 +12,7 @@
 //!   heartbeat: 1s          # how often a holder renews its session (PROTOCOL §16)
 //!   self_fence: 5s         # a holder kills its command this long after its last answered beat
 //!   server_release: 15s    # the server drops a silent holder's session (and lock) by then
+//!   leftovers_wait: 10s                   # after reaping another host's dead run (PROTOCOL §17)
 //! ```
 
 use super::read::{unknown_key, Ctx};
@@ -84,6 +85,9 @@ pub(crate) struct ClusterConfig {
     pub(crate) heartbeat: Option<Duration>,
     pub(crate) self_fence: Option<Duration>,
     pub(crate) server_release: Option<Duration>,
+    /// How long a run that reaped a dead run of another host waits for that host to confirm
+    /// its leftovers killed (PROTOCOL §17); default `settings::CLUSTER_LEFTOVERS_WAIT`.
+    pub(crate) leftovers_wait: Option<Duration>,
 }
 
 const KEYS: &[&str] = &[
@@ -95,6 +99,7 @@ const KEYS: &[&str] = &[
     "heartbeat",
     "self_fence",
     "server_release",
+    "leftovers_wait",
 ];
 
 /// The timing of self-fencing (PROTOCOL §16, DECISIONS D58): how often a holder renews its
@@ -229,6 +234,7 @@ pub(super) fn parse_block(ctx: &Ctx<'_>, node: &Node) -> Result<ClusterConfig> {
             "heartbeat" => c.heartbeat = sub.opt_duration(v)?,
             "self_fence" => c.self_fence = sub.opt_duration(v)?,
             "server_release" => c.server_release = sub.opt_duration(v)?,
+            "leftovers_wait" => c.leftovers_wait = sub.opt_duration(v)?,
             _ => return Err(ctx.err(*kl, unknown_key(k, KEYS))),
         }
     }
@@ -386,6 +392,7 @@ pub(crate) struct ClusterTarget {
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) timing: FenceTiming,
+    pub(crate) leftovers_wait: Option<Duration>,
 }
 
 /// The cluster to use, or `None`: no cluster configured, today's single-host behaviour.
@@ -403,6 +410,7 @@ pub(crate) fn target(
         ca_file: file.ca_file,
         connect_timeout: file.connect_timeout,
         timing,
+        leftovers_wait: file.leftovers_wait,
     })
 }
 

@@ -20,6 +20,9 @@ pub(crate) const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const REPORT_RETRIES: u32 = 3;
 /// Bound on connecting to the cluster's server (`cluster.connect_timeout`).
 pub(crate) const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a run that reaped a dead run of another host waits for that host to confirm the
+/// dead run's leftovers killed before it starts its command (PROTOCOL §17, DECISIONS D62).
+pub(crate) const CLUSTER_LEFTOVERS_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Settings<'a> {
     cfg: &'a Config,

@@ -209,6 +209,9 @@ fn cluster(t: &mut Table<'_>) {
     ] {
         t.row(key, duration::canonical(value), set);
     }
+    let wait = file.and_then(|c| c.leftovers_wait);
+    let shown = duration::canonical(wait.unwrap_or(settings::CLUSTER_LEFTOVERS_WAIT));
+    t.row("cluster.leftovers_wait", shown, wait.is_some());
 }
 
 fn limits(t: &mut Table<'_>) {
@@ -298,6 +301,7 @@ mod tests {
             "cluster.heartbeat",
             "cluster.self_fence",
             "cluster.server_release",
+            "cluster.leftovers_wait",
         ] {
             assert!(empty.iter().any(|k| k == nested), "no row for {nested}");
         }

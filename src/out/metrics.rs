@@ -314,7 +314,46 @@ pub(crate) fn render(st: &Status, slots: Option<u32>, journal: &Journal, now: u6
         &apps,
         |a| a.current.iter().filter(|e| e.teardown == "failed").count(),
     );
+    if let Some(cluster) = &st.cluster {
+        cluster_families(&mut out, cluster);
+    }
     out.text
+}
+
+/// With a cluster (CLI-CONTRACT §27): per app with a row, whether some run holds its cluster
+/// lock, for how long, how many wait in the server, and how many dead rows wait for a reaper.
+fn cluster_families(out: &mut Exposition, apps: &[super::cluster_status::ClusterApp]) {
+    let mut apps: Vec<&super::cluster_status::ClusterApp> = apps.iter().collect();
+    apps.sort_by(|a, b| a.app.cmp(&b.app));
+    type Pick = fn(&super::cluster_status::ClusterApp) -> u64;
+    let families: [(&str, &str, Pick); 4] = [
+        (
+            "tether_cluster_lock_held",
+            "1 while a run on some host holds the app's cluster lock, else 0.",
+            |a| u64::from(a.holder.is_some()),
+        ),
+        (
+            "tether_cluster_holder_age_seconds",
+            "Seconds since the cluster holder took the app's lock; 0 when it is not held.",
+            |a| a.holder.as_ref().map_or(0, |h| h.age_s),
+        ),
+        (
+            "tether_cluster_waiters",
+            "Runs waiting for the app's cluster lock in the server, all hosts.",
+            |a| a.waiters.len() as u64,
+        ),
+        (
+            "tether_cluster_dead_runs",
+            "Rows of the app's dead cluster runs: a teardown or leftovers pending.",
+            |a| a.dead.len() as u64,
+        ),
+    ];
+    for (name, help, pick) in families {
+        out.family(name, "gauge", help);
+        for a in &apps {
+            out.sample(name, &[("app", &a.app)], pick(a));
+        }
+    }
 }
 
 /// `tether_runs_total{app, result}`: every listed result for every app, then any other result
@@ -530,6 +569,7 @@ mod tests {
         let mut held = lock("shop.example.org", "held", "gh-1", Some(4242));
         held.waiters = 2;
         let st = Status {
+            cluster: None,
             apps: vec![
                 held,
                 lock("dead.example.org", "dead", "drone-7-1", None),
@@ -669,6 +709,7 @@ mod tests {
             current: vec![line("a.example.org", "busy", 0, 0)],
         };
         let st = Status {
+            cluster: None,
             apps: Vec::new(),
             slots: Vec::new(),
             runs: Vec::new(),
@@ -687,9 +728,49 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_adds_its_families_per_app() {
+        use crate::out::cluster_status::{ClusterApp, ClusterRun};
+        let run = |id: &str, age_s| ClusterRun {
+            run_id: id.into(),
+            host: "h".into(),
+            pid: 1,
+            state: "running".into(),
+            group: None,
+            fence: Some(3),
+            age_s,
+            ci_link: None,
+        };
+        let (mut st, journal) = fixture();
+        st.cluster = Some(vec![ClusterApp {
+            app: "c.test".into(),
+            holder: Some(run("r1", 42)),
+            waiters: vec![run("r2", 5), run("r3", 1)],
+            dead: vec![run("r0", 9)],
+        }]);
+        let text = render(&st, None, &journal, NOW);
+        check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            value(&text, "tether_cluster_lock_held{app=\"c.test\"}"),
+            "1"
+        );
+        assert_eq!(
+            value(&text, "tether_cluster_holder_age_seconds{app=\"c.test\"}"),
+            "42"
+        );
+        assert_eq!(value(&text, "tether_cluster_waiters{app=\"c.test\"}"), "2");
+        assert_eq!(
+            value(&text, "tether_cluster_dead_runs{app=\"c.test\"}"),
+            "1"
+        );
+        let (st, journal) = fixture();
+        assert!(!render(&st, None, &journal, NOW).contains("tether_cluster_"));
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         // Lockfile names are whatever is in the lock dir: status reads them all.
         let st = Status {
+            cluster: None,
             apps: vec![lock("we\"ird\\app\nx", "free", "r", None)],
             slots: Vec::new(),
             runs: Vec::new(),

@@ -73,6 +73,10 @@ pub(crate) struct Status {
     pub(crate) apps: Vec<AppLock>,
     pub(crate) slots: Vec<Slot>,
     pub(crate) runs: Vec<RunDirStatus>,
+    /// With a cluster configured: each app's cluster holder, waiters and dead rows
+    /// (`cluster_status`); absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cluster: Option<Vec<super::cluster_status::ClusterApp>>,
 }
 
 fn entries_of(table: &[LockEntry], dir: &Dir, name: &str) -> Vec<LockEntry> {
@@ -190,7 +194,12 @@ pub(crate) fn collect(lock_dir: Option<&Dir>, runs_dir: Option<&Dir>) -> Status 
             started_at: rec.as_ref().map(|r| r.meta.started_at),
         });
     }
-    Status { apps, slots, runs }
+    Status {
+        apps,
+        slots,
+        runs,
+        cluster: None,
+    }
 }
 
 /// The live tickets of `app`'s queue, read without taking a lock.
@@ -352,6 +361,9 @@ impl Status {
                 &rows,
             ));
         }
+        if let Some(apps) = &self.cluster {
+            out.push_str(&super::cluster_status::to_text(apps, table));
+        }
         out
     }
 }
@@ -389,6 +401,9 @@ pub(crate) struct StatusArgs {
     pub(crate) slots: Option<u32>,
     #[command(flatten)]
     pub(crate) places: crate::config::args::PlaceArgs,
+    /// With a cluster: each app's cluster holder and waiters, from the server.
+    #[command(flatten)]
+    pub(crate) cluster: crate::config::args::ClusterArgs,
     #[command(flatten)]
     pub(crate) output: crate::config::args::OutputArgs,
 }
@@ -414,17 +429,35 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
             return e.exit_code();
         }
     };
-    let st = collect(
+    let mut st = collect(
         lock_dir.as_ref().map(|d| &d.dir),
         runs_dir.as_ref().map(|d| &d.dir),
     );
+    // The cluster's view (CLI-CONTRACT §27); its server unreachable: the host's view, a line
+    // naming the server, exit 75.
+    let mut code = 0;
+    match args.cluster.target(&cfg) {
+        Ok(None) => {}
+        Ok(Some(target)) => match super::cluster_status::collect(&target) {
+            Ok(apps) => st.cluster = Some(apps),
+            Err(e) => {
+                crate::output::error(&e.message);
+                code = e.exit_code();
+            }
+        },
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    }
     let format = match (args.json, args.format) {
         (true, _) => Format::Json,
         (false, f) => f.unwrap_or(Format::Text),
     };
     if format == Format::Prometheus {
         let slots = args.slots.or(cfg.slots);
-        return super::metrics::print(&st, slots, runs_dir.as_ref().map(|d| &d.dir));
+        let printed = super::metrics::print(&st, slots, runs_dir.as_ref().map(|d| &d.dir));
+        return if code != 0 { code } else { printed };
     }
     if format == Format::Json {
         match serde_json::to_string_pretty(&st) {
@@ -437,7 +470,7 @@ pub(crate) fn main(args: StatusArgs) -> i32 {
     } else {
         crate::output::stdout(&st.to_text());
     }
-    0
+    code
 }
 
 #[cfg(test)]
@@ -521,6 +554,7 @@ pub(crate) mod tests {
             link: None,
         });
         Status {
+            cluster: None,
             apps: vec![
                 held,
                 fresh,
@@ -616,6 +650,7 @@ pub(crate) mod tests {
     #[test]
     fn empty_sections_say_so() {
         let st = Status {
+            cluster: None,
             apps: Vec::new(),
             slots: Vec::new(),
             runs: Vec::new(),

@@ -1,7 +1,7 @@
 //! `tether janitor` and `tether forget` on the command line: their arguments, and the glue
 //! from arguments and config to the mechanism.
 
-use crate::config::args::{duration, load, OutputArgs, PlaceArgs};
+use crate::config::args::{duration, load, ClusterArgs, OutputArgs, PlaceArgs};
 use clap::Args;
 use std::time::Duration;
 
@@ -34,6 +34,10 @@ pub(crate) struct JanitorArgs {
     pub(crate) orphan_age: Duration,
     #[command(flatten)]
     pub(crate) places: PlaceArgs,
+    /// With a cluster: reap under each app's cluster lock too, kill the leftovers of this
+    /// host's runs reaped elsewhere, report other hosts' dead runs.
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
 }
@@ -64,6 +68,13 @@ pub(crate) fn janitor(args: JanitorArgs) -> i32 {
             return crate::exit::TETHER_FAILURE;
         }
     };
+    let cluster = match args.cluster.target(&cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::output::error(&e.message);
+            return e.exit_code();
+        }
+    };
     let opts = crate::reap::janitor::Options {
         lock_dir: s.lock_dir(args.places.lock_dir),
         runs_dir: s.runs_dir(args.places.runs_dir),
@@ -74,6 +85,7 @@ pub(crate) fn janitor(args: JanitorArgs) -> i32 {
         dry_run: args.dry_run,
         retain: s.retain_failed(args.retain_failed),
         orphan_age: args.orphan_age,
+        cluster,
     };
     match crate::reap::janitor::sweep(&opts) {
         Ok(report) => {

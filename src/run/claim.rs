@@ -153,8 +153,13 @@ impl Claimed {
         if let Some(slot) = slot {
             slot.lock.release();
         }
-        if let Some(lock) = app_lock {
+        // Its cluster row goes with it (PROTOCOL §17): on the lock's session when it held the
+        // lock (it ran nothing: nothing to reap), else on a session of its own.
+        if let Some(mut lock) = app_lock {
+            lock.remove_row(ctx.spec.run_id.as_str());
             lock.release();
+        } else {
+            ctx.app_locks.forget_waiting_row();
         }
         if own_dead.is_some() {
             dir.release();

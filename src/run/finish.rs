@@ -324,7 +324,18 @@ pub(super) fn describe_holder(meta: Option<LockMeta>, pid: Option<i32>) -> Strin
         Some(m) => {
             // `started_at` is whole seconds: so is the age (`0s`, never `0ms`).
             let age = record::unix_now().saturating_sub(m.started_at);
-            format!("run {} (pid {}, {})", m.run_id, m.pid, human_secs(age))
+            // A holder on another host (its cluster row, PROTOCOL §17) is named with its host.
+            let host = if !m.host.is_empty() && m.host != crate::sys::procfs::hostname() {
+                format!(" on host {}", m.host)
+            } else {
+                String::new()
+            };
+            format!(
+                "run {}{host} (pid {}, {})",
+                m.run_id,
+                m.pid,
+                human_secs(age)
+            )
         }
         None => match pid {
             Some(pid) => format!("an unknown run (pid {pid}, age unknown)"),
@@ -359,6 +370,7 @@ mod tests {
     #[test]
     fn a_holder_age_is_said_in_whole_seconds() {
         let mut m = samples::meta("a.example.org", "r", State::Running);
+        m.host = crate::sys::procfs::hostname();
         m.started_at = record::unix_now();
         let text = describe_holder(Some(m.clone()), None);
         // Just started: 0 s (or 1 s if the clock ticked), never `0ms`.
@@ -370,6 +382,18 @@ mod tests {
         let text = describe_holder(Some(m), None);
         assert!(
             text.ends_with(", 3m12s)") || text.ends_with(", 3m13s)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_holder_on_another_host_is_named_with_its_host() {
+        let mut m = samples::meta("a.example.org", "r", State::Running);
+        m.host = format!("not-{}", crate::sys::procfs::hostname());
+        m.started_at = record::unix_now().saturating_sub(192);
+        let text = describe_holder(Some(m.clone()), None);
+        assert!(
+            text.starts_with(&format!("run r on host {} (pid 999999, 3m1", m.host)),
             "{text}"
         );
     }

@@ -9,6 +9,7 @@ use crate::config::env::RunVars;
 use crate::error::{Error, Failure};
 use crate::ident::names::Domain;
 use crate::output;
+use crate::reap::reaper::cluster::Here;
 use crate::reap::reaper::{DeadRun, ReapFailed, ReapPolicy, Reaper};
 use crate::state::applock::AppLock;
 use crate::state::record::{RunRecord, State};
@@ -58,7 +59,10 @@ impl Claimed {
     }
 
     fn take_app(&mut self, sup: &mut Supervisor) -> Result<(), Stop> {
-        // 4. The app lock.
+        // 4. The app lock — with a cluster, after this host's share of earlier reaps: the
+        // leftovers of its runs reaped on other hosts (PROTOCOL §17; their reapers may be
+        // waiting for it while holding the very lock we are about to wait for).
+        self.sweep_cluster_leftovers(sup)?;
         self.ctx.lock_wait.start();
         let app = self.ctx.spec.app.clone();
         let mut lock = self.acquire(&app, true, sup)?;
@@ -111,6 +115,39 @@ impl Claimed {
         )
     }
 
+    /// With a cluster: kill the leftovers of this host's runs that were reaped elsewhere, on a
+    /// session of its own (`<run id>.sweep`). The server unreachable stops the run here, as the
+    /// lock would (exit 75, nothing left).
+    fn sweep_cluster_leftovers(&mut self, sup: &mut Supervisor) -> Result<(), Stop> {
+        let Some(target) = self.ctx.spec.cluster.clone() else {
+            return Ok(());
+        };
+        let name = format!("{}.sweep", self.ctx.spec.run_id);
+        let mut s =
+            crate::cluster::session::Session::connect(&target, &name).map_err(Stop::Fail)?;
+        // A schema not made yet has nothing to sweep (the lock's session makes it).
+        if s.value("SELECT to_regclass('tether.runs') IS NOT NULL")
+            .map_err(Stop::Fail)?
+            != "t"
+        {
+            return Ok(());
+        }
+        let mut reaper = self.reaper(sup);
+        reaper.sweep_reaped(&mut s, &Here::now());
+        drop(reaper);
+        super::check_funnel(sup, &self.ctx)
+    }
+
+    /// How long to wait for another host to confirm a reaped run's leftovers killed.
+    fn leftovers_wait(&self) -> std::time::Duration {
+        self.ctx
+            .spec
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leftovers_wait)
+            .unwrap_or(crate::config::settings::CLUSTER_LEFTOVERS_WAIT)
+    }
+
     /// Step 5: reap dead unclean runs of our app (ours first, when we reuse a dead run's id).
     fn reconcile(&mut self, sup: &mut Supervisor) -> Result<(), Stop> {
         // Re-read under the app lock: another reaper may have settled it since our claim.
@@ -123,7 +160,24 @@ impl Claimed {
         let own_dir = self.dir.dir().clone();
         let app = self.ctx.spec.app.clone();
         let own_id = self.ctx.spec.run_id.to_string();
+        let confirm = self.leftovers_wait();
+        // With a cluster: the app's rows, read and settled under its cluster lock (PROTOCOL
+        // §17) on a session of the run's own (`<run id>.reap`) — the lock's session belongs to
+        // the heartbeat, which must not pause while a dead run's teardown runs.
+        let mut book = match &self.ctx.spec.cluster {
+            Some(target) => Some(
+                crate::cluster::session::Session::connect(target, &format!("{own_id}.reap"))
+                    .map_err(Stop::Fail)?,
+            ),
+            None => None,
+        };
         let mut reaper = self.reaper(sup);
+        if let Some(s) = book.as_mut() {
+            match crate::cluster::runs::of_app(s, app.as_str()) {
+                Ok(rows) => reaper.set_cluster_rows(rows),
+                Err(e) => return Err(Stop::Fail(e)),
+            }
+        }
         let mut result = Ok(());
         let mut reaped = 0;
         if let Some(dead) = own_dead {
@@ -133,6 +187,13 @@ impl Claimed {
         if let (Ok(()), Some(lock)) = (&result, &self.app_lock) {
             result = reaper
                 .reconcile(&app, lock, Some(&own_id))
+                .map(|n| reaped += n);
+        }
+        // Then the cluster's dead runs of the app: rows of runs reaped here go, another host's
+        // dead holder is reaped from its row.
+        if let (Ok(()), Some(s)) = (&result, book.as_mut()) {
+            result = reaper
+                .reap_cluster(s, &app, &own_id, &Here::now(), confirm)
                 .map(|n| reaped += n);
         }
         drop(reaper);

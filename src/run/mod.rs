@@ -186,9 +186,22 @@ impl Ctx {
             fence: None,
         };
         let app_locks = match &spec.cluster {
-            Some(target) => {
-                AppLocks::cluster(lock_dir.clone(), target.clone(), spec.run_id.to_string())
-            }
+            Some(target) => AppLocks::cluster(
+                lock_dir.clone(),
+                target.clone(),
+                spec.run_id.to_string(),
+                Some(crate::cluster::runs::NewRow {
+                    run_id: spec.run_id.to_string(),
+                    app: spec.app.to_string(),
+                    host: record.meta.host.clone(),
+                    boot_id: crate::sys::procfs::boot_id(),
+                    pid,
+                    pid_start,
+                    group: spec.group.clone(),
+                    ci_link: spec.ci.as_ref().and_then(|c| c.link.clone()),
+                    teardown: spec.teardown.clone(),
+                }),
+            ),
             None => AppLocks::flock(lock_dir.clone()),
         };
         Ctx {

@@ -159,6 +159,15 @@ impl Ended {
         }
         // The heartbeat stops with the lock: nothing to watch once it is released on purpose.
         sup.end_lease();
+        // The run's row goes once its teardown is done, on the lock's session before it
+        // closes (PROTOCOL §17); a failed teardown keeps it `running`, so the next holder, on
+        // any host, reaps the run as it would reap a dead one.
+        let mut app_lock = app_lock;
+        if teardown_ok {
+            app_lock.remove_row(ctx.spec.run_id.as_str());
+        } else {
+            app_lock.keep_row();
+        }
         app_lock.release();
         // The suite counts the core's threads here: the heartbeat is gone with the lock.
         fault_pause("TETHER_FAULT_PAUSE_AFTER_RELEASE");

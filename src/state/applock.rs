@@ -9,6 +9,7 @@ use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
+use crate::cluster::runs::{self, NewRow};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -71,8 +72,12 @@ enum Busy {
     /// Another run on this host holds the flock (the lockfile, to wait on and read).
     Local(File),
     /// Another run (on any host) holds the cluster lock, or runs wait for it ahead of us; this
-    /// run holds nothing of the app, and waits in PostgreSQL's queue on `session`.
-    Remote { session: Session },
+    /// run holds nothing of the app, and waits in PostgreSQL's queue on `session` (`holder`:
+    /// the cluster's holder as its row and `pg_locks` describe it when the try failed).
+    Remote {
+        session: Session,
+        holder: Option<Box<LockMeta>>,
+    },
     /// This run holds the cluster lock; something else on this host holds the flock (a
     /// janitor's probe, a tether without a cluster): the lockfile, to read.
     LocalAfterCluster { hold: ClusterHold, file: File },
@@ -102,13 +107,32 @@ impl AppLocks {
     }
 
     /// The locks in `dir` and, for each app, on the cluster's server (issue 16); `run_id`
-    /// names the sessions (`application_name`).
-    pub(crate) fn cluster(dir: Dir, target: ClusterTarget, run_id: String) -> AppLocks {
+    /// names the sessions (`application_name`); `row`, the run's row in `tether.runs`
+    /// (PROTOCOL §17; `None`: a janitor, which writes none).
+    pub(crate) fn cluster(
+        dir: Dir,
+        target: ClusterTarget,
+        run_id: String,
+        row: Option<NewRow>,
+    ) -> AppLocks {
         AppLocks {
             backend: Backend::Cluster {
                 dir,
-                cluster: Box::new(ClusterLocks { target, run_id }),
+                cluster: Box::new(ClusterLocks {
+                    target,
+                    run_id,
+                    row,
+                    row_written: Default::default(),
+                }),
             },
+        }
+    }
+
+    /// A run that gives up waiting removes its `waiting` row (PROTOCOL §17; no-op without a
+    /// cluster, or when it wrote none).
+    pub(crate) fn forget_waiting_row(&self) {
+        if let Backend::Cluster { cluster, .. } = &self.backend {
+            cluster.forget_waiting_row();
         }
     }
 
@@ -128,10 +152,13 @@ impl AppLocks {
         let hold = match &self.backend {
             Backend::Flock { .. } => None,
             Backend::Cluster { cluster, .. } => {
-                let session = cluster.connect()?;
+                let session = cluster.connect(app)?;
                 match cluster.try_lock(session, app)? {
                     Ok(hold) => Some(hold),
-                    Err(session) => return Ok(busy(Busy::Remote { session })),
+                    Err(mut session) => {
+                        let holder = remote_holder(&mut session, app).map(Box::new);
+                        return Ok(busy(Busy::Remote { session, holder }));
+                    }
                 }
             }
         };
@@ -148,17 +175,26 @@ impl AppLocks {
     }
 
     /// Take the lock of `app` only if it exists and is free (a janitor never creates one just
-    /// to look). `None`: busy or missing. The host's flock only, cluster or not (cross-host
-    /// reaping is a later part of issue 16).
+    /// to look). `None`: busy or missing. With a cluster, the cluster lock too (tried, never
+    /// waited for): a dead run of a cluster app is reaped only under both (PROTOCOL §17).
     pub(crate) fn try_acquire_existing(&self, app: &Domain) -> io::Result<Option<AppLock>> {
-        Ok(
-            lock::try_acquire_existing(self.backend.dir(), app_lock_name(app))?.map(|held| {
-                AppLock {
+        let Some(held) = lock::try_acquire_existing(self.backend.dir(), app_lock_name(app))? else {
+            return Ok(None);
+        };
+        match &self.backend {
+            Backend::Flock { .. } => Ok(Some(AppLock {
+                held,
+                cluster: None,
+            })),
+            // Both tried, neither waited for: no order between them can deadlock (D70).
+            Backend::Cluster { cluster, .. } => {
+                let session = cluster.connect(app)?;
+                Ok(cluster.try_lock(session, app)?.ok().map(|hold| AppLock {
                     held,
-                    cluster: None,
-                }
-            }),
-        )
+                    cluster: Some(hold),
+                }))
+            }
+        }
     }
 
     /// The queue of runs waiting for `app` on this host (PROTOCOL §15), created when `create`.
@@ -183,11 +219,20 @@ impl AppLocks {
         }
     }
 
-    /// The last metadata written for `app`'s lock on this host, read without taking the lock.
+    /// The last metadata written for `app`'s lock on this host, read without taking the lock;
+    /// with a cluster, when no run of this host holds it, the cluster's holder (from its row,
+    /// on a short session of its own: the waiting line names a holder on another host).
     pub(crate) fn holder_meta(&self, app: &Domain) -> Option<LockMeta> {
-        lock::open_existing(self.backend.dir(), app_lock_name(app))
+        let local = lock::open_existing(self.backend.dir(), app_lock_name(app))
             .ok()
-            .and_then(|f| record::read_meta(&f))
+            .and_then(|f| record::read_meta(&f));
+        match (&self.backend, &local) {
+            (Backend::Cluster { cluster, .. }, None) => cluster_holder(cluster, app),
+            (Backend::Cluster { cluster, .. }, Some(m)) if m.state == record::State::Clean => {
+                cluster_holder(cluster, app).or(local)
+            }
+            _ => local,
+        }
     }
 }
 
@@ -240,22 +285,55 @@ impl AppLock {
         self.cluster.as_ref().map(|c| c.fence)
     }
 
+    /// The run's teardown failed: its cluster row stays `running` at release, for the next
+    /// holder to reap (PROTOCOL §17).
+    pub(crate) fn keep_row(&mut self) {
+        if let Some(c) = self.cluster.as_mut() {
+            c.keep_row();
+        }
+    }
+
+    /// The cluster lock's session while no heartbeat renews it (a janitor's probe): statements
+    /// made under the lock. A run's holder uses a session of its own (PROTOCOL §17).
+    pub(crate) fn cluster_session(&mut self) -> Option<&mut Session> {
+        self.cluster.as_mut().and_then(ClusterHold::session)
+    }
+
+    /// Remove the run's own row (its teardown is over), on the lock's session before it
+    /// closes (PROTOCOL §17). A failure is only warned about: the row of a run whose session is
+    /// gone is settled by the next holder.
+    pub(crate) fn remove_row(&mut self, run_id: &str) {
+        if let Some(c) = self.cluster.as_mut() {
+            if let Err(e) = c.remove_row(run_id) {
+                crate::output::warn(
+                    "cluster",
+                    &format!("cannot remove the row of run {run_id}: {}", e.message),
+                );
+            }
+        }
+    }
+
     /// Release (close; never unlink: a waiter may be blocked on it) in the reverse of the
-    /// order taken: the flock first, then the cluster lock's connection.
+    /// order taken: the flock first, then the cluster lock's connection (its row settled
+    /// first, PROTOCOL §17).
     pub(crate) fn release(self) {
         let AppLock { held, cluster } = self;
         held.release();
-        drop(cluster);
+        if let Some(mut c) = cluster {
+            c.release_row();
+            drop(c);
+        }
     }
 }
 
 impl BusyLock {
-    /// The holder's metadata, for the waiting line and `cancel-older` (a holder on this host;
-    /// `None` for one on another host: not shown yet).
+    /// The holder's metadata, for the waiting line and `cancel-older`: a holder on this host
+    /// from its lockfile; one on another host from its row (host, run id, pid, when it took
+    /// the lock — nothing else of it is known here, and nothing of it is acted on).
     pub(crate) fn holder(&self) -> Option<LockMeta> {
         match &self.busy {
             Busy::Local(file) | Busy::LocalAfterCluster { file, .. } => record::read_meta(file),
-            Busy::Remote { .. } => None,
+            Busy::Remote { holder, .. } => holder.as_deref().cloned(),
         }
     }
 
@@ -263,7 +341,9 @@ impl BusyLock {
     /// cluster, PROTOCOL §15); `None` when the wait is not PostgreSQL's.
     pub(crate) fn cluster_waiters(&mut self) -> io::Result<Option<usize>> {
         match &mut self.busy {
-            Busy::Remote { session } => super::cluster_lock::waiters(session, &self.app).map(Some),
+            Busy::Remote { session, .. } => {
+                super::cluster_lock::waiters(session, &self.app).map(Some)
+            }
             Busy::Local(_) | Busy::LocalAfterCluster { .. } => Ok(None),
         }
     }
@@ -288,10 +368,16 @@ impl BusyLock {
                 let reader = file.try_clone().ok();
                 (Wait::Flock(Waiter::start(file)?), reader)
             }
-            Busy::Remote { session } => (
-                Wait::Cluster(ClusterWait::start(session, &self.app, dir, name)?),
-                None,
-            ),
+            Busy::Remote { session, .. } => {
+                let row = match &self.backend {
+                    Backend::Cluster { cluster, .. } => cluster.row_for(&self.app).cloned(),
+                    Backend::Flock { .. } => None,
+                };
+                (
+                    Wait::Cluster(ClusterWait::start(session, &self.app, dir, name, row)?),
+                    None,
+                )
+            }
             Busy::LocalAfterCluster { hold, file } => (
                 Wait::Cluster(ClusterWait::flock_after(hold, dir, name)?),
                 Some(file),
@@ -346,4 +432,33 @@ impl WaitingLock {
             }
         }
     }
+}
+
+/// The run holding `app`'s cluster lock, as lock metadata for the waiting line (PROTOCOL §17);
+/// `None` when it cannot be told (no row, a query failure: the line says "unknown").
+fn remote_holder(session: &mut Session, app: &Domain) -> Option<LockMeta> {
+    let (holder, _) = runs::line_of(session, super::cluster_lock::key(app)).ok()?;
+    let h = holder?;
+    let held = h.held_for.unwrap_or(h.age).max(0.0) as u64;
+    Some(LockMeta {
+        version: record::VERSION,
+        app: h.app,
+        run_id: h.run_id,
+        pid: h.pid,
+        pid_start: h.pid_start,
+        host: h.host,
+        started_at: record::unix_now().saturating_sub(held),
+        state: record::State::Running,
+        run_dir: String::new(),
+        cgroup: None,
+        ci: None,
+        token: None,
+    })
+}
+
+/// The cluster's holder of `app`, looked up on a session of its own (`<run id>.look`, so it is
+/// never taken for the run's own session). `None` on any failure.
+fn cluster_holder(cluster: &ClusterLocks, app: &Domain) -> Option<LockMeta> {
+    let mut s = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id)).ok()?;
+    remote_holder(&mut s, app)
 }

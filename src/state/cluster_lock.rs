@@ -19,6 +19,7 @@
 //! out, so the command is still forked from a single-threaded core.
 
 use super::heartbeat::Heartbeat;
+use crate::cluster::runs::{self, NewRow};
 use crate::cluster::schema;
 use crate::cluster::session::Session;
 use crate::config::cluster::{ClusterTarget, FenceTiming};
@@ -37,6 +38,11 @@ use std::thread::JoinHandle;
 pub(crate) struct ClusterLocks {
     pub(crate) target: ClusterTarget,
     pub(crate) run_id: String,
+    /// The run's row in `tether.runs` (PROTOCOL §17); `None` for a janitor's probe, which
+    /// writes none.
+    pub(crate) row: Option<NewRow>,
+    /// Whether a session of this run wrote its row (shared by the clones the run's waits use).
+    pub(crate) row_written: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A held cluster lock: the session it lives on (closing it releases the lock) and the fence.
@@ -48,6 +54,65 @@ pub(crate) struct ClusterHold {
     /// The server as messages name it.
     server: String,
     pub(crate) fence: i64,
+    /// The run id whose row this acquisition marked `running` (PROTOCOL §17), while it is.
+    row: Option<String>,
+    /// Leave the row `running` at release: the run's teardown failed, so the next holder reaps it.
+    keep_row: bool,
+}
+
+impl ClusterHold {
+    /// The session back on the calling thread, for statements at the end of the hold: the
+    /// heartbeat (if running) is stopped first. `None`: the heartbeat was stuck in a statement
+    /// on a silent server and kept the session (it closes when tether exits).
+    fn session_back(&mut self) -> Option<&mut Session> {
+        if let Some(beat) = self.beat.take() {
+            self.session = beat.stop();
+        }
+        self.session.as_mut()
+    }
+
+    /// Before the session closes: a row still `running` goes back to `waiting` (a run that
+    /// releases the lock to wait again is alive, and the next holder must not take it for a
+    /// dead one), unless [`keep_row`](Self::keep_row) was called. Best effort: a failure
+    /// leaves a row the next holder judges by its session.
+    pub(crate) fn release_row(&mut self) {
+        if let Some(id) = self.row.take() {
+            if !self.keep_row {
+                if let Some(s) = self.session_back() {
+                    let _ = runs::set_state(s, &id, runs::RUNNING, runs::WAITING);
+                }
+            }
+        }
+    }
+
+    /// The run's teardown failed: its row stays `running` for the next holder to reap.
+    pub(crate) fn keep_row(&mut self) {
+        self.keep_row = true;
+    }
+
+    /// Remove the run's own row (its teardown is over), on the lock's session — the heartbeat
+    /// stopped first: this is the end of the hold.
+    pub(crate) fn remove_row(&mut self, run_id: &str) -> crate::error::Result<()> {
+        self.row = None;
+        let server = self.server.clone();
+        match self.session_back() {
+            Some(s) => runs::remove(s, run_id),
+            None => Err(Error::new(
+                crate::error::Failure::Unavailable,
+                format!("cluster {server}: the heartbeat kept the session (a statement hangs)"),
+            )),
+        }
+    }
+
+    /// The lock's session while no heartbeat has it (a janitor's probe): statements made under
+    /// the lock. `None` while the heartbeat renews it — a run's holder makes its statements on
+    /// a session of its own (PROTOCOL §17), since its heartbeat must never pause.
+    pub(crate) fn session(&mut self) -> Option<&mut Session> {
+        if self.beat.is_some() {
+            return None;
+        }
+        self.session.as_mut()
+    }
 }
 
 impl fmt::Debug for ClusterHold {
@@ -116,10 +181,10 @@ pub(crate) fn key(app: &Domain) -> i64 {
 
 impl ClusterLocks {
     /// A session for one app lock: connected, refused behind a transaction-pooling proxy,
-    /// the schema ensured (one line when it was created), and the server told to drop it
-    /// within `server_release` of its going silent — a waiter's place in the queue as much as a
-    /// holder's lock ([`Session::set_server_timeouts`]).
-    pub(crate) fn connect(&self) -> io::Result<Session> {
+    /// the schema ensured (one line when it was created), the server told to drop it within
+    /// `server_release` of its going silent — a waiter's place in the queue as much as a
+    /// holder's lock ([`Session::set_server_timeouts`]) — and the run's `waiting` row written.
+    pub(crate) fn connect(&self, app: &Domain) -> io::Result<Session> {
         let mut s = Session::connect(&self.target, &self.run_id).map_err(io_err)?;
         s.same_backend().map_err(io_err)?;
         let made = schema::ensure(&mut s).map_err(io_err)?;
@@ -130,7 +195,47 @@ impl ClusterLocks {
             );
         }
         s.set_server_timeouts(&self.target.timing).map_err(io_err)?;
+        // The run's row, before it tries or waits for the lock (PROTOCOL §17): `status` shows
+        // waiters from it, and a waiter that dies leaves a row with no session behind it.
+        if let Some(row) = self.row_for(app) {
+            runs::insert_waiting(&mut s, row).map_err(io_err)?;
+            self.row_written
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(s)
+    }
+
+    /// A run that gives up before it holds the lock removes its `waiting` row, on a session
+    /// of its own (the one that waited is blocked in the server). Only when it wrote one: a
+    /// run that never reached the server does not wait for it again.
+    pub(crate) fn forget_waiting_row(&self) {
+        let Some(row) = &self.row else { return };
+        if !self.row_written.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let gone =
+            Session::connect(&self.target, &format!("{}.leave", self.run_id)).and_then(|mut s| {
+                s.execute(&format!(
+                    "DELETE FROM tether.runs WHERE run_id = {} AND state = '{}'",
+                    runs::lit(&row.run_id),
+                    runs::WAITING
+                ))
+            });
+        if let Err(e) = gone {
+            crate::output::warn(
+                "cluster",
+                &format!(
+                    "cannot remove the waiting row of run {}: {}",
+                    row.run_id, e.message
+                ),
+            );
+        }
+    }
+
+    /// The run's row when `app` is the run's own (a run reaping a dead run of another app under
+    /// that app's lock writes no row for it).
+    pub(crate) fn row_for(&self, app: &Domain) -> Option<&NewRow> {
+        self.row.as_ref().filter(|r| r.app == app.as_str())
     }
 
     /// Try the cluster lock of `app` on `session` once: the hold, or the session back.
@@ -143,15 +248,15 @@ impl ClusterLocks {
             .value(&format!("SELECT pg_try_advisory_lock({})", key(app)))
             .map_err(io_err)?;
         if got == "t" {
-            Ok(Ok(fence(session)?))
+            Ok(Ok(fence(session, self.row_for(app))?))
         } else {
             Ok(Err(session))
         }
     }
 }
 
-/// Draw the fence for a lock just taken on `session`.
-fn fence(mut session: Session) -> io::Result<ClusterHold> {
+/// Draw the fence for a lock just taken on `session`, and mark the run's row `running` with it.
+fn fence(mut session: Session, row: Option<&NewRow>) -> io::Result<ClusterHold> {
     let text = session
         .value("SELECT nextval('tether.fence')")
         .map_err(io_err)?;
@@ -161,11 +266,16 @@ fn fence(mut session: Session) -> io::Result<ClusterHold> {
             session.server
         )))
     })?;
+    if let Some(row) = row {
+        runs::mark_running(&mut session, &row.run_id, fence).map_err(io_err)?;
+    }
     Ok(ClusterHold {
         server: session.server.clone(),
         session: Some(session),
         beat: None,
         fence,
+        row: row.map(|r| r.run_id.clone()),
+        keep_row: false,
     })
 }
 
@@ -192,6 +302,8 @@ pub(crate) fn waiters(session: &mut Session, app: &Domain) -> io::Result<usize> 
 /// A wait for the cluster lock (unless this run holds it already) and then the host's flock of
 /// the app, on a helper thread that does nothing else and says it is done on a pipe.
 pub(crate) struct ClusterWait {
+    /// Boxed: a wait is moved around while it lasts.
+    row: Option<Box<NewRow>>,
     done_rx: OwnedFd,
     handle: JoinHandle<(Option<Session>, io::Result<HeldLock>)>,
     /// The cluster lock when it was ours before the wait began (only the flock is waited for).
@@ -206,14 +318,15 @@ impl ClusterWait {
         app: &Domain,
         dir: Dir,
         name: String,
+        row: Option<NewRow>,
     ) -> io::Result<Self> {
-        Self::spawn(Some(session), Some(app), dir, name, None)
+        Self::spawn(Some(session), Some(app), dir, name, None, row)
     }
 
     /// The cluster lock is ours (`hold`); wait for the host's flock only (a janitor's probe or a
     /// tether without a cluster has it: both let go without waiting for anything).
     pub(crate) fn flock_after(hold: ClusterHold, dir: Dir, name: String) -> io::Result<Self> {
-        Self::spawn(None, None, dir, name, Some(hold))
+        Self::spawn(None, None, dir, name, Some(hold), None)
     }
 
     fn spawn(
@@ -222,6 +335,7 @@ impl ClusterWait {
         dir: Dir,
         name: String,
         hold: Option<ClusterHold>,
+        row: Option<NewRow>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let sql = app.map(|a| format!("SELECT pg_advisory_lock({})", key(a)));
@@ -239,6 +353,7 @@ impl ClusterWait {
                 (session, result)
             })?;
         Ok(ClusterWait {
+            row: row.map(Box::new),
             done_rx: rx,
             handle,
             hold,
@@ -259,7 +374,7 @@ impl ClusterWait {
         let held = result?;
         let hold = match (self.hold, session) {
             (Some(hold), _) => hold,
-            (None, Some(session)) => fence(session)?,
+            (None, Some(session)) => fence(session, self.row.as_deref())?,
             (None, None) => return Err(io::Error::other("cluster lock wait without a session")),
         };
         Ok((held, hold))

@@ -181,6 +181,14 @@ pub(crate) fn core_alive(pid: i32, start: u64) -> bool {
 }
 
 /// This host's name, for records.
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): a pid and its start time mean a process
+/// only within one boot. Empty when unreadable.
+pub(crate) fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()

@@ -9,7 +9,7 @@ use super::report::{entry, Entry};
 use super::Sweep;
 use crate::ident::names::{Domain, RunId};
 use crate::reap::reaper::OwnDead;
-use crate::state::applock::{AppLocks, Attempt};
+use crate::state::applock::Attempt;
 use crate::state::lock;
 use crate::state::record::{self, State};
 use crate::state::rundir;
@@ -66,7 +66,7 @@ impl Sweep<'_, '_> {
         let Some(lock) = self.lock.clone() else {
             return;
         };
-        let held = match AppLocks::flock(lock.clone()).try_acquire_existing(app) {
+        let mut held = match self.app_locks(lock.clone()).try_acquire_existing(app) {
             Ok(Some(h)) => h,
             Ok(None) => return self.report_live(&lock, name, app),
             Err(err) => {
@@ -85,7 +85,9 @@ impl Sweep<'_, '_> {
             _ => None,
         };
         let mark = self.reaper.reaped_log().len();
+        self.rows_before(&mut held, app);
         let result = self.reaper.reconcile(app, &held, None);
+        self.rows_after(&mut held, mark);
         let failed_id = result.as_ref().err().and_then(|f| f.run_id.clone());
         self.defer_reaped(mark, app, &[own_id, failed_id]);
         match result {
@@ -116,7 +118,7 @@ impl Sweep<'_, '_> {
     }
 
     fn report_live(&mut self, lock: &Dir, name: &str, app: &Domain) {
-        let meta = AppLocks::flock(lock.clone()).holder_meta(app);
+        let meta = self.app_locks(lock.clone()).holder_meta(app);
         let holder = lock.stat_at(name).ok().and_then(|st| {
             proc_locks::entries_for(&proc_locks::read(), st.st_dev, st.st_ino)
                 .into_iter()
@@ -222,7 +224,7 @@ impl Sweep<'_, '_> {
         let Some(lock) = self.lock_dir_to_reap(e) else {
             return;
         };
-        let held = match AppLocks::flock(lock).try_acquire(app) {
+        let mut held = match self.app_locks(lock).try_acquire(app) {
             Ok(Attempt::Held(h)) => h,
             Ok(Attempt::Busy(_)) => {
                 e.action = "live";
@@ -236,7 +238,9 @@ impl Sweep<'_, '_> {
             }
         };
         let mark = self.reaper.reaped_log().len();
+        self.rows_before(&mut held, app);
         let result = self.reaper.reconcile(app, &held, None);
+        self.rows_after(&mut held, mark);
         let failed_id = result.as_ref().err().and_then(|f| f.run_id.clone());
         self.defer_reaped(mark, app, &[Some(name.to_owned()), failed_id]);
         match result {

@@ -17,6 +17,7 @@
 //! Two janitors at once are safe: the lock decides which one reaps.
 
 mod apply;
+mod cluster;
 mod decide;
 mod plan;
 mod report;
@@ -48,6 +49,9 @@ pub(crate) struct Options {
     pub(crate) retain: Duration,
     /// Orphan run cgroups younger than this are left alone (`--orphan-age`).
     pub(crate) orphan_age: Duration,
+    /// The cluster, when one is configured (issue 16): dead runs are reaped under each app's
+    /// cluster lock too, and the cluster's dead runs are swept and reported (PROTOCOL §17).
+    pub(crate) cluster: Option<crate::config::cluster::ClusterTarget>,
 }
 
 /// Sweep both dirs, then tether's cgroups. `Err` only for unsafe dirs or a supervisor that
@@ -64,7 +68,14 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
         dry_run: opts.dry_run,
         ..Report::default()
     };
+    let mut session = match &opts.cluster {
+        Some(target) => cluster::connect(target)?,
+        None => None,
+    };
     if opts.dry_run {
+        if let Some(s) = session.as_mut() {
+            cluster::sweep(s, None, opts.app.as_ref(), &mut report)?;
+        }
         for step in &steps {
             report.push(step.entry().would());
         }
@@ -89,6 +100,9 @@ pub(crate) fn sweep(opts: &Options) -> Result<Report> {
         report: &mut report,
         pending: HashMap::new(),
     };
+    if let Some(s) = session.as_mut() {
+        cluster::sweep(s, Some(&mut sweep.reaper), opts.app.as_ref(), sweep.report)?;
+    }
     for step in steps {
         if sweep.reaper.supervisor().stop_requested() {
             break;
@@ -132,6 +146,40 @@ impl Sweep<'_, '_> {
             };
             if self.opts.app.as_ref().is_none_or(|a| *a == domain) {
                 let _ = crate::state::queue::Queue::remove_if_empty(lock, &domain);
+            }
+        }
+    }
+
+    /// The app locks the sweep reaps under: with a cluster, each app's flock and then its
+    /// cluster lock (tried, never waited for; the janitor writes no row).
+    fn app_locks(&self, lock: Dir) -> crate::state::applock::AppLocks {
+        match &self.opts.cluster {
+            Some(target) => crate::state::applock::AppLocks::cluster(
+                lock,
+                target.clone(),
+                format!("tether-janitor-{}", std::process::id()),
+                None,
+            ),
+            None => crate::state::applock::AppLocks::flock(lock),
+        }
+    }
+
+    /// Before a reconcile under `held`: the app's rows (a dead run reaped on another host gets
+    /// no second teardown).
+    fn rows_before(&mut self, held: &mut crate::state::applock::AppLock, app: &Domain) {
+        if let Some(s) = held.cluster_session() {
+            if let Ok(rows) = crate::cluster::runs::of_app(s, app.as_str()) {
+                self.reaper.set_cluster_rows(rows);
+            }
+        }
+    }
+
+    /// After it, before the lock goes: the rows of this host's runs it reaped go (PROTOCOL §17).
+    fn rows_after(&mut self, held: &mut crate::state::applock::AppLock, mark: usize) {
+        if let Some(s) = held.cluster_session() {
+            let here = crate::reap::reaper::cluster::Here::now();
+            for id in &self.reaper.reaped_log()[mark..] {
+                let _ = crate::cluster::runs::remove_of(s, id, &here.host, &here.boot_id);
             }
         }
     }

@@ -339,6 +339,7 @@ mod tests {
             dry_run: true,
             retain: Duration::from_secs(3600),
             orphan_age: Duration::from_secs(600),
+            cluster: None,
         }
     }
 

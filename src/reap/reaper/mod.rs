@@ -14,6 +14,7 @@
 //! process marker must be that run's token, and nothing is killed while the recorded core is
 //! alive.
 
+pub(crate) mod cluster;
 mod leftovers;
 
 use crate::ident::names::{Domain, RunId};
@@ -63,6 +64,9 @@ pub(crate) struct Reaper<'a> {
     /// apps; re-reading the runs dir for each would be quadratic). Every candidate is
     /// re-checked under its `run.lock` before anything is done to it, so staleness is safe.
     index: Option<std::collections::HashMap<String, Vec<(String, RunRecord)>>>,
+    /// With a cluster: the app's rows in `tether.runs`, read under its cluster lock before the
+    /// local reconcile (`cluster`): a run whose row says its teardown ran elsewhere gets none.
+    rows: Option<Vec<crate::cluster::runs::Row>>,
 }
 
 /// A dead run found by a lock probe.
@@ -150,6 +154,7 @@ impl<'a> Reaper<'a> {
             reaped: HashSet::new(),
             reaped_log: Vec::new(),
             index: None,
+            rows: None,
         }
     }
 
@@ -343,10 +348,22 @@ impl Reaper<'_> {
             return Ok(());
         }
         self.kill_leftovers(&dead.meta);
-        if dead.record.is_none() {
+        // Its teardown already ran on another host (its cluster row `reaped`, or `cleaned`
+        // once its leftovers were killed here): none here (PROTOCOL §17).
+        let elsewhere = matches!(
+            self.row_state(&id),
+            Some(crate::cluster::runs::REAPED | crate::cluster::runs::CLEANED)
+        );
+        if elsewhere {
+            output::info(
+                "reaping",
+                &format!("dead run {id} was reaped on another host: no teardown here"),
+            );
+        }
+        if dead.record.is_none() && !elsewhere {
             self.say_no_record(&format!("dead run {id}"));
         }
-        let script = plan.teardown;
+        let script = plan.teardown.filter(|_| !elsewhere);
         let settle = |dir: &Option<Dir>| {
             // Settle the record before anything else can be cut short, and before the app lock
             // that guards this reap is released, even when someone else holds its run dir for
@@ -440,6 +457,9 @@ fn reap_env(dead: &DeadRun) -> Vec<(OsString, OsString)> {
     env.push(("TETHER_APP".into(), dead.meta.app.clone().into()));
     env.push(("TETHER_RUN_ID".into(), dead.meta.run_id.clone().into()));
     env.push(("TETHER_RUN_DIR".into(), dead.meta.run_dir.clone().into()));
+    if let Some(fence) = dead.record.as_ref().and_then(|r| r.fence) {
+        env.push(("TETHER_FENCE".into(), fence.to_string().into()));
+    }
     if let Some(code) = dead.record.as_ref().and_then(|r| r.exit_code) {
         env.push(("TETHER_EXIT_CODE".into(), code.to_string().into()));
     }
