@@ -84,7 +84,7 @@ pub use procs::{
     sig_ignored, thread_names, wait_all_gone, wait_child_named, wait_pid_gone, KillOnDrop,
     ProcInfo, ProcessGuard,
 };
-pub use sandbox::Sandbox;
+pub use sandbox::{cluster_switch, Sandbox, CLUSTER_SWITCH};
 pub use shell::{StepShell, StepShellCmd};
 pub use users::{cgroup2_writable, is_root, TempUser};
 pub use wait::{
@@ -331,10 +331,14 @@ pub fn ci_vars() -> Vec<OsString> {
 }
 
 /// Removes from `cmd` the variables of the test's own environment that would change what
-/// tether does: those of [`ci_vars`].
+/// tether does: those of [`ci_vars`]. With the cluster switch on, sets `TETHER_CLUSTER_URL` to
+/// the switch's server (see [`Sandbox`]); a test's own `.env()`/`.env_remove()` comes after.
 pub(crate) fn scrub_env(cmd: &mut std::process::Command) {
     for key in ci_vars() {
         cmd.env_remove(key);
+    }
+    if let Some(url) = sandbox::switch_cluster_url() {
+        cmd.env("TETHER_CLUSTER_URL", url);
     }
 }
 

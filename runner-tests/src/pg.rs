@@ -393,6 +393,44 @@ impl Postgres {
         }
     }
 
+    /// [`Postgres::start`], then TCP connections from 127.0.0.1 are trusted (no password): the
+    /// server of the suite's cluster switch (`TETHER_TEST_CLUSTER=1`, see [`crate::Sandbox`]).
+    /// tether reads a cluster password only through a config file's `password_env` /
+    /// `password_file`, and a test's own `--config` would drop that; with trust,
+    /// `TETHER_CLUSTER_URL` alone configures the cluster and every test keeps its own config.
+    /// Returns once a password-less TCP connection works (the reload is asynchronous).
+    pub fn start_trusting_tcp() -> Postgres {
+        let pg = Postgres::start();
+        let hba = pg.root.join("data/pg_hba.conf");
+        // Rewritten in place: the file stays the `postgres` user's, in its 0700 data dir.
+        fs::write(
+            &hba,
+            "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", hba.display()));
+        pg.psql("SELECT pg_reload_conf()");
+        let until = Instant::now() + START_TIMEOUT;
+        loop {
+            let out = Command::new(Path::new(PG_BIN).join("psql"))
+                .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
+                .args(["-U", "tether", "-d", "tether", "-w", "-X", "-A", "-t"])
+                .args(["-c", "SELECT 1"])
+                .env_remove("PGPASSWORD")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("starting psql: {e}"));
+            if out.status.success() {
+                return pg;
+            }
+            assert!(
+                Instant::now() < until,
+                "password-less TCP connections still refused after {START_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(POLL); // polling the asynchronous reload, bounded
+        }
+    }
+
     /// The CA that signed the server's certificate ([`Postgres::start_with_tls`]).
     pub fn ca_file(&self) -> PathBuf {
         self.root.join("ca.crt")

@@ -9,20 +9,69 @@
 //! mentions the sandbox (which covers tether itself via `--lock-dir`, and every command it
 //! starts via `TETHER_RUN_DIR`/`TMPDIR`), until none is left. Set `TETHER_TEST_KEEP=1` to keep
 //! the directory for inspection.
+//!
+//! **The cluster switch** (issue 16, DECISIONS D73): with `TETHER_TEST_CLUSTER=1` in the test's
+//! environment, every sandbox holds a throwaway PostgreSQL ([`Postgres::start_trusting_tcp`]),
+//! one per test process (sandboxes alive at the same time share it), started with the first
+//! sandbox and stopped when the last one drops — after the sandbox's sweep has killed its
+//! tethers. While it lives, every command the suite starts through [`crate::scrub_env`] (tether
+//! itself, step shells, fake agents, and so every tether started inside them) gets
+//! `TETHER_CLUSTER_URL` pointing at it: every run takes the cluster lock and gets a fence.
+//! Without the switch nothing changes. A test whose property legitimately differs with a
+//! cluster checks [`cluster_switch`] (or is filtered out in `.ci/run`), with the reason in
+//! TESTPLAN.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::command::TetherCmd;
+use crate::pg::Postgres;
 use crate::procs::{describe_pid, proc_info, ProcessGuard};
 use crate::shell::StepShellCmd;
 use crate::POLL;
+
+/// The variable that turns the cluster switch on (see the module doc).
+pub const CLUSTER_SWITCH: &str = "TETHER_TEST_CLUSTER";
+
+/// Whether the suite runs with a cluster configured: `TETHER_TEST_CLUSTER` is set, non-empty
+/// and not `0`.
+pub fn cluster_switch() -> bool {
+    std::env::var_os(CLUSTER_SWITCH).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The switch's server while some sandbox holds it; a `Weak` so that the last sandbox's drop
+/// stops it (a static is never dropped).
+static SWITCH_SERVER: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
+
+/// The switch's server, started if no sandbox holds one.
+fn switch_server() -> Arc<Postgres> {
+    let mut slot = SWITCH_SERVER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(pg) = slot.upgrade() {
+        return pg;
+    }
+    let pg = Arc::new(Postgres::start_trusting_tcp());
+    *slot = Arc::downgrade(&pg);
+    pg
+}
+
+/// `TETHER_CLUSTER_URL` for the commands the suite starts: the switch's server's URL while one
+/// lives, else `None` (the switch off, or no sandbox alive).
+pub(crate) fn switch_cluster_url() -> Option<String> {
+    SWITCH_SERVER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .upgrade()
+        .map(|pg| pg.url())
+}
 
 /// A private temp dir per test, see the module doc.
 #[derive(Debug)]
@@ -31,6 +80,8 @@ pub struct Sandbox {
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
     counter: AtomicUsize,
+    /// The cluster switch's server (see the module doc); dropped after `Drop::drop`'s sweep.
+    cluster: Option<Arc<Postgres>>,
 }
 
 impl Default for Sandbox {
@@ -40,7 +91,9 @@ impl Default for Sandbox {
 }
 
 impl Sandbox {
-    /// Creates the temp dir and its `locks/`, `runs/`, `marks/`, `logs/`.
+    /// Creates the temp dir and its `locks/`, `runs/`, `marks/`, `logs/`; with the cluster
+    /// switch on, starts (or shares) its PostgreSQL server — from the calling thread, whose
+    /// exit stops it (PDEATHSIG): create sandboxes on the test's own thread.
     pub fn new() -> Sandbox {
         let dir = tempfile::Builder::new()
             .prefix("tether-test-")
@@ -67,7 +120,13 @@ impl Sandbox {
             dir: Some(dir),
             root,
             counter: AtomicUsize::new(0),
+            cluster: cluster_switch().then(switch_server),
         }
+    }
+
+    /// The cluster switch's server, when the switch is on.
+    pub fn cluster(&self) -> Option<&Postgres> {
+        self.cluster.as_deref()
     }
 
     /// The sandbox root.
