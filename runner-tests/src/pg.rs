@@ -39,6 +39,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a start is retried when another test took the port in between.
 const PORT_TRIES: usize = 5;
 
+/// Where [`Postgres::start_in`] puts a server: a network namespace, the addresses it listens
+/// on there, and the clients (a CIDR) it lets in with the password.
+#[derive(Debug, Clone)]
+pub struct NetPlace {
+    /// `/run/netns/<name>` (what `ip netns add` makes).
+    pub netns: PathBuf,
+    /// A `listen_addresses` value, e.g. `10.1.2.254`.
+    pub listen: String,
+    /// A `pg_hba.conf` address, e.g. `10.1.2.0/24`.
+    pub clients: String,
+}
+
 /// One running test server; see the module doc.
 #[derive(Debug)]
 pub struct Postgres {
@@ -62,6 +74,17 @@ fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
 /// A command run as `postgres`, its parent-death signal set after the identity change (the
 /// kernel clears it on a change of credentials).
 fn as_postgres(program: &str, deathsig: Option<libc::c_int>) -> Command {
+    as_postgres_in(program, deathsig, None)
+}
+
+/// [`as_postgres`], first entering the network namespace open on `netns` (`setns` needs
+/// `CAP_SYS_ADMIN`, which the identity change drops: so it comes before it). The fd stays open
+/// in the parent until the spawn returns, so the child still has it.
+fn as_postgres_in(
+    program: &str,
+    deathsig: Option<libc::c_int>,
+    netns: Option<std::os::fd::RawFd>,
+) -> Command {
     let path = Path::new(PG_BIN).join(program);
     assert!(
         path.is_file(),
@@ -74,6 +97,11 @@ fn as_postgres(program: &str, deathsig: Option<libc::c_int>) -> Command {
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
@@ -278,11 +306,39 @@ impl Postgres {
         Postgres::start_with(true)
     }
 
+    /// A fresh server inside another network namespace (the hosts fixture, `netns.rs`):
+    /// started in the namespace of `place.netns`, listening on `place.listen` (a
+    /// `listen_addresses` value) besides its unix socket, accepting password (scram)
+    /// connections from `place.clients` (a CIDR) too. [`Postgres::psql`] still works: it
+    /// goes through the unix socket, which is a file, not part of any network namespace.
+    pub fn start_in(place: &NetPlace) -> Postgres {
+        Postgres::start_full(false, Some(place))
+    }
+
     fn start_with(tls: bool) -> Postgres {
+        Postgres::start_full(tls, None)
+    }
+
+    fn start_full(tls: bool, place: Option<&NetPlace>) -> Postgres {
         let tpl = template();
         let dir = postgres_temp_dir("tether-pg-");
         let root = dir.path().to_path_buf();
         copy_tree(&tpl.join("data"), &root.join("data"));
+        // Opened before the spawn, entered by the child (`as_postgres_in`).
+        let netns = place.map(|p| {
+            fs::File::open(&p.netns).unwrap_or_else(|e| {
+                panic!("opening the network namespace {}: {e}", p.netns.display())
+            })
+        });
+        if let Some(p) = place {
+            use std::io::Write;
+            let hba = root.join("data/pg_hba.conf");
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&hba)
+                .and_then(|mut f| writeln!(f, "host all all {} scram-sha-256", p.clients))
+                .unwrap_or_else(|e| panic!("appending to {}: {e}", hba.display()));
+        }
         let mut tls_args = Vec::new();
         if tls {
             make_certs(&root);
@@ -302,7 +358,11 @@ impl Postgres {
             let log_file = fs::File::create(&log).expect("creating the server log");
             let (uid, gid) = postgres_ids();
             std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the server log");
-            let mut cmd = as_postgres("postgres", Some(libc::SIGQUIT));
+            let mut cmd = as_postgres_in(
+                "postgres",
+                Some(libc::SIGQUIT),
+                netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            );
             cmd.arg("-D")
                 .arg(root.join("data"))
                 .arg("-p")
@@ -324,6 +384,10 @@ impl Postgres {
                     "shared_buffers=16MB",
                 ])
                 .args(&tls_args)
+                // A later `-c` wins: the namespace's addresses instead of 127.0.0.1.
+                .args(place.map_or_else(Vec::new, |p| {
+                    vec!["-c".to_owned(), format!("listen_addresses={}", p.listen)]
+                }))
                 .stdout(log_file.try_clone().expect("dup the log fd"))
                 .stderr(log_file);
             let child = cmd
