@@ -20,10 +20,12 @@
 //!   fixture's process-group handling works unchanged. `nsenter` rather than `ip netns exec`:
 //!   the latter also remounts `/sys` in a mount namespace of its own, which would hide
 //!   `/sys/fs/cgroup` from tether (DECISIONS D65).
-//! - **Partitions are real**: [`Host::partition`] drops every packet between the host and the
-//!   database silently (a `clsact` qdisc on `vh` whose u32 filters redirect both directions to
-//!   the down `sink`: no link event, no ICMP, no error on either side — what a lost switch or
-//!   a cut cable past the first hop looks like); [`Host::partition_link`] takes `vh` down
+//! - **Partitions are real**: [`Host::partition`] drops every IP packet between the host and
+//!   the database silently (a `clsact` qdisc on `vh` whose u32 filters redirect both directions
+//!   to the down `sink`: no link event, no ICMP, no error on either side — what a partition
+//!   past the first hop looks like). ARP still passes: dropping it too would let the host's
+//!   kernel fail its neighbour lookup after ~3 s and report "no route to host", which a host
+//!   behind a router never sees; [`Host::partition_link`] takes `vh` down
 //!   instead (the kernel then knows). [`Host::heal`] undoes either. This kernel has no `netem`
 //!   (no `sch_netem`), which is why the drop is a redirect (D65).
 //! - **Nothing stays behind**: dropping the cluster stops the server, then deletes the
@@ -287,14 +289,14 @@ impl Host {
             .env(PASSWORD_ENV, PASSWORD)
     }
 
-    /// Cuts the host off the database silently: every packet on its link is dropped, both
+    /// Cuts the host off the database silently: every IP packet on its link is dropped, both
     /// ways, with no link event and no error (see the module doc).
     pub fn partition(&self) {
         self.ns.tc(&["qdisc", "add", "dev", "vh", "clsact"]);
         for dir in ["egress", "ingress"] {
             self.ns.tc(&[
-                "filter", "add", "dev", "vh", dir, "u32", "match", "u32", "0", "0", "action",
-                "mirred", "egress", "redirect", "dev", "sink",
+                "filter", "add", "dev", "vh", dir, "protocol", "ip", "u32", "match", "u32", "0",
+                "0", "action", "mirred", "egress", "redirect", "dev", "sink",
             ]);
         }
     }

@@ -427,3 +427,36 @@ fn database_unreachable_at_start_exits_75_leaving_nothing() {
         assert_nothing_created(&c, h, app, &id, &ran);
     }
 }
+
+/// Issue 16 §6: with `--lock-timeout` shorter than the connect timeout, the start gives up
+/// after the lock timeout. Today the connect is bounded by `connect_timeout` and the socket's
+/// `TCP_USER_TIMEOUT` (5 s, which Linux applies to the handshake too), not by `--lock-timeout`:
+/// this run takes about 6 s.
+#[test]
+#[ignore = "waits for the cluster connect to honour --lock-timeout (issue 16 §6): it takes ~6 s today"]
+fn database_unreachable_at_start_is_bounded_by_lock_timeout() {
+    let sb = Sandbox::new();
+    let c = Cluster::new(1);
+    let h = c.host(0);
+    let cfg = c.write_config("long.yml", "30s", "");
+    h.partition();
+    let ran = sb.mark("ran");
+    let t0 = Instant::now();
+    let out = h
+        .run_config(&sb, &cfg)
+        .app("bounded.hosts.test")
+        .run_id(rid(&sb, "bounded"))
+        .arg("--lock-timeout")
+        .arg("1s")
+        .command(["touch", &ran.display().to_string()])
+        .run();
+    let took = t0.elapsed();
+    h.heal();
+    out.assert_code(75);
+    assert!(
+        took < Duration::from_secs(3),
+        "bounded by --lock-timeout 1s, not the 30 s connect timeout: took {took:?}\n{out}"
+    );
+    assert!(!ran.exists());
+    assert_eq!(run_dirs(h.runs_dir()), Vec::<String>::new());
+}
