@@ -337,6 +337,11 @@ impl Cluster {
     /// and a default config naming the server (password from [`PASSWORD_ENV`],
     /// `connect_timeout` [`CONNECT_TIMEOUT`]). Panics when not root or when a step fails.
     pub fn new(hosts: usize) -> Cluster {
+        Cluster::with_tether(hosts, &tether_bin())
+    }
+
+    /// [`Cluster::new`] whose hosts run the tether binary `tether` (the bench's `--tether`).
+    pub fn with_tether(hosts: usize, tether: &Path) -> Cluster {
         require_root("the hosts fixture (runner_tests::netns::Cluster)");
         assert!(
             (1..=MAX_HOSTS).contains(&hosts),
@@ -355,7 +360,7 @@ impl Cluster {
         db.ip(&["addr", "add", &format!("{db_addr}/32"), "dev", "lo"]);
         let config = dir.path().join("cluster.yml");
         let made: Vec<Host> = (0..hosts)
-            .map(|i| Cluster::add_host(&db, &net, (pid, k, i), dir.path(), &config))
+            .map(|i| Cluster::add_host(&db, &net, (pid, k, i), dir.path(), (&config, tether)))
             .collect();
         let pg = Postgres::start_in(&NetPlace {
             netns: db.path(),
@@ -381,7 +386,7 @@ impl Cluster {
         net: &str,
         (pid, k, i): (u32, usize, usize),
         dir: &Path,
-        config: &Path,
+        (config, tether): (&Path, &Path),
     ) -> Host {
         let letter = char::from(b'a' + (i % 26) as u8);
         let name = if i < 26 {
@@ -427,7 +432,7 @@ impl Cluster {
              execs.\nexec nsenter --net={} -- unshare --uts -- sh -c 'hostname \"$0\" && exec \
              \"$@\"' {name} {} \"$@\"\n",
             shell_quote(ns.path()),
-            shell_quote(tether_bin())
+            shell_quote(tether)
         );
         fs::write(&wrapper, script)
             .and_then(|()| fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)))
