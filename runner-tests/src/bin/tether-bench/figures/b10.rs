@@ -67,8 +67,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
                 tether_run(ctx, h, h.config(), (&app, &name), &stamp)
             }
             Side::Base => {
-                let line: Vec<String> =
-                    stamp.iter().map(|a| runner_tests::shell_quote(a)).collect();
+                let line: Vec<String> = stamp.iter().map(runner_tests::shell_quote).collect();
                 let key = 10_000 + k as i64;
                 psql_lock(&c, h, &name, key, &format!("exec {}", line.join(" ")))
             }

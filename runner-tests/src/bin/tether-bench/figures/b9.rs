@@ -73,8 +73,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<(), String> {
                 cmd
             }
             Side::Base => {
-                let line: Vec<String> =
-                    stamp.iter().map(|a| runner_tests::shell_quote(a)).collect();
+                let line: Vec<String> = stamp.iter().map(runner_tests::shell_quote).collect();
                 let mut cmd = psql_lock(
                     &c,
                     h,
