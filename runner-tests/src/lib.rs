@@ -45,6 +45,7 @@
 
 mod agent;
 mod command;
+mod dir_hosts;
 mod files;
 mod held;
 pub mod helper;
@@ -66,6 +67,7 @@ use std::time::Duration;
 
 pub use agent::{FakeAgent, FakeAgentCmd};
 pub use command::{Finished, RunningTether, TetherCmd};
+pub use dir_hosts::{dir_host, DirHost};
 pub use files::{
     backdate, log_lines, names, rid, run_dirs, sh_wait_for, snapshot, suffix, touch,
     wait_holder_pid, write_config,
@@ -81,8 +83,8 @@ pub use pg::Postgres;
 pub use pg_proxy::PoolingProxy;
 pub use procs::{
     children_of, descendants_of, pid_alive, pid_comm, poll_all_gone, poll_pid_gone, proc_info,
-    sig_ignored, wait_all_gone, wait_child_named, wait_pid_gone, KillOnDrop, ProcInfo,
-    ProcessGuard,
+    sig_ignored, thread_names, wait_all_gone, wait_child_named, wait_pid_gone, KillOnDrop,
+    ProcInfo, ProcessGuard,
 };
 pub use sandbox::Sandbox;
 pub use shell::{StepShell, StepShellCmd};

@@ -58,6 +58,10 @@ pub struct Postgres {
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
     port: u16,
+    /// The server's arguments after `-D <data> -p <port>`, for [`Postgres::restart`].
+    args: Vec<String>,
+    /// The network namespace it runs in ([`Postgres::start_in`]), for a restart too.
+    netns: Option<PathBuf>,
 }
 
 /// uid and gid of the `postgres` user.
@@ -293,6 +297,36 @@ fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 to find a free port")
 }
 
+/// Start `postgres` on `root`'s data dir and `port` with `args`, its output to `log`, inside
+/// the network namespace `netns` (a `/run/netns/<name>` file) when given.
+fn spawn_server(
+    root: &Path,
+    port: u16,
+    args: &[String],
+    log: fs::File,
+    netns: Option<&Path>,
+) -> Child {
+    // Opened before the spawn, entered by the child (`as_postgres_in`).
+    let ns = netns.map(|p| {
+        fs::File::open(p)
+            .unwrap_or_else(|e| panic!("opening the network namespace {}: {e}", p.display()))
+    });
+    let mut cmd = as_postgres_in(
+        "postgres",
+        Some(libc::SIGQUIT),
+        ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+    );
+    cmd.arg("-D")
+        .arg(root.join("data"))
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdout(log.try_clone().expect("dup the log fd"))
+        .stderr(log);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"))
+}
+
 impl Postgres {
     /// Start a fresh server (see the module doc). Panics, with the server's log, when it
     /// cannot.
@@ -324,12 +358,6 @@ impl Postgres {
         let dir = postgres_temp_dir("tether-pg-");
         let root = dir.path().to_path_buf();
         copy_tree(&tpl.join("data"), &root.join("data"));
-        // Opened before the spawn, entered by the child (`as_postgres_in`).
-        let netns = place.map(|p| {
-            fs::File::open(&p.netns).unwrap_or_else(|e| {
-                panic!("opening the network namespace {}: {e}", p.netns.display())
-            })
-        });
         if let Some(p) = place {
             use std::io::Write;
             let hba = root.join("data/pg_hba.conf");
@@ -358,18 +386,9 @@ impl Postgres {
             let log_file = fs::File::create(&log).expect("creating the server log");
             let (uid, gid) = postgres_ids();
             std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the server log");
-            let mut cmd = as_postgres_in(
-                "postgres",
-                Some(libc::SIGQUIT),
-                netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
-            );
-            cmd.arg("-D")
-                .arg(root.join("data"))
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-k")
-                .arg(&root)
-                .args([
+            let mut args = vec!["-k".to_owned(), root.display().to_string()];
+            args.extend(
+                [
                     "-c",
                     "listen_addresses=127.0.0.1",
                     "-c",
@@ -382,22 +401,23 @@ impl Postgres {
                     "max_connections=50",
                     "-c",
                     "shared_buffers=16MB",
-                ])
-                .args(&tls_args)
+                ]
+                .map(str::to_owned),
+            );
+            args.extend(tls_args.iter().cloned());
+            if let Some(p) = place {
                 // A later `-c` wins: the namespace's addresses instead of 127.0.0.1.
-                .args(place.map_or_else(Vec::new, |p| {
-                    vec!["-c".to_owned(), format!("listen_addresses={}", p.listen)]
-                }))
-                .stdout(log_file.try_clone().expect("dup the log fd"))
-                .stderr(log_file);
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
+                args.extend(["-c".to_owned(), format!("listen_addresses={}", p.listen)]);
+            }
+            let netns = place.map(|p| p.netns.clone());
+            let child = spawn_server(&root, port, &args, log_file, netns.as_deref());
             let mut pg = Postgres {
                 child: Some(child),
                 dir: None,
                 root: root.clone(),
                 port,
+                args,
+                netns,
             };
             match pg.wait_ready(&log) {
                 Ok(()) => {
@@ -513,6 +533,30 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+    }
+
+    /// Stop the server at once (immediate shutdown, as a crash would) and start it again on
+    /// the same data dir and port; returns when it accepts connections again. Every session
+    /// of before is gone.
+    pub fn restart(&mut self) {
+        self.stop();
+        // An immediate stop may leave the old `postmaster.pid` saying `ready`: the wait below
+        // must read the new server's.
+        let _ = fs::remove_file(self.root.join("data/postmaster.pid"));
+        let log = self.root.join(format!("server-{}-restart.log", self.port));
+        let log_file = fs::File::create(&log).expect("creating the server log");
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the server log");
+        self.child = Some(spawn_server(
+            &self.root,
+            self.port,
+            &self.args,
+            log_file,
+            self.netns.as_deref(),
+        ));
+        if let Err(text) = self.wait_ready(&log) {
+            panic!("the PostgreSQL test server did not restart:\n{text}");
+        }
     }
 
     /// Stop the server now (immediate shutdown) and wait for it; idempotent.

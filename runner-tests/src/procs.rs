@@ -378,3 +378,27 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// The names (`comm`) of `pid`'s threads: the main thread first, then the others sorted.
+/// Empty when the process is gone.
+pub fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut others = Vec::new();
+    let mut main = None;
+    for entry in dir.flatten() {
+        let tid = entry.file_name().to_string_lossy().into_owned();
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
+            continue;
+        };
+        let comm = comm.trim_end().to_owned();
+        if tid == pid.to_string() {
+            main = Some(comm);
+        } else {
+            others.push(comm);
+        }
+    }
+    others.sort();
+    main.into_iter().chain(others).collect()
+}

@@ -7,52 +7,14 @@
 //! `O_APPEND` file, so the log is a faithful order of who ran when.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 
-use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
-    log_lines, rid, run_dirs, sh_wait_for, shell_quote, touch, wait_line, wait_until, write_config,
-    Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
+    dir_host, log_lines, rid, run_dirs, sh_wait_for, shell_quote, touch, wait_line, wait_until,
+    write_config, DirHost, Postgres, RunningTether, Sandbox, TIMEOUT,
 };
 
-/// One simulated host: its own lock dir and runs dir.
-struct Host {
-    lock: PathBuf,
-    runs: PathBuf,
-}
-
-fn host(sb: &Sandbox, name: &str) -> Host {
-    let root = sb.path().join(name);
-    let h = Host {
-        lock: root.join("locks"),
-        runs: root.join("runs"),
-    };
-    for (dir, mode) in [(&root, 0o755), (&h.lock, 0o755), (&h.runs, 0o700)] {
-        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
-    }
-    h
-}
-
-/// `tether run` on host `h` with the cluster config `cfg`.
-fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> TetherCmd<'a> {
-    sb.tether_run()
-        .no_sandbox_dirs()
-        .arg("--lock-dir")
-        .arg(&h.lock)
-        .arg("--runs-dir")
-        .arg(&h.runs)
-        .arg("--config")
-        .arg(cfg)
-        .app(app)
-        .run_id(id)
-        .env(PASSWORD_ENV, PASSWORD)
-}
-
 /// The run record of `id` on host `h`.
-fn record(h: &Host, id: &str) -> Option<serde_json::Value> {
+fn record(h: &DirHost, id: &str) -> Option<serde_json::Value> {
     let text = fs::read_to_string(h.runs.join(id).join("run.json")).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -84,13 +46,14 @@ fn cluster_lock_keeps_two_hosts_apart_and_fences_increase() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
-    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let (a, b) = (dir_host(&sb, "host-a"), dir_host(&sb, "host-b"));
     let app = "two-hosts.test";
     let log = sb.mark("log");
     let release = sb.mark("release");
     let q = shell_quote(&log);
     let id_a = rid(&sb, "a");
-    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+    let mut run_a = a
+        .run(&sb, &cfg, app, &id_a)
         .arg("--keep-run-dir")
         .teardown(format!("echo \"teardown $TETHER_FENCE\" >> {q}"))
         .command([
@@ -104,16 +67,16 @@ fn cluster_lock_keeps_two_hosts_apart_and_fences_increase() {
         .spawn();
     wait_line(&log, "+", TIMEOUT);
 
-    // The holder's core forks with one thread, and holds a session advisory lock.
+    // The holder's core runs its main thread and the lock's heartbeat (D56), nothing else,
+    // and holds a session advisory lock.
     let core = record(&a, &id_a)
         .and_then(|r| r["pid"].as_i64())
         .unwrap_or_else(|| panic!("run.json of {id_a} with a pid"));
-    let tasks = fs::read_dir(format!("/proc/{core}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0);
     assert_eq!(
-        tasks, 1,
-        "the holder's core runs one thread while it holds the lock"
+        runner_tests::thread_names(core as i32),
+        // `cluster-heartbeat`, as the kernel keeps it (15 bytes).
+        vec!["tether".to_owned(), "cluster-heartbe".to_owned()],
+        "the holder's core runs its main thread and the heartbeat while it holds the lock"
     );
     assert_eq!(
         pg.psql(&format!(
@@ -125,7 +88,8 @@ fn cluster_lock_keeps_two_hosts_apart_and_fences_increase() {
     );
 
     let id_b = rid(&sb, "b");
-    let mut run_b: RunningTether = run_on(&sb, &b, &cfg, app, &id_b)
+    let mut run_b: RunningTether = b
+        .run(&sb, &cfg, app, &id_b)
         .command([
             "sh",
             "-c",
@@ -179,7 +143,7 @@ fn cluster_lock_handoffs_across_hosts_never_overlap() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
-    let hosts = [host(&sb, "host-a"), host(&sb, "host-b")];
+    let hosts = [dir_host(&sb, "host-a"), dir_host(&sb, "host-b")];
     let app = "handoffs.test";
     let log = sb.mark("log");
     let q = shell_quote(&log);
@@ -189,7 +153,8 @@ fn cluster_lock_handoffs_across_hosts_never_overlap() {
         format!("echo \"+$TETHER_FENCE\" >> {q}; sleep 0.05; echo \"-$TETHER_FENCE\" >> {q}");
     let mut runs: Vec<RunningTether> = (0..RUNS)
         .map(|i| {
-            run_on(&sb, &hosts[i % 2], &cfg, app, &rid(&sb, &format!("r{i}")))
+            hosts[i % 2]
+                .run(&sb, &cfg, app, &rid(&sb, &format!("r{i}")))
                 .command(["sh", "-c", &script])
                 .spawn()
         })
@@ -217,9 +182,10 @@ fn cluster_lock_database_down_at_start_exits_75_leaving_nothing() {
     let sb = Sandbox::new();
     let (url, port) = runner_tests::pg::refused_url();
     let cfg = write_config(&sb, "cluster.yml", &format!("cluster:\n  url: {url}\n"));
-    let h = host(&sb, "host-a");
+    let h = dir_host(&sb, "host-a");
     let ran = sb.mark("ran");
-    let out = run_on(&sb, &h, &cfg, "down.test", &rid(&sb, "down"))
+    let out = h
+        .run(&sb, &cfg, "down.test", &rid(&sb, "down"))
         .teardown(format!("touch {}", shell_quote(&ran)))
         .command(["touch", &ran.display().to_string()])
         .run();
@@ -267,10 +233,11 @@ fn cluster_lock_wait_is_bounded_by_lock_timeout_and_leaves_no_waiter() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
-    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let (a, b) = (dir_host(&sb, "host-a"), dir_host(&sb, "host-b"));
     let started = sb.mark("started");
     let release = sb.mark("release");
-    let mut holder = run_on(&sb, &a, &cfg, "bounded.test", &rid(&sb, "a"))
+    let mut holder = a
+        .run(&sb, &cfg, "bounded.test", &rid(&sb, "a"))
         .command([
             "sh",
             "-c",
@@ -284,7 +251,8 @@ fn cluster_lock_wait_is_bounded_by_lock_timeout_and_leaves_no_waiter() {
     runner_tests::wait_file(&started, TIMEOUT);
     let ran = sb.mark("b-ran");
     let id_b = rid(&sb, "b");
-    let out = run_on(&sb, &b, &cfg, "bounded.test", &id_b)
+    let out = b
+        .run(&sb, &cfg, "bounded.test", &id_b)
         .arg("--lock-timeout")
         .arg("1s")
         .command(["touch", &ran.display().to_string()])
@@ -312,9 +280,10 @@ fn cluster_lock_refuses_a_transaction_pooling_proxy() {
         proxy.port()
     );
     let cfg = write_config(&sb, "cluster.yml", &format!("cluster:\n  url: {url}\n"));
-    let h = host(&sb, "host-a");
+    let h = dir_host(&sb, "host-a");
     let ran = sb.mark("ran");
-    let out = run_on(&sb, &h, &cfg, "pooled.test", &rid(&sb, "pooled"))
+    let out = h
+        .run(&sb, &cfg, "pooled.test", &rid(&sb, "pooled"))
         .command(["touch", &ran.display().to_string()])
         .run();
     out.assert_code(125);

@@ -67,6 +67,9 @@ fn check(args: CheckArgs) -> Result<String> {
         );
     }
     schema::verify(&mut s)?;
+    // What a lock session gets (PROTOCOL §16), so the keepalives shown are the ones in force
+    // for a run's lock.
+    s.set_server_timeouts(&target.timing)?;
     let settings = s.rows(
         "SELECT current_setting('server_version'), \
                 current_setting('tcp_keepalives_idle'), \
@@ -130,6 +133,18 @@ fn report(
             get(5)
         ),
     ));
+    let t = target.timing;
+    out.push_str(&line(
+        "",
+        format!(
+            "(as a lock session sets them: the server drops a silent one {}–{} after its last \
+             byte)",
+            crate::config::duration::canonical(std::time::Duration::from_millis(
+                t.server().user_timeout_ms
+            )),
+            crate::config::duration::canonical(t.server_release),
+        ),
+    ));
     out.push_str(&line(
         "",
         format!(
@@ -144,6 +159,15 @@ fn report(
                     .connect_timeout
                     .unwrap_or(crate::config::settings::CLUSTER_CONNECT_TIMEOUT)
             ),
+        ),
+    ));
+    out.push_str(&line(
+        "fencing",
+        format!(
+            "heartbeat={} self_fence={} server_release={}",
+            crate::config::duration::canonical(t.heartbeat),
+            crate::config::duration::canonical(t.self_fence),
+            crate::config::duration::canonical(t.server_release),
         ),
     ));
     out

@@ -9,7 +9,7 @@
 //! the threads after a connection and a query.
 
 use super::tls;
-use crate::config::cluster::{ClusterTarget, SslMode};
+use crate::config::cluster::{ClusterTarget, FenceTiming, SslMode};
 use crate::error::{Error, Failure, Result};
 use postgres::SimpleQueryMessage;
 use std::io::Read;
@@ -160,9 +160,41 @@ impl Session {
             .map_err(|e| self.error("statement failed", &e))
     }
 
+    /// Run statements for their effect; a failure as one line without the server (the
+    /// heartbeat's report, whose log line names the server itself).
+    pub(crate) fn execute_quiet(&mut self, sql: &str) -> std::result::Result<(), String> {
+        self.client.batch_execute(sql).map_err(|e| one_line(&e))
+    }
+
+    /// The server-side bound on a lock session (PROTOCOL §16): the server drops a silent
+    /// client — and with it its lock or its place in the queue — within `server_release` of
+    /// the last byte it received, never sooner than one second before. Settable per session
+    /// by any user; `tether cluster check` sets them too, to show what a lock session gets.
+    pub(crate) fn set_server_timeouts(&mut self, timing: &FenceTiming) -> Result<()> {
+        let t = timing.server();
+        self.execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+             SET tcp_keepalives_count = {}; SET tcp_user_timeout = {}; \
+             SET client_connection_check_interval = {}",
+            t.keepalives_idle_s,
+            t.keepalives_interval_s,
+            t.keepalives_count,
+            t.user_timeout_ms,
+            t.check_interval_ms
+        ))
+    }
+
     /// An error of this session, classed like a connect error.
     pub(crate) fn error(&self, what: &str, e: &postgres::Error) -> Error {
-        let failure = if e.as_db_error().is_none() {
+        // The server going away is "retry later" (75), whether the socket closed or the
+        // server said so first: SQLSTATE class 08 (connection exception) and 57P01–57P03
+        // (shut down, crashed, not accepting connections yet) — a restart, a failover, an
+        // operator's pg_terminate_backend.
+        let gone = e.code().is_some_and(|c| {
+            let code = c.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        });
+        let failure = if e.as_db_error().is_none() || gone {
             Failure::Unavailable
         } else {
             Failure::Tether

@@ -9,6 +9,9 @@
 //!   password_env: TETHER_PG_PASSWORD      # or password_file: /etc/tether/pg-password
 //!   ca_file: /etc/tether/pg-ca.pem        # verify-full: trust this CA (default: public CAs)
 //!   connect_timeout: 5s
+//!   heartbeat: 1s          # how often a holder renews its session (PROTOCOL §16)
+//!   self_fence: 5s         # a holder kills its command this long after its last answered beat
+//!   server_release: 15s    # the server drops a silent holder's session (and lock) by then
 //! ```
 
 use super::read::{unknown_key, Ctx};
@@ -78,6 +81,9 @@ pub(crate) struct ClusterConfig {
     pub(crate) password_file: Option<PathBuf>,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) self_fence: Option<Duration>,
+    pub(crate) server_release: Option<Duration>,
 }
 
 const KEYS: &[&str] = &[
@@ -86,7 +92,117 @@ const KEYS: &[&str] = &[
     "password_file",
     "ca_file",
     "connect_timeout",
+    "heartbeat",
+    "self_fence",
+    "server_release",
 ];
+
+/// The timing of self-fencing (PROTOCOL §16, DECISIONS D58): how often a holder renews its
+/// session, when it gives up on it, and by when the server drops a silent one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FenceTiming {
+    pub(crate) heartbeat: Duration,
+    pub(crate) self_fence: Duration,
+    pub(crate) server_release: Duration,
+}
+
+/// The defaults of issue 16 §4: self-fence ≤ 5 s, server release ≤ 15 s.
+pub(crate) const DEFAULT_TIMING: FenceTiming = FenceTiming {
+    heartbeat: Duration::from_secs(1),
+    self_fence: Duration::from_secs(5),
+    server_release: Duration::from_secs(15),
+};
+
+/// What `server_release` must exceed `self_fence + heartbeat` by: the server's keepalive grid
+/// (it may drop a silent session up to one keepalive interval, 1 s, before `server_release`)
+/// plus 1 s for the core to notice the loss and SIGKILL the tree on a loaded host (D58).
+pub(crate) const RELEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The server's keepalive interval (and idle time) on a lock session, in whole seconds (the
+/// settings' unit): the grid on which the server's kernel decides (PROTOCOL §16).
+pub(crate) const SERVER_KEEPALIVE_S: u64 = 1;
+
+/// How often the server checks a lock session's socket while a statement runs (a waiter's
+/// `pg_advisory_lock`): a vanished waiter leaves the queue within this of its socket dying.
+pub(crate) const CHECK_INTERVAL_MS: u64 = 1000;
+
+/// The server-side settings of a lock session (`SET` per session, PROTOCOL §16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerTimeouts {
+    pub(crate) keepalives_idle_s: u64,
+    pub(crate) keepalives_interval_s: u64,
+    pub(crate) keepalives_count: u64,
+    pub(crate) user_timeout_ms: u64,
+    pub(crate) check_interval_ms: u64,
+}
+
+impl FenceTiming {
+    /// The settings that make the server drop a silent session no earlier than
+    /// `server_release − 1 s` and no later than `server_release` after the last byte it received
+    /// (Linux: with `TCP_USER_TIMEOUT` set, the keepalive timer — probing every interval from
+    /// the idle time on — aborts at its first firing with the time since the last receipt at
+    /// or past the user timeout and one probe out; unacknowledged data is aborted once it is
+    /// older than the user timeout). The count is for a server that ignores
+    /// `tcp_user_timeout`: idle + count × interval stays within the same window.
+    pub(crate) fn server(&self) -> ServerTimeouts {
+        let release_ms = self.server_release.as_millis() as u64;
+        let grid_ms = SERVER_KEEPALIVE_S * 1000;
+        ServerTimeouts {
+            keepalives_idle_s: SERVER_KEEPALIVE_S,
+            keepalives_interval_s: SERVER_KEEPALIVE_S,
+            keepalives_count: (release_ms / grid_ms)
+                .saturating_sub(SERVER_KEEPALIVE_S)
+                .max(1),
+            user_timeout_ms: release_ms.saturating_sub(grid_ms),
+            check_interval_ms: CHECK_INTERVAL_MS,
+        }
+    }
+
+    /// The knobs must keep the promise: a holder kills its command before the server can
+    /// release its lock. The message names the keys.
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        let FenceTiming {
+            heartbeat,
+            self_fence,
+            server_release,
+        } = *self;
+        let show = super::duration::canonical;
+        if heartbeat.is_zero() {
+            return Err("heartbeat must be more than 0s".into());
+        }
+        if self_fence < heartbeat * 2 {
+            return Err(format!(
+                "self_fence ({}) must be at least twice heartbeat ({}): one late beat must not \
+                 fence a healthy run",
+                show(self_fence),
+                show(heartbeat)
+            ));
+        }
+        let floor = self_fence + heartbeat + RELEASE_MARGIN;
+        if server_release < floor {
+            return Err(format!(
+                "server_release ({}) must be at least self_fence + heartbeat + {} ({}): the \
+                 server may drop a silent session 1s before server_release, and the holder's \
+                 command must be dead by then",
+                show(server_release),
+                show(RELEASE_MARGIN),
+                show(floor)
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    /// The timing with the defaults filled in.
+    pub(crate) fn timing(&self) -> FenceTiming {
+        FenceTiming {
+            heartbeat: self.heartbeat.unwrap_or(DEFAULT_TIMING.heartbeat),
+            self_fence: self.self_fence.unwrap_or(DEFAULT_TIMING.self_fence),
+            server_release: self.server_release.unwrap_or(DEFAULT_TIMING.server_release),
+        }
+    }
+}
 
 /// The default port of PostgreSQL.
 const DEFAULT_PORT: u16 = 5432;
@@ -110,6 +226,9 @@ pub(super) fn parse_block(ctx: &Ctx<'_>, node: &Node) -> Result<ClusterConfig> {
             "password_file" => c.password_file = sub.opt_str(v)?.map(PathBuf::from),
             "ca_file" => c.ca_file = sub.opt_str(v)?.map(PathBuf::from),
             "connect_timeout" => c.connect_timeout = sub.opt_duration(v)?,
+            "heartbeat" => c.heartbeat = sub.opt_duration(v)?,
+            "self_fence" => c.self_fence = sub.opt_duration(v)?,
+            "server_release" => c.server_release = sub.opt_duration(v)?,
             _ => return Err(ctx.err(*kl, unknown_key(k, KEYS))),
         }
     }
@@ -122,6 +241,7 @@ pub(super) fn parse_block(ctx: &Ctx<'_>, node: &Node) -> Result<ClusterConfig> {
     if c.connect_timeout == Some(Duration::ZERO) {
         return Err(ctx.err(node.line, "connect_timeout must be more than 0s".into()));
     }
+    c.timing().validate().map_err(|m| ctx.err(node.line, m))?;
     Ok(c)
 }
 
@@ -265,6 +385,7 @@ pub(crate) struct ClusterTarget {
     pub(crate) password_file: Option<PathBuf>,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) timing: FenceTiming,
 }
 
 /// The cluster to use, or `None`: no cluster configured, today's single-host behaviour.
@@ -274,12 +395,14 @@ pub(crate) fn target(
 ) -> Option<ClusterTarget> {
     let url = flag.or_else(|| file.and_then(|c| c.url.clone()))?;
     let file = file.cloned().unwrap_or_default();
+    let timing = file.timing();
     Some(ClusterTarget {
         url,
         password_env: file.password_env,
         password_file: file.password_file,
         ca_file: file.ca_file,
         connect_timeout: file.connect_timeout,
+        timing,
     })
 }
 
@@ -424,5 +547,86 @@ mod tests {
             Some("file".into())
         );
         assert_eq!(target(None, None), None, "no cluster configured");
+    }
+
+    #[test]
+    fn the_fence_timing_is_read_defaulted_and_validated_naming_the_keys() {
+        let c = block("cluster:\n  heartbeat: 200ms\n  self_fence: 1s\n  server_release: 4s\n")
+            .expect("valid")
+            .expect("a block");
+        let t = c.timing();
+        assert_eq!(t.heartbeat, Duration::from_millis(200));
+        assert_eq!(t.self_fence, Duration::from_secs(1));
+        assert_eq!(t.server_release, Duration::from_secs(4));
+        assert_eq!(ClusterConfig::default().timing(), DEFAULT_TIMING);
+        assert_eq!(
+            DEFAULT_TIMING.validate(),
+            Ok(()),
+            "the defaults keep the promise"
+        );
+        let cases = [
+            ("heartbeat: 0s", "heartbeat must be more than 0s"),
+            (
+                "heartbeat: 3s",
+                "self_fence (5s) must be at least twice heartbeat (3s)",
+            ),
+            (
+                "self_fence: 14s",
+                "server_release (15s) must be at least self_fence + heartbeat + 2s (17s)",
+            ),
+            (
+                "server_release: 7999ms",
+                "server_release (7999ms) must be at least self_fence + heartbeat + 2s (8s)",
+            ),
+        ];
+        for (line, want) in cases {
+            let text = format!("cluster:\n  {line}\n");
+            let m = block(&text).expect_err(&text);
+            assert!(m.contains(want), "{text}: {m}");
+        }
+        assert!(
+            block("cluster:\n  server_release: 8s\n").is_ok(),
+            "the floor itself is fine"
+        );
+    }
+
+    #[test]
+    fn the_server_drops_a_silent_session_within_the_last_second_before_server_release() {
+        let s = DEFAULT_TIMING.server();
+        assert_eq!(
+            s,
+            ServerTimeouts {
+                keepalives_idle_s: 1,
+                keepalives_interval_s: 1,
+                keepalives_count: 14,
+                user_timeout_ms: 14_000,
+                check_interval_ms: 1000,
+            }
+        );
+        for release_ms in [3000u64, 3500, 8000, 15_000, 60_000] {
+            let t = FenceTiming {
+                server_release: Duration::from_millis(release_ms),
+                ..DEFAULT_TIMING
+            };
+            let s = t.server();
+            // Linux aborts at the first keepalive firing (idle, idle + interval, …) with one
+            // probe out and the silence at or past the user timeout.
+            let grid = s.keepalives_interval_s * 1000;
+            let mut drop_at = s.keepalives_idle_s * 1000 + grid;
+            while drop_at < s.user_timeout_ms {
+                drop_at += grid;
+            }
+            assert!(drop_at <= release_ms, "{release_ms}: dropped at {drop_at}");
+            assert!(
+                drop_at + 1000 >= release_ms,
+                "{release_ms}: dropped at {drop_at}"
+            );
+            // Without tcp_user_timeout: idle + count probes.
+            let plain = s.keepalives_idle_s * 1000 + s.keepalives_count * grid;
+            assert!(
+                plain <= release_ms && plain + 1000 >= release_ms,
+                "{release_ms}: {plain}"
+            );
+        }
     }
 }

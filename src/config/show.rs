@@ -188,6 +188,27 @@ fn cluster(t: &mut Table<'_>) {
     let timeout = file.and_then(|c| c.connect_timeout);
     let shown = duration::canonical(timeout.unwrap_or(settings::CLUSTER_CONNECT_TIMEOUT));
     t.row("cluster.connect_timeout", shown, timeout.is_some());
+    // Self-fencing (PROTOCOL §16): each knob, defaulted as a run uses it.
+    let timing = file.cloned().unwrap_or_default().timing();
+    for (key, set, value) in [
+        (
+            "cluster.heartbeat",
+            file.and_then(|c| c.heartbeat).is_some(),
+            timing.heartbeat,
+        ),
+        (
+            "cluster.self_fence",
+            file.and_then(|c| c.self_fence).is_some(),
+            timing.self_fence,
+        ),
+        (
+            "cluster.server_release",
+            file.and_then(|c| c.server_release).is_some(),
+            timing.server_release,
+        ),
+    ] {
+        t.row(key, duration::canonical(value), set);
+    }
 }
 
 fn limits(t: &mut Table<'_>) {
@@ -274,6 +295,9 @@ mod tests {
             "cluster.password",
             "cluster.ca_file",
             "cluster.connect_timeout",
+            "cluster.heartbeat",
+            "cluster.self_fence",
+            "cluster.server_release",
         ] {
             assert!(empty.iter().any(|k| k == nested), "no row for {nested}");
         }

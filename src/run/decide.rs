@@ -18,6 +18,9 @@ pub(crate) enum Cause {
     ParentDied,
     /// The reader of tether's stdout/stderr went away: the CI agent died (D32).
     AgentGone,
+    /// The cluster lock's session is lost (its heartbeat failed or went unanswered past
+    /// `self_fence`): another host may get the lock, so the command dies at once (D57).
+    LockLost,
 }
 
 /// The cause a funnel event ends the run with; `None` for events that only wake the wait (a
@@ -28,6 +31,7 @@ pub(crate) fn cause_of(event: Event) -> Option<Cause> {
         Event::Deadline => Some(Cause::Deadline),
         Event::ParentDied => Some(Cause::ParentDied),
         Event::AgentGone => Some(Cause::AgentGone),
+        Event::LockLost => Some(Cause::LockLost),
         Event::Child | Event::Ready => None,
     }
 }
@@ -38,15 +42,20 @@ pub(crate) fn cause_of(event: Event) -> Option<Cause> {
 /// then parent death, then the agent gone, then the deadline. A signal tether received wins
 /// over its parent's death: an agent that signals the step's process group kills the step
 /// shell with the same signal, and `TETHER_REASON` must not depend on which died first (D14).
+/// A lost lock beats them all (D57): every other cause grants the command a grace period and
+/// a signal's exit code, but once the lock may be another host's the command must die at
+/// once, and the exit (75, retry later) and `TETHER_REASON=lock-lost` must say so — a
+/// teardown told `signal` would not know its deploy may now overlap another host's.
 fn precedence(cause: Cause) -> u8 {
     match cause {
-        Cause::Signal(Sig::Term) => 0,
-        Cause::Signal(Sig::Int) => 1,
-        Cause::Signal(Sig::Hup) => 2,
-        Cause::ParentDied => 3,
-        Cause::AgentGone => 4,
-        Cause::Deadline => 5,
-        Cause::Exited(_) => 6,
+        Cause::LockLost => 0,
+        Cause::Signal(Sig::Term) => 1,
+        Cause::Signal(Sig::Int) => 2,
+        Cause::Signal(Sig::Hup) => 3,
+        Cause::ParentDied => 4,
+        Cause::AgentGone => 5,
+        Cause::Deadline => 6,
+        Cause::Exited(_) => 7,
     }
 }
 
@@ -80,6 +89,7 @@ impl Cause {
             Cause::Deadline => "deadline",
             Cause::ParentDied => "parent-died",
             Cause::AgentGone => "agent-gone",
+            Cause::LockLost => "lock-lost",
         }
     }
 
@@ -91,6 +101,7 @@ impl Cause {
             Cause::Signal(Sig::Int) => exit::INTERRUPTED,
             Cause::Signal(Sig::Hup) => exit::HUNG_UP,
             Cause::Deadline => exit::DEADLINE,
+            Cause::LockLost => exit::UNAVAILABLE,
         }
     }
 
@@ -109,6 +120,7 @@ impl Cause {
             Cause::Exited(_) => "failed",
             Cause::Signal(_) | Cause::ParentDied | Cause::AgentGone => "cancelled",
             Cause::Deadline => "deadline",
+            Cause::LockLost => "lock-lost",
         }
     }
 }
@@ -131,6 +143,12 @@ mod tests {
         ];
         let (cause, losers) = decide_batch(&storm);
         assert_eq!(cause, Some(Cause::Signal(Sig::Term)));
+        // A lost lock wins over every signal that arrived with it (D57).
+        let mut with_loss = storm.to_vec();
+        with_loss.push(Event::LockLost);
+        let (cause, losers_then) = decide_batch(&with_loss);
+        assert_eq!(cause, Some(Cause::LockLost));
+        assert!(losers_then.contains(&Event::Signal(Sig::Term)));
         // Everything but the winner and the two wake-ups is logged as ignored.
         assert_eq!(losers.len(), storm.len() - 3);
         assert!(!losers.contains(&Event::Child) && !losers.contains(&Event::Ready));
@@ -195,5 +213,10 @@ mod tests {
         assert_eq!(Cause::AgentGone.reason(), "agent-gone");
         assert_eq!(Cause::AgentGone.exit_code(), 143);
         assert_eq!(Cause::AgentGone.result(true), "cancelled");
+        assert_eq!(Cause::LockLost.exit_code(), 75);
+        assert_eq!(Cause::LockLost.final_exit_code(false), 75);
+        assert_eq!(Cause::LockLost.reason(), "lock-lost");
+        assert_eq!(Cause::LockLost.result(true), "lock-lost");
+        assert_eq!(cause_of(Event::LockLost), Some(Cause::LockLost));
     }
 }

@@ -297,7 +297,8 @@ pub(super) fn announce(cause: Cause, deadline: Duration) {
             "agent-gone",
             "agent gone (stdout/stderr has no reader) — tearing down".to_string(),
         ),
-        Cause::Exited(_) => return,
+        // The supervisor said it in its one `lock-lost` line when it noticed (PROTOCOL §16).
+        Cause::Exited(_) | Cause::LockLost => return,
     };
     output::info(event, &msg);
 }
@@ -310,6 +311,7 @@ pub(super) fn log_ignored(events: &[Event]) {
             Event::Deadline => "deadline reached during teardown — ignored".into(),
             Event::ParentDied => "parent died during teardown — ignored".into(),
             Event::AgentGone => "agent gone during teardown — ignored".into(),
+            Event::LockLost => "lock lost during teardown — ignored".into(),
             _ => continue,
         };
         output::info("ignored", &what);

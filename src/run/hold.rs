@@ -6,7 +6,7 @@ use super::claim::Claimed;
 use super::finish::Aborted;
 use super::{write_state, Ctx, Stop};
 use crate::config::env::RunVars;
-use crate::error::Error;
+use crate::error::{Error, Failure};
 use crate::ident::names::Domain;
 use crate::output;
 use crate::reap::reaper::{DeadRun, ReapFailed, ReapPolicy, Reaper};
@@ -61,11 +61,26 @@ impl Claimed {
         // 4. The app lock.
         self.ctx.lock_wait.start();
         let app = self.ctx.spec.app.clone();
-        let lock = self.acquire(&app, true, sup)?;
+        let mut lock = self.acquire(&app, true, sup)?;
         self.ctx.lock_wait.stop();
         self.ctx.held_since = Some(Instant::now());
         self.ctx.record.fence = lock.fence();
+        // A cluster lock is renewed from now on, and every wait of the run watches the renewal
+        // (PROTOCOL §16): reaping, the slot wait, setup, the command and the teardown.
+        let heartbeat = self.ctx.spec.cluster.as_ref().and_then(|target| {
+            lock.start_heartbeat(&app, self.ctx.spec.run_id.as_str(), target.timing)
+        });
         self.app_lock = Some(lock);
+        match heartbeat {
+            Some(Ok(lease)) => sup.watch_lease(lease),
+            Some(Err(e)) => {
+                return Err(Stop::Fail(Error::new(
+                    Failure::Unavailable,
+                    format!("app lock {app}: cannot start the cluster heartbeat: {e}"),
+                )))
+            }
+            None => {}
+        }
         // 5. Reconcile.
         self.reconcile(sup)?;
         if self.own_dead.take().is_some() {

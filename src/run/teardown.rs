@@ -50,7 +50,14 @@ impl Ended {
             cgroup: ctx.cgroup.clone(),
             ..Members::default()
         };
-        let killed = tree::terminate(&members, ctx.spec.grace, sup);
+        // A lost cluster lock: SIGKILL at once, no grace — another host may get the lock
+        // within `server_release` of our last heartbeat, and the command must be dead before
+        // (PROTOCOL §16). The teardown below still runs, told `TETHER_REASON=lock-lost`.
+        let killed = if cause == super::decide::Cause::LockLost {
+            tree::kill_at_once(&members, sup)
+        } else {
+            tree::terminate(&members, ctx.spec.grace, sup)
+        };
         log_ignored(&sup.take_queued());
         if killed.killed_after_grace > 0 {
             output::debug(
@@ -150,7 +157,11 @@ impl Ended {
         if let Some(slot) = slot {
             slot.lock.release();
         }
+        // The heartbeat stops with the lock: nothing to watch once it is released on purpose.
+        sup.end_lease();
         app_lock.release();
+        // The suite counts the core's threads here: the heartbeat is gone with the lock.
+        fault_pause("TETHER_FAULT_PAUSE_AFTER_RELEASE");
         // Housekeeping after the release, so the next run of the app is not kept waiting:
         // the retired run dir's contents and the (empty) cgroup.
         if let Some(retired) = retired {

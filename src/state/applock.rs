@@ -211,6 +211,19 @@ impl AppLock {
         self.held.unlink()
     }
 
+    /// Start the cluster lock's heartbeat (cluster only: `None` for a flock): the lease the
+    /// supervisor watches from now on (PROTOCOL §16). An error: the cluster session is gone.
+    pub(crate) fn start_heartbeat(
+        &mut self,
+        app: &Domain,
+        run_id: &str,
+        timing: crate::config::cluster::FenceTiming,
+    ) -> Option<io::Result<crate::sys::lease::Lease>> {
+        self.cluster
+            .as_mut()
+            .map(|c| c.start_heartbeat(app, run_id, timing))
+    }
+
     /// The fencing token of this acquisition (cluster only).
     pub(crate) fn fence(&self) -> Option<i64> {
         self.cluster.as_ref().map(|c| c.fence)

@@ -12,11 +12,13 @@
 //! flock wait does, D4); the thread is joined before the lock is handed out, so the command is
 //! still forked from a single-threaded core.
 
+use super::heartbeat::Heartbeat;
 use crate::cluster::schema;
 use crate::cluster::session::Session;
-use crate::config::cluster::ClusterTarget;
+use crate::config::cluster::{ClusterTarget, FenceTiming};
 use crate::error::Error;
 use crate::ident::names::Domain;
+use crate::sys::lease::Lease;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -31,18 +33,52 @@ pub(crate) struct ClusterLocks {
 }
 
 /// A held cluster lock: the session it lives on (closing it releases the lock) and the fence.
+/// Once the run watches it, the session is the heartbeat's (PROTOCOL §16), and comes back to
+/// be closed when the hold is dropped.
 pub(crate) struct ClusterHold {
-    session: Session,
+    session: Option<Session>,
+    beat: Option<Heartbeat>,
+    /// The server as messages name it.
+    server: String,
     pub(crate) fence: i64,
 }
 
 impl fmt::Debug for ClusterHold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ClusterHold(fence {} on {})",
-            self.fence, self.session.server
-        )
+        write!(f, "ClusterHold(fence {} on {})", self.fence, self.server)
+    }
+}
+
+impl ClusterHold {
+    /// Hand the session to a heartbeat (issue 16 §4) and return the lease the supervisor
+    /// watches. An error means the session is gone (closed, the lock released).
+    pub(crate) fn start_heartbeat(
+        &mut self,
+        app: &Domain,
+        run_id: &str,
+        timing: FenceTiming,
+    ) -> io::Result<Lease> {
+        let session = self
+            .session
+            .take()
+            .ok_or_else(|| io::Error::other("internal: the heartbeat is already running"))?;
+        let beat = Heartbeat::start(session, run_id, timing)?;
+        let lease = beat.lease(format!(
+            "app lock {app}: cluster session to {}",
+            self.server
+        ));
+        self.beat = Some(beat);
+        lease
+    }
+}
+
+impl Drop for ClusterHold {
+    /// Release: stop the heartbeat (the session comes back), then close the session.
+    fn drop(&mut self) {
+        if let Some(beat) = self.beat.take() {
+            drop(beat.stop());
+        }
+        drop(self.session.take());
     }
 }
 
@@ -73,7 +109,9 @@ pub(crate) fn key(app: &Domain) -> i64 {
 
 impl ClusterLocks {
     /// A session for one app lock: connected, refused behind a transaction-pooling proxy,
-    /// the schema ensured (one line when it was created), and the server told to notice a vanished client during a lock wait.
+    /// the schema ensured (one line when it was created), and the server told to drop it
+    /// within `server_release` of its going silent — a waiter's place in the queue as much as a
+    /// holder's lock ([`Session::set_server_timeouts`]).
     pub(crate) fn connect(&self) -> io::Result<Session> {
         let mut s = Session::connect(&self.target, &self.run_id).map_err(io_err)?;
         s.same_backend().map_err(io_err)?;
@@ -84,8 +122,7 @@ impl ClusterLocks {
                 &format!("cluster: created {} on {}", made.join(", "), s.server),
             );
         }
-        s.execute("SET client_connection_check_interval = 1000")
-            .map_err(io_err)?;
+        s.set_server_timeouts(&self.target.timing).map_err(io_err)?;
         Ok(s)
     }
 
@@ -117,7 +154,12 @@ fn fence(mut session: Session) -> io::Result<ClusterHold> {
             session.server
         )))
     })?;
-    Ok(ClusterHold { session, fence })
+    Ok(ClusterHold {
+        server: session.server.clone(),
+        session: Some(session),
+        beat: None,
+        fence,
+    })
 }
 
 /// A wait for the flock (when `file` is given) and then the cluster lock, on a helper thread.

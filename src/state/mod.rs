@@ -3,6 +3,7 @@
 pub(crate) mod applock;
 pub(crate) mod cluster_lock;
 pub(crate) mod dirs;
+pub(crate) mod heartbeat;
 pub(crate) mod lock;
 pub(crate) mod queue;
 pub(crate) mod record;

@@ -4,6 +4,7 @@
 pub(crate) mod cgroup;
 pub(crate) mod fault;
 pub(crate) mod front;
+pub(crate) mod lease;
 pub(crate) mod proc_locks;
 pub(crate) mod procfs;
 pub(crate) mod resolve;

@@ -61,6 +61,9 @@ pub(crate) enum Event {
     ParentDied,
     /// The reader of the front's stdout/stderr (the CI agent) went away.
     AgentGone,
+    /// The watched lease (the cluster lock's heartbeat) is lost: another host may get the
+    /// lock (issue 16 §4; not a signal, but it ends the run the same way).
+    LockLost,
     /// Some child changed state: the caller reaps.
     Child,
     /// The extra fd passed to [`Funnel::wait`] became readable.

@@ -9,9 +9,14 @@
 //!   [`Supervisor::take_queued`] takes them to log as ignored);
 //! - a child's exit status is asked for by pid ([`Supervisor::exit_status`]), whoever reaped it.
 //!
+//! - a lease (issue 16 §4: the cluster lock's heartbeat, [`super::lease`]) is watched in every
+//!   wait once the run hands it over ([`Supervisor::watch_lease`]): a failure it reports, or
+//!   its window passing without an answered renewal, becomes one [`Event::LockLost`].
+//!
 //! All asynchronous signals are blocked and read from the signalfd, so they become [`Event`]s
 //! in exactly one place and no handler ever runs concurrently with teardown.
 
+use super::lease::{self, Lease, Watched};
 use super::signals::{
     funnel_set, take_over_signals, Event, Sig, AGENT_GONE_SIGNAL, AGENT_GONE_TOKEN,
     PARENT_DIED_TOKEN,
@@ -72,6 +77,8 @@ pub(crate) struct Supervisor {
     queued: Vec<Event>,
     /// Children that have exited: pid → status as a shell reports it (128+N for a signal).
     exited: HashMap<i32, i32>,
+    /// The lease watched in every wait, until it is lost (one `LockLost`) or ended.
+    lease: Option<Watched>,
 }
 
 impl Supervisor {
@@ -89,6 +96,7 @@ impl Supervisor {
             agent_watch,
             queued,
             exited: HashMap::new(),
+            lease: None,
         }
     }
 
@@ -160,27 +168,74 @@ impl Supervisor {
             events: libc::POLLIN,
             revents: 0,
         }];
-        if let Some(fd) = extra {
+        let extra_at = extra.map(|fd| {
             fds.push(libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
-        }
+            fds.len() - 1
+        });
+        let mut timeout = timeout;
+        let lease_at = self.lease.as_ref().map(|w| {
+            // Wake up when the lease would expire, whatever the caller's timeout.
+            let left = w.remaining(lease::mono_now());
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            fds.push(libc::pollfd {
+                fd: w.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.len() - 1
+        });
         let ms: libc::c_int = match timeout {
             None => -1,
-            Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
+            // Rounded up: a lease that expires in 0.4 ms must not make this a busy loop.
+            Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
         };
         // SAFETY: poll(2) on a valid array of pollfds we own. EINTR cannot happen (every
         // signal we expect is blocked); any failure reads as "nothing yet".
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n > 0 {
-            if fds.len() > 1 && fds[1].revents != 0 {
+            if extra_at.is_some_and(|i| fds[i].revents != 0) {
                 events.push(Event::Ready);
             }
             self.drain(&mut events);
         }
+        let lease_readable = lease_at.is_some_and(|i| n > 0 && fds[i].revents != 0);
+        self.check_lease(lease_readable, &mut events);
         events
+    }
+
+    /// Watch `lease` in every wait from now on (PROTOCOL §16). When it is lost the supervisor
+    /// says so in one `lock-lost` line, hands out [`Event::LockLost`] once and stops watching.
+    pub(crate) fn watch_lease(&mut self, lease: Lease) {
+        self.lease = Some(Watched::new(lease));
+    }
+
+    /// Stop watching the lease (before the lock it belongs to is released on purpose).
+    pub(crate) fn end_lease(&mut self) {
+        self.lease = None;
+    }
+
+    /// Read the lease's reports and, when it is lost, say so and queue the event.
+    fn check_lease(&mut self, readable: bool, events: &mut Vec<Event>) {
+        let Some(watched) = self.lease.as_mut() else {
+            return;
+        };
+        if readable {
+            watched.take_reports();
+        }
+        if let Some(text) = watched.lost(lease::mono_now()) {
+            crate::output::emit(
+                crate::output::Level::Error,
+                "lock-lost",
+                &format!("lock-lost: {text}"),
+                &[],
+            );
+            self.lease = None;
+            events.push(Event::LockLost);
+        }
     }
 
     /// Non-blocking: whatever is queued or already pending.
@@ -212,7 +267,11 @@ impl Supervisor {
         self.queued.iter().any(|e| {
             matches!(
                 e,
-                Event::Signal(_) | Event::ParentDied | Event::Deadline | Event::AgentGone
+                Event::Signal(_)
+                    | Event::ParentDied
+                    | Event::Deadline
+                    | Event::AgentGone
+                    | Event::LockLost
             )
         })
     }

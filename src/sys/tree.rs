@@ -98,6 +98,18 @@ pub(crate) struct Terminated {
 /// remains. Our own children are reaped along the way (into the supervisor's table), and funnel
 /// events that arrive meanwhile stay queued in the supervisor: a termination is never cut short.
 pub(crate) fn terminate(members: &Members, grace: Duration, sup: &mut Supervisor) -> Terminated {
+    end(members, Some(grace), sup)
+}
+
+/// SIGKILL the run's processes at once, no SIGTERM and no grace, and return when nothing
+/// remains: for a lost cluster lock, where the fence deadline matters more than a clean exit
+/// (PROTOCOL §16, D57).
+pub(crate) fn kill_at_once(members: &Members, sup: &mut Supervisor) -> Terminated {
+    end(members, None, sup)
+}
+
+/// `grace` `None`: straight to SIGKILL.
+fn end(members: &Members, grace: Option<Duration>, sup: &mut Supervisor) -> Terminated {
     let mut out = Terminated::default();
     sup.reap();
     let mut remaining = members.list();
@@ -106,22 +118,24 @@ pub(crate) fn terminate(members: &Members, grace: Duration, sup: &mut Supervisor
         // The common case (the command exited and left nothing): no signals, no waiting.
         return out;
     }
-    members.signal(Signal::SIGTERM, &remaining);
-    let grace_end = Instant::now() + grace;
-    loop {
-        sup.reap();
-        remaining = members.list();
-        if remaining.is_empty() || Instant::now() >= grace_end {
-            break;
+    if let Some(grace) = grace {
+        members.signal(Signal::SIGTERM, &remaining);
+        let grace_end = Instant::now() + grace;
+        loop {
+            sup.reap();
+            remaining = members.list();
+            if remaining.is_empty() || Instant::now() >= grace_end {
+                break;
+            }
+            // Woken early by SIGCHLD; otherwise look again soon (exits of non-children do not
+            // signal us).
+            sup.pause(until(grace_end).min(Duration::from_millis(10)));
         }
-        // Woken early by SIGCHLD; otherwise look again soon (exits of non-children do not
-        // signal us).
-        sup.pause(until(grace_end).min(Duration::from_millis(10)));
+        if remaining.is_empty() {
+            return out;
+        }
+        out.killed_after_grace = remaining.len();
     }
-    if remaining.is_empty() {
-        return out;
-    }
-    out.killed_after_grace = remaining.len();
     out.late = remaining.clone();
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {

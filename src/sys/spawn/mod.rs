@@ -256,7 +256,8 @@ fn clone_child(p: &Prepared, err_fd: RawFd, join: Join) -> io::Result<i32> {
         }
     };
     crate::output::debug("spawn", &format!("forking the child ({why_fork})"));
-    // SAFETY: fork in a single-threaded process; the child only makes raw syscalls and execs.
+    // SAFETY: the child only makes raw syscalls and execs, so a thread of ours that held a lock
+    // at the fork (the cluster heartbeat, D56) cannot deadlock it.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
