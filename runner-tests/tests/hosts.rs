@@ -460,3 +460,173 @@ fn database_unreachable_at_start_is_bounded_by_lock_timeout() {
     assert!(!ran.exists());
     assert_eq!(run_dirs(h.runs_dir()), Vec::<String>::new());
 }
+
+/// The fencing knobs of these cases (as `cluster_fence.rs`): heartbeat 200 ms, self-fence 1 s,
+/// server release 3.2 s — the smallest release `config` allows for them (F + H + 2 s).
+fn fence_config(c: &Cluster) -> PathBuf {
+    c.write_config(
+        "fence.yml",
+        "10s",
+        "  heartbeat: 200ms\n  self_fence: 1s\n  server_release: 3200ms\n",
+    )
+}
+
+/// Whether `n` sessions wait for an advisory lock on the server.
+fn queued(c: &Cluster, n: usize) -> bool {
+    c.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        == n.to_string()
+}
+
+/// Issue 16 §4: a holder whose host is cut off kills its command (`lock-lost`, exit 75)
+/// before the server hands the lock to the other host — 20 trials at once, on 20 apps, all
+/// cut off by one partition of their host. "Killed before" is checked with an upper bound of
+/// the kill: the teardown's start stamp (the teardown runs after the tree is dead) precedes the
+/// waiter's command's start stamp.
+#[test]
+fn holder_partitioned_self_fences_before_the_other_host_starts_20_of_20() {
+    const TRIALS: usize = 20;
+    let sb = Sandbox::new();
+    let c = Cluster::new(2);
+    let cfg = fence_config(&c);
+    let (a, b) = (c.host(0), c.host(1));
+    let stamp = shell_quote(helper_bin!("stamp"));
+    let never = shell_quote(sb.mark("never"));
+    let m = |k: usize, what: &str| sb.mark(&format!("t{k}.{what}"));
+    let app = |k: usize| format!("fence-{k}.hosts.test");
+    let mut holders: Vec<RunningTether> = (0..TRIALS)
+        .map(|k| {
+            let (pid, start) = (shell_quote(m(k, "pid")), shell_quote(m(k, "start")));
+            a.run_config(&sb, &cfg)
+                .app(app(k))
+                .run_id(rid(&sb, &format!("a{k}")))
+                .teardown(format!(
+                    "echo \"$TETHER_REASON\" > {} && exec {stamp} --start {}",
+                    shell_quote(m(k, "reason")),
+                    shell_quote(m(k, "teardown"))
+                ))
+                .command([
+                    "sh",
+                    "-c",
+                    &format!(
+                        "echo $$ > {pid}.tmp && mv {pid}.tmp {pid} && exec {stamp} --start \
+                         {start} --wait {never} --wait-timeout-ms 120000"
+                    ),
+                ])
+                .spawn()
+        })
+        .collect();
+    for k in 0..TRIALS {
+        wait_file(m(k, "start"), TIMEOUT);
+    }
+    let mut waiters: Vec<RunningTether> = (0..TRIALS)
+        .map(|k| {
+            b.run_config(&sb, &cfg)
+                .app(app(k))
+                .run_id(rid(&sb, &format!("b{k}")))
+                .command([
+                    "sh",
+                    "-c",
+                    &format!("exec {stamp} --start {}", shell_quote(m(k, "waiter"))),
+                ])
+                .spawn()
+        })
+        .collect();
+    runner_tests::wait_until("every waiter queued on the server", TIMEOUT, || {
+        queued(&c, TRIALS)
+    });
+
+    a.partition();
+    let mut report = Vec::new();
+    for (k, (holder, waiter)) in holders.iter_mut().zip(waiters.iter_mut()).enumerate() {
+        let out = holder.wait_exit(TIMEOUT);
+        out.assert_code(75);
+        assert_eq!(out.summary_field("result"), Some("lock-lost"), "{out}");
+        out.assert_stderr_contains("tether: error: lock-lost: app lock");
+        waiter.wait_exit(TIMEOUT).assert_code(0);
+        let command: i32 = fs::read_to_string(m(k, "pid"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .expect("the holder's command pid");
+        assert!(
+            !pid_alive(command),
+            "trial {k}: the holder's command is dead"
+        );
+        assert_eq!(
+            fs::read_to_string(m(k, "reason"))
+                .expect("the teardown ran")
+                .trim(),
+            "lock-lost"
+        );
+        let (fenced, started) = (read_u128(&m(k, "teardown")), read_u128(&m(k, "waiter")));
+        report.push(format!(
+            "trial {k}: killed ≤ {:.0} ms before the other host's start",
+            (started as f64 - fenced as f64) / 1e6
+        ));
+        assert!(
+            fenced < started,
+            "trial {k}: the waiter's command started {} ns before the holder's teardown \
+             (so possibly before its command died)",
+            fenced - started
+        );
+    }
+    a.heal();
+    eprintln!("{}", report.join("\n"));
+}
+
+/// Issue 16 §4, the trap: a waiter whose host is cut off while it waits must not run on a
+/// grant it never saw once the server has given the lock to someone else. A holds on host-a;
+/// B (host-b) and then C (host-c) queue; host-b is cut off; A ends, the server grants B's
+/// session — whose answer is lost — and, after `server_release` of silence, drops it and
+/// grants C. Only once C's command runs is host-b healed: B exits 75 having run nothing, and
+/// no two commands ever overlapped.
+#[test]
+fn waiter_partitioned_then_healed_never_gets_the_lock_behind_anyones_back() {
+    let sb = Sandbox::new();
+    let c = Cluster::new(3);
+    let cfg = fence_config(&c);
+    let app = "trap.hosts.test";
+    let stamp = helper_bin!("stamp");
+    let start = |h: &Host, who: &str| -> (RunningTether, PathBuf, PathBuf, PathBuf) {
+        let m = |what: &str| sb.mark(&format!("{who}.{what}"));
+        let (s, g, e) = (m("start"), m("gate"), m("end"));
+        let run = h
+            .run_config(&sb, &cfg)
+            .app(app)
+            .run_id(rid(&sb, who))
+            .command([
+                stamp.as_os_str(),
+                "--start".as_ref(),
+                s.as_os_str(),
+                "--wait".as_ref(),
+                g.as_os_str(),
+                "--end".as_ref(),
+                e.as_os_str(),
+            ])
+            .spawn();
+        (run, s, g, e)
+    };
+    let (mut run_a, a_start, a_gate, a_end) = start(c.host(0), "a");
+    wait_file(&a_start, TIMEOUT);
+    let (mut run_b, b_start, b_gate, _) = start(c.host(1), "b");
+    runner_tests::wait_until("B queued", TIMEOUT, || queued(&c, 1));
+    let (mut run_c, c_start, c_gate, c_end) = start(c.host(2), "c");
+    runner_tests::wait_until("B and C queued", TIMEOUT, || queued(&c, 2));
+
+    c.host(1).partition();
+    touch(&a_gate);
+    run_a.wait_exit(TIMEOUT).assert_code(0);
+    wait_file(&c_start, TIMEOUT);
+    c.host(1).heal();
+    let out_b = run_b.wait_exit(TIMEOUT);
+    out_b.assert_code(75);
+    assert!(
+        !b_start.exists(),
+        "B never ran its command: its grant went to a session the server had dropped\n{out_b}"
+    );
+    touch(&b_gate);
+    touch(&c_gate);
+    run_c.wait_exit(TIMEOUT).assert_code(0);
+    let (a_end, c_start) = (read_u128(&a_end), read_u128(&c_start));
+    assert!(a_end < c_start, "C started after A ended");
+    assert!(read_u128(&c_end) > c_start);
+}
