@@ -14,6 +14,8 @@
 //!   `SIGQUIT` towards the test thread that started it, so a SIGKILLed test (nextest's
 //!   timeout, a crash) takes its server down with it; the backends leave when the postmaster
 //!   does (they watch it).
+//! - **In a network namespace**: [`Postgres::start_in`] starts it inside one (the hosts fixture,
+//!   `netns.rs`), listening on that namespace's address and letting in its clients by password.
 //! - **Loud**: a test that needs PostgreSQL and cannot start it panics with the reason and the
 //!   server's log. Nothing is skipped.
 
