@@ -471,6 +471,14 @@ impl Cluster {
         }
     }
 
+    /// Stops the server at once and starts it again in its namespace, same data and port
+    /// ([`Postgres::restart`]): every session of before is gone.
+    pub fn restart_server(&mut self) {
+        if let Some(pg) = self.pg.as_mut() {
+            pg.restart();
+        }
+    }
+
     /// The server's address, as the hosts reach it.
     pub fn db_addr(&self) -> &str {
         &self.db_addr
