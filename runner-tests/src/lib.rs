@@ -50,6 +50,7 @@ mod files;
 mod held;
 pub mod helper;
 mod locks;
+pub mod netns;
 pub mod pg;
 mod pg_proxy;
 mod procs;
@@ -76,6 +77,7 @@ pub use locks::{
     flock_holders, flock_waiters, hold_lock, lock_is_free, open_lock_file, poll_lock_free,
     queue_tickets, wait_flock_waiters, wait_hold_lock, wait_lock_free, wait_queued,
 };
+pub use netns::{Cluster, Host};
 pub use nix::sys::signal::Signal;
 pub use pg::Postgres;
 pub use pg_proxy::PoolingProxy;

@@ -14,6 +14,8 @@
 //!   `SIGQUIT` towards the test thread that started it, so a SIGKILLed test (nextest's
 //!   timeout, a crash) takes its server down with it; the backends leave when the postmaster
 //!   does (they watch it).
+//! - **In a network namespace**: [`Postgres::start_in`] starts it inside one (the hosts fixture,
+//!   `netns.rs`), listening on that namespace's address and letting in its clients by password.
 //! - **Loud**: a test that needs PostgreSQL and cannot start it panics with the reason and the
 //!   server's log. Nothing is skipped.
 
@@ -39,6 +41,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a start is retried when another test took the port in between.
 const PORT_TRIES: usize = 5;
 
+/// Where [`Postgres::start_in`] puts a server: a network namespace, the addresses it listens
+/// on there, and the clients (a CIDR) it lets in with the password.
+#[derive(Debug, Clone)]
+pub struct NetPlace {
+    /// `/run/netns/<name>` (what `ip netns add` makes).
+    pub netns: PathBuf,
+    /// A `listen_addresses` value, e.g. `10.1.2.254`.
+    pub listen: String,
+    /// A `pg_hba.conf` address, e.g. `10.1.2.0/24`.
+    pub clients: String,
+}
+
 /// One running test server; see the module doc.
 #[derive(Debug)]
 pub struct Postgres {
@@ -48,6 +62,8 @@ pub struct Postgres {
     port: u16,
     /// The server's arguments after `-D <data> -p <port>`, for [`Postgres::restart`].
     args: Vec<String>,
+    /// The network namespace it runs in ([`Postgres::start_in`]), for a restart too.
+    netns: Option<PathBuf>,
 }
 
 /// uid and gid of the `postgres` user.
@@ -64,6 +80,17 @@ fn postgres_ids() -> (libc::uid_t, libc::gid_t) {
 /// A command run as `postgres`, its parent-death signal set after the identity change (the
 /// kernel clears it on a change of credentials).
 fn as_postgres(program: &str, deathsig: Option<libc::c_int>) -> Command {
+    as_postgres_in(program, deathsig, None)
+}
+
+/// [`as_postgres`], first entering the network namespace open on `netns` (`setns` needs
+/// `CAP_SYS_ADMIN`, which the identity change drops: so it comes before it). The fd stays open
+/// in the parent until the spawn returns, so the child still has it.
+fn as_postgres_in(
+    program: &str,
+    deathsig: Option<libc::c_int>,
+    netns: Option<std::os::fd::RawFd>,
+) -> Command {
     let path = Path::new(PG_BIN).join(program);
     assert!(
         path.is_file(),
@@ -76,6 +103,11 @@ fn as_postgres(program: &str, deathsig: Option<libc::c_int>) -> Command {
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
@@ -267,9 +299,25 @@ fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 to find a free port")
 }
 
-/// Start `postgres` on `root`'s data dir and `port` with `args`, its output to `log`.
-fn spawn_server(root: &Path, port: u16, args: &[String], log: fs::File) -> Child {
-    let mut cmd = as_postgres("postgres", Some(libc::SIGQUIT));
+/// Start `postgres` on `root`'s data dir and `port` with `args`, its output to `log`, inside
+/// the network namespace `netns` (a `/run/netns/<name>` file) when given.
+fn spawn_server(
+    root: &Path,
+    port: u16,
+    args: &[String],
+    log: fs::File,
+    netns: Option<&Path>,
+) -> Child {
+    // Opened before the spawn, entered by the child (`as_postgres_in`).
+    let ns = netns.map(|p| {
+        fs::File::open(p)
+            .unwrap_or_else(|e| panic!("opening the network namespace {}: {e}", p.display()))
+    });
+    let mut cmd = as_postgres_in(
+        "postgres",
+        Some(libc::SIGQUIT),
+        ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+    );
     cmd.arg("-D")
         .arg(root.join("data"))
         .arg("-p")
@@ -294,11 +342,33 @@ impl Postgres {
         Postgres::start_with(true)
     }
 
+    /// A fresh server inside another network namespace (the hosts fixture, `netns.rs`):
+    /// started in the namespace of `place.netns`, listening on `place.listen` (a
+    /// `listen_addresses` value) besides its unix socket, accepting password (scram)
+    /// connections from `place.clients` (a CIDR) too. [`Postgres::psql`] still works: it
+    /// goes through the unix socket, which is a file, not part of any network namespace.
+    pub fn start_in(place: &NetPlace) -> Postgres {
+        Postgres::start_full(false, Some(place))
+    }
+
     fn start_with(tls: bool) -> Postgres {
+        Postgres::start_full(tls, None)
+    }
+
+    fn start_full(tls: bool, place: Option<&NetPlace>) -> Postgres {
         let tpl = template();
         let dir = postgres_temp_dir("tether-pg-");
         let root = dir.path().to_path_buf();
         copy_tree(&tpl.join("data"), &root.join("data"));
+        if let Some(p) = place {
+            use std::io::Write;
+            let hba = root.join("data/pg_hba.conf");
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&hba)
+                .and_then(|mut f| writeln!(f, "host all all {} scram-sha-256", p.clients))
+                .unwrap_or_else(|e| panic!("appending to {}: {e}", hba.display()));
+        }
         let mut tls_args = Vec::new();
         if tls {
             make_certs(&root);
@@ -337,13 +407,19 @@ impl Postgres {
                 .map(str::to_owned),
             );
             args.extend(tls_args.iter().cloned());
-            let child = spawn_server(&root, port, &args, log_file);
+            if let Some(p) = place {
+                // A later `-c` wins: the namespace's addresses instead of 127.0.0.1.
+                args.extend(["-c".to_owned(), format!("listen_addresses={}", p.listen)]);
+            }
+            let netns = place.map(|p| p.netns.clone());
+            let child = spawn_server(&root, port, &args, log_file, netns.as_deref());
             let mut pg = Postgres {
                 child: Some(child),
                 dir: None,
                 root: root.clone(),
                 port,
                 args,
+                netns,
             };
             match pg.wait_ready(&log) {
                 Ok(()) => {
@@ -511,7 +587,13 @@ impl Postgres {
         let log_file = fs::File::create(&log).expect("creating the server log");
         let (uid, gid) = postgres_ids();
         std::os::unix::fs::chown(&log, Some(uid), Some(gid)).expect("chown the server log");
-        self.child = Some(spawn_server(&self.root, self.port, &self.args, log_file));
+        self.child = Some(spawn_server(
+            &self.root,
+            self.port,
+            &self.args,
+            log_file,
+            self.netns.as_deref(),
+        ));
         if let Err(text) = self.wait_ready(&log) {
             panic!("the PostgreSQL test server did not restart:\n{text}");
         }

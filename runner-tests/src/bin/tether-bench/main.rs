@@ -5,8 +5,9 @@
 //!              [--tether-env KEY=VALUE]...
 //! ```
 //!
-//! Measures the figures B1–B8 of the benchmark issue side by side with the standard tools
-//! (flock(1), timeout(1), a minimal python3 harness) in the same run: A/B runs are interleaved
+//! Measures the figures B1–B8 of the benchmark issue (and B9–B13 of issues 16 and 17) side by
+//! side with the standard tools (flock(1), timeout(1), a minimal python3 harness; for B9–B12,
+//! bare `psql` sessions on netns hosts) in the same run: A/B runs are interleaved
 //! (the order alternates every pair), warm-up iterations are dropped, and every figure reports
 //! median, p99 (nearest rank), min and max over its samples. It prints a markdown table and
 //! writes it, with a description of the machine, to `--out` (default

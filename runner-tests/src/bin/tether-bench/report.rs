@@ -19,6 +19,8 @@ pub enum Verdict {
     Miss,
     Info,
     Error,
+    /// The figure could not run here (B9–B12 without root or PostgreSQL); a note says why.
+    Skipped,
 }
 
 pub struct Row {
@@ -119,6 +121,7 @@ impl Report {
                 Verdict::Miss => "**MISS**",
                 Verdict::Info => "info",
                 Verdict::Error => "**ERROR**",
+                Verdict::Skipped => "skipped",
             };
             let _ = writeln!(
                 out,
