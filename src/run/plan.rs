@@ -113,7 +113,10 @@ impl Plan {
         if let Some(existing) = lock.existing_dir() {
             check_lockfile_place(existing, &app_lock_name(&app))?;
         }
-        let cluster = args.cluster.target(cfg)?;
+        let cluster = args
+            .cluster
+            .target(cfg)?
+            .map(|t| bound_connect(t, args.lock_timeout));
         let queue_order = settings.queue_order(args.queue_order);
         if cluster.is_some() && queue_order == QueueOrder::NewestFirst {
             // The cluster's queue is PostgreSQL's lock queue: arrival order only (D71).
@@ -205,4 +208,24 @@ fn check_lockfile_place(lock_dir: &Dir, name: &str) -> Result<()> {
         "lockfile {} is {what}; refusing to use it",
         lock_dir.join(name).display()
     )))
+}
+
+/// The shortest connect timeout tether gives the cluster's server: a connection that works
+/// takes milliseconds, and `--lock-timeout 0` means "do not wait for a holder", not "the
+/// server must answer at once".
+const CLUSTER_CONNECT_FLOOR: Duration = Duration::from_secs(1);
+
+/// Issue 16 §6: with `--lock-timeout`, an unreachable server is given up within it (not the
+/// config's longer `connect_timeout`), but never under [`CLUSTER_CONNECT_FLOOR`].
+fn bound_connect(
+    mut target: crate::config::cluster::ClusterTarget,
+    lock_timeout: Option<Duration>,
+) -> crate::config::cluster::ClusterTarget {
+    if let Some(limit) = lock_timeout {
+        let configured = target
+            .connect_timeout
+            .unwrap_or(crate::config::settings::CLUSTER_CONNECT_TIMEOUT);
+        target.connect_timeout = Some(configured.min(limit.max(CLUSTER_CONNECT_FLOOR)));
+    }
+    target
 }
