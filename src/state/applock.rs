@@ -402,8 +402,14 @@ impl WaitingLock {
     }
 
     /// The current holder's metadata (it may change while we wait).
+    /// A wait in PostgreSQL's queue has no lockfile to read: the cluster's holder is looked up
+    /// from its row (on a short session of its own), as the first waiting line did.
     pub(crate) fn holder(&self) -> Option<LockMeta> {
-        self.reader.as_ref().and_then(record::read_meta)
+        match (&self.reader, &self.backend) {
+            (Some(file), _) => record::read_meta(file),
+            (None, Backend::Cluster { cluster, .. }) => cluster_holder(cluster, &self.app),
+            (None, Backend::Flock { .. }) => None,
+        }
     }
 
     pub(crate) fn holder_pid(&self) -> Option<i32> {

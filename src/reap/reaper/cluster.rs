@@ -144,9 +144,21 @@ impl Reaper<'_> {
             match action(&row, own, here) {
                 RowAction::Leave => {}
                 RowAction::Remove => drop(runs::remove(s, &row.run_id)),
-                // One of this host the local reconcile did not find (its run dir lost) is
-                // reaped from its row, like another host's.
-                RowAction::Local | RowAction::Reap => {
+                // One of this host whose run dir is here is the local reconcile's: a record
+                // that says its teardown ran (it died after it, before its release) needs no
+                // second one — its row goes; any other (alive, or its reap failed) is left as
+                // the local reconcile left it.
+                RowAction::Local => match self.local_record_state(&row.run_id) {
+                    Some(Some(State::Clean)) => drop(runs::remove(s, &row.run_id)),
+                    Some(_) => {}
+                    // Its run dir lost: reaped from its row, like another host's.
+                    None => {
+                        self.reap_row(s, &row, here)?;
+                        count += 1;
+                        drop(runs::remove(s, &row.run_id));
+                    }
+                },
+                RowAction::Reap => {
                     self.reap_row(s, &row, here)?;
                     count += 1;
                     if here.owns(&row) {
@@ -158,6 +170,18 @@ impl Reaper<'_> {
             }
         }
         Ok(count)
+    }
+
+    /// What this host's runs dir says of run `id`: `None` when it has no run dir there (or none
+    /// tether trusts); `Some(None)` when its record cannot be read.
+    fn local_record_state(&self, id: &str) -> Option<Option<State>> {
+        let dir = crate::state::rundir::open_trusted(self.runs.as_ref()?, id).ok()?;
+        Some(
+            crate::state::record::read_record(&dir)
+                .ok()
+                .filter(|r| r.meta.run_id == id)
+                .map(|r| r.meta.state),
+        )
     }
 
     /// Run a dead run's teardown from its row, then mark it `reaped` (of this host and boot:
