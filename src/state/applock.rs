@@ -95,7 +95,8 @@ pub(crate) struct WaitingLock {
 enum Wait {
     Flock(Waiter),
     /// The cluster lock (unless ours already), then the flock.
-    Cluster(ClusterWait),
+    /// (Boxed: it is large next to the flock's waiter.)
+    Cluster(Box<ClusterWait>),
 }
 
 impl AppLocks {
@@ -374,12 +375,14 @@ impl BusyLock {
                     Backend::Flock { .. } => None,
                 };
                 (
-                    Wait::Cluster(ClusterWait::start(session, &self.app, dir, name, row)?),
+                    Wait::Cluster(Box::new(ClusterWait::start(
+                        session, &self.app, dir, name, row,
+                    )?)),
                     None,
                 )
             }
             Busy::LocalAfterCluster { hold, file } => (
-                Wait::Cluster(ClusterWait::flock_after(hold, dir, name)?),
+                Wait::Cluster(Box::new(ClusterWait::flock_after(hold, dir, name)?)),
                 Some(file),
             ),
         };
@@ -401,9 +404,9 @@ impl WaitingLock {
         }
     }
 
-    /// The current holder's metadata (it may change while we wait).
-    /// A wait in PostgreSQL's queue has no lockfile to read: the cluster's holder is looked up
-    /// from its row (on a short session of its own), as the first waiting line did.
+    /// The current holder's metadata (it may change while we wait). A wait in PostgreSQL's
+    /// queue has no lockfile to read: the cluster's holder is looked up from its row (on a
+    /// short session of its own), as the first waiting line did.
     pub(crate) fn holder(&self) -> Option<LockMeta> {
         match (&self.reader, &self.backend) {
             (Some(file), _) => record::read_meta(file),
