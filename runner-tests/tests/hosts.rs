@@ -634,3 +634,88 @@ fn waiter_partitioned_then_healed_never_gets_the_lock_behind_anyones_back() {
     assert!(a_end < c_start, "C started after A ended");
     assert!(read_u128(&c_end) > c_start);
 }
+
+/// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
+fn waiting_in_pg(c: &Cluster, id: &str) -> (usize, usize) {
+    let row = c.psql(&format!(
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.application_name = '{id}') \
+         FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted"
+    ));
+    let mut it = row.split(' ').map(|n| n.parse().unwrap_or(usize::MAX));
+    (
+        it.next().unwrap_or(usize::MAX),
+        it.next().unwrap_or(usize::MAX),
+    )
+}
+
+/// Issue 16 §2 on network-namespace hosts: a holder on host-c; seven waiters arrive bunched
+/// and interleaved on host-a and host-b (A1 A2 A3 B1 B2 A4 B3), each started only once the ones
+/// before it wait in PostgreSQL; their commands run in arrival order, each on its own host.
+/// (`cluster_queue.rs` proves the same on UTS-only hosts, three trials, and that the old order —
+/// flock first — served the hosts in turns.)
+#[test]
+fn waiters_of_two_netns_hosts_are_served_in_arrival_order() {
+    let sb = Sandbox::new();
+    let c = Cluster::new(3);
+    let cfg = c.write_config("fifo.yml", "10s", "");
+    let (holder_host, hosts) = (c.host(2), [c.host(0), c.host(1)]);
+    let app = "fifo.hosts.test";
+    let (order, started, release) = (sb.mark("order"), sb.mark("started"), sb.mark("release"));
+    let mut holder = holder_host
+        .run_config(&sb, &cfg)
+        .app(app)
+        .run_id(rid(&sb, "holder"))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                runner_tests::sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    let arrivals = [
+        (0, "A1"),
+        (0, "A2"),
+        (0, "A3"),
+        (1, "B1"),
+        (1, "B2"),
+        (0, "A4"),
+        (1, "B3"),
+    ];
+    let q = shell_quote(&order);
+    let mut waiters: Vec<RunningTether> = Vec::new();
+    for (n, (h, name)) in arrivals.iter().enumerate() {
+        let id = rid(&sb, name);
+        waiters.push(
+            hosts[*h]
+                .run_config(&sb, &cfg)
+                .app(app)
+                .run_id(&id)
+                .command(["sh", "-c", &format!("echo \"{name} $(hostname)\" >> {q}")])
+                .spawn(),
+        );
+        runner_tests::wait_until(
+            &format!("{name} waits in PostgreSQL behind {n} others"),
+            TIMEOUT,
+            || waiting_in_pg(&c, &id) == (n + 1, 1),
+        );
+    }
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    for w in &mut waiters {
+        w.wait_exit(TIMEOUT).assert_code(0);
+    }
+    let expected: Vec<String> = arrivals
+        .iter()
+        .map(|(h, name)| format!("{name} {}", hosts[*h].name()))
+        .collect();
+    assert_eq!(
+        log_lines(&order),
+        expected,
+        "the app went to the waiters of both hosts in arrival order"
+    );
+}
