@@ -280,6 +280,26 @@ fn copy_tree(from: &Path, to: &Path) {
     run_ok(cp, "copying a PostgreSQL data dir");
 }
 
+/// The SQL whose one row counts the sessions waiting (not granted) for an advisory lock: all
+/// of them, and those whose `application_name` is `id` — read it with [`waiting_counts`].
+/// (`id` is a test's run id: no quote in it.)
+pub fn waiting_sql(id: &str) -> String {
+    format!(
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.application_name = '{id}') \
+         FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted"
+    )
+}
+
+/// `(all waiters, waiters named id)` from [`waiting_sql`]'s output (`usize::MAX` when unreadable).
+pub fn waiting_counts(row: &str) -> (usize, usize) {
+    let mut it = row.split(' ').map(|n| n.parse().unwrap_or(usize::MAX));
+    (
+        it.next().unwrap_or(usize::MAX),
+        it.next().unwrap_or(usize::MAX),
+    )
+}
+
 /// A cluster URL on 127.0.0.1 where nothing listens (a port taken from the kernel and released),
 /// and its port: a database that is down.
 pub fn refused_url() -> (String, u16) {

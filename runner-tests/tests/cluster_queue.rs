@@ -56,16 +56,7 @@ fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> Tet
 
 /// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
 fn pg_waiting(pg: &Postgres, id: &str) -> (usize, usize) {
-    let row = pg.psql(&format!(
-        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.application_name = '{id}') \
-         FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
-         WHERE l.locktype = 'advisory' AND NOT l.granted"
-    ));
-    let mut it = row.split(' ').map(|n| n.parse().unwrap_or(usize::MAX));
-    (
-        it.next().unwrap_or(usize::MAX),
-        it.next().unwrap_or(usize::MAX),
-    )
+    runner_tests::pg::waiting_counts(&pg.psql(&runner_tests::pg::waiting_sql(id)))
 }
 
 /// Two hosts whose runs wait for one app, and a third whose run holds it.

@@ -637,16 +637,7 @@ fn waiter_partitioned_then_healed_never_gets_the_lock_behind_anyones_back() {
 
 /// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
 fn waiting_in_pg(c: &Cluster, id: &str) -> (usize, usize) {
-    let row = c.psql(&format!(
-        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.application_name = '{id}') \
-         FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
-         WHERE l.locktype = 'advisory' AND NOT l.granted"
-    ));
-    let mut it = row.split(' ').map(|n| n.parse().unwrap_or(usize::MAX));
-    (
-        it.next().unwrap_or(usize::MAX),
-        it.next().unwrap_or(usize::MAX),
-    )
+    runner_tests::pg::waiting_counts(&c.psql(&runner_tests::pg::waiting_sql(id)))
 }
 
 /// Issue 16 §2 on network-namespace hosts: a holder on host-c; seven waiters arrive bunched
