@@ -256,7 +256,6 @@ impl Sandbox {
 
     fn mentioning_pids(&self) -> Vec<i32> {
         let me = std::process::id() as i32;
-        let needle = self.root.as_os_str().as_encoded_bytes();
         let mut found = Vec::new();
         let Ok(procs) = fs::read_dir("/proc") else {
             return found;
@@ -269,21 +268,28 @@ impl Sandbox {
             else {
                 continue;
             };
-            if pid == me || proc_info(pid).is_none_or(|i| matches!(i.state, 'Z' | 'X')) {
-                continue;
-            }
-            let dir = entry.path();
-            let mentions = |name: &str| {
-                fs::read(dir.join(name))
-                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-            };
-            let cwd_inside =
-                fs::read_link(dir.join("cwd")).is_ok_and(|c| c.starts_with(&self.root));
-            if cwd_inside || mentions("cmdline") || mentions("environ") {
+            if pid != me && self.mentions(pid) {
                 found.push(pid);
             }
         }
         found
+    }
+
+    /// Whether `pid` is alive (not a zombie) and its command line, environment or working
+    /// directory mentions the sandbox.
+    pub(crate) fn mentions(&self, pid: i32) -> bool {
+        if proc_info(pid).is_none_or(|i| matches!(i.state, 'Z' | 'X')) {
+            return false;
+        }
+        let needle = self.root.as_os_str().as_encoded_bytes();
+        let dir = Path::new("/proc").join(pid.to_string());
+        let mentions = |name: &str| {
+            fs::read(dir.join(name))
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        };
+        fs::read_link(dir.join("cwd")).is_ok_and(|c| c.starts_with(&self.root))
+            || mentions("cmdline")
+            || mentions("environ")
     }
 
     /// SIGKILLs the guard's processes, then sweeps processes mentioning the sandbox until none

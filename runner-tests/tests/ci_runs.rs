@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use runner_tests::{
     count_lines, log_lines, rid, run_dirs, sh_wait_for, shell_quote, start_held_run, suffix, touch,
-    wait_file, wait_flock_waiters, wait_holder_pid, write_config, Finished, RunningTether, Sandbox,
+    wait_app_waiters, wait_file, wait_holder_pid, write_config, Finished, RunningTether, Sandbox,
     TetherCmd, TIMEOUT,
 };
 use serde_json::Value;
@@ -224,7 +224,7 @@ fn cancel_older_never_signals_a_holder_of_another_group() {
         .env("TETHER_WAIT_PROGRESS_INTERVAL", "100ms")
         .command(log_command(&log, "B"))
         .spawn();
-    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    wait_app_waiters(&sb, app, 1, TIMEOUT);
     // Four waiting lines, 100 ms apart after the first: B re-examined the holder (it does so
     // every 200 ms) at least once meanwhile, and still left it alone.
     rb.wait_count(&format!("held by run {a2} "), 4, TIMEOUT);

@@ -736,7 +736,9 @@ fn run_started_during_a_reap_waits_for_it() {
         .teardown(teardown_logger(&log))
         .command(["sh", "-c", &format!("touch {}", shell_quote(&cmd_started))])
         .spawn();
-    let waiters = wait_waiters(&sb.lock_path(app), 1);
+    // Blocked in the kernel behind the janitor's flock; under a cluster possibly in
+    // PostgreSQL's queue behind the janitor's cluster lock (D69).
+    let waiters = runner_tests::wait_app_waiters(&sb, app, 1, TIMEOUT);
     assert_eq!(waiters, vec![new.wait_core_pid(TIMEOUT)]);
     new.wait_line("— waiting", TIMEOUT);
     assert!(
@@ -1478,9 +1480,15 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
                 .spawn()
         })
         .collect();
-    // Both queue (PROTOCOL §15); the head alone waits on the app lock itself.
-    runner_tests::wait_queued(sb.lock_dir(), app, 2, TIMEOUT);
-    let waiting = wait_waiters(&lock, 1);
+    // Both queue (PROTOCOL §15); the head alone waits on the app lock itself. Under a cluster
+    // both wait in PostgreSQL's queue (D69) and nothing waits in the host's lock table.
+    let queue = runner_tests::wait_app_queue(&sb, app, 2, TIMEOUT);
+    let cluster = sb.cluster().is_some();
+    let waiting = if cluster {
+        Vec::new()
+    } else {
+        wait_waiters(&lock, 1)
+    };
     let dead_id = rid(&sb, "dead");
     let dead = make_dead_run(&sb, "other.example.org", &dead_id, "true", &[]);
     let kept_id = rid(&sb, "kept");
@@ -1496,6 +1504,8 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     let table = |path: &Path| lock_table(path);
     let locks_before = table(&lock);
     let queue_before = runner_tests::queue_tickets(sb.lock_dir(), app);
+    let app_queue = || runner_tests::app_queue(&sb, app);
+    assert_eq!(app_queue(), queue, "the queue before status");
     let f = sb.tether_status().arg("--json").run();
     f.assert_code(0);
     let st: Value = serde_json::from_str(&f.stdout).unwrap_or_else(|e| panic!("{e}\n{f}"));
@@ -1506,6 +1516,7 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         queue_before,
         "status changed the queue"
     );
+    assert_eq!(app_queue(), queue, "status changed the queue");
     assert_eq!(locks_before, (vec![holder.core], waiting.clone()));
     assert_eq!(
         (snapshot(&sb.lock_dir(), &[]), snapshot(&sb.runs_dir(), &[])),
@@ -1526,8 +1537,20 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         "holder pid from /proc/locks: {st:#}"
     );
     assert_eq!(app_entry["run_id"], hid.as_str());
-    assert_eq!(app_entry["waiters"], 2);
-    let mut queued: Vec<&str> = app_entry["queue"]
+    // One host: the waiters in the host's queue. Under a cluster: in the server's, which
+    // status shows in its `cluster` section (CLI-CONTRACT §27).
+    let queued_in = if cluster {
+        let entry = st["cluster"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["app"] == app))
+            .unwrap_or_else(|| panic!("no cluster entry for {app}: {st:#}"));
+        assert_eq!(entry["holder"]["run_id"], hid.as_str(), "{st:#}");
+        &entry["waiters"]
+    } else {
+        assert_eq!(app_entry["waiters"], 2);
+        &app_entry["queue"]
+    };
+    let mut queued: Vec<&str> = queued_in
         .as_array()
         .map(|q| q.iter().filter_map(|w| w["run_id"].as_str()).collect())
         .unwrap_or_default();
@@ -1571,9 +1594,10 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
             (&json!("live"), &json!("queued")),
             "{r}"
         );
-        // Its core: the pid that holds its ticket in the queue.
+        // Its core: the pid that holds its ticket in the queue (under a cluster: whose session
+        // waits in the server's queue).
         let pid = r["pid"].as_i64().unwrap_or_default() as i32;
-        assert!(queue_before.iter().any(|t| t.1 == pid), "{r}");
+        assert!(queue.contains(&pid), "{r} {queue:?}");
     }
     assert_eq!(run(&dead_id)["status"], "dead-unclean");
     assert_eq!(run(&kept_id)["status"], "kept");
@@ -1590,9 +1614,10 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
     };
     // APP LOCK RUN PID WAITERS AGE RECORD [NOTE]
     let held = row(app);
+    let waiters_cell = if cluster { "0" } else { "2" };
     assert_eq!(
         (&held[1][..], &held[2], &held[3], &held[4][..]),
-        ("held", &hid, &holder.core.to_string(), "2"),
+        ("held", &hid, &holder.core.to_string(), waiters_cell),
         "{text}"
     );
     let dead_row = row("other.example.org");

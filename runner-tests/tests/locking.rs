@@ -11,10 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    flock_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
+    app_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
     read_fd_listing, rid, run_dirs, sh_wait_for, shell_quote, snapshot, start_held_run, touch,
-    wait_all_gone, wait_file, wait_flock_waiters, wait_holder_pid, wait_line, wait_pids,
-    wait_queued, wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+    wait_all_gone, wait_app_queue, wait_app_waiters, wait_file, wait_holder_pid, wait_line,
+    wait_pids, wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
 };
 
 /// The `pid` of run `id`'s record once its state is `state`.
@@ -68,7 +68,7 @@ fn same_app_runs_never_overlap() {
         .iter()
         .map(|id| (id.to_string(), run(id)))
         .collect();
-    wait_queued(sb.lock_dir(), app, 3, TIMEOUT);
+    wait_app_queue(&sb, app, 3, TIMEOUT);
 
     let mut order: Vec<String> = Vec::new();
     for k in 0..4 {
@@ -88,9 +88,10 @@ fn same_app_runs_never_overlap() {
             !order.contains(&holder),
             "{holder} ran twice (log {lines:?})"
         );
-        // Everyone else is queued (PROTOCOL §15) while `holder` runs, and nobody started.
+        // Everyone else is queued (PROTOCOL §15; under a cluster in PostgreSQL's queue, D69)
+        // while `holder` runs, and nobody started.
         if k < 3 {
-            wait_queued(sb.lock_dir(), app, 3 - k, TIMEOUT);
+            wait_app_queue(&sb, app, 3 - k, TIMEOUT);
         }
         assert_eq!(
             log_lines(&log),
@@ -125,7 +126,8 @@ fn same_app_runs_never_overlap() {
     assert_eq!(sorted, ids);
 
     for (id, f) in &finished {
-        let held_by = format!("— held by run {r0} (pid {core0}, ");
+        // "position p of n — held by …" on one host; no position under a cluster (§25).
+        let held_by = format!("held by run {r0} (pid {core0}, ");
         let waiting = line_index(f, &[&held_by, "— waiting"])
             .unwrap_or_else(|| panic!("{id}: no waiting line naming {r0} and pid {core0}\n{f}"));
         let acquired = line_index(f, &[&format!("tether: app lock {app}: acquired after ")])
@@ -201,12 +203,12 @@ fn waiting_line_names_holder_and_repeats() {
         .args(["--wait-progress-interval", "300ms"])
         .command(["true"])
         .spawn();
-    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    wait_app_waiters(&sb, app, 1, TIMEOUT);
     // With the default 60 s interval a second line could not come this soon.
     waiter.wait_count("— waiting", 2, Duration::from_secs(10));
     assert!(
-        !flock_waiters(sb.lock_path(app)).is_empty(),
-        "still blocked in the kernel"
+        !app_waiters(&sb, app).is_empty(),
+        "still blocked (in the kernel, or in PostgreSQL's queue under a cluster)"
     );
 
     touch(&release);
@@ -215,8 +217,14 @@ fn waiting_line_names_holder_and_repeats() {
     f.assert_code(0);
     let lines = f.stderr_lines("— waiting");
     assert!(lines.len() >= 2, "at least two waiting lines\n{f}");
+    // Under a cluster the waiting line has no position yet (CLI-CONTRACT §25).
+    let position = if sb.cluster().is_some() {
+        ""
+    } else {
+        "position 1 of 1 — "
+    };
     let held_by =
-        format!("tether: app lock {app}: position 1 of 1 — held by run {holder_id} (pid {core}, ");
+        format!("tether: app lock {app}: {position}held by run {holder_id} (pid {core}, ");
     for line in &lines {
         assert!(
             line.starts_with(&held_by) && line.ends_with(") — waiting"),
@@ -249,7 +257,7 @@ fn waiting_run_never_touches_the_holders_run_dir() {
         .run_id(&waiter_id)
         .command(["true"])
         .spawn();
-    let waiters = wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    let waiters = wait_app_waiters(&sb, app, 1, TIMEOUT);
     waiter.wait_line("— waiting", TIMEOUT);
     let waiter_core = waiter.wait_core_pid(TIMEOUT);
     assert_eq!(
@@ -461,15 +469,22 @@ fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
         "--lock-timeout left its run dir\n{f}"
     );
     assert_eq!(run_dirs(&sb.runs_dir()), std::slice::from_ref(&holder_id));
-    // The queue the timed-out run stood in keeps only its counter (PROTOCOL §15).
-    assert_eq!(
-        names(&sb.lock_dir()),
-        [format!("app-{app}.lock"), format!("queue-{app}")]
-    );
-    assert_eq!(
-        names(&sb.lock_dir().join(format!("queue-{app}"))),
-        ["counter"]
-    );
+    if sb.cluster().is_none() {
+        // The queue the timed-out run stood in keeps only its counter (PROTOCOL §15).
+        assert_eq!(
+            names(&sb.lock_dir()),
+            [format!("app-{app}.lock"), format!("queue-{app}")]
+        );
+        assert_eq!(
+            names(&sb.lock_dir().join(format!("queue-{app}"))),
+            ["counter"]
+        );
+    } else {
+        // Under a cluster the run waited in PostgreSQL's queue, not the host's (D69): it took
+        // no ticket, and its session left the server's queue when it gave up.
+        assert_eq!(names(&sb.lock_dir()), [format!("app-{app}.lock")]);
+        assert_eq!(app_waiters(&sb, app), Vec::<i32>::new(), "still queued");
+    }
 
     assert!(holder.is_running(), "the holder was left alone");
     touch(&release);
@@ -709,7 +724,7 @@ fn reusing_a_dead_run_id_while_the_app_is_busy_keeps_its_record_for_the_reap() {
         .teardown("echo \"new $TETHER_REASON\" >> ".to_owned() + &shell_quote(&log))
         .command(["sh", "-c", &script])
         .spawn();
-    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    wait_app_waiters(&sb, app, 1, TIMEOUT);
     let record = sb.run_record(&reused).expect("a record while waiting");
     assert_eq!(
         (record["pid"].clone(), record["state"].clone()),

@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use std::time::Duration;
 
 use runner_tests::{
-    poll_some_every, rid, start_held_run, touch, wait_flock_waiters, Sandbox, TIMEOUT,
+    poll_some_every, rid, start_held_run, touch, wait_app_waiters, Sandbox, TIMEOUT,
 };
 
 /// Every sample of an exposition, by its series (`name{labels}`). Panics on a line that is
@@ -102,7 +102,7 @@ fn prometheus_exposition_shows_a_held_app_its_waiter_a_dead_run_and_the_journal(
         .run_id(rid(&sb, "waiter"))
         .command(["true"])
         .spawn();
-    wait_flock_waiters(sb.lock_path(busy), 1, TIMEOUT);
+    wait_app_waiters(&sb, busy, 1, TIMEOUT);
 
     // Ages are whole seconds (of the records' clock): scrape until both have reached one.
     let app = |name: &str, a: &str| format!("{name}{{app=\"{a}\"}}");
@@ -119,7 +119,14 @@ fn prometheus_exposition_shows_a_held_app_its_waiter_a_dead_run_and_the_journal(
         )
     });
     assert_eq!(get(&m, &app("tether_app_lock_held", busy)), 1.0);
-    assert_eq!(get(&m, &app("tether_app_waiters", busy)), 1.0);
+    if sb.cluster().is_none() {
+        assert_eq!(get(&m, &app("tether_app_waiters", busy)), 1.0);
+    } else {
+        // Under a cluster the waiter stands in the server's queue, not the host's (D69): the
+        // cluster's families count it (CLI-CONTRACT §27).
+        assert_eq!(get(&m, &app("tether_cluster_lock_held", busy)), 1.0);
+        assert_eq!(get(&m, &app("tether_cluster_waiters", busy)), 1.0);
+    }
     assert!(
         get(&m, &app("tether_app_holder_age_seconds", busy))
             >= get(&m, &app("tether_app_oldest_wait_seconds", busy)),
@@ -157,6 +164,13 @@ fn prometheus_exposition_shows_a_held_app_its_waiter_a_dead_run_and_the_journal(
     let m = scrape(&sb);
     assert_eq!(get(&m, &app("tether_app_lock_held", busy)), 0.0);
     assert_eq!(get(&m, &app("tether_app_waiters", busy)), 0.0);
+    if sb.cluster().is_some() {
+        // A released app keeps no row, so the cluster's families have no sample for it.
+        assert!(
+            !m.contains_key(&app("tether_cluster_waiters", busy)),
+            "{m:#?}"
+        );
+    }
     assert_eq!(get(&m, &app("tether_app_oldest_wait_seconds", busy)), 0.0);
     assert_eq!(results(&m, busy), expect(3.0, 1.0));
     assert_eq!(get(&m, &app("tether_lock_wait_seconds_count", busy)), 4.0);

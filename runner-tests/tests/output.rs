@@ -74,9 +74,9 @@ fn quiet_and_verbose_change_what_is_printed() {
         !flock_holders(sb.lock_path(app)).is_empty()
     });
     let mut quiet = sb.tether_run().app(app).arg("-q").command(["true"]).spawn();
-    wait_flock_waiters(sb.lock_path(app), 1, TIMEOUT);
+    runner_tests::wait_app_waiters(&sb, app, 1, TIMEOUT);
     let mut verbose = sb.tether_run().app(app).arg("-v").command(["true"]).spawn();
-    runner_tests::wait_queued(sb.lock_dir(), app, 2, TIMEOUT);
+    runner_tests::wait_app_queue(&sb, app, 2, TIMEOUT);
     std::fs::write(&release, b"").expect("creating the release marker");
     holder.wait_exit(TIMEOUT).assert_code(0);
     let q = quiet.wait_exit(TIMEOUT);

@@ -1,0 +1,225 @@
+//! Runs waiting for an app, seen from outside and in both modes of the suite: one
+//! implementation for every test that waits until "N runs wait for app X", so a test reads the
+//! same with and without the cluster switch ([`crate::cluster_switch`], DECISIONS D73, D79).
+//!
+//! - **Host mode** (no cluster): a waiting run is a tether core blocked in the kernel's `flock`
+//!   of the app's lockfile ([`crate::flock_waiters`]), and the queue is the host's ticket queue
+//!   ([`crate::queue_tickets`], PROTOCOL §15).
+//! - **Cluster mode** (the switch's server lives): a run waits in PostgreSQL's queue for the
+//!   app's advisory lock first and takes the host's flock only once granted (D69), holding no
+//!   ticket. A waiting run is then a core whose session is in `pg_locks` with `granted = false`
+//!   on the app's key, or — when something of this host holds the flock (a janitor's reap, a
+//!   test's own [`crate::hold_lock`]) — a core that holds the cluster lock and is blocked in the
+//!   kernel's `flock`. Both are counted; the flock's waiter is the head of the queue.
+//!
+//! A waiting session is mapped back to its tether core through the socket: the backend's
+//! `client_port` (`pg_stat_activity`) names the core's end of the TCP connection in
+//! `/proc/net/tcp`, whose inode is an fd of exactly one process (the connection is opened by
+//! the core and is close-on-exec, so no command inherits it). A session that cannot be mapped
+//! yet (its connection still being set up or torn down) makes the probe answer "not yet", never
+//! a wrong pid. Cores that do not mention the sandbox (another sandbox of the same test process
+//! shares the server) are not counted.
+//!
+//! PostgreSQL's `pg_locks` lists waiters in hash order, not queue order; the position of a
+//! waiter is the number of sessions it waits behind, `cardinality(pg_blocking_pids(pid))` (the
+//! holder and every earlier waiter: an exclusive advisory lock conflicts with each of them,
+//! PostgreSQL 15's `GetBlockerStatusData` lists the waiters ahead of a conflicting request).
+
+use std::collections::HashMap;
+use std::fs;
+use std::time::Duration;
+
+use crate::locks::{flock_waiters, queue_tickets};
+use crate::pg::Postgres;
+use crate::sandbox::Sandbox;
+use crate::wait::poll_some_every;
+
+/// Poll step when every probe starts a `psql` (a process and a connection): coarser than
+/// [`crate::POLL`], so that polling does not load the machine it measures.
+const PG_POLL: Duration = Duration::from_millis(25);
+
+/// The advisory-lock key tether takes for `app` (FNV-1a, 64 bits, of the domain; the product's
+/// `state::cluster_lock::key`), as `pg_locks` shows it: `(classid, objid)`, its two halves.
+fn key_halves(app: &str) -> (u64, u64) {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 32, h & 0xffff_ffff)
+}
+
+/// The client ports of the sessions waiting in `pg`'s queue for `app`'s key, in queue order.
+fn pg_waiting_ports(pg: &Postgres, app: &str) -> Vec<u16> {
+    let (hi, lo) = key_halves(app);
+    let rows = pg.psql(&format!(
+        "SELECT s.client_port FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted \
+         AND l.classid = {hi} AND l.objid = {lo} AND l.objsubid = 1 \
+         ORDER BY cardinality(pg_blocking_pids(l.pid)), l.waitstart, l.pid"
+    ));
+    rows.lines()
+        // A unix-socket session has no port (NULL → empty): not one of tether's.
+        .filter_map(|l| l.trim().parse::<u16>().ok())
+        .collect()
+}
+
+/// The inode of the TCP socket `127.0.0.1:local → 127.0.0.1:remote` in this network namespace.
+fn tcp_socket_inode(local: u16, remote: u16) -> Option<u64> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let want_local = format!("0100007F:{local:04X}");
+    let want_remote = format!("0100007F:{remote:04X}");
+    table.lines().skip(1).find_map(|line| {
+        // "sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ..."
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 9 && f[1] == want_local && f[2] == want_remote)
+            .then(|| f[9].parse::<u64>().ok())
+            .flatten()
+            .filter(|&ino| ino != 0)
+    })
+}
+
+/// Every process's open sockets, `inode → pid`, from `/proc/*/fd` (one pass for all sessions).
+fn socket_owners() -> HashMap<u64, i32> {
+    let mut owners = HashMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(ino) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            owners.insert(ino, pid);
+        }
+    }
+    owners
+}
+
+/// The cores of this sandbox waiting in PostgreSQL for `app`, in queue order; `None` while a
+/// session cannot be mapped to a process yet.
+fn pg_waiting_cores(sb: &Sandbox, pg: &Postgres, app: &str) -> Option<Vec<i32>> {
+    let ports = pg_waiting_ports(pg, app);
+    if ports.is_empty() {
+        return Some(Vec::new());
+    }
+    let owners = socket_owners();
+    let mut cores = Vec::with_capacity(ports.len());
+    for port in ports {
+        let pid = *owners.get(&tcp_socket_inode(port, pg.port())?)?;
+        if sb.mentions(pid) {
+            cores.push(pid);
+        }
+    }
+    Some(cores)
+}
+
+/// The runs of `sb` waiting for `app` right now, as their cores' pids, head first; `None` when
+/// the picture is not readable yet (retry). Host mode: the cores blocked in the kernel's
+/// `flock` of the app. Cluster mode: those, then the cores queued in PostgreSQL.
+fn blocked_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
+    let mut cores = flock_waiters(sb.lock_path(app));
+    if let Some(pg) = sb.cluster() {
+        for pid in pg_waiting_cores(sb, pg, app)? {
+            if !cores.contains(&pid) {
+                cores.push(pid);
+            }
+        }
+    }
+    Some(cores)
+}
+
+/// The runs of `sb` queued for `app`, as their cores' pids in queue order; `None` when not
+/// readable yet. Host mode: the host queue's tickets (PROTOCOL §15) — whose head is the one
+/// blocked in `flock` — plus a flock waiter that holds no ticket. Cluster mode: as
+/// [`app_waiters`] (there is no host queue; the server's is the queue).
+fn queued_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
+    if sb.cluster().is_some() {
+        return blocked_now(sb, app);
+    }
+    let mut cores: Vec<i32> = queue_tickets(sb.lock_dir(), app)
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    for pid in flock_waiters(sb.lock_path(app)) {
+        if !cores.contains(&pid) {
+            cores.push(pid);
+        }
+    }
+    Some(cores)
+}
+
+fn step(sb: &Sandbox) -> Duration {
+    if sb.cluster().is_some() {
+        PG_POLL
+    } else {
+        crate::POLL
+    }
+}
+
+/// The runs of `sb` really waiting for `app` now — blocked in the kernel's `flock` of the app,
+/// or (cluster mode) queued in PostgreSQL for its lock — as their cores' pids, head first.
+/// Touches nothing. See the module doc.
+pub fn app_waiters(sb: &Sandbox, app: &str) -> Vec<i32> {
+    poll_some_every(Duration::from_secs(5), step(sb), || blocked_now(sb, app)).unwrap_or_default()
+}
+
+/// Waits until at least `n` runs of `sb` really wait for `app` ([`app_waiters`]) — queued, not
+/// just about to be; returns their cores' pids, head first. Panics on timeout.
+pub fn wait_app_waiters(sb: &Sandbox, app: &str, n: usize, timeout: Duration) -> Vec<i32> {
+    let mut last = Vec::new();
+    let found = poll_some_every(timeout, step(sb), || {
+        let cores = blocked_now(sb, app)?;
+        last.clone_from(&cores);
+        (cores.len() >= n).then_some(cores)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "timed out after {timeout:?} waiting for {n} runs waiting for {app} (have {last:?}; \
+             cluster: {})",
+            sb.cluster().is_some()
+        )
+    })
+}
+
+/// The runs of `sb` queued for `app`, as their cores' pids in queue order (see
+/// [`queued_now`]: the host's tickets, or the server's queue under a cluster). Touches nothing.
+pub fn app_queue(sb: &Sandbox, app: &str) -> Vec<i32> {
+    poll_some_every(Duration::from_secs(5), step(sb), || queued_now(sb, app)).unwrap_or_default()
+}
+
+/// Waits until at least `n` runs of `sb` are queued for `app` ([`app_queue`]); returns their
+/// cores' pids in queue order. Panics on timeout.
+pub fn wait_app_queue(sb: &Sandbox, app: &str, n: usize, timeout: Duration) -> Vec<i32> {
+    let mut last = Vec::new();
+    let found = poll_some_every(timeout, step(sb), || {
+        let cores = queued_now(sb, app)?;
+        last.clone_from(&cores);
+        (cores.len() >= n).then_some(cores)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "timed out after {timeout:?} waiting for {n} runs queued for {app} (have {last:?}; \
+             cluster: {})",
+            sb.cluster().is_some()
+        )
+    })
+}
