@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::locks::{flock_waiters, queue_tickets};
@@ -34,9 +35,9 @@ use crate::pg::Postgres;
 use crate::sandbox::Sandbox;
 use crate::wait::poll_some_every;
 
-/// Poll step when every probe starts a `psql` (a process and a connection): coarser than
+/// Poll step when every probe asks the server and scans `/proc/*/fd`: coarser than
 /// [`crate::POLL`], so that polling does not load the machine it measures.
-const PG_POLL: Duration = Duration::from_millis(25);
+const PG_POLL: Duration = Duration::from_millis(10);
 
 /// The advisory-lock key tether takes for `app` (FNV-1a, 64 bits, of the domain; the product's
 /// `state::cluster_lock::key`), as `pg_locks` shows it: `(classid, objid)`, its two halves.
@@ -49,38 +50,82 @@ fn key_halves(app: &str) -> (u64, u64) {
     (h >> 32, h & 0xffff_ffff)
 }
 
-/// The client ports of the sessions waiting in `pg`'s queue for `app`'s key, in queue order.
-fn pg_waiting_ports(pg: &Postgres, app: &str) -> Vec<u16> {
+/// The fixture's own connection to the switch's server, kept between polls (a `psql` per poll
+/// costs a process and a connection; under `queue`'s FIFO trials, with CPU hogs on every core,
+/// that made a trial take over ten seconds). Keyed by the server's port; dropped and made again
+/// after an error (the server restarted or another server is the switch's now).
+static CONNECTION: Mutex<Option<(u16, postgres::Client)>> = Mutex::new(None);
+
+/// The client ports of the sessions waiting in `pg`'s queue for `app`'s key, in queue order;
+/// `None` when the server cannot be asked right now.
+fn pg_waiting_ports(pg: &Postgres, app: &str) -> Option<Vec<u16>> {
     let (hi, lo) = key_halves(app);
-    let rows = pg.psql(&format!(
+    let sql = format!(
         "SELECT s.client_port FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
          WHERE l.locktype = 'advisory' AND NOT l.granted \
          AND l.classid = {hi} AND l.objid = {lo} AND l.objsubid = 1 \
          ORDER BY cardinality(pg_blocking_pids(l.pid)), l.waitstart, l.pid"
-    ));
-    rows.lines()
-        // A unix-socket session has no port (NULL → empty): not one of tether's.
-        .filter_map(|l| l.trim().parse::<u16>().ok())
+    );
+    let mut slot = CONNECTION
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if slot.as_ref().is_none_or(|(port, _)| *port != pg.port()) {
+        // Superuser: only it sees every session's `client_port`. Trusted on 127.0.0.1
+        // (`Postgres::start_trusting_tcp`).
+        let client = postgres::Config::new()
+            .host("127.0.0.1")
+            .port(pg.port())
+            .user("postgres")
+            .dbname("tether")
+            .application_name("runner-tests waiters")
+            .connect(postgres::NoTls)
+            .ok()?;
+        *slot = Some((pg.port(), client));
+    }
+    let (_, client) = slot.as_mut()?;
+    let Ok(messages) = client.simple_query(&sql) else {
+        *slot = None;
+        return None;
+    };
+    Some(
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            // A unix-socket session has no port (NULL): not one of tether's.
+            .filter_map(|port| port.parse::<u16>().ok())
+            .collect(),
+    )
+}
+
+/// The inodes of this network namespace's TCP sockets `127.0.0.1:<port> → 127.0.0.1:remote`,
+/// by local port: the client ends of connections to the server on `remote` (one read of
+/// `/proc/net/tcp` for all sessions).
+fn client_sockets(remote: u16) -> HashMap<u16, u64> {
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want_remote = format!("0100007F:{remote:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // "sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ..."
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() <= 9 || f[2] != want_remote {
+                return None;
+            }
+            let port = u16::from_str_radix(f[1].strip_prefix("0100007F:")?, 16).ok()?;
+            let ino = f[9].parse::<u64>().ok().filter(|&i| i != 0)?;
+            Some((port, ino))
+        })
         .collect()
 }
 
-/// The inode of the TCP socket `127.0.0.1:local → 127.0.0.1:remote` in this network namespace.
-fn tcp_socket_inode(local: u16, remote: u16) -> Option<u64> {
-    let table = fs::read_to_string("/proc/net/tcp").ok()?;
-    let want_local = format!("0100007F:{local:04X}");
-    let want_remote = format!("0100007F:{remote:04X}");
-    table.lines().skip(1).find_map(|line| {
-        // "sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ..."
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() > 9 && f[1] == want_local && f[2] == want_remote)
-            .then(|| f[9].parse::<u64>().ok())
-            .flatten()
-            .filter(|&ino| ino != 0)
-    })
-}
-
-/// Every process's open sockets, `inode → pid`, from `/proc/*/fd` (one pass for all sessions).
-fn socket_owners() -> HashMap<u64, i32> {
+/// The open sockets of every process named `tether` (a core, or a front), `inode → pid`, from
+/// `/proc/*/fd` — one pass for all sessions, and only through tether's fds: reading every
+/// process's fds on a loaded machine made one probe take up to a second.
+fn tether_sockets() -> HashMap<u64, i32> {
     let mut owners = HashMap::new();
     let Ok(procs) = fs::read_dir("/proc") else {
         return owners;
@@ -93,6 +138,10 @@ fn socket_owners() -> HashMap<u64, i32> {
         else {
             continue;
         };
+        let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != "tether" {
+            continue;
+        }
         let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
@@ -114,22 +163,61 @@ fn socket_owners() -> HashMap<u64, i32> {
     owners
 }
 
+/// Sessions already mapped to their cores: `(server port, client port) → (socket inode, pid)`.
+/// Reading `/proc/net/tcp` and every tether's fds takes tens of milliseconds on a machine with
+/// many sockets; a mapped session is only re-checked (its pid still has that socket open: a
+/// client port reused by a later connection fails the check and is mapped again).
+static MAPPED: Mutex<Option<Mapped>> = Mutex::new(None);
+
+/// `(server port, client port) → (socket inode, core pid)`.
+type Mapped = HashMap<(u16, u16), (u64, i32)>;
+
+/// Whether process `pid` has the socket `ino` open.
+fn has_socket(pid: i32, ino: u64) -> bool {
+    let want = format!("socket:[{ino}]");
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str()))
+    })
+}
+
+/// The cores whose connections to the server on `server` have the client `ports`, in the same
+/// order; `None` while one cannot be mapped (its connection being set up or torn down).
+fn cores_of_ports(server: u16, ports: &[u16]) -> Option<Vec<i32>> {
+    let mut slot = MAPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mapped = slot.get_or_insert_with(HashMap::new);
+    let known = |mapped: &Mapped, port: u16| {
+        mapped
+            .get(&(server, port))
+            .filter(|&&(ino, pid)| has_socket(pid, ino))
+            .map(|&(_, pid)| pid)
+    };
+    if ports.iter().any(|&port| known(mapped, port).is_none()) {
+        let sockets = client_sockets(server);
+        let owners = tether_sockets();
+        for &port in ports {
+            if let Some((&ino, &pid)) = sockets
+                .get(&port)
+                .and_then(|ino| Some((ino, owners.get(ino)?)))
+            {
+                mapped.insert((server, port), (ino, pid));
+            }
+        }
+    }
+    ports.iter().map(|&port| known(mapped, port)).collect()
+}
+
 /// The cores of this sandbox waiting in PostgreSQL for `app`, in queue order; `None` while a
 /// session cannot be mapped to a process yet.
 fn pg_waiting_cores(sb: &Sandbox, pg: &Postgres, app: &str) -> Option<Vec<i32>> {
-    let ports = pg_waiting_ports(pg, app);
+    let ports = pg_waiting_ports(pg, app)?;
     if ports.is_empty() {
         return Some(Vec::new());
     }
-    let owners = socket_owners();
-    let mut cores = Vec::with_capacity(ports.len());
-    for port in ports {
-        let pid = *owners.get(&tcp_socket_inode(port, pg.port())?)?;
-        if sb.mentions(pid) {
-            cores.push(pid);
-        }
-    }
-    Some(cores)
+    let cores = cores_of_ports(pg.port(), &ports)?;
+    Some(cores.into_iter().filter(|&pid| sb.mentions(pid)).collect())
 }
 
 /// The runs of `sb` waiting for `app` right now, as their cores' pids, head first; `None` when

@@ -99,3 +99,70 @@ fn cluster_switch_server_stops_with_the_last_sandbox() {
     drop(second);
     wait_pid_gone(pid, TIMEOUT);
 }
+
+/// The fixture's one count of the runs waiting for an app (`runner_tests::waiters`, DECISIONS
+/// D79) names the waiting runs' cores in queue order in both passes: the host's tickets without
+/// the switch, PostgreSQL's queue (mapped back to the cores through their sockets) with it;
+/// `app_waiters` names the head, blocked in the kernel's flock or in the server. With the
+/// switch, a run of another sandbox sharing the server and waiting for the same app's key is
+/// not counted as this sandbox's.
+#[test]
+fn the_waiters_fixture_names_the_waiting_cores_in_queue_order() {
+    use runner_tests::{
+        app_queue, app_waiters, rid, start_held_run, touch, wait_app_queue, wait_app_waiters,
+        wait_until,
+    };
+    let sb = Sandbox::new();
+    let app = "waiters.example.org";
+    let release = sb.mark("release");
+    let mut holder = start_held_run(&sb, app, &rid(&sb, "h"), &release, |c| c);
+    let start = |name: &str| {
+        sb.tether_run()
+            .app(app)
+            .run_id(rid(&sb, name))
+            .command(["true"])
+            .spawn()
+    };
+    let mut w1 = start("w1");
+    let core1 = w1.wait_core_pid(TIMEOUT);
+    assert_eq!(wait_app_queue(&sb, app, 1, TIMEOUT), [core1]);
+    let mut w2 = start("w2");
+    let core2 = w2.wait_core_pid(TIMEOUT);
+    assert_eq!(
+        wait_app_queue(&sb, app, 2, TIMEOUT),
+        [core1, core2],
+        "queue order"
+    );
+    let head = wait_app_waiters(&sb, app, 1, TIMEOUT);
+    assert_eq!(head.first(), Some(&core1), "the head waits: {head:?}");
+    if cluster_switch() {
+        // Both wait in the server (D69): the holder's run holds the only flock.
+        assert_eq!(wait_app_waiters(&sb, app, 2, TIMEOUT), [core1, core2]);
+        let other = Sandbox::new();
+        let mut w3 = other
+            .tether_run()
+            .app(app)
+            .run_id(rid(&other, "w3"))
+            .command(["true"])
+            .spawn();
+        let core3 = w3.wait_core_pid(TIMEOUT);
+        assert_eq!(wait_app_queue(&other, app, 1, TIMEOUT), [core3]);
+        assert_eq!(
+            app_queue(&sb, app),
+            [core1, core2],
+            "not the other sandbox's"
+        );
+        touch(&release);
+        w3.wait_exit(TIMEOUT).assert_code(0);
+    } else {
+        // Only the head is blocked in the kernel's flock; w2 waits for the head's ticket.
+        assert_eq!(app_waiters(&sb, app), [core1]);
+        touch(&release);
+    }
+    holder.run.wait_exit(TIMEOUT).assert_code(0);
+    w1.wait_exit(TIMEOUT).assert_code(0);
+    w2.wait_exit(TIMEOUT).assert_code(0);
+    wait_until("the queue to empty", TIMEOUT, || {
+        app_queue(&sb, app).is_empty()
+    });
+}

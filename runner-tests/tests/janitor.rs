@@ -615,7 +615,7 @@ fn waiter_on_an_unlinked_lockfile_reopens_and_never_overlaps() {
             assert_eq!(pin.metadata().map(|m| m.ino()).ok(), Some(ino_a));
             let core_a = ta.wait_core_pid(TIMEOUT);
             let mut tb = run(&b);
-            let waiters = wait_waiters(&lock, 1);
+            let waiters = runner_tests::wait_app_waiters(&sb, app, 1, TIMEOUT);
             let core_b = tb.wait_core_pid(TIMEOUT);
             assert_eq!(waiters, vec![core_b], "round {k}: B's core is the waiter");
             tb.wait_line("— waiting", TIMEOUT);
