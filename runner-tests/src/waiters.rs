@@ -14,16 +14,17 @@
 //!
 //! A waiting session is mapped back to its tether core through the socket: the backend's
 //! `client_port` (`pg_stat_activity`) names the core's end of the TCP connection in
-//! `/proc/net/tcp`, whose inode is an fd of exactly one process (the connection is opened by
-//! the core and is close-on-exec, so no command inherits it). A session that cannot be mapped
+//! `/proc/net/tcp`, whose inode is an fd of the core (looked for among the processes named
+//! `tether`; a waiting run has started no command that could share it). A session that cannot be mapped
 //! yet (its connection still being set up or torn down) makes the probe answer "not yet", never
 //! a wrong pid. Cores that do not mention the sandbox (another sandbox of the same test process
 //! shares the server) are not counted.
 //!
 //! PostgreSQL's `pg_locks` lists waiters in hash order, not queue order; the position of a
 //! waiter is the number of sessions it waits behind, `cardinality(pg_blocking_pids(pid))` (the
-//! holder and every earlier waiter: an exclusive advisory lock conflicts with each of them,
-//! PostgreSQL 15's `GetBlockerStatusData` lists the waiters ahead of a conflicting request).
+//! holder and every earlier waiter: PostgreSQL's manual counts a waiter ahead in the lock's
+//! queue whose request conflicts as a "soft" blocker, and exclusive advisory requests all
+//! conflict).
 
 use std::collections::HashMap;
 use std::fs;
