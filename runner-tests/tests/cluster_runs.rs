@@ -186,8 +186,9 @@ fn cluster_rows_go_waiting_running_gone_and_a_run_giving_up_leaves_none() {
     assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0");
 }
 
-/// Host A's holder leaves a `sleep 1000` behind and its core is SIGKILLed. Returns the
-/// leftover's pid and A's fence.
+/// Host A's holder leaves a `sleep 1000` behind and its core *and front* are killed (the front
+/// stopped first, so that its aftercare cannot run: a host whose tether is gone entirely, the
+/// case the next sweep is for). Returns the leftover's pid and A's fence.
 fn holder_killed_on_a(
     sb: &Sandbox,
     a: &Host,
@@ -213,11 +214,89 @@ fn holder_killed_on_a(
         .trim()
         .to_owned();
     let core = run.wait_core_pid(TIMEOUT);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(core), Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("kill {core}: {e}"));
+    let front = run.pid();
+    signal(front, Signal::SIGSTOP);
+    signal(core, Signal::SIGKILL);
+    assert!(poll_pid_gone(core, TIMEOUT), "the core survived SIGKILL");
+    signal(front, Signal::SIGKILL);
     run.wait_exit(TIMEOUT);
     assert!(pid_alive(leftover), "the leftover died with the core");
     (leftover, fence)
+}
+
+fn signal(pid: i32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
+}
+
+/// §3 item 3, at once (D77): only A's core is SIGKILLed; A's front, still there, kills the
+/// leftover before it exits and marks the row. B, with a `leftovers_wait` far beyond the test's
+/// bound (10m), reaps A's run once and goes on as soon as it reads the mark; the row stays
+/// `reaped` for A's next sweep, which settles A's record without a second teardown. Without
+/// the aftercare the leftover outlives A's tether and B waits the full 10 minutes.
+#[test]
+fn a_killed_cores_front_kills_its_leftovers_at_once_and_the_reaper_goes_on() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "10m");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "aftercare.test";
+    let td = sb.mark("td.log");
+    let id_a = rid(&sb, "a");
+    let bg = sb.mark("a.bg");
+    let script = format!(
+        "sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
+        p = shell_quote(&bg)
+    );
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .teardown(teardown_logger(&td))
+        .command(["sh", "-c", &script])
+        .spawn();
+    let leftover = wait_pids(&bg, TIMEOUT)[0];
+    signal(run_a.wait_core_pid(TIMEOUT), Signal::SIGKILL);
+    let done_a = run_a.wait_exit(TIMEOUT);
+    done_a.assert_code(137);
+    done_a.assert_stderr_contains(&format!(
+        "the core of run {id_a} of {app} was killed: its leftovers on this host are killed"
+    ));
+    // Killed before the front exited, not later by anyone else.
+    assert!(
+        poll_pid_gone(leftover, std::time::Duration::from_secs(2)),
+        "the leftover outlived A's front\n{done_a}"
+    );
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT state, leftovers_killed FROM tether.runs WHERE run_id = '{id_a}'"
+        )),
+        "running|t"
+    );
+
+    let done_b = run_on(&sb, &b, &cfg, app, &rid(&sb, "b"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    done_b.assert_code(0);
+    done_b.assert_stderr_contains(&format!("reaping dead run {id_a} of {app} on host host-a"));
+    done_b.assert_stderr_contains(&format!("leftovers of run {id_a} on host host-a killed"));
+    assert_eq!(
+        log_lines(&td).len(),
+        1,
+        "A's teardown, once, on B\n{done_b}"
+    );
+    assert!(log_lines(&td)[0].starts_with(&format!("td reaped {id_a} ")));
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
+
+    let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    again.assert_code(0);
+    assert_eq!(
+        log_lines(&td).len(),
+        1,
+        "a second teardown of A's run\n{again}"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0", "{again}");
 }
 
 /// §3 item 2–3, confirmed: B takes the lock, runs A's teardown once (`reaped`, A's run id and
@@ -527,8 +606,8 @@ fn janitor_reports_other_hosts_dead_runs_untouched_and_reaps_its_own() {
     assert_eq!(row_state(&pg, &id_a), None, "{own}");
 }
 
-/// A `tether.runs` made by the first cluster tether (no `grp`, no `acquired`, `fence NOT
-/// NULL`) is brought up to date by the next run, once, with one line naming what changed.
+/// A `tether.runs` made by the first cluster tether (no `grp`, no `acquired`, no
+/// `leftovers_killed`, `fence NOT NULL`) is brought up to date by the next run, once, with one line naming what changed.
 #[test]
 fn an_older_runs_table_is_migrated_once() {
     let sb = Sandbox::new();
@@ -556,16 +635,16 @@ fn an_older_runs_table_is_migrated_once() {
         "{first}"
     );
     first.assert_stderr_contains(
-        "cluster: created column tether.runs.grp, column tether.runs.acquired, nullable \
-         tether.runs.fence on",
+        "cluster: created column tether.runs.grp, column tether.runs.acquired, column \
+         tether.runs.leftovers_killed, nullable tether.runs.fence on",
     );
     assert_eq!(
         pg.psql(
             "SELECT string_agg(column_name || ':' || is_nullable, ',' ORDER BY column_name) \
              FROM information_schema.columns WHERE table_schema = 'tether' AND table_name = 'runs' \
-             AND column_name IN ('grp', 'acquired', 'fence')"
+             AND column_name IN ('grp', 'acquired', 'fence', 'leftovers_killed')"
         ),
-        "acquired:YES,fence:YES,grp:YES"
+        "acquired:YES,fence:YES,grp:YES,leftovers_killed:NO"
     );
     let second = run_on(&sb, &a, &cfg, "migrate.test", &rid(&sb, "m2"))
         .command(["true"])

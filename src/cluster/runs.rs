@@ -138,6 +138,39 @@ pub(crate) fn set_state(s: &mut Session, run_id: &str, from: &str, to: &str) -> 
     Ok(!n.is_empty())
 }
 
+/// The front's aftercare (D77): the leftovers of this host's dead run `run_id`, whose core was
+/// `pid`, are killed. Only the row of that run on this host (`host`, `boot_id`) is marked.
+pub(crate) fn mark_leftovers_killed(
+    s: &mut Session,
+    run_id: &str,
+    (host, boot_id): (&str, &str),
+    pid: i32,
+) -> Result<bool> {
+    let n = s.rows(&format!(
+        "UPDATE tether.runs SET leftovers_killed = true WHERE run_id = {} AND host = {} \
+         AND boot_id = {} AND pid = {pid} RETURNING 1",
+        lit(run_id),
+        lit(host),
+        lit(boot_id)
+    ))?;
+    Ok(!n.is_empty())
+}
+
+/// The state of `run_id`'s row and whether its host killed its leftovers (`None`: no row).
+pub(crate) fn confirmation_of(s: &mut Session, run_id: &str) -> Result<Option<(String, bool)>> {
+    Ok(s.rows(&format!(
+        "SELECT state, leftovers_killed FROM tether.runs WHERE run_id = {}",
+        lit(run_id)
+    ))?
+    .into_iter()
+    .next()
+    .and_then(|r| {
+        let state = r.first().cloned().flatten()?;
+        let killed = r.get(1).cloned().flatten().as_deref() == Some("t");
+        Some((state, killed))
+    }))
+}
+
 /// The state of `run_id`'s row (`None`: no row).
 pub(crate) fn state_of(s: &mut Session, run_id: &str) -> Result<Option<String>> {
     Ok(s.rows(&format!(

@@ -50,6 +50,11 @@ impl Claimed {
         ctx.record.lock_wait_ms = Some(ctx.admission_wait().as_millis() as u64);
         ctx.record.meta.state = State::Running;
         write_state(&mut dir, Some(&app_lock), &ctx.record);
+        // With a cluster, the front kills our leftovers at once should this core be SIGKILLed
+        // (D77): the next holder, maybe on another host, waits for that.
+        if let Some(will) = super::aftercare::will_of(&ctx) {
+            sup.leave_will(&will);
+        }
         Ok(Held {
             ctx,
             dir,

@@ -27,7 +27,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getppid, Pid};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// A started child. Its process group is its own (its pid); nothing else owns it.
@@ -79,6 +79,8 @@ pub(crate) struct Supervisor {
     exited: HashMap<i32, i32>,
     /// The lease watched in every wait, until it is lost (one `LockLost`) or ended.
     lease: Option<Watched>,
+    /// The write end of the last-will pipe to the front (a core under a front only).
+    will: Option<OwnedFd>,
 }
 
 impl Supervisor {
@@ -97,6 +99,24 @@ impl Supervisor {
             queued,
             exited: HashMap::new(),
             lease: None,
+            will: None,
+        }
+    }
+
+    /// The pipe [`Supervisor::leave_will`] writes to (set by the front/core split).
+    pub(crate) fn set_will(&mut self, tx: OwnedFd) {
+        self.will = Some(tx);
+    }
+
+    /// Tell the front what to do should this core be killed (a SIGKILL cannot be caught: the
+    /// front, its parent, is the one left to act). One line, written whole (well under
+    /// `PIPE_BUF`); a later will replaces an earlier one. Without a front, nothing.
+    pub(crate) fn leave_will(&mut self, line: &str) {
+        let Some(tx) = &self.will else { return };
+        let mut bytes = line.replace('\n', " ").into_bytes();
+        bytes.push(b'\n');
+        if let Err(e) = nix::unistd::write(tx, &bytes) {
+            crate::output::debug("front", &format!("cannot leave the core's will: {e}"));
         }
     }
 
