@@ -365,8 +365,9 @@ fn a_dead_holder_is_reaped_once_on_another_host_and_its_leftovers_killed_on_its_
 }
 
 /// §3 item 3, not confirmed: with nothing running on A, B waits `leftovers_wait` (1s here), says
-/// so and starts its command. A's next run of the app kills the leftover on its way in and
-/// runs no second teardown.
+/// so and starts its command; a later run (A still silent) neither reaps A's run again nor
+/// waits again. A's next run of the app kills the leftover on its way in and runs no second
+/// teardown.
 #[test]
 fn a_reaper_goes_on_after_the_leftovers_wait_and_the_dead_host_still_cleans_up() {
     let sb = Sandbox::new();
@@ -390,6 +391,18 @@ fn a_reaper_goes_on_after_the_leftovers_wait_and_the_dead_host_still_cleans_up()
     assert_eq!(log_lines(&td), [format!("td reaped {id_a} {fence}")]);
     assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
     assert!(pid_alive(leftover), "a leftover on A was killed from B");
+
+    // Host A does not come back (yet): the next holders neither reap A's run again nor wait
+    // for its leftovers again — the `reaped` row is waited for once.
+    let next_b = run_on(&sb, &b, &cfg, app, &rid(&sb, "b2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    next_b.assert_code(0);
+    next_b.assert_stderr_lacks("leftovers");
+    next_b.assert_stderr_lacks("reaping");
+    assert_eq!(log_lines(&td).len(), 1, "{next_b}");
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
 
     let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
         .teardown("true")
@@ -740,4 +753,113 @@ fn the_janitor_kills_the_leftovers_of_its_hosts_runs_reaped_elsewhere() {
     // Marked `cleaned`, then the same sweep settles A's app lock (the dead run's record is
     // clean: nothing to run) under both locks and deletes the row.
     assert_eq!(row_state(&pg, &id_a), None, "{j}");
+}
+
+/// §4 with §3 (D61, D78): a holder whose session the server ends (`pg_terminate_backend`)
+/// self-fences — exit 75, `lock-lost`, its own teardown — while B, granted the lock at once,
+/// finds A's row `running` without a session and may run A's teardown again (`reaped`: the one
+/// case of two teardowns, both with A's fence). Either way B's command starts only after A's
+/// own teardown is over: A settles its row from a session of its own once its teardown is done
+/// (deleted, or marked `leftovers_killed` when B reaped it already), which is what ends B's
+/// wait — with `leftovers_wait` at 10 minutes, B would otherwise time the test out. No row is
+/// left once A's host runs tether again, and nothing is torn down a third time.
+#[test]
+fn a_self_fenced_holder_settles_its_row_and_the_next_holder_starts_after_its_teardown() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(
+        &sb,
+        "cluster.yml",
+        &format!(
+            "{}  heartbeat: 200ms\n  self_fence: 1s\n  server_release: 3200ms\n  \
+             leftovers_wait: 10m\n",
+            pg.config_block()
+        ),
+    );
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "self-fenced.test";
+    let td = sb.mark("td.log");
+    let (started_a, never) = (sb.mark("a.started"), sb.mark("never"));
+    let id_a = rid(&sb, "a");
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .teardown(teardown_logger(&td))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started_a),
+                sh_wait_for(&shell_quote(&never))
+            ),
+        ])
+        .spawn();
+    wait_until("A's command started", TIMEOUT, || started_a.exists());
+    let (ok_b, early_b) = (sb.mark("b.ok"), sb.mark("b.early"));
+    let id_b = rid(&sb, "b");
+    // B's command looks at the teardown log the moment it starts: A's own teardown must be in it.
+    let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+        .teardown("true")
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "if grep -q '^td lock-lost {id_a} ' {td}; then touch {ok}; else touch {early}; fi",
+                td = shell_quote(&td),
+                ok = shell_quote(&ok_b),
+                early = shell_quote(&early_b)
+            ),
+        ])
+        .spawn();
+    wait_pg_waiter(&pg, &id_b);
+
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{id_a}'"
+        )),
+        "1"
+    );
+    let done_a = run_a.wait_exit(TIMEOUT);
+    done_a.assert_code(75);
+    assert_eq!(
+        done_a.summary_field("result"),
+        Some("lock-lost"),
+        "{done_a}"
+    );
+    let done_b = run_b.wait_exit(TIMEOUT);
+    done_b.assert_code(0);
+    assert!(
+        ok_b.exists() && !early_b.exists(),
+        "B's command started before A's own teardown was over\n{done_a}\n{done_b}"
+    );
+    let teardowns = log_lines(&td);
+    let fence = teardowns
+        .iter()
+        .find(|l| l.starts_with(&format!("td lock-lost {id_a} ")))
+        .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| panic!("A's own teardown did not run: {teardowns:?}"));
+    let mut reasons: Vec<String> = teardowns
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                l.rsplit(' ').next(),
+                Some(fence.as_str()),
+                "every teardown of A's run carries A's fence: {teardowns:?}"
+            );
+            l.split(' ').nth(1).unwrap_or_default().to_owned()
+        })
+        .collect();
+    reasons.sort();
+    assert!(
+        reasons == ["lock-lost"] || reasons == ["lock-lost", "reaped"],
+        "A's own teardown once and at most one reap of it (D61): {teardowns:?}"
+    );
+
+    let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    again.assert_code(0);
+    assert_eq!(log_lines(&td).len(), teardowns.len(), "{again}");
+    assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0", "{again}");
 }

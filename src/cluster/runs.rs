@@ -156,6 +156,18 @@ pub(crate) fn mark_leftovers_killed(
     Ok(!n.is_empty())
 }
 
+/// A run whose teardown is over but whose lock session is gone (self-fenced, D78) settles its
+/// own row from a session of its own: still `running` (no holder has reaped it yet) → deleted,
+/// so that no one runs its teardown again; `reaped` (a holder elsewhere ran it again, D61) →
+/// `leftovers_killed`, since its tree died before its teardown, so that holder stops waiting.
+pub(crate) fn settle_own(s: &mut Session, run_id: &str) -> Result<()> {
+    let id = lit(run_id);
+    s.execute(&format!(
+        "DELETE FROM tether.runs WHERE run_id = {id} AND state = '{RUNNING}'; \
+         UPDATE tether.runs SET leftovers_killed = true WHERE run_id = {id} AND state = '{REAPED}'"
+    ))
+}
+
 /// The state of `run_id`'s row and whether its host killed its leftovers (`None`: no row).
 pub(crate) fn confirmation_of(s: &mut Session, run_id: &str) -> Result<Option<(String, bool)>> {
     Ok(s.rows(&format!(

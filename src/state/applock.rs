@@ -301,16 +301,12 @@ impl AppLock {
     }
 
     /// Remove the run's own row (its teardown is over), on the lock's session before it
-    /// closes (PROTOCOL §17). A failure is only warned about: the row of a run whose session is
-    /// gone is settled by the next holder.
-    pub(crate) fn remove_row(&mut self, run_id: &str) {
-        if let Some(c) = self.cluster.as_mut() {
-            if let Err(e) = c.remove_row(run_id) {
-                crate::output::warn(
-                    "cluster",
-                    &format!("cannot remove the row of run {run_id}: {}", e.message),
-                );
-            }
+    /// closes (PROTOCOL §17). An error: the lock's session is gone (the lock lost) or failed;
+    /// the caller tries on a session of its own (D78).
+    pub(crate) fn remove_row(&mut self, run_id: &str) -> crate::error::Result<()> {
+        match self.cluster.as_mut() {
+            Some(c) => c.remove_row(run_id),
+            None => Ok(()),
         }
     }
 
