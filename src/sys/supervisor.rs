@@ -265,7 +265,17 @@ impl Supervisor {
     /// Wait up to `timeout` while busy with something that must not be interrupted (killing
     /// a tree, a teardown): children are reaped, funnel events are queued for later.
     pub(crate) fn pause(&mut self, timeout: Duration) {
-        let events = self.wait(Some(timeout), None);
+        self.pause_for(Some(timeout));
+    }
+
+    /// [`pause`](Self::pause) up to `timeout` (`None`: until a signal or a child's exit).
+    /// The events already queued are set aside while it blocks: `wait` hands queued events
+    /// back at once, so without that a pause with anything queued (a second SIGTERM during
+    /// a teardown) would return at once and its caller would spin.
+    pub(crate) fn pause_for(&mut self, timeout: Option<Duration>) {
+        let earlier = std::mem::take(&mut self.queued);
+        let events = self.wait(timeout, None);
+        self.queued = earlier;
         self.queue(events);
     }
 
