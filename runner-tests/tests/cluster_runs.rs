@@ -556,8 +556,8 @@ fn an_older_runs_table_is_migrated_once() {
         "{first}"
     );
     first.assert_stderr_contains(
-        "cluster: created column tether.runs.grp, column tether.runs.acquired, nullable \
-         tether.runs.fence on",
+        "cluster: created column tether.runs.grp, column tether.runs.acquired, column \
+         tether.runs.superseded_by, nullable tether.runs.fence on",
     );
     assert_eq!(
         pg.psql(

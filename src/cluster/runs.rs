@@ -86,7 +86,9 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
          ON CONFLICT (run_id) DO UPDATE SET app = EXCLUDED.app, host = EXCLUDED.host, \
          boot_id = EXCLUDED.boot_id, pid = EXCLUDED.pid, pid_start = EXCLUDED.pid_start, \
          state = EXCLUDED.state, grp = EXCLUDED.grp, ci_link = EXCLUDED.ci_link, \
-         teardown = EXCLUDED.teardown, fence = NULL, acquired = NULL, heartbeat = now()",
+         teardown = EXCLUDED.teardown, fence = NULL, acquired = NULL, heartbeat = now(), \
+         superseded_by = CASE WHEN tether.runs.pid = EXCLUDED.pid \
+         AND tether.runs.pid_start = EXCLUDED.pid_start THEN tether.runs.superseded_by END",
         lit(&r.run_id),
         lit(&r.app),
         lit(&r.host),
@@ -99,13 +101,102 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
     ))
 }
 
-/// The lock is taken: `running`, the fence, `acquired`.
+/// The lock is taken: `running`, the fence, `acquired` — unless a newer run of the group
+/// marked the row superseded while it waited (PROTOCOL §18): then the row stays `waiting` and
+/// the error says so; the caller closes the session (the lock goes to the next waiter) and the
+/// run leaves as `superseded`, having run nothing. One statement, so a mark and this update
+/// are ordered by the row's lock: a mark after it finds the row `running` (the holder's
+/// heartbeat sees it), a mark before it makes it fail.
 pub(crate) fn mark_running(s: &mut Session, run_id: &str, fence: i64) -> Result<()> {
-    s.execute(&format!(
+    let updated = s.rows(&format!(
         "UPDATE tether.runs SET state = '{RUNNING}', fence = {fence}, acquired = now(), \
-         heartbeat = now() WHERE run_id = {}",
+         heartbeat = now() WHERE run_id = {} AND superseded_by IS NULL RETURNING 1",
         lit(run_id)
-    ))
+    ))?;
+    if updated.is_empty() {
+        if let Some(by) = superseded_by(s, run_id)? {
+            return Err(crate::error::Error::tether(format!(
+                "cluster {}: run {run_id} was superseded by run {by} while it waited",
+                s.server
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The run that superseded `run_id` (its row's `superseded_by`), if one did.
+pub(crate) fn superseded_by(s: &mut Session, run_id: &str) -> Result<Option<String>> {
+    Ok(s.rows(&format!(
+        "SELECT superseded_by FROM tether.runs WHERE run_id = {}",
+        lit(run_id)
+    ))?
+    .into_iter()
+    .next()
+    .and_then(|r| r.into_iter().next().flatten()))
+}
+
+/// An older run of a group that a newer run marked superseded (PROTOCOL §18).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Victim {
+    pub(crate) run_id: String,
+    /// `waiting` or `running` when it was marked.
+    pub(crate) state: String,
+    pub(crate) host: String,
+}
+
+/// `--on-busy cancel-older` across hosts, step 1: mark every live older run of `group` in
+/// `app` — `waiting` or `running`, started strictly before `me`'s row, with a session named
+/// after it (a row without one is a dead run's: the reaper's business) — as superseded by
+/// `me`. Committed on its own (autocommit) before any waiter is cancelled, so a waiter whose
+/// wait fails always finds the mark if it was meant (D81).
+pub(crate) fn mark_superseded(
+    s: &mut Session,
+    app: &str,
+    group: &str,
+    me: &str,
+) -> Result<Vec<Victim>> {
+    let rows = s.rows(&format!(
+        "UPDATE tether.runs r SET superseded_by = {me} \
+         WHERE r.app = {app} AND r.grp = {group} AND r.run_id <> {me} \
+         AND r.state IN ('{WAITING}', '{RUNNING}') AND r.superseded_by IS NULL \
+         AND r.started < (SELECT started FROM tether.runs WHERE run_id = {me}) \
+         AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = r.run_id) \
+         RETURNING r.run_id, r.state, r.host",
+        me = lit(me),
+        app = lit(app),
+        group = lit(group),
+    ))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let mut it = r.into_iter();
+            Some(Victim {
+                run_id: it.next()??,
+                state: it.next()??,
+                host: it.next()??,
+            })
+        })
+        .collect())
+}
+
+/// Step 2: cancel the lock wait of a marked waiter — `pg_cancel_backend` on the backend named
+/// after it (`application_name` = run id) only while that backend waits, not granted, for
+/// advisory lock `key`: a backend that was granted meanwhile is left alone (its fence
+/// statements see the mark), so a holder's heartbeat is never cancelled. Whether a wait was
+/// cancelled.
+pub(crate) fn cancel_wait(s: &mut Session, run_id: &str, key: i64) -> Result<bool> {
+    let k = key as u64;
+    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
+    let rows = s.rows(&format!(
+        "SELECT pg_cancel_backend(a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+         WHERE a.application_name = {} AND l.locktype = 'advisory' AND NOT l.granted \
+         AND l.objsubid = 1 AND l.classid = {hi} AND l.objid = {lo} \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        lit(run_id)
+    ))?;
+    Ok(rows
+        .iter()
+        .any(|r| r.first().and_then(|c| c.as_deref()) == Some("t")))
 }
 
 /// Remove the row of `run_id`.

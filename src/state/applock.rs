@@ -137,6 +137,18 @@ impl AppLocks {
         }
     }
 
+    /// The run that superseded this run in the cluster (its row's `superseded_by`, PROTOCOL
+    /// §18), read on a short session of its own (`<run id>.look`): asked when a wait or a
+    /// grant failed, since only the mark makes a failure a supersede. `None` without a
+    /// cluster, a row, a mark, or on any failure.
+    pub(crate) fn superseded_in_cluster(&self) -> Option<String> {
+        let Backend::Cluster { cluster, .. } = &self.backend else {
+            return None;
+        };
+        let mut s = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id)).ok()?;
+        runs::superseded_by(&mut s, &cluster.run_id).ok().flatten()
+    }
+
     /// Try once to take the lock of `app` (created if missing). With a cluster: the cluster
     /// lock, then the flock; an unreachable server is an error (class kept: see
     /// [`cluster_lock::into_error`](super::cluster_lock::into_error)). A cluster lock with
@@ -347,6 +359,37 @@ impl BusyLock {
             }
             Busy::Local(_) | Busy::LocalAfterCluster { .. } => Ok(None),
         }
+    }
+
+    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark every live older run of
+    /// `group` in this app superseded by this run, then cancel the lock wait of each marked
+    /// waiter (a marked holder hears it from its heartbeat). On the run's own session, before
+    /// it begins to wait: the mark is committed before any cancel is sent. `None` when the
+    /// wait is not PostgreSQL's.
+    pub(crate) fn supersede_in_cluster(
+        &mut self,
+        group: &str,
+    ) -> io::Result<Option<Vec<runs::Victim>>> {
+        let (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) =
+            (&mut self.busy, &self.backend)
+        else {
+            return Ok(None);
+        };
+        let me = cluster.run_id.clone();
+        let victims = runs::mark_superseded(session, self.app.as_str(), group, &me)
+            .map_err(io::Error::other)?;
+        let key = super::cluster_lock::key(&self.app);
+        for v in victims.iter().filter(|v| v.state == runs::WAITING) {
+            // A failure to cancel leaves a marked waiter waiting: when it is granted, its
+            // fence statement sees the mark and it leaves then (the lock passes on at once).
+            if let Err(e) = runs::cancel_wait(session, &v.run_id, key) {
+                crate::output::warn(
+                    "cancelling",
+                    &format!("cannot cancel the wait of run {}: {}", v.run_id, e.message),
+                );
+            }
+        }
+        Ok(Some(victims))
     }
 
     /// The holder's pid as the kernel's lock table has it (never a pid from a file).
