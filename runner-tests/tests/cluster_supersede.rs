@@ -251,3 +251,53 @@ fn cluster_a_cancelled_wait_without_a_mark_is_not_a_supersede() {
     holder.wait_exit(TIMEOUT).assert_code(143);
     assert_eq!(log_lines(&td), ["td signal"]);
 }
+
+/// The window between the mark and the cancel: a marked waiter that is granted the lock before
+/// its wait is cancelled (here: marked by hand, never cancelled) leaves as `superseded` at the
+/// grant — its `running` update refuses a marked row — running nothing, and the lock goes on
+/// to the next waiter at once.
+#[test]
+fn cluster_a_marked_waiter_granted_before_its_cancel_leaves_superseded() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "xgrant.test";
+    let td = sb.mark("td.log");
+    let order = sb.mark("order");
+    let holder_id = rid(&sb, "H");
+    let mut holder = holder(&sb, &a, &cfg, app, &holder_id, "pr-1", &td);
+    let mut waiters = Vec::new();
+    for (n, (h, name)) in [(&b, "W1"), (&a, "W2")].into_iter().enumerate() {
+        let id = rid(&sb, name);
+        let t = run_on(&sb, h, &cfg, app, &id)
+            .args(["--group", "pr-1"])
+            .command(note(&order, name))
+            .spawn();
+        wait_until(&format!("{name} waits in PostgreSQL"), TIMEOUT, || {
+            pg_waiting(&pg, &id) == (n + 1, 1)
+        });
+        waiters.push((id, t));
+    }
+    let w1 = waiters[0].0.clone();
+    pg.psql(&format!(
+        "UPDATE tether.runs SET superseded_by = 'someone-newer' WHERE run_id = '{w1}'"
+    ));
+    // The holder lets go (its command's wait ends: a normal exit).
+    fs::write(sb.mark(&format!("{holder_id}-never")), "").expect("release the holder");
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    let mut done = Vec::new();
+    for (_, mut t) in waiters {
+        done.push(t.wait_exit(TIMEOUT));
+    }
+    done[0]
+        .assert_code(143)
+        .assert_stderr_contains("superseded by run someone-newer of this run's group");
+    assert_eq!(done[0].summary_field("result"), Some("superseded"));
+    done[1].assert_code(0);
+    assert_eq!(
+        log_lines(&order),
+        ["W2 host-a"],
+        "the marked waiter ran nothing; the next one got the lock"
+    );
+}
