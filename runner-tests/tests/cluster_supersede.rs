@@ -65,8 +65,8 @@ fn pg_waiting(pg: &Postgres, id: &str) -> (usize, usize) {
 
 /// A holder on `h` that keeps `app` until it is told to stop (it never is: only a cancel ends
 /// it before its 30 s give-up, exit 99), its teardown appending `td <reason>` to `td`.
-fn holder<'a>(
-    sb: &'a Sandbox,
+fn holder(
+    sb: &Sandbox,
     h: &Host,
     cfg: &Path,
     app: &str,
