@@ -115,13 +115,31 @@ pub(crate) fn mark_running(s: &mut Session, run_id: &str, fence: i64) -> Result<
     ))?;
     if updated.is_empty() {
         if let Some(by) = superseded_by(s, run_id)? {
-            return Err(crate::error::Error::tether(format!(
-                "cluster {}: run {run_id} was superseded by run {by} while it waited",
-                s.server
-            )));
+            return Err(superseded_error(s, run_id, &by));
         }
     }
     Ok(())
+}
+
+/// The failure of a wait or a grant whose run was marked superseded by `by`, read while its
+/// own session was still open: once that session closes, the next holder may delete the row
+/// of a waiter with no session (PROTOCOL §17) and the mark with it. [`superseded_in`] reads it
+/// back.
+pub(crate) fn superseded_error(s: &Session, run_id: &str, by: &str) -> crate::error::Error {
+    crate::error::Error::tether(format!(
+        "cluster {}: run {run_id} {SUPERSEDED_BY}{by}{WHILE_WAITING}",
+        s.server
+    ))
+}
+
+const SUPERSEDED_BY: &str = "was superseded by run ";
+const WHILE_WAITING: &str = " while it waited";
+
+/// The superseding run named by a [`superseded_error`] (a run id holds no space).
+pub(crate) fn superseded_in(message: &str) -> Option<String> {
+    let (_, rest) = message.rsplit_once(SUPERSEDED_BY)?;
+    let by = rest.strip_suffix(WHILE_WAITING)?;
+    (!by.is_empty() && !by.contains(' ')).then(|| by.to_owned())
 }
 
 /// The run that superseded `run_id` (its row's `superseded_by`), if one did.
@@ -361,6 +379,19 @@ mod tests {
         assert_eq!(lit("it's"), "E'it''s'");
         assert_eq!(lit(r"a\'; DROP"), r"E'a\\''; DROP'");
         assert_eq!(lit("x\0y"), "E'x\u{fffd}y'");
+    }
+
+    #[test]
+    fn a_supersede_is_read_back_from_its_failure_only() {
+        let m = "cluster x (1.2.3.4:5): run r-1 was superseded by run r-2 while it waited";
+        assert_eq!(superseded_in(m).as_deref(), Some("r-2"));
+        for other in [
+            "cluster x: statement failed: ERROR: canceling statement due to user request",
+            "cluster x: run r-1 was superseded by run  while it waited",
+            "run r-1 was superseded by run r 2 while it waited",
+        ] {
+            assert_eq!(superseded_in(other), None, "{other}");
+        }
     }
 
     #[test]

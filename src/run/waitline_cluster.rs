@@ -40,7 +40,11 @@ impl Claimed {
         match self.acquire_in_cluster_queue(app, sup) {
             // An unreachable server is not asked again (it would only add a connect timeout).
             Err(Stop::Fail(e)) if e.failure != crate::error::Failure::Unavailable => {
-                match self.ctx.app_locks.superseded_in_cluster() {
+                // Read on the run's own session when it could be (the wait, the grant), else
+                // on a short one (the row may be gone by then: then it is no supersede).
+                let by = crate::cluster::runs::superseded_in(&e.message)
+                    .or_else(|| self.ctx.app_locks.superseded_in_cluster());
+                match by {
                     Some(by) => Err(Stop::Superseded(by)),
                     None => Err(Stop::Fail(e)),
                 }

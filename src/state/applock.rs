@@ -140,13 +140,26 @@ impl AppLocks {
     /// The run that superseded this run in the cluster (its row's `superseded_by`, PROTOCOL
     /// §18), read on a short session of its own (`<run id>.look`): asked when a wait or a
     /// grant failed, since only the mark makes a failure a supersede. `None` without a
-    /// cluster, a row, a mark, or on any failure.
+    /// cluster, a row, a mark, or on a failure (said in one warning).
     pub(crate) fn superseded_in_cluster(&self) -> Option<String> {
         let Backend::Cluster { cluster, .. } = &self.backend else {
             return None;
         };
-        let mut s = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id)).ok()?;
-        runs::superseded_by(&mut s, &cluster.run_id).ok().flatten()
+        let looked = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id))
+            .and_then(|mut s| runs::superseded_by(&mut s, &cluster.run_id));
+        match looked {
+            Ok(by) => by,
+            Err(e) => {
+                crate::output::warn(
+                    "cluster",
+                    &format!(
+                        "cannot read whether run {} was superseded: {}",
+                        cluster.run_id, e.message
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// Try once to take the lock of `app` (created if missing). With a cluster: the cluster
