@@ -11,51 +11,29 @@
 //! order is known exactly.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
 use runner_tests::{
-    log_lines, on_host, rid, run_dirs, sh_wait_for, shell_quote, wait_file, wait_until,
-    write_config, Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
+    dir_host, log_lines, on_host, rid, run_dirs, sh_wait_for, shell_quote, wait_file, wait_until,
+    write_config, DirHost, Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
 };
 
-/// One simulated host: its name, its own lock dir and runs dir.
+/// One simulated host: its own lock dir and runs dir (`dir_hosts.rs`) and its host name.
 struct Host {
     name: String,
-    lock: PathBuf,
-    runs: PathBuf,
+    dirs: DirHost,
 }
 
 fn host(sb: &Sandbox, name: &str) -> Host {
-    let root = sb.path().join(name);
-    let h = Host {
+    Host {
         name: name.to_owned(),
-        lock: root.join("locks"),
-        runs: root.join("runs"),
-    };
-    for (dir, mode) in [(&root, 0o755), (&h.lock, 0o755), (&h.runs, 0o700)] {
-        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
+        dirs: dir_host(sb, name),
     }
-    h
 }
 
 /// `tether run` on host `h` (its dirs, its host name) with the cluster config `cfg`.
 fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> TetherCmd<'a> {
-    sb.tether_run()
-        .wrapped(on_host(&h.name))
-        .no_sandbox_dirs()
-        .arg("--lock-dir")
-        .arg(&h.lock)
-        .arg("--runs-dir")
-        .arg(&h.runs)
-        .arg("--config")
-        .arg(cfg)
-        .app(app)
-        .run_id(id)
-        .env(PASSWORD_ENV, PASSWORD)
+    h.dirs.run(sb, cfg, app, id).wrapped(on_host(&h.name))
 }
 
 /// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
@@ -200,7 +178,7 @@ fn cluster_cancel_older_supersedes_the_groups_older_runs_on_every_host() {
     );
     for h in [&a, &b] {
         assert_eq!(
-            run_dirs(&h.runs),
+            run_dirs(&h.dirs.runs),
             Vec::<String>::new(),
             "no run dir is left"
         );

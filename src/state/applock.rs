@@ -145,6 +145,13 @@ impl AppLocks {
         let Backend::Cluster { cluster, .. } = &self.backend else {
             return None;
         };
+        // No row written, nothing to mark (a refused connect, a schema mismatch): not asked.
+        if !cluster
+            .row_written
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
         let looked = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id))
             .and_then(|mut s| runs::superseded_by(&mut s, &cluster.run_id));
         match looked {
