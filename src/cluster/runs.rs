@@ -153,6 +153,48 @@ pub(crate) fn superseded_by(s: &mut Session, run_id: &str) -> Result<Option<Stri
     .and_then(|r| r.into_iter().next().flatten()))
 }
 
+/// [`superseded_by`] on a session of its own (`<run id>.look`), for a failure that carried no
+/// answer; a failure to look is said in one warning and taken as no mark.
+pub(crate) fn superseded_looked_up(
+    target: &crate::config::cluster::ClusterTarget,
+    run_id: &str,
+) -> Option<String> {
+    let looked = Session::connect(target, &format!("{run_id}.look"))
+        .and_then(|mut s| superseded_by(&mut s, run_id));
+    looked.unwrap_or_else(|e| {
+        crate::output::warn(
+            "cluster",
+            &format!(
+                "cannot read whether run {run_id} was superseded: {}",
+                e.message
+            ),
+        );
+        None
+    })
+}
+
+/// `--on-busy cancel-older` across hosts: [`mark_superseded`], then [`cancel_wait`] for each
+/// victim marked `waiting` (advisory key `key`). A failure to cancel is said, not fatal: the
+/// marked waiter leaves when it is granted (its `running` update sees the mark).
+pub(crate) fn supersede(
+    s: &mut Session,
+    app: &str,
+    group: &str,
+    me: &str,
+    key: i64,
+) -> Result<Vec<Victim>> {
+    let victims = mark_superseded(s, app, group, me)?;
+    for v in victims.iter().filter(|v| v.state == WAITING) {
+        if let Err(e) = cancel_wait(s, &v.run_id, key) {
+            crate::output::warn(
+                "cancelling",
+                &format!("cannot cancel the wait of run {}: {}", v.run_id, e.message),
+            );
+        }
+    }
+    Ok(victims)
+}
+
 /// An older run of a group that a newer run marked superseded (PROTOCOL §18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Victim {

@@ -9,7 +9,7 @@ use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
-use crate::cluster::runs::{self, NewRow};
+use crate::cluster::runs::{self, NewRow, Victim};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 /// The app locks of this tether (today: the lock dir's flocks).
 #[derive(Debug, Clone)]
@@ -137,35 +138,15 @@ impl AppLocks {
         }
     }
 
-    /// The run that superseded this run in the cluster (its row's `superseded_by`, PROTOCOL
-    /// §18), read on a short session of its own (`<run id>.look`): asked when a wait or a
-    /// grant failed, since only the mark makes a failure a supersede. `None` without a
-    /// cluster, a row, a mark, or on a failure (said in one warning).
+    /// The run that superseded this run in the cluster (its row's mark, PROTOCOL §18), read on
+    /// a short session of its own; `None` without a cluster, a written row, a mark, or on a
+    /// failure (said in one warning).
     pub(crate) fn superseded_in_cluster(&self) -> Option<String> {
-        let Backend::Cluster { cluster, .. } = &self.backend else {
-            return None;
-        };
-        // No row written, nothing to mark (a refused connect, a schema mismatch): not asked.
-        if !cluster
-            .row_written
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return None;
-        }
-        let looked = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id))
-            .and_then(|mut s| runs::superseded_by(&mut s, &cluster.run_id));
-        match looked {
-            Ok(by) => by,
-            Err(e) => {
-                crate::output::warn(
-                    "cluster",
-                    &format!(
-                        "cannot read whether run {} was superseded: {}",
-                        cluster.run_id, e.message
-                    ),
-                );
-                None
+        match &self.backend {
+            Backend::Cluster { cluster, .. } if cluster.row_written.load(Ordering::Relaxed) => {
+                runs::superseded_looked_up(&cluster.target, &cluster.run_id)
             }
+            _ => None,
         }
     }
 
@@ -381,35 +362,19 @@ impl BusyLock {
         }
     }
 
-    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark every live older run of
-    /// `group` in this app superseded by this run, then cancel the lock wait of each marked
-    /// waiter (a marked holder hears it from its heartbeat). On the run's own session, before
-    /// it begins to wait: the mark is committed before any cancel is sent. `None` when the
-    /// wait is not PostgreSQL's.
-    pub(crate) fn supersede_in_cluster(
-        &mut self,
-        group: &str,
-    ) -> io::Result<Option<Vec<runs::Victim>>> {
-        let (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) =
-            (&mut self.busy, &self.backend)
-        else {
-            return Ok(None);
-        };
-        let me = cluster.run_id.clone();
-        let victims = runs::mark_superseded(session, self.app.as_str(), group, &me)
-            .map_err(io::Error::other)?;
-        let key = super::cluster_lock::key(&self.app);
-        for v in victims.iter().filter(|v| v.state == runs::WAITING) {
-            // A failure to cancel leaves a marked waiter waiting: when it is granted, its
-            // fence statement sees the mark and it leaves then (the lock passes on at once).
-            if let Err(e) = runs::cancel_wait(session, &v.run_id, key) {
-                crate::output::warn(
-                    "cancelling",
-                    &format!("cannot cancel the wait of run {}: {}", v.run_id, e.message),
-                );
+    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark the group's older runs and
+    /// cancel the marked waiters' waits, on the run's own session before it waits. `None` when
+    /// the wait is not PostgreSQL's.
+    pub(crate) fn supersede_in_cluster(&mut self, group: &str) -> io::Result<Option<Vec<Victim>>> {
+        match (&mut self.busy, &self.backend) {
+            (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) => {
+                let key = super::cluster_lock::key(&self.app);
+                runs::supersede(session, self.app.as_str(), group, &cluster.run_id, key)
+                    .map(Some)
+                    .map_err(io::Error::other)
             }
+            _ => Ok(None),
         }
-        Ok(Some(victims))
     }
 
     /// The holder's pid as the kernel's lock table has it (never a pid from a file).
