@@ -619,8 +619,9 @@ fn janitor_reports_other_hosts_dead_runs_untouched_and_reaps_its_own() {
     assert_eq!(row_state(&pg, &id_a), None, "{own}");
 }
 
-/// A `tether.runs` made by the first cluster tether (no `grp`, no `acquired`, no
-/// `leftovers_killed`, `fence NOT NULL`) is brought up to date by the next run, once, with one line naming what changed.
+/// A `tether.runs` made by the first cluster tether (no `grp`, `acquired`, `leftovers_killed`,
+/// `superseded_by`; `fence NOT NULL`) is brought up to date by the next run, once, with one
+/// line naming what changed.
 #[test]
 fn an_older_runs_table_is_migrated_once() {
     let sb = Sandbox::new();
@@ -649,7 +650,7 @@ fn an_older_runs_table_is_migrated_once() {
     );
     first.assert_stderr_contains(
         "cluster: created column tether.runs.grp, column tether.runs.acquired, column \
-         tether.runs.leftovers_killed, nullable tether.runs.fence on",
+         tether.runs.leftovers_killed, column tether.runs.superseded_by, nullable tether.runs.fence on",
     );
     assert_eq!(
         pg.psql(

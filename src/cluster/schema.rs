@@ -46,11 +46,15 @@ pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
         "boolean",
         "boolean NOT NULL DEFAULT false",
     ),
+    // Issue 17 across hosts (PROTOCOL §18): the run of the same group that superseded this
+    // one; set once by the newer run, read by the run itself (its heartbeat, or its failed
+    // wait), never cleared while the run lives.
+    ("superseded_by", "text", "text"),
 ];
 
 /// Columns a schema made before PROTOCOL §17 lacks: `ensure` adds them (their declarations are
 /// in [`RUN_COLUMNS`]).
-const ADDED_COLUMNS: &[&str] = &["grp", "acquired", "leftovers_killed"];
+const ADDED_COLUMNS: &[&str] = &["grp", "acquired", "leftovers_killed", "superseded_by"];
 
 /// Make what is missing; returns what was created (empty: everything was there).
 pub(crate) fn ensure(s: &mut Session) -> Result<Vec<&'static str>> {
@@ -146,6 +150,7 @@ fn migrate(s: &mut Session, made: &mut Vec<&'static str>) -> Result<()> {
             made.push(match *name {
                 "grp" => "column tether.runs.grp",
                 "leftovers_killed" => "column tether.runs.leftovers_killed",
+                "superseded_by" => "column tether.runs.superseded_by",
                 _ => "column tether.runs.acquired",
             });
         }

@@ -9,7 +9,7 @@ use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
-use crate::cluster::runs::{self, NewRow};
+use crate::cluster::runs::{self, NewRow, Victim};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 /// The app locks of this tether (today: the lock dir's flocks).
 #[derive(Debug, Clone)]
@@ -134,6 +135,18 @@ impl AppLocks {
     pub(crate) fn forget_waiting_row(&self) {
         if let Backend::Cluster { cluster, .. } = &self.backend {
             cluster.forget_waiting_row();
+        }
+    }
+
+    /// The run that superseded this run in the cluster (its row's mark, PROTOCOL §18), read on
+    /// a short session of its own; `None` without a cluster, a written row, a mark, or on a
+    /// failure (said in one warning).
+    pub(crate) fn superseded_in_cluster(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Cluster { cluster, .. } if cluster.row_written.load(Ordering::Relaxed) => {
+                runs::superseded_looked_up(&cluster.target, &cluster.run_id)
+            }
+            _ => None,
         }
     }
 
@@ -342,6 +355,21 @@ impl BusyLock {
                 super::cluster_lock::waiters(session, &self.app).map(Some)
             }
             Busy::Local(_) | Busy::LocalAfterCluster { .. } => Ok(None),
+        }
+    }
+
+    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark the group's older runs and
+    /// cancel the marked waiters' waits, on the run's own session before it waits. `None` when
+    /// the wait is not PostgreSQL's.
+    pub(crate) fn supersede_in_cluster(&mut self, group: &str) -> io::Result<Option<Vec<Victim>>> {
+        match (&mut self.busy, &self.backend) {
+            (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) => {
+                let key = super::cluster_lock::key(&self.app);
+                runs::supersede(session, self.app.as_str(), group, &cluster.run_id, key)
+                    .map(Some)
+                    .map_err(io::Error::other)
+            }
+            _ => Ok(None),
         }
     }
 

@@ -367,10 +367,18 @@ impl ClusterWait {
     /// Join the thread (finished once `raw_fd` is readable): the flock, and the cluster hold
     /// with its fence (drawn now, on the core, for a lock the thread waited for).
     pub(crate) fn finish(self) -> io::Result<(HeldLock, ClusterHold)> {
-        let (session, result) = self
+        let (mut session, result) = self
             .handle
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
+        // A failed wait (a cancel) is a supersede only if the row says so (PROTOCOL §18):
+        // asked on the run's own session before it closes — a row without a session may be
+        // deleted by the next holder at once.
+        if let (Err(_), Some(s), Some(row)) = (&result, session.as_mut(), self.row.as_deref()) {
+            if let Ok(Some(by)) = runs::superseded_by(s, &row.run_id) {
+                return Err(io_err(runs::superseded_error(s, &row.run_id, &by)));
+            }
+        }
         let held = result?;
         let hold = match (self.hold, session) {
             (Some(hold), _) => hold,

@@ -245,6 +245,21 @@ impl Supervisor {
         if readable {
             watched.take_reports();
         }
+        // A newer run of the holder's group (on any host) superseded it (PROTOCOL §18): the
+        // same end as a local cancel-older's SIGTERM, through the funnel, once. The lease is
+        // still watched: the lock is held through the teardown.
+        if let Some(by) = watched.take_superseded() {
+            crate::output::emit(
+                crate::output::Level::Info,
+                "superseded",
+                &format!(
+                    "superseded by run {by} of this run's group (cancel-older in the cluster) — \
+                     tearing down as for SIGTERM"
+                ),
+                &[("by", by.into())],
+            );
+            events.push(Event::Signal(Sig::Term));
+        }
         if let Some(text) = watched.lost(lease::mono_now()) {
             crate::output::emit(
                 crate::output::Level::Error,
