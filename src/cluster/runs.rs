@@ -99,13 +99,14 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
     ))
 }
 
-/// The lock is taken: `running`, the fence, `acquired`.
-pub(crate) fn mark_running(s: &mut Session, run_id: &str, fence: i64) -> Result<()> {
-    s.execute(&format!(
+/// The lock is taken: `running`, the fence (`fence`: an SQL expression), `acquired` — the
+/// statement, which the acquisition sends in its one round trip (DECISIONS D80).
+pub(crate) fn mark_running_sql(run_id: &str, fence: &str) -> String {
+    format!(
         "UPDATE tether.runs SET state = '{RUNNING}', fence = {fence}, acquired = now(), \
          heartbeat = now() WHERE run_id = {}",
         lit(run_id)
-    ))
+    )
 }
 
 /// Remove the row of `run_id`.
@@ -158,10 +159,17 @@ const SELECT: &str = "SELECT r.run_id, r.app, r.host, r.boot_id, r.pid, r.pid_st
 
 /// Every row of `app`, oldest first.
 pub(crate) fn of_app(s: &mut Session, app: &str) -> Result<Vec<Row>> {
-    select(
-        s,
-        &format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app)),
-    )
+    select(s, &of_app_sql(app))
+}
+
+/// The statement [`of_app`] runs, for a caller that sends it in a batch (DECISIONS D80).
+pub(crate) fn of_app_sql(app: &str) -> String {
+    format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app))
+}
+
+/// Rows as [`of_app_sql`]'s statement returns them (one that does not parse is skipped).
+pub(crate) fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
+    rows.into_iter().filter_map(parse).collect()
 }
 
 /// Every row, by app, oldest first.
