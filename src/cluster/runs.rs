@@ -101,24 +101,20 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
     ))
 }
 
-/// The lock is taken: `running`, the fence, `acquired` — unless a newer run of the group
-/// marked the row superseded while it waited (PROTOCOL §18): then the row stays `waiting` and
-/// the error says so; the caller closes the session (the lock goes to the next waiter) and the
-/// run leaves as `superseded`, having run nothing. One statement, so a mark and this update
-/// are ordered by the row's lock: a mark after it finds the row `running` (the holder's
-/// heartbeat sees it), a mark before it makes it fail.
-pub(crate) fn mark_running(s: &mut Session, run_id: &str, fence: i64) -> Result<()> {
-    let updated = s.rows(&format!(
+/// The lock is taken: `running`, the fence (`fence`: an SQL expression), `acquired` — the
+/// statement, which the acquisition sends in its one round trip (DECISIONS D80) — unless a
+/// newer run of the group marked the row superseded while it waited (PROTOCOL §18): then it
+/// updates nothing (`RETURNING` says so), the row stays `waiting`, and the caller fails with
+/// [`superseded_error`]; it closes the session (the lock goes to the next waiter) and the run
+/// leaves as `superseded`, having run nothing. One statement, so a mark and this update are
+/// ordered by the row's lock: a mark after it finds the row `running` (the holder's heartbeat
+/// sees it), a mark before it makes it update nothing.
+pub(crate) fn mark_running_sql(run_id: &str, fence: &str) -> String {
+    format!(
         "UPDATE tether.runs SET state = '{RUNNING}', fence = {fence}, acquired = now(), \
          heartbeat = now() WHERE run_id = {} AND superseded_by IS NULL RETURNING 1",
         lit(run_id)
-    ))?;
-    if updated.is_empty() {
-        if let Some(by) = superseded_by(s, run_id)? {
-            return Err(superseded_error(s, run_id, &by));
-        }
-    }
-    Ok(())
+    )
 }
 
 /// The failure of a wait or a grant whose run was marked superseded by `by`, read while its
@@ -354,10 +350,17 @@ const SELECT: &str = "SELECT r.run_id, r.app, r.host, r.boot_id, r.pid, r.pid_st
 
 /// Every row of `app`, oldest first.
 pub(crate) fn of_app(s: &mut Session, app: &str) -> Result<Vec<Row>> {
-    select(
-        s,
-        &format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app)),
-    )
+    select(s, &of_app_sql(app))
+}
+
+/// The statement [`of_app`] runs, for a caller that sends it in a batch (DECISIONS D80).
+pub(crate) fn of_app_sql(app: &str) -> String {
+    format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app))
+}
+
+/// Rows as [`of_app_sql`]'s statement returns them (one that does not parse is skipped).
+pub(crate) fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
+    rows.into_iter().filter_map(parse).collect()
 }
 
 /// Every row, by app, oldest first.

@@ -299,6 +299,11 @@ impl AppLock {
         self.cluster.as_ref().map(|c| c.fence)
     }
 
+    /// The app's cluster rows as read when this run took the lock (DECISIONS D80): once.
+    pub(crate) fn take_cluster_rows(&mut self) -> Option<Vec<crate::cluster::runs::Row>> {
+        self.cluster.as_mut().and_then(ClusterHold::take_rows)
+    }
+
     /// The run's teardown failed: its cluster row stays `running` at release, for the next
     /// holder to reap (PROTOCOL §17).
     pub(crate) fn keep_row(&mut self) {
@@ -395,7 +400,9 @@ impl BusyLock {
             }
             Busy::Remote { session, .. } => {
                 let row = match &self.backend {
-                    Backend::Cluster { cluster, .. } => cluster.row_for(&self.app).cloned(),
+                    Backend::Cluster { cluster, .. } => cluster
+                        .row_for(&self.app)
+                        .map(|r| (r.clone(), cluster.target.timing)),
                     Backend::Flock { .. } => None,
                 };
                 (

@@ -70,21 +70,29 @@ fn quote_literal(text: &str) -> String {
 impl Heartbeat {
     /// Start beating on `session` (a held cluster lock's). On the calling thread first: bound
     /// every statement of the session by `self_fence` on the server, which also proves the
-    /// session alive — its send time is the lease's start. On an error the session is closed
-    /// (the cluster lock with it): the caller must not start the command.
+    /// session alive — its send time is the lease's start. `bounded_at`: the acquisition
+    /// already did that in its own round trip, sent then (DECISIONS D80). On an error the
+    /// session is closed (the cluster lock with it): the caller must not start the command.
     pub(crate) fn start(
         mut session: Session,
         run_id: &str,
         timing: FenceTiming,
+        bounded_at: Option<Duration>,
     ) -> io::Result<Heartbeat> {
-        let first_sent = mono_now();
-        let bound = format!(
-            "SET statement_timeout = {}",
-            timing.self_fence.as_millis().max(1)
-        );
-        session
-            .execute_quiet(&bound)
-            .map_err(|why| io::Error::other(format!("cluster {}: {why}", session.server)))?;
+        let first_sent = match bounded_at {
+            Some(sent) => sent,
+            None => {
+                let sent = mono_now();
+                let bound = format!(
+                    "SET statement_timeout = {}",
+                    timing.self_fence.as_millis().max(1)
+                );
+                session.execute_quiet(&bound).map_err(|why| {
+                    io::Error::other(format!("cluster {}: {why}", session.server))
+                })?;
+                sent
+            }
+        };
         let (report_rx, report_tx) = lease::pipe()?;
         let (stop_rx, stop_tx) = lease::pipe()?;
         let (done_rx, done_tx) = lease::pipe()?;
