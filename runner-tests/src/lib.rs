@@ -84,8 +84,8 @@ pub use pg::Postgres;
 pub use pg_proxy::PoolingProxy;
 pub use procs::{
     children_of, descendants_of, pid_alive, pid_comm, poll_all_gone, poll_pid_gone, proc_info,
-    sig_ignored, thread_names, wait_all_gone, wait_child_named, wait_pid_gone, KillOnDrop,
-    ProcInfo, ProcessGuard,
+    sig_ignored, sigkill_core, sigkilled_core_front_status, thread_names, wait_all_gone,
+    wait_child_named, wait_pid_gone, KillOnDrop, ProcInfo, ProcessGuard,
 };
 pub use sandbox::{cluster_switch, Sandbox, CLUSTER_SWITCH};
 pub use shell::{StepShell, StepShellCmd};

@@ -568,6 +568,12 @@ impl Postgres {
         )
     }
 
+    /// The server's log so far (its stdout and stderr), e.g. with `log_connections` on.
+    pub fn server_log(&self) -> String {
+        let path = self.root.join(format!("server-{}.log", self.port));
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
     /// Run SQL as the superuser over the unix socket; the rows, `|`-separated, one a line.
     /// Panics when psql fails.
     pub fn psql(&self, sql: &str) -> String {

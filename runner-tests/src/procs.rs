@@ -176,6 +176,39 @@ pub fn poll_pid_gone(pid: i32, timeout: Duration) -> bool {
     poll_until(timeout, || !pid_alive(pid))
 }
 
+/// SIGKILLs a run's core (`core`) so that its leftovers outlive it, as the single-host cases of
+/// a dead run mean: nobody kills them before the next run or janitor does. Under the cluster
+/// switch a live front would (its aftercare, DECISIONS D77), so there the front (the core's
+/// parent) is stopped first and SIGKILLed once the core is dead — a host whose tether is gone
+/// entirely; the front then ends killed by SIGKILL instead of exiting 137
+/// ([`sigkilled_core_front_status`]).
+pub fn sigkill_core(core: i32) {
+    let front = crate::cluster_switch()
+        .then(|| proc_info(core).map(|p| p.ppid))
+        .flatten();
+    let sig = |pid: i32, s: Signal| {
+        kill(Pid::from_raw(pid), s).unwrap_or_else(|e| panic!("kill -{s} {pid}: {e}"))
+    };
+    if let Some(front) = front {
+        sig(front, Signal::SIGSTOP);
+    }
+    sig(core, Signal::SIGKILL);
+    if let Some(front) = front {
+        wait_pid_gone(core, crate::TIMEOUT);
+        sig(front, Signal::SIGKILL);
+    }
+}
+
+/// How the front of a run whose core [`sigkill_core`] killed ends: `Ok(137)` (it mirrors the
+/// core's death), or under the cluster switch `Err(SIGKILL)` (it was killed too).
+pub fn sigkilled_core_front_status() -> Result<i32, Signal> {
+    if crate::cluster_switch() {
+        Err(Signal::SIGKILL)
+    } else {
+        Ok(137)
+    }
+}
+
 /// Waits until `pid` is not alive; panics describing the process otherwise.
 pub fn wait_pid_gone(pid: i32, timeout: Duration) {
     if !poll_pid_gone(pid, timeout) {

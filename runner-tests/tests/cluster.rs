@@ -71,7 +71,7 @@ fn cluster_check_creates_the_schema_once_then_finds_it() {
     assert_eq!(
         cols,
         "run_id,app,host,boot_id,pid,pid_start,state,teardown,ci_link,fence,heartbeat,started,\
-         grp,acquired"
+         grp,acquired,leftovers_killed,superseded_by"
     );
     let out = &first.stdout;
     assert!(

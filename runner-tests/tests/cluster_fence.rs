@@ -397,7 +397,9 @@ fn fence_a_quiet_cluster_run_passes_with_one_heartbeat_thread_gone_after_release
              WHERE application_name = '{id}'"
         ))
     };
-    let update = format!("UPDATE tether.runs SET heartbeat = now() WHERE run_id = '{id}' @");
+    let update = format!(
+        "UPDATE tether.runs SET heartbeat = now() WHERE run_id = '{id}' RETURNING superseded_by @"
+    );
     let mut first = String::new();
     wait_until("the first heartbeat", TIMEOUT, || {
         first = beat(&pg);

@@ -186,8 +186,9 @@ fn cluster_rows_go_waiting_running_gone_and_a_run_giving_up_leaves_none() {
     assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0");
 }
 
-/// Host A's holder leaves a `sleep 1000` behind and its core is SIGKILLed. Returns the
-/// leftover's pid and A's fence.
+/// Host A's holder leaves a `sleep 1000` behind and its core *and front* are killed (the front
+/// stopped first, so that its aftercare cannot run: a host whose tether is gone entirely, the
+/// case the next sweep is for). Returns the leftover's pid and A's fence.
 fn holder_killed_on_a(
     sb: &Sandbox,
     a: &Host,
@@ -213,11 +214,89 @@ fn holder_killed_on_a(
         .trim()
         .to_owned();
     let core = run.wait_core_pid(TIMEOUT);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(core), Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("kill {core}: {e}"));
+    let front = run.pid();
+    signal(front, Signal::SIGSTOP);
+    signal(core, Signal::SIGKILL);
+    assert!(poll_pid_gone(core, TIMEOUT), "the core survived SIGKILL");
+    signal(front, Signal::SIGKILL);
     run.wait_exit(TIMEOUT);
     assert!(pid_alive(leftover), "the leftover died with the core");
     (leftover, fence)
+}
+
+fn signal(pid: i32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
+}
+
+/// §3 item 3, at once (D77): only A's core is SIGKILLed; A's front, still there, kills the
+/// leftover before it exits and marks the row. B, with a `leftovers_wait` far beyond the test's
+/// bound (10m), reaps A's run once and goes on as soon as it reads the mark; the row stays
+/// `reaped` for A's next sweep, which settles A's record without a second teardown. Without
+/// the aftercare the leftover outlives A's tether and B waits the full 10 minutes.
+#[test]
+fn a_killed_cores_front_kills_its_leftovers_at_once_and_the_reaper_goes_on() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = config(&sb, &pg, "10m");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "aftercare.test";
+    let td = sb.mark("td.log");
+    let id_a = rid(&sb, "a");
+    let bg = sb.mark("a.bg");
+    let script = format!(
+        "sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
+        p = shell_quote(&bg)
+    );
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .teardown(teardown_logger(&td))
+        .command(["sh", "-c", &script])
+        .spawn();
+    let leftover = wait_pids(&bg, TIMEOUT)[0];
+    signal(run_a.wait_core_pid(TIMEOUT), Signal::SIGKILL);
+    let done_a = run_a.wait_exit(TIMEOUT);
+    done_a.assert_code(137);
+    done_a.assert_stderr_contains(&format!(
+        "the core of run {id_a} of {app} was killed: its leftovers on this host are killed"
+    ));
+    // Killed before the front exited, not later by anyone else.
+    assert!(
+        poll_pid_gone(leftover, std::time::Duration::from_secs(2)),
+        "the leftover outlived A's front\n{done_a}"
+    );
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT state, leftovers_killed FROM tether.runs WHERE run_id = '{id_a}'"
+        )),
+        "running|t"
+    );
+
+    let done_b = run_on(&sb, &b, &cfg, app, &rid(&sb, "b"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    done_b.assert_code(0);
+    done_b.assert_stderr_contains(&format!("reaping dead run {id_a} of {app} on host host-a"));
+    done_b.assert_stderr_contains(&format!("leftovers of run {id_a} on host host-a killed"));
+    assert_eq!(
+        log_lines(&td).len(),
+        1,
+        "A's teardown, once, on B\n{done_b}"
+    );
+    assert!(log_lines(&td)[0].starts_with(&format!("td reaped {id_a} ")));
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
+
+    let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    again.assert_code(0);
+    assert_eq!(
+        log_lines(&td).len(),
+        1,
+        "a second teardown of A's run\n{again}"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0", "{again}");
 }
 
 /// §3 item 2–3, confirmed: B takes the lock, runs A's teardown once (`reaped`, A's run id and
@@ -286,8 +365,9 @@ fn a_dead_holder_is_reaped_once_on_another_host_and_its_leftovers_killed_on_its_
 }
 
 /// §3 item 3, not confirmed: with nothing running on A, B waits `leftovers_wait` (1s here), says
-/// so and starts its command. A's next run of the app kills the leftover on its way in and
-/// runs no second teardown.
+/// so and starts its command; a later run (A still silent) neither reaps A's run again nor
+/// waits again. A's next run of the app kills the leftover on its way in and runs no second
+/// teardown.
 #[test]
 fn a_reaper_goes_on_after_the_leftovers_wait_and_the_dead_host_still_cleans_up() {
     let sb = Sandbox::new();
@@ -311,6 +391,18 @@ fn a_reaper_goes_on_after_the_leftovers_wait_and_the_dead_host_still_cleans_up()
     assert_eq!(log_lines(&td), [format!("td reaped {id_a} {fence}")]);
     assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
     assert!(pid_alive(leftover), "a leftover on A was killed from B");
+
+    // Host A does not come back (yet): the next holders neither reap A's run again nor wait
+    // for its leftovers again — the `reaped` row is waited for once.
+    let next_b = run_on(&sb, &b, &cfg, app, &rid(&sb, "b2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    next_b.assert_code(0);
+    next_b.assert_stderr_lacks("leftovers");
+    next_b.assert_stderr_lacks("reaping");
+    assert_eq!(log_lines(&td).len(), 1, "{next_b}");
+    assert_eq!(row_state(&pg, &id_a).as_deref(), Some("reaped"));
 
     let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
         .teardown("true")
@@ -527,8 +619,9 @@ fn janitor_reports_other_hosts_dead_runs_untouched_and_reaps_its_own() {
     assert_eq!(row_state(&pg, &id_a), None, "{own}");
 }
 
-/// A `tether.runs` made by the first cluster tether (no `grp`, no `acquired`, `fence NOT
-/// NULL`) is brought up to date by the next run, once, with one line naming what changed.
+/// A `tether.runs` made by the first cluster tether (no `grp`, `acquired`, `leftovers_killed`,
+/// `superseded_by`; `fence NOT NULL`) is brought up to date by the next run, once, with one
+/// line naming what changed.
 #[test]
 fn an_older_runs_table_is_migrated_once() {
     let sb = Sandbox::new();
@@ -556,16 +649,16 @@ fn an_older_runs_table_is_migrated_once() {
         "{first}"
     );
     first.assert_stderr_contains(
-        "cluster: created column tether.runs.grp, column tether.runs.acquired, nullable \
-         tether.runs.fence on",
+        "cluster: created column tether.runs.grp, column tether.runs.acquired, column \
+         tether.runs.leftovers_killed, column tether.runs.superseded_by, nullable tether.runs.fence on",
     );
     assert_eq!(
         pg.psql(
             "SELECT string_agg(column_name || ':' || is_nullable, ',' ORDER BY column_name) \
              FROM information_schema.columns WHERE table_schema = 'tether' AND table_name = 'runs' \
-             AND column_name IN ('grp', 'acquired', 'fence')"
+             AND column_name IN ('grp', 'acquired', 'fence', 'leftovers_killed')"
         ),
-        "acquired:YES,fence:YES,grp:YES"
+        "acquired:YES,fence:YES,grp:YES,leftovers_killed:NO"
     );
     let second = run_on(&sb, &a, &cfg, "migrate.test", &rid(&sb, "m2"))
         .command(["true"])
@@ -661,4 +754,113 @@ fn the_janitor_kills_the_leftovers_of_its_hosts_runs_reaped_elsewhere() {
     // Marked `cleaned`, then the same sweep settles A's app lock (the dead run's record is
     // clean: nothing to run) under both locks and deletes the row.
     assert_eq!(row_state(&pg, &id_a), None, "{j}");
+}
+
+/// §4 with §3 (D61, D78): a holder whose session the server ends (`pg_terminate_backend`)
+/// self-fences — exit 75, `lock-lost`, its own teardown — while B, granted the lock at once,
+/// finds A's row `running` without a session and may run A's teardown again (`reaped`: the one
+/// case of two teardowns, both with A's fence). Either way B's command starts only after A's
+/// own teardown is over: A settles its row from a session of its own once its teardown is done
+/// (deleted, or marked `leftovers_killed` when B reaped it already), which is what ends B's
+/// wait — with `leftovers_wait` at 10 minutes, B would otherwise time the test out. No row is
+/// left once A's host runs tether again, and nothing is torn down a third time.
+#[test]
+fn a_self_fenced_holder_settles_its_row_and_the_next_holder_starts_after_its_teardown() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(
+        &sb,
+        "cluster.yml",
+        &format!(
+            "{}  heartbeat: 200ms\n  self_fence: 1s\n  server_release: 3200ms\n  \
+             leftovers_wait: 10m\n",
+            pg.config_block()
+        ),
+    );
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "self-fenced.test";
+    let td = sb.mark("td.log");
+    let (started_a, never) = (sb.mark("a.started"), sb.mark("never"));
+    let id_a = rid(&sb, "a");
+    let mut run_a = run_on(&sb, &a, &cfg, app, &id_a)
+        .teardown(teardown_logger(&td))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started_a),
+                sh_wait_for(&shell_quote(&never))
+            ),
+        ])
+        .spawn();
+    wait_until("A's command started", TIMEOUT, || started_a.exists());
+    let (ok_b, early_b) = (sb.mark("b.ok"), sb.mark("b.early"));
+    let id_b = rid(&sb, "b");
+    // B's command looks at the teardown log the moment it starts: A's own teardown must be in it.
+    let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
+        .teardown("true")
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "if grep -q '^td lock-lost {id_a} ' {td}; then touch {ok}; else touch {early}; fi",
+                td = shell_quote(&td),
+                ok = shell_quote(&ok_b),
+                early = shell_quote(&early_b)
+            ),
+        ])
+        .spawn();
+    wait_pg_waiter(&pg, &id_b);
+
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{id_a}'"
+        )),
+        "1"
+    );
+    let done_a = run_a.wait_exit(TIMEOUT);
+    done_a.assert_code(75);
+    assert_eq!(
+        done_a.summary_field("result"),
+        Some("lock-lost"),
+        "{done_a}"
+    );
+    let done_b = run_b.wait_exit(TIMEOUT);
+    done_b.assert_code(0);
+    assert!(
+        ok_b.exists() && !early_b.exists(),
+        "B's command started before A's own teardown was over\n{done_a}\n{done_b}"
+    );
+    let teardowns = log_lines(&td);
+    let fence = teardowns
+        .iter()
+        .find(|l| l.starts_with(&format!("td lock-lost {id_a} ")))
+        .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| panic!("A's own teardown did not run: {teardowns:?}"));
+    let mut reasons: Vec<String> = teardowns
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                l.rsplit(' ').next(),
+                Some(fence.as_str()),
+                "every teardown of A's run carries A's fence: {teardowns:?}"
+            );
+            l.split(' ').nth(1).unwrap_or_default().to_owned()
+        })
+        .collect();
+    reasons.sort();
+    assert!(
+        reasons == ["lock-lost"] || reasons == ["lock-lost", "reaped"],
+        "A's own teardown once and at most one reap of it (D61): {teardowns:?}"
+    );
+
+    let again = run_on(&sb, &a, &cfg, app, &rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    again.assert_code(0);
+    assert_eq!(log_lines(&td).len(), teardowns.len(), "{again}");
+    assert_eq!(pg.psql("SELECT count(*) FROM tether.runs"), "0", "{again}");
 }

@@ -216,7 +216,7 @@ fn run_killed_leaving_a_process(
     let cg = sb
         .run_record(id)
         .and_then(|r| r["cgroup"].as_str().map(str::to_owned));
-    sigkill(core);
+    runner_tests::sigkill_core(core);
     run.wait_exit(TIMEOUT);
     (leftover, cg)
 }

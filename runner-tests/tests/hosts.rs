@@ -710,3 +710,110 @@ fn waiters_of_two_netns_hosts_are_served_in_arrival_order() {
         "the app went to the waiters of both hosts in arrival order"
     );
 }
+
+/// Issue 16 §3 on network-namespace hosts: the holder's core on host-a is SIGKILLed while its
+/// command has a `sleep 1000` in the background. The server releases the lock at once; host-b's
+/// waiter takes it and runs host-a's teardown once, from the row (`reaped`, host-a's fence, on
+/// host-b); the leftover is killed on host-a by host-a's front (its aftercare, D77), which
+/// tells the server — so host-b's waiter, although its `leftovers_wait` is 10 minutes, starts
+/// its command only once the leftover is dead and well within the test's bound. Host-a's next
+/// run settles its record: no second teardown, no row left.
+#[test]
+fn holder_core_sigkilled_on_one_host_is_reaped_once_on_the_other_and_its_leftovers_die_on_its_own()
+{
+    let sb = Sandbox::new();
+    let c = Cluster::new(2);
+    let cfg = c.write_config("reap.yml", "10s", "  leftovers_wait: 10m\n");
+    let (a, b) = (c.host(0), c.host(1));
+    let app = "reap.hosts.test";
+    let td = sb.mark("td.log");
+    let teardown = format!(
+        "echo \"$TETHER_REASON $TETHER_RUN_ID $(hostname) $TETHER_FENCE\" >> {}",
+        shell_quote(&td)
+    );
+    let (bg, started_a) = (sb.mark("a.bg"), sb.mark("a.started"));
+    let id_a = rid(&sb, "a");
+    let mut run_a = a
+        .run_config(&sb, &cfg)
+        .app(app)
+        .run_id(&id_a)
+        .teardown(&teardown)
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "echo \"$TETHER_FENCE\" > {s}; sleep 1000 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait",
+                s = shell_quote(&started_a),
+                p = shell_quote(&bg)
+            ),
+        ])
+        .spawn();
+    let leftover = runner_tests::wait_pids(&bg, TIMEOUT)[0];
+    let fence_a = fs::read_to_string(&started_a)
+        .expect("A's fence")
+        .trim()
+        .to_owned();
+    // B's command checks, the moment it starts, that A's leftover is already dead.
+    let (ok_b, early_b) = (sb.mark("b.ok"), sb.mark("b.early"));
+    let mut run_b = b
+        .run_config(&sb, &cfg)
+        .app(app)
+        .run_id(rid(&sb, "b"))
+        .teardown("true")
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                // Dead: gone, or a zombie not reaped yet (its state `Z`).
+                "s=$(cut -d' ' -f3 /proc/{leftover}/stat 2>/dev/null); \
+                 if [ -z \"$s\" ] || [ \"$s\" = Z ]; then touch {o}; else touch {e}; fi",
+                e = shell_quote(&early_b),
+                o = shell_quote(&ok_b)
+            ),
+        ])
+        .spawn();
+    runner_tests::wait_until("B waiting on the server", TIMEOUT, || queued(&c, 1));
+
+    let core = run_a.wait_core_pid(TIMEOUT);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(core),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill {core}: {e}"));
+    let done_a = run_a.wait_exit(TIMEOUT);
+    done_a.assert_code(137);
+    done_a.assert_stderr_contains(&format!(
+        "the core of run {id_a} of {app} was killed: its leftovers on this host are killed"
+    ));
+    let done_b = run_b.wait_exit(TIMEOUT);
+    done_b.assert_code(0);
+    done_b.assert_stderr_contains(&format!(
+        "reaping dead run {id_a} of {app} on host {}",
+        a.name()
+    ));
+    done_b.assert_stderr_contains(&format!(
+        "leftovers of run {id_a} on host {} killed",
+        a.name()
+    ));
+    assert!(
+        ok_b.exists() && !early_b.exists(),
+        "B's command started while A's leftover lived\n{done_a}\n{done_b}"
+    );
+    assert!(!pid_alive(leftover), "A's leftover survived");
+    assert_eq!(
+        log_lines(&td),
+        [format!("reaped {id_a} {} {fence_a}", b.name())],
+        "A's teardown ran once, on host-b, with A's fence"
+    );
+
+    let again = a
+        .run_config(&sb, &cfg)
+        .app(app)
+        .run_id(rid(&sb, "a2"))
+        .teardown("true")
+        .command(["true"])
+        .run();
+    again.assert_code(0);
+    assert_eq!(log_lines(&td).len(), 1, "a second teardown\n{again}");
+    assert_eq!(c.psql("SELECT count(*) FROM tether.runs"), "0", "{again}");
+}

@@ -208,11 +208,6 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-fn sigkill(pid: i32) {
-    nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("kill -9 {pid}: {e}"));
-}
-
 fn signal(pid: i32, sig: Signal) {
     nix::sys::signal::kill(Pid::from_raw(pid), sig)
         .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
@@ -230,7 +225,8 @@ struct Dead {
 }
 
 /// Starts `tether run --app app --run-id id --teardown teardown -- tree-helper …` and SIGKILLs
-/// its core once the tree is up. Asserts the front exits 137 and the tree survives.
+/// its core once the tree is up (`sigkill_core`: nobody kills the leftovers, also under the
+/// cluster switch). Asserts how the front ended (137) and that the tree survives.
 fn make_dead_run(
     sb: &Sandbox,
     app: &str,
@@ -270,8 +266,12 @@ fn make_dead_run(
         Some(json!(id)),
         "the lock metadata names {id}"
     );
-    sigkill(core);
-    run.wait_exit(TIMEOUT).assert_code(137);
+    runner_tests::sigkill_core(core);
+    let done = run.wait_exit(TIMEOUT);
+    match runner_tests::sigkilled_core_front_status() {
+        Ok(code) => done.assert_code(code),
+        Err(sig) => done.assert_signal(sig),
+    };
     wait_until("the dead run's app lock to be dropped", TIMEOUT, || {
         lock_table(&sb.lock_path(app)).0.is_empty()
     });

@@ -14,7 +14,7 @@ use runner_tests::{
     app_waiters, helper_bin, lock_is_free, log_lines, names, pid_alive, pid_comm, proc_info,
     read_fd_listing, rid, run_dirs, sh_wait_for, shell_quote, snapshot, start_held_run, touch,
     wait_all_gone, wait_app_queue, wait_app_waiters, wait_file, wait_holder_pid, wait_line,
-    wait_pids, wait_until, Finished, RunningTether, Sandbox, Signal, TIMEOUT,
+    wait_pids, wait_until, Finished, RunningTether, Sandbox, TIMEOUT,
 };
 
 /// The `pid` of run `id`'s record once its state is `state`.
@@ -545,8 +545,7 @@ fn kill_core_of_tree_run(
         );
     }
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(core), Signal::SIGKILL)
-        .expect("SIGKILL the core");
+    runner_tests::sigkill_core(core);
     run.wait_exit(TIMEOUT);
     let survivors: Vec<i32> = pids[1..].to_vec();
     for &pid in &survivors {

@@ -373,6 +373,18 @@ fn signal_storm_during_teardown_is_logged_and_ignored() {
         "a signal during teardown started another teardown:\n{}",
         tether.stderr()
     );
+    // With the storm's signals queued, the core waits for its teardown asleep: it once spun
+    // (a pause returned at once while anything was queued), burning a core for the whole
+    // teardown. A generous bound: a tenth of the window (asleep it uses none; spinning it took
+    // 21 of 100 ticks on this 2-core machine under load, all it can get on an idle one).
+    let before = cpu_ticks(core);
+    let window = Duration::from_secs(1);
+    std::thread::sleep(window); // ordering-free: a measuring window, nothing waits on it
+    let spent = cpu_ticks(core) - before;
+    assert!(
+        spent < 10,
+        "the core used {spent} ticks of CPU in {window:?} while waiting for its teardown"
+    );
     fs::write(&release, "").expect("creating the release marker");
 
     let finished = tether.wait_exit(TIMEOUT);
@@ -945,4 +957,16 @@ fn group_sigterm_gives_reason_signal_in_every_one_of_50_trials() {
         odd.len()
     );
     sb.wait_no_leftovers(TIMEOUT);
+}
+
+/// User + system CPU time of `pid` in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: i32) -> i64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15.
+    let tick = |n: usize| -> i64 { fields.get(n - 3).and_then(|f| f.parse().ok()).unwrap_or(0) };
+    tick(14) + tick(15)
 }

@@ -86,7 +86,9 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
          ON CONFLICT (run_id) DO UPDATE SET app = EXCLUDED.app, host = EXCLUDED.host, \
          boot_id = EXCLUDED.boot_id, pid = EXCLUDED.pid, pid_start = EXCLUDED.pid_start, \
          state = EXCLUDED.state, grp = EXCLUDED.grp, ci_link = EXCLUDED.ci_link, \
-         teardown = EXCLUDED.teardown, fence = NULL, acquired = NULL, heartbeat = now()",
+         teardown = EXCLUDED.teardown, fence = NULL, acquired = NULL, heartbeat = now(), \
+         superseded_by = CASE WHEN tether.runs.pid = EXCLUDED.pid \
+         AND tether.runs.pid_start = EXCLUDED.pid_start THEN tether.runs.superseded_by END",
         lit(&r.run_id),
         lit(&r.app),
         lit(&r.host),
@@ -99,13 +101,158 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
     ))
 }
 
-/// The lock is taken: `running`, the fence, `acquired`.
-pub(crate) fn mark_running(s: &mut Session, run_id: &str, fence: i64) -> Result<()> {
-    s.execute(&format!(
+/// The lock is taken: `running`, the fence (`fence`: an SQL expression), `acquired` — the
+/// statement, which the acquisition sends in its one round trip (DECISIONS D80) — unless a
+/// newer run of the group marked the row superseded while it waited (PROTOCOL §18): then it
+/// updates nothing (`RETURNING` says so), the row stays `waiting`, and the caller fails with
+/// [`superseded_error`]; it closes the session (the lock goes to the next waiter) and the run
+/// leaves as `superseded`, having run nothing. One statement, so a mark and this update are
+/// ordered by the row's lock: a mark after it finds the row `running` (the holder's heartbeat
+/// sees it), a mark before it makes it update nothing.
+pub(crate) fn mark_running_sql(run_id: &str, fence: &str) -> String {
+    format!(
         "UPDATE tether.runs SET state = '{RUNNING}', fence = {fence}, acquired = now(), \
-         heartbeat = now() WHERE run_id = {}",
+         heartbeat = now() WHERE run_id = {} AND superseded_by IS NULL RETURNING 1",
         lit(run_id)
+    )
+}
+
+/// The failure of a wait or a grant whose run was marked superseded by `by`, read while its
+/// own session was still open: once that session closes, the next holder may delete the row
+/// of a waiter with no session (PROTOCOL §17) and the mark with it. [`superseded_in`] reads it
+/// back.
+pub(crate) fn superseded_error(s: &Session, run_id: &str, by: &str) -> crate::error::Error {
+    crate::error::Error::tether(format!(
+        "cluster {}: run {run_id} {SUPERSEDED_BY}{by}{WHILE_WAITING}",
+        s.server
     ))
+}
+
+const SUPERSEDED_BY: &str = "was superseded by run ";
+const WHILE_WAITING: &str = " while it waited";
+
+/// The superseding run named by a [`superseded_error`] (a run id holds no space).
+pub(crate) fn superseded_in(message: &str) -> Option<String> {
+    let (_, rest) = message.rsplit_once(SUPERSEDED_BY)?;
+    let by = rest.strip_suffix(WHILE_WAITING)?;
+    (!by.is_empty() && !by.contains(' ')).then(|| by.to_owned())
+}
+
+/// The run that superseded `run_id` (its row's `superseded_by`), if one did.
+pub(crate) fn superseded_by(s: &mut Session, run_id: &str) -> Result<Option<String>> {
+    Ok(s.rows(&format!(
+        "SELECT superseded_by FROM tether.runs WHERE run_id = {}",
+        lit(run_id)
+    ))?
+    .into_iter()
+    .next()
+    .and_then(|r| r.into_iter().next().flatten()))
+}
+
+/// [`superseded_by`] on a session of its own (`<run id>.look`), for a failure that carried no
+/// answer; a failure to look is said in one warning and taken as no mark.
+pub(crate) fn superseded_looked_up(
+    target: &crate::config::cluster::ClusterTarget,
+    run_id: &str,
+) -> Option<String> {
+    let looked = Session::connect(target, &format!("{run_id}.look"))
+        .and_then(|mut s| superseded_by(&mut s, run_id));
+    looked.unwrap_or_else(|e| {
+        crate::output::warn(
+            "cluster",
+            &format!(
+                "cannot read whether run {run_id} was superseded: {}",
+                e.message
+            ),
+        );
+        None
+    })
+}
+
+/// `--on-busy cancel-older` across hosts: [`mark_superseded`], then [`cancel_wait`] for each
+/// victim marked `waiting` (advisory key `key`). A failure to cancel is said, not fatal: the
+/// marked waiter leaves when it is granted (its `running` update sees the mark).
+pub(crate) fn supersede(
+    s: &mut Session,
+    app: &str,
+    group: &str,
+    me: &str,
+    key: i64,
+) -> Result<Vec<Victim>> {
+    let victims = mark_superseded(s, app, group, me)?;
+    for v in victims.iter().filter(|v| v.state == WAITING) {
+        if let Err(e) = cancel_wait(s, &v.run_id, key) {
+            crate::output::warn(
+                "cancelling",
+                &format!("cannot cancel the wait of run {}: {}", v.run_id, e.message),
+            );
+        }
+    }
+    Ok(victims)
+}
+
+/// An older run of a group that a newer run marked superseded (PROTOCOL §18).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Victim {
+    pub(crate) run_id: String,
+    /// `waiting` or `running` when it was marked.
+    pub(crate) state: String,
+    pub(crate) host: String,
+}
+
+/// `--on-busy cancel-older` across hosts, step 1: mark every live older run of `group` in
+/// `app` — `waiting` or `running`, started strictly before `me`'s row, with a session named
+/// after it (a row without one is a dead run's: the reaper's business) — as superseded by
+/// `me`. Committed on its own (autocommit) before any waiter is cancelled, so a waiter whose
+/// wait fails always finds the mark if it was meant (D81).
+pub(crate) fn mark_superseded(
+    s: &mut Session,
+    app: &str,
+    group: &str,
+    me: &str,
+) -> Result<Vec<Victim>> {
+    let rows = s.rows(&format!(
+        "UPDATE tether.runs r SET superseded_by = {me} \
+         WHERE r.app = {app} AND r.grp = {group} AND r.run_id <> {me} \
+         AND r.state IN ('{WAITING}', '{RUNNING}') AND r.superseded_by IS NULL \
+         AND r.started < (SELECT started FROM tether.runs WHERE run_id = {me}) \
+         AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = r.run_id) \
+         RETURNING r.run_id, r.state, r.host",
+        me = lit(me),
+        app = lit(app),
+        group = lit(group),
+    ))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let mut it = r.into_iter();
+            Some(Victim {
+                run_id: it.next()??,
+                state: it.next()??,
+                host: it.next()??,
+            })
+        })
+        .collect())
+}
+
+/// Step 2: cancel the lock wait of a marked waiter — `pg_cancel_backend` on the backend named
+/// after it (`application_name` = run id) only while that backend waits, not granted, for
+/// advisory lock `key`: a backend that was granted meanwhile is left alone (its fence
+/// statements see the mark), so a holder's heartbeat is never cancelled. Whether a wait was
+/// cancelled.
+pub(crate) fn cancel_wait(s: &mut Session, run_id: &str, key: i64) -> Result<bool> {
+    let k = key as u64;
+    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
+    let rows = s.rows(&format!(
+        "SELECT pg_cancel_backend(a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+         WHERE a.application_name = {} AND l.locktype = 'advisory' AND NOT l.granted \
+         AND l.objsubid = 1 AND l.classid = {hi} AND l.objid = {lo} \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        lit(run_id)
+    ))?;
+    Ok(rows
+        .iter()
+        .any(|r| r.first().and_then(|c| c.as_deref()) == Some("t")))
 }
 
 /// Remove the row of `run_id`.
@@ -138,6 +285,51 @@ pub(crate) fn set_state(s: &mut Session, run_id: &str, from: &str, to: &str) -> 
     Ok(!n.is_empty())
 }
 
+/// The front's aftercare (D77): the leftovers of this host's dead run `run_id`, whose core was
+/// `pid`, are killed. Only the row of that run on this host (`host`, `boot_id`) is marked.
+pub(crate) fn mark_leftovers_killed(
+    s: &mut Session,
+    run_id: &str,
+    (host, boot_id): (&str, &str),
+    pid: i32,
+) -> Result<bool> {
+    let n = s.rows(&format!(
+        "UPDATE tether.runs SET leftovers_killed = true WHERE run_id = {} AND host = {} \
+         AND boot_id = {} AND pid = {pid} RETURNING 1",
+        lit(run_id),
+        lit(host),
+        lit(boot_id)
+    ))?;
+    Ok(!n.is_empty())
+}
+
+/// A run whose teardown is over but whose lock session is gone (self-fenced, D78) settles its
+/// own row from a session of its own: still `running` (no holder has reaped it yet) → deleted,
+/// so that no one runs its teardown again; `reaped` (a holder elsewhere ran it again, D61) →
+/// `leftovers_killed`, since its tree died before its teardown, so that holder stops waiting.
+pub(crate) fn settle_own(s: &mut Session, run_id: &str) -> Result<()> {
+    let id = lit(run_id);
+    s.execute(&format!(
+        "DELETE FROM tether.runs WHERE run_id = {id} AND state = '{RUNNING}'; \
+         UPDATE tether.runs SET leftovers_killed = true WHERE run_id = {id} AND state = '{REAPED}'"
+    ))
+}
+
+/// The state of `run_id`'s row and whether its host killed its leftovers (`None`: no row).
+pub(crate) fn confirmation_of(s: &mut Session, run_id: &str) -> Result<Option<(String, bool)>> {
+    Ok(s.rows(&format!(
+        "SELECT state, leftovers_killed FROM tether.runs WHERE run_id = {}",
+        lit(run_id)
+    ))?
+    .into_iter()
+    .next()
+    .and_then(|r| {
+        let state = r.first().cloned().flatten()?;
+        let killed = r.get(1).cloned().flatten().as_deref() == Some("t");
+        Some((state, killed))
+    }))
+}
+
 /// The state of `run_id`'s row (`None`: no row).
 pub(crate) fn state_of(s: &mut Session, run_id: &str) -> Result<Option<String>> {
     Ok(s.rows(&format!(
@@ -158,10 +350,17 @@ const SELECT: &str = "SELECT r.run_id, r.app, r.host, r.boot_id, r.pid, r.pid_st
 
 /// Every row of `app`, oldest first.
 pub(crate) fn of_app(s: &mut Session, app: &str) -> Result<Vec<Row>> {
-    select(
-        s,
-        &format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app)),
-    )
+    select(s, &of_app_sql(app))
+}
+
+/// The statement [`of_app`] runs, for a caller that sends it in a batch (DECISIONS D80).
+pub(crate) fn of_app_sql(app: &str) -> String {
+    format!("{SELECT} WHERE r.app = {} ORDER BY r.started", lit(app))
+}
+
+/// Rows as [`of_app_sql`]'s statement returns them (one that does not parse is skipped).
+pub(crate) fn parse_rows(rows: Vec<Vec<Option<String>>>) -> Vec<Row> {
+    rows.into_iter().filter_map(parse).collect()
 }
 
 /// Every row, by app, oldest first.
@@ -270,6 +469,19 @@ mod tests {
         assert_eq!(lit("it's"), "E'it''s'");
         assert_eq!(lit(r"a\'; DROP"), r"E'a\\''; DROP'");
         assert_eq!(lit("x\0y"), "E'x\u{fffd}y'");
+    }
+
+    #[test]
+    fn a_supersede_is_read_back_from_its_failure_only() {
+        let m = "cluster x (1.2.3.4:5): run r-1 was superseded by run r-2 while it waited";
+        assert_eq!(superseded_in(m).as_deref(), Some("r-2"));
+        for other in [
+            "cluster x: statement failed: ERROR: canceling statement due to user request",
+            "cluster x: run r-1 was superseded by run  while it waited",
+            "run r-1 was superseded by run r 2 while it waited",
+        ] {
+            assert_eq!(superseded_in(other), None, "{other}");
+        }
     }
 
     #[test]

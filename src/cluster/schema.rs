@@ -39,11 +39,22 @@ pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
     // the run's `--group`, and when it took the lock.
     ("grp", "text", "text"),
     ("acquired", "timestamp with time zone", "timestamptz"),
+    // Set by the dead run's own host once its leftovers are killed (the front's aftercare,
+    // D77): the end of a reaper's `leftovers_wait`.
+    (
+        "leftovers_killed",
+        "boolean",
+        "boolean NOT NULL DEFAULT false",
+    ),
+    // Issue 17 across hosts (PROTOCOL §18): the run of the same group that superseded this
+    // one; set once by the newer run, read by the run itself (its heartbeat, or its failed
+    // wait), never cleared while the run lives.
+    ("superseded_by", "text", "text"),
 ];
 
 /// Columns a schema made before PROTOCOL §17 lacks: `ensure` adds them (their declarations are
 /// in [`RUN_COLUMNS`]).
-const ADDED_COLUMNS: &[&str] = &["grp", "acquired"];
+const ADDED_COLUMNS: &[&str] = &["grp", "acquired", "leftovers_killed", "superseded_by"];
 
 /// Make what is missing; returns what was created (empty: everything was there).
 pub(crate) fn ensure(s: &mut Session) -> Result<Vec<&'static str>> {
@@ -138,6 +149,8 @@ fn migrate(s: &mut Session, made: &mut Vec<&'static str>) -> Result<()> {
             .map_err(|e| explain(e, "the new columns of tether.runs"))?;
             made.push(match *name {
                 "grp" => "column tether.runs.grp",
+                "leftovers_killed" => "column tether.runs.leftovers_killed",
+                "superseded_by" => "column tether.runs.superseded_by",
                 _ => "column tether.runs.acquired",
             });
         }

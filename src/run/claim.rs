@@ -156,7 +156,9 @@ impl Claimed {
         // Its cluster row goes with it (PROTOCOL §17): on the lock's session when it held the
         // lock (it ran nothing: nothing to reap), else on a session of its own.
         if let Some(mut lock) = app_lock {
-            lock.remove_row(ctx.spec.run_id.as_str());
+            if let Err(e) = lock.remove_row(ctx.spec.run_id.as_str()) {
+                super::teardown::settle_row_elsewhere(&ctx, &e);
+            }
             lock.release();
         } else {
             ctx.app_locks.forget_waiting_row();

@@ -50,6 +50,11 @@ impl Claimed {
         ctx.record.lock_wait_ms = Some(ctx.admission_wait().as_millis() as u64);
         ctx.record.meta.state = State::Running;
         write_state(&mut dir, Some(&app_lock), &ctx.record);
+        // With a cluster, the front kills our leftovers at once should this core be SIGKILLed
+        // (D77): the next holder, maybe on another host, waits for that.
+        if let Some(will) = super::aftercare::will_of(&ctx) {
+            sup.leave_will(&will);
+        }
         Ok(Held {
             ctx,
             dir,
@@ -161,22 +166,37 @@ impl Claimed {
         let app = self.ctx.spec.app.clone();
         let own_id = self.ctx.spec.run_id.to_string();
         let confirm = self.leftovers_wait();
-        // With a cluster: the app's rows, read and settled under its cluster lock (PROTOCOL
-        // §17) on a session of the run's own (`<run id>.reap`) — the lock's session belongs to
-        // the heartbeat, which must not pause while a dead run's teardown runs.
-        let mut book = match &self.ctx.spec.cluster {
-            Some(target) => Some(
-                crate::cluster::session::Session::connect(target, &format!("{own_id}.reap"))
-                    .map_err(Stop::Fail)?,
-            ),
-            None => None,
-        };
+        // With a cluster: the app's rows, read under its cluster lock in the acquisition's
+        // round trip (DECISIONS D80). When they show nothing to settle — every other row a
+        // waiter whose session is connected — and the local reconcile reaps nothing, no
+        // statement is needed: the run goes on without a session of its own. Otherwise they
+        // are read again and settled (PROTOCOL §17) on a session of the run's own
+        // (`<run id>.reap`) — the lock's session belongs to the heartbeat, which must not pause
+        // while a dead run's teardown runs.
+        let first_rows = self.app_lock.as_mut().and_then(AppLock::take_cluster_rows);
+        let quiet = own_dead.is_none()
+            && first_rows
+                .as_ref()
+                .is_some_and(|rows| nothing_to_settle(rows, &own_id));
+        let mut book = None;
         let mut reaper = self.reaper(sup);
-        if let Some(s) = book.as_mut() {
-            match crate::cluster::runs::of_app(s, app.as_str()) {
-                Ok(rows) => reaper.set_cluster_rows(rows),
-                Err(e) => return Err(Stop::Fail(e)),
+        match (&self.ctx.spec.cluster, quiet) {
+            (Some(_), true) => reaper.set_cluster_rows(first_rows.unwrap_or_default()),
+            (Some(target), false) => {
+                let mut s = match crate::cluster::session::Session::connect(
+                    target,
+                    &format!("{own_id}.reap"),
+                ) {
+                    Ok(s) => s,
+                    Err(e) => return Err(Stop::Fail(e)),
+                };
+                match crate::cluster::runs::of_app(&mut s, app.as_str()) {
+                    Ok(rows) => reaper.set_cluster_rows(rows),
+                    Err(e) => return Err(Stop::Fail(e)),
+                }
+                book = Some(s);
             }
+            (None, _) => {}
         }
         let mut result = Ok(());
         let mut reaped = 0;
@@ -188,6 +208,18 @@ impl Claimed {
             result = reaper
                 .reconcile(&app, lock, Some(&own_id))
                 .map(|n| reaped += n);
+        }
+        // The quiet path's local reconcile touched a run after all: its row (if any) is
+        // settled as on the other path.
+        if let (Ok(()), Some(target), true) = (
+            &result,
+            &self.ctx.spec.cluster,
+            quiet && !reaper.reaped_log().is_empty(),
+        ) {
+            match crate::cluster::session::Session::connect(target, &format!("{own_id}.reap")) {
+                Ok(s) => book = Some(s),
+                Err(e) => return Err(Stop::Fail(e)),
+            }
         }
         // Then the cluster's dead runs of the app: rows of runs reaped here go, another host's
         // dead holder is reaped from its row.
@@ -343,6 +375,15 @@ impl Claimed {
     }
 }
 
+/// Whether the app's rows, read under its cluster lock, leave the holder nothing to do
+/// (PROTOCOL §17): every row but its own is a waiter whose session is connected. Anything else
+/// — a `running` row (a dead holder, or one whose teardown failed, its session perhaps not yet
+/// gone), `reaped`, `cleaned`, a waiter without a session — takes the full reconcile.
+fn nothing_to_settle(rows: &[crate::cluster::runs::Row], own: &str) -> bool {
+    rows.iter()
+        .all(|r| r.run_id == own || (r.state == crate::cluster::runs::WAITING && r.session_alive))
+}
+
 /// The dead run whose id we reuse: its record is settled in our (its) run dir, which we keep.
 fn own_dead_run(dead: RunRecord, dir: crate::sys::safe_fs::Dir) -> DeadRun {
     DeadRun {
@@ -351,5 +392,54 @@ fn own_dead_run(dead: RunRecord, dir: crate::sys::safe_fs::Dir) -> DeadRun {
         dir: None,
         record_dir: Some(dir),
         remove_dir: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nothing_to_settle;
+    use crate::cluster::runs::Row;
+
+    fn row(id: &str, state: &str, alive: bool) -> Row {
+        Row {
+            run_id: id.into(),
+            app: "a.test".into(),
+            host: "h".into(),
+            boot_id: "b".into(),
+            pid: 1,
+            pid_start: 1,
+            state: state.into(),
+            group: None,
+            ci_link: None,
+            teardown: None,
+            fence: None,
+            age: 0.0,
+            held_for: None,
+            session_alive: alive,
+        }
+    }
+
+    #[test]
+    fn only_connected_waiters_leave_the_holder_nothing_to_settle() {
+        let own = row("me", "running", true);
+        assert!(nothing_to_settle(&[], "me"));
+        assert!(nothing_to_settle(
+            &[own.clone(), row("w", "waiting", true)],
+            "me"
+        ));
+        // A dead waiter's row goes; a running row is a dead holder or a failed teardown (its
+        // session may still be closing); reaped/cleaned rows have a host to hear from.
+        for other in [
+            row("w", "waiting", false),
+            row("x", "running", false),
+            row("x", "running", true),
+            row("x", "reaped", false),
+            row("x", "cleaned", false),
+        ] {
+            assert!(
+                !nothing_to_settle(&[own.clone(), other.clone()], "me"),
+                "{other:?}"
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@
 //!   once only (step 10).
 //! - The summary and the exit code are made in one place (finish.rs).
 
+mod aftercare;
 pub(crate) mod args;
 mod claim;
 pub(crate) mod decide;
@@ -52,7 +53,10 @@ use std::time::{Duration, Instant};
 pub(crate) fn run(args: RunArgs) -> i32 {
     args.output.init();
     // 1. Lifetime guards, before anything else is done.
-    let mut sup = match front::split(args.agent_watch_flag() != Some(false)) {
+    let mut sup = match front::split(
+        args.agent_watch_flag() != Some(false),
+        aftercare::after_core_killed,
+    ) {
         Ok(s) => s,
         Err(e) => {
             output::error(&format!("cannot install lifetime guards: {e}"));

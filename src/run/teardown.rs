@@ -164,7 +164,9 @@ impl Ended {
         // any host, reaps the run as it would reap a dead one.
         let mut app_lock = app_lock;
         if teardown_ok {
-            app_lock.remove_row(ctx.spec.run_id.as_str());
+            if let Err(e) = app_lock.remove_row(ctx.spec.run_id.as_str()) {
+                settle_row_elsewhere(&ctx, &e);
+            }
         } else {
             app_lock.keep_row();
         }
@@ -190,3 +192,34 @@ impl Ended {
         Finished::new(ctx, cause, teardown_ok, runtime)
     }
 }
+
+/// The lock's session could not remove the run's row (the lock was lost: self-fenced, or the
+/// session failed): settle it on a session of its own, `<run id>.leave`, connecting for at most
+/// [`SETTLE_CONNECT`] — a run that lost its lock to a partition is not kept from exiting by a
+/// server it cannot reach (D78). Failing that too, one warning: the next holder reaps the row.
+pub(super) fn settle_row_elsewhere(ctx: &super::Ctx, first: &crate::error::Error) {
+    let Some(target) = &ctx.spec.cluster else {
+        return;
+    };
+    let id = ctx.spec.run_id.as_str();
+    let mut target = target.clone();
+    target.connect_timeout = Some(
+        target
+            .connect_timeout
+            .map_or(SETTLE_CONNECT, |t| t.min(SETTLE_CONNECT)),
+    );
+    let settled = crate::cluster::session::Session::connect(&target, &format!("{id}.leave"))
+        .and_then(|mut s| crate::cluster::runs::settle_own(&mut s, id));
+    if let Err(e) = settled {
+        output::warn(
+            "cluster",
+            &format!(
+                "cannot remove the row of run {id}: {}; nor on a session of its own: {}",
+                first.message, e.message
+            ),
+        );
+    }
+}
+
+/// How long a run whose lock session is gone tries to reach the server to settle its row.
+const SETTLE_CONNECT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -3,16 +3,22 @@
 //! every host, granted in arrival order — and not in this host's tickets, which would let only
 //! one run per host into that queue at a time (and so interleave the hosts, D69).
 //!
-//! What the host queue's options mean here, for now (D71): `--max-queue N` counts the sessions
-//! waiting in `pg_locks` for the app's key; `--queue-order newest-first` is refused when the
-//! run is planned; `--on-busy cancel-older` cancels a holder of the group on this host, as
-//! before the queue existed (queued runs, and holders on other hosts, are not superseded).
+//! What the host queue's options mean here (D71): `--max-queue N` counts the sessions waiting
+//! in `pg_locks` for the app's key; `--queue-order newest-first` is refused when the run is
+//! planned. `--on-busy cancel-older` supersedes every older run of the group on every host
+//! (PROTOCOL §18, D81–D82): on arrival the run marks their rows (`superseded_by`) and cancels
+//! the lock waits of the marked waiters; a marked waiter leaves as `superseded` (143, nothing
+//! run), a marked holder hears it from its heartbeat and tears down as for SIGTERM. The new
+//! run keeps its own arrival place in the server's queue (D82: PostgreSQL cannot hand a place
+//! to another session). The race it closes: a failed wait is taken for a supersede only when
+//! the run's own row carries the mark — a statement timeout or an operator's cancel is not.
 
 use super::claim::Claimed;
 use super::finish::{announce_acquired, describe_holder};
 use super::Stop;
 use crate::config::OnBusy;
 use crate::ident::names::Domain;
+use crate::output;
 use crate::state::applock::{AppLock, Attempt};
 use crate::state::cluster_lock::into_error;
 use crate::sys::supervisor::Supervisor;
@@ -23,8 +29,31 @@ fn lock_failed(what: &str, e: std::io::Error) -> Stop {
 }
 
 impl Claimed {
-    /// Take the lock of the run's own app in PostgreSQL's queue, then the host's flock.
+    /// Take the lock of the run's own app in PostgreSQL's queue, then the host's flock. A
+    /// failure of the wait or of the grant's statements is a supersede when, and only when,
+    /// the run's row names the run that superseded it (PROTOCOL §18).
     pub(super) fn acquire_in_cluster(
+        &mut self,
+        app: &Domain,
+        sup: &mut Supervisor,
+    ) -> Result<AppLock, Stop> {
+        match self.acquire_in_cluster_queue(app, sup) {
+            // An unreachable server is not asked again (it would only add a connect timeout).
+            Err(Stop::Fail(e)) if e.failure != crate::error::Failure::Unavailable => {
+                // Read on the run's own session when it could be (the wait, the grant), else
+                // on a short one (the row may be gone by then: then it is no supersede).
+                let by = crate::cluster::runs::superseded_in(&e.message)
+                    .or_else(|| self.ctx.app_locks.superseded_in_cluster());
+                match by {
+                    Some(by) => Err(Stop::Superseded(by)),
+                    None => Err(Stop::Fail(e)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn acquire_in_cluster_queue(
         &mut self,
         app: &Domain,
         sup: &mut Supervisor,
@@ -55,6 +84,9 @@ impl Claimed {
                 }
                 self.refuse_over_max_queue(app, &mut busy)?;
                 self.note_queued();
+                if cancel_older {
+                    self.supersede_older_in_cluster(&mut busy)?;
+                }
             }
             first = false;
             // The plain wait: its waiter thread waits in PostgreSQL's queue, then for the flock.
@@ -63,6 +95,45 @@ impl Claimed {
             }
         }
     }
+    /// `--on-busy cancel-older` across hosts, on arrival (PROTOCOL §18): every live older run
+    /// of our group, on any host, marked and — if queued — its wait cancelled; each said in a
+    /// `cancelling` line, and remembered so that the holder check of this host does not
+    /// signal a marked holder a second time (its heartbeat tells it).
+    fn supersede_older_in_cluster(
+        &mut self,
+        busy: &mut crate::state::applock::BusyLock,
+    ) -> Result<(), Stop> {
+        let Some(group) = self.ctx.spec.group.clone() else {
+            return Ok(());
+        };
+        let victims = busy
+            .supersede_in_cluster(&group)
+            .map_err(|e| lock_failed("cancel-older", e))?
+            .unwrap_or_default();
+        for v in victims {
+            let queued = if v.state == crate::cluster::runs::WAITING {
+                " queued"
+            } else {
+                ""
+            };
+            output::emit(
+                output::Level::Info,
+                "cancelling",
+                &format!(
+                    "cancelling older{queued} run {} of group {group} on host {}",
+                    v.run_id, v.host
+                ),
+                &[
+                    ("run_id", v.run_id.clone().into()),
+                    ("group", group.clone().into()),
+                    ("host", v.host.clone().into()),
+                ],
+            );
+            self.cancelled.insert(v.run_id);
+        }
+        Ok(())
+    }
+
     /// `--max-queue N` under a cluster: the runs already waiting in PostgreSQL's queue for the
     /// app, counted in `pg_locks` (D71: two runs arriving at once may both pass the count).
     fn refuse_over_max_queue(

@@ -9,7 +9,7 @@ use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
-use crate::cluster::runs::{self, NewRow};
+use crate::cluster::runs::{self, NewRow, Victim};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 /// The app locks of this tether (today: the lock dir's flocks).
 #[derive(Debug, Clone)]
@@ -134,6 +135,18 @@ impl AppLocks {
     pub(crate) fn forget_waiting_row(&self) {
         if let Backend::Cluster { cluster, .. } = &self.backend {
             cluster.forget_waiting_row();
+        }
+    }
+
+    /// The run that superseded this run in the cluster (its row's mark, PROTOCOL §18), read on
+    /// a short session of its own; `None` without a cluster, a written row, a mark, or on a
+    /// failure (said in one warning).
+    pub(crate) fn superseded_in_cluster(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Cluster { cluster, .. } if cluster.row_written.load(Ordering::Relaxed) => {
+                runs::superseded_looked_up(&cluster.target, &cluster.run_id)
+            }
+            _ => None,
         }
     }
 
@@ -286,6 +299,11 @@ impl AppLock {
         self.cluster.as_ref().map(|c| c.fence)
     }
 
+    /// The app's cluster rows as read when this run took the lock (DECISIONS D80): once.
+    pub(crate) fn take_cluster_rows(&mut self) -> Option<Vec<crate::cluster::runs::Row>> {
+        self.cluster.as_mut().and_then(ClusterHold::take_rows)
+    }
+
     /// The run's teardown failed: its cluster row stays `running` at release, for the next
     /// holder to reap (PROTOCOL §17).
     pub(crate) fn keep_row(&mut self) {
@@ -301,16 +319,12 @@ impl AppLock {
     }
 
     /// Remove the run's own row (its teardown is over), on the lock's session before it
-    /// closes (PROTOCOL §17). A failure is only warned about: the row of a run whose session is
-    /// gone is settled by the next holder.
-    pub(crate) fn remove_row(&mut self, run_id: &str) {
-        if let Some(c) = self.cluster.as_mut() {
-            if let Err(e) = c.remove_row(run_id) {
-                crate::output::warn(
-                    "cluster",
-                    &format!("cannot remove the row of run {run_id}: {}", e.message),
-                );
-            }
+    /// closes (PROTOCOL §17). An error: the lock's session is gone (the lock lost) or failed;
+    /// the caller tries on a session of its own (D78).
+    pub(crate) fn remove_row(&mut self, run_id: &str) -> crate::error::Result<()> {
+        match self.cluster.as_mut() {
+            Some(c) => c.remove_row(run_id),
+            None => Ok(()),
         }
     }
 
@@ -349,6 +363,21 @@ impl BusyLock {
         }
     }
 
+    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark the group's older runs and
+    /// cancel the marked waiters' waits, on the run's own session before it waits. `None` when
+    /// the wait is not PostgreSQL's.
+    pub(crate) fn supersede_in_cluster(&mut self, group: &str) -> io::Result<Option<Vec<Victim>>> {
+        match (&mut self.busy, &self.backend) {
+            (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) => {
+                let key = super::cluster_lock::key(&self.app);
+                runs::supersede(session, self.app.as_str(), group, &cluster.run_id, key)
+                    .map(Some)
+                    .map_err(io::Error::other)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The holder's pid as the kernel's lock table has it (never a pid from a file).
     pub(crate) fn holder_pid(&self) -> Option<i32> {
         match &self.busy {
@@ -371,7 +400,9 @@ impl BusyLock {
             }
             Busy::Remote { session, .. } => {
                 let row = match &self.backend {
-                    Backend::Cluster { cluster, .. } => cluster.row_for(&self.app).cloned(),
+                    Backend::Cluster { cluster, .. } => cluster
+                        .row_for(&self.app)
+                        .map(|r| (r.clone(), cluster.target.timing)),
                     Backend::Flock { .. } => None,
                 };
                 (

@@ -58,6 +58,18 @@ pub(crate) struct ClusterHold {
     row: Option<String>,
     /// Leave the row `running` at release: the run's teardown failed, so the next holder reaps it.
     keep_row: bool,
+    /// What the acquisition's round trip read and did for the run (DECISIONS D80); boxed: a
+    /// hold is moved around in lock states.
+    acquired: Option<Box<Acquired>>,
+}
+
+/// What a run's acquisition did besides the fence, in the same round trip (DECISIONS D80).
+struct Acquired {
+    /// The app's rows, read under the lock, for the run's reconcile: taken once.
+    rows: Option<Vec<runs::Row>>,
+    /// When the round trip, which also bounded the session's statements
+    /// (`statement_timeout`), was sent: the heartbeat's first renewal (PROTOCOL §16).
+    bounded_at: Option<std::time::Duration>,
 }
 
 impl ClusterHold {
@@ -83,6 +95,12 @@ impl ClusterHold {
                 }
             }
         }
+    }
+
+    /// The app's rows as read at the acquisition, under the lock (once; `None` after, and for
+    /// an acquisition that wrote no row).
+    pub(crate) fn take_rows(&mut self) -> Option<Vec<runs::Row>> {
+        self.acquired.as_mut().and_then(|a| a.rows.take())
     }
 
     /// The run's teardown failed: its row stays `running` for the next holder to reap.
@@ -134,7 +152,12 @@ impl ClusterHold {
             .session
             .take()
             .ok_or_else(|| io::Error::other("internal: the heartbeat is already running"))?;
-        let beat = Heartbeat::start(session, run_id, timing)?;
+        let beat = Heartbeat::start(
+            session,
+            run_id,
+            timing,
+            self.acquired.as_mut().and_then(|a| a.bounded_at.take()),
+        )?;
         let lease = beat.lease(format!(
             "app lock {app}: cluster session to {}",
             self.server
@@ -248,35 +271,102 @@ impl ClusterLocks {
             .value(&format!("SELECT pg_try_advisory_lock({})", key(app)))
             .map_err(io_err)?;
         if got == "t" {
-            Ok(Ok(fence(session, self.row_for(app))?))
+            let own = self.row_for(app).map(|r| (r, self.target.timing));
+            Ok(Ok(fence(session, own)?))
         } else {
             Ok(Err(session))
         }
     }
 }
 
-/// Draw the fence for a lock just taken on `session`, and mark the run's row `running` with it.
-fn fence(mut session: Session, row: Option<&NewRow>) -> io::Result<ClusterHold> {
-    let text = session
-        .value("SELECT nextval('tether.fence')")
+/// Draw the fence for a lock just taken on `session`; for the run's own app (`own`: its row
+/// and fence timing) in the same round trip (DECISIONS D80): mark its row `running` with the
+/// fence, bound the session's statements for the heartbeat (`statement_timeout`, PROTOCOL
+/// §16), and read the app's rows for the reconcile — one message, which the server runs as
+/// one implicit transaction after the grant.
+fn fence(mut session: Session, own: Option<(&NewRow, FenceTiming)>) -> io::Result<ClusterHold> {
+    let Some((row, timing)) = own else {
+        let text = session
+            .value("SELECT nextval('tether.fence')")
+            .map_err(io_err)?;
+        let fence = parse_fence(&session, &text)?;
+        return Ok(hold_of(session, fence, None, None));
+    };
+    let sent = crate::sys::lease::mono_now();
+    let sets = session
+        .result_sets(&own_sql(row, &timing))
         .map_err(io_err)?;
-    let fence = text.parse::<i64>().map_err(|_| {
+    let bad = |what: &str| io_err(Error::tether(format!("cluster {}: {what}", session.server)));
+    let mut sets = sets.into_iter();
+    let (Some(fenced), Some(_set), Some(rows), None) =
+        (sets.next(), sets.next(), sets.next(), sets.next())
+    else {
+        return Err(bad("the acquisition's statements did not all answer"));
+    };
+    let first = fenced.into_iter().next().unwrap_or_default();
+    let mut cols = first.into_iter();
+    let text = cols.next().flatten().ok_or_else(|| bad("no fence drawn"))?;
+    let marked_running = cols.next().flatten().as_deref() != Some("0");
+    let fence = parse_fence(&session, &text)?;
+    // Our row not marked `running`: a newer run of the group superseded us while we waited
+    // (PROTOCOL §18) — asked now, on our own session, before it closes.
+    if !marked_running {
+        if let Ok(Some(by)) = runs::superseded_by(&mut session, &row.run_id) {
+            return Err(io_err(runs::superseded_error(&session, &row.run_id, &by)));
+        }
+    }
+    let rows = runs::parse_rows(rows);
+    let acquired = Acquired {
+        rows: Some(rows),
+        bounded_at: Some(sent),
+    };
+    Ok(hold_of(
+        session,
+        fence,
+        Some(row.run_id.clone()),
+        Some(Box::new(acquired)),
+    ))
+}
+
+/// The acquisition's one round trip for the run's own app (see [`fence`]). The fence is drawn
+/// once (a volatile CTE is evaluated once) and the row update runs whether or not the row is
+/// there (how many rows it marked comes back beside the fence: none for a superseded run);
+/// `statement_timeout` comes after the statements that must not be bounded by it.
+fn own_sql(row: &NewRow, timing: &FenceTiming) -> String {
+    format!(
+        "WITH f AS (SELECT nextval('tether.fence') AS v), u AS ({}) \
+         SELECT v, (SELECT count(*) FROM u) FROM f; \
+         SET statement_timeout = {}; {}",
+        runs::mark_running_sql(&row.run_id, "(SELECT v FROM f)"),
+        timing.self_fence.as_millis().max(1),
+        runs::of_app_sql(&row.app)
+    )
+}
+
+fn parse_fence(session: &Session, text: &str) -> io::Result<i64> {
+    text.parse::<i64>().map_err(|_| {
         io_err(Error::tether(format!(
             "cluster {}: the fence {text:?} is not a number",
             session.server
         )))
-    })?;
-    if let Some(row) = row {
-        runs::mark_running(&mut session, &row.run_id, fence).map_err(io_err)?;
-    }
-    Ok(ClusterHold {
+    })
+}
+
+fn hold_of(
+    session: Session,
+    fence: i64,
+    row: Option<String>,
+    acquired: Option<Box<Acquired>>,
+) -> ClusterHold {
+    ClusterHold {
         server: session.server.clone(),
         session: Some(session),
         beat: None,
         fence,
-        row: row.map(|r| r.run_id.clone()),
+        row,
         keep_row: false,
-    })
+        acquired,
+    }
 }
 
 /// The number of sessions waiting in PostgreSQL's queue for `app`'s lock right now (not
@@ -304,6 +394,8 @@ pub(crate) fn waiters(session: &mut Session, app: &Domain) -> io::Result<usize> 
 pub(crate) struct ClusterWait {
     /// Boxed: a wait is moved around while it lasts.
     row: Option<Box<NewRow>>,
+    /// The run's fence timing, with `row` (the acquisition's round trip bounds the session).
+    timing: Option<FenceTiming>,
     done_rx: OwnedFd,
     handle: JoinHandle<(Option<Session>, io::Result<HeldLock>)>,
     /// The cluster lock when it was ours before the wait began (only the flock is waited for).
@@ -318,7 +410,7 @@ impl ClusterWait {
         app: &Domain,
         dir: Dir,
         name: String,
-        row: Option<NewRow>,
+        row: Option<(NewRow, FenceTiming)>,
     ) -> io::Result<Self> {
         Self::spawn(Some(session), Some(app), dir, name, None, row)
     }
@@ -335,7 +427,7 @@ impl ClusterWait {
         dir: Dir,
         name: String,
         hold: Option<ClusterHold>,
-        row: Option<NewRow>,
+        row: Option<(NewRow, FenceTiming)>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let sql = app.map(|a| format!("SELECT pg_advisory_lock({})", key(a)));
@@ -352,8 +444,10 @@ impl ClusterWait {
                 let _ = nix::unistd::write(&tx, b"x");
                 (session, result)
             })?;
+        let (row, timing) = row.map_or((None, None), |(r, t)| (Some(Box::new(r)), Some(t)));
         Ok(ClusterWait {
-            row: row.map(Box::new),
+            row,
+            timing,
             done_rx: rx,
             handle,
             hold,
@@ -367,14 +461,22 @@ impl ClusterWait {
     /// Join the thread (finished once `raw_fd` is readable): the flock, and the cluster hold
     /// with its fence (drawn now, on the core, for a lock the thread waited for).
     pub(crate) fn finish(self) -> io::Result<(HeldLock, ClusterHold)> {
-        let (session, result) = self
+        let (mut session, result) = self
             .handle
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
+        // A failed wait (a cancel) is a supersede only if the row says so (PROTOCOL §18):
+        // asked on the run's own session before it closes — a row without a session may be
+        // deleted by the next holder at once.
+        if let (Err(_), Some(s), Some(row)) = (&result, session.as_mut(), self.row.as_deref()) {
+            if let Ok(Some(by)) = runs::superseded_by(s, &row.run_id) {
+                return Err(io_err(runs::superseded_error(s, &row.run_id, &by)));
+            }
+        }
         let held = result?;
         let hold = match (self.hold, session) {
             (Some(hold), _) => hold,
-            (None, Some(session)) => fence(session, self.row.as_deref())?,
+            (None, Some(session)) => fence(session, self.row.as_deref().zip(self.timing))?,
             (None, None) => return Err(io::Error::other("cluster lock wait without a session")),
         };
         Ok((held, hold))

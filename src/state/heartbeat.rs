@@ -3,7 +3,9 @@
 //! every `heartbeat` runs one bounded statement on it and reports each answer (with the time the
 //! statement was *sent*) or the failure on a pipe the supervisor watches as a lease
 //! (`sys::lease`). The race it closes: a holder cut off from its database would otherwise keep
-//! deploying while the server hands the lock to another host.
+//! deploying while the server hands the lock to another host. Each beat also reads back the
+//! row's `superseded_by` (issue 17 across hosts, PROTOCOL §18): a newer run of the group on any
+//! host marked it, and the core hears it on the same pipe and tears down as for a SIGTERM.
 //!
 //! The thread only talks to PostgreSQL and writes its pipe: it never forks, never touches the
 //! run's state, and is stopped and joined at release — the session handed back and closed on
@@ -33,12 +35,30 @@ pub(crate) struct Heartbeat {
     first_sent: Duration,
 }
 
-/// The statement of one beat: it touches the run's row (0 rows until the `runs` table has it).
+/// The statement of one beat: it touches the run's row (0 rows until the `runs` table has it)
+/// and reads back whether a newer run of the group marked it superseded (PROTOCOL §18) — the
+/// same round trip, so a holder learns it within one beat at no extra cost.
 fn beat_sql(run_id: &str) -> String {
     format!(
-        "UPDATE tether.runs SET heartbeat = now() WHERE run_id = {}",
+        "UPDATE tether.runs SET heartbeat = now() WHERE run_id = {} RETURNING superseded_by",
         quote_literal(run_id)
     )
+}
+
+/// One beat: `Ok(Some(by))` when the row names the run that superseded this one. A failure
+/// as one line without the server (the lease's log line names it).
+fn beat(session: &mut Session, sql: &str) -> Result<Option<String>, String> {
+    let prefix = format!("cluster {}: query failed: ", session.server);
+    let rows = session.rows(sql).map_err(|e| {
+        e.message
+            .strip_prefix(&prefix)
+            .unwrap_or(&e.message)
+            .to_string()
+    })?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten()))
 }
 
 /// A SQL string literal (standard_conforming_strings is on since PostgreSQL 9.1; a run id
@@ -50,21 +70,29 @@ fn quote_literal(text: &str) -> String {
 impl Heartbeat {
     /// Start beating on `session` (a held cluster lock's). On the calling thread first: bound
     /// every statement of the session by `self_fence` on the server, which also proves the
-    /// session alive — its send time is the lease's start. On an error the session is closed
-    /// (the cluster lock with it): the caller must not start the command.
+    /// session alive — its send time is the lease's start. `bounded_at`: the acquisition
+    /// already did that in its own round trip, sent then (DECISIONS D80). On an error the
+    /// session is closed (the cluster lock with it): the caller must not start the command.
     pub(crate) fn start(
         mut session: Session,
         run_id: &str,
         timing: FenceTiming,
+        bounded_at: Option<Duration>,
     ) -> io::Result<Heartbeat> {
-        let first_sent = mono_now();
-        let bound = format!(
-            "SET statement_timeout = {}",
-            timing.self_fence.as_millis().max(1)
-        );
-        session
-            .execute_quiet(&bound)
-            .map_err(|why| io::Error::other(format!("cluster {}: {why}", session.server)))?;
+        let first_sent = match bounded_at {
+            Some(sent) => sent,
+            None => {
+                let sent = mono_now();
+                let bound = format!(
+                    "SET statement_timeout = {}",
+                    timing.self_fence.as_millis().max(1)
+                );
+                session.execute_quiet(&bound).map_err(|why| {
+                    io::Error::other(format!("cluster {}: {why}", session.server))
+                })?;
+                sent
+            }
+        };
         let (report_rx, report_tx) = lease::pipe()?;
         let (stop_rx, stop_tx) = lease::pipe()?;
         let (done_rx, done_tx) = lease::pipe()?;
@@ -77,13 +105,22 @@ impl Heartbeat {
             .spawn(move || {
                 let _done = done_tx; // closed when this thread ends
                 let mut next = first_sent + interval;
+                let mut told = false;
                 loop {
                     if stop_requested(&stop_rx, next.saturating_sub(mono_now())) {
                         break;
                     }
                     let sent = mono_now();
-                    match session.execute_quiet(&sql) {
-                        Ok(()) => lease::report_ok(report_tx.as_fd(), sent),
+                    match beat(&mut session, &sql) {
+                        Ok(by) => {
+                            lease::report_ok(report_tx.as_fd(), sent);
+                            // Said once; the beats go on (the lock is held through the
+                            // teardown the core now runs).
+                            if let (Some(by), false) = (by, told) {
+                                lease::report_superseded(report_tx.as_fd(), &by);
+                                told = true;
+                            }
+                        }
                         Err(why) => {
                             lease::report_failed(report_tx.as_fd(), &why);
                             break;
@@ -164,7 +201,7 @@ mod tests {
     fn the_beat_quotes_the_run_id() {
         assert_eq!(
             beat_sql("r-1"),
-            "UPDATE tether.runs SET heartbeat = now() WHERE run_id = 'r-1'"
+            "UPDATE tether.runs SET heartbeat = now() WHERE run_id = 'r-1' RETURNING superseded_by"
         );
         assert_eq!(quote_literal("a'b"), "'a''b'");
     }

@@ -29,18 +29,26 @@ use super::signals::{
     FORWARD_TOKEN, PARENT_DIED_TOKEN,
 };
 use super::supervisor::Supervisor;
+use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getpid, getppid, setsid, ForkResult, Pid};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+/// What the front does when its core was killed by a signal (a SIGKILL: the core catches every
+/// other way to end): called with the core's pid and the core's last will — what the core wrote
+/// with [`Supervisor::leave_will`], the last complete line of it, or nothing. Supplied by the
+/// layer that knows what a run is (this one does not).
+pub(crate) type Aftercare = fn(core: Pid, will: &[u8]);
 
 /// Split into front and core. Returns only in the core; the front forwards signals and
 /// exits with the core's status. `watch_agent`: whether the front watches its stdout/stderr
 /// (false only for `--no-agent-watch`; the config file's `agent_watch` is read later, by the
-/// core, see [`Supervisor::set_agent_watch`]).
-pub(crate) fn split(watch_agent: bool) -> nix::Result<Supervisor> {
+/// core, see [`Supervisor::set_agent_watch`]). `aftercare`: run in the front after a core that
+/// died by a signal, before the front exits (D77).
+pub(crate) fn split(watch_agent: bool, aftercare: Aftercare) -> nix::Result<Supervisor> {
     take_over_signals()?;
     let original_parent = getppid();
     fault_pause("TETHER_FAULT_PAUSE_BEFORE_GUARD");
@@ -55,21 +63,32 @@ pub(crate) fn split(watch_agent: bool) -> nix::Result<Supervisor> {
         SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
     )?;
     let watched = if watch_agent { agent_fds() } else { Vec::new() };
+    // The core's last will: it writes, the front reads only once the core is dead (a pipe
+    // keeps what was written after its writer is gone). Close-on-exec: no command inherits it.
+    let (will_rx, will_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
 
     // SAFETY: single-threaded at this point (nothing has spawned a thread yet), so the child
     // may keep running ordinary Rust code.
     match unsafe { fork() }? {
         ForkResult::Child => {
             drop(front_sfd);
-            core_guards(front, watch_agent)
+            drop(will_rx);
+            let mut sup = core_guards(front, watch_agent)?;
+            sup.set_will(will_tx);
+            Ok(sup)
         }
-        ForkResult::Parent { child } => Front {
-            core: child,
-            original_parent,
-            sfd: front_sfd,
-            watched,
+        ForkResult::Parent { child } => {
+            drop(will_tx);
+            Front {
+                core: child,
+                original_parent,
+                sfd: front_sfd,
+                watched,
+                will: will_rx,
+                aftercare,
+            }
+            .run(parent_already_gone)
         }
-        .run(parent_already_gone),
     }
 }
 
@@ -122,6 +141,9 @@ struct Front {
     /// fds 1/2 while they are watched. Emptied after the first hang-up: POLLERR on a pipe whose
     /// reader is gone stays raised, and the core needs to hear it once.
     watched: Vec<RawFd>,
+    /// The read end of the core's last will (non-blocking).
+    will: OwnedFd,
+    aftercare: Aftercare,
 }
 
 impl Front {
@@ -246,11 +268,33 @@ impl Front {
         out
     }
 
+    /// The last complete line the core wrote to its will (empty when it wrote none). The core
+    /// is dead and the front holds no write end, so the reads end at EOF and never block.
+    fn last_will(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = nix::unistd::read(&self.will, &mut buf) {
+            all.extend_from_slice(&buf[..n]);
+        }
+        let complete = match all.iter().rposition(|&b| b == b'\n') {
+            Some(end) => &all[..end],
+            None => return Vec::new(),
+        };
+        let start = complete
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        complete[start..].to_vec()
+    }
+
     fn mirror_core_if_done(&self) {
         loop {
             match waitpid(self.core, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
                 Ok(WaitStatus::Signaled(_, s, _)) => {
+                    // Reaped first: the core's pid no longer names a live process, which is
+                    // what the aftercare checks before it kills anything of the run's.
+                    (self.aftercare)(self.core, &self.last_will());
                     std::process::exit(crate::exit::from_signal(s as i32))
                 }
                 Ok(WaitStatus::StillAlive) => return,

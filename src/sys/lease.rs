@@ -10,7 +10,10 @@
 //! - `o` + 8 bytes (little-endian u64): a renewal whose request was sent at that
 //!   `CLOCK_MONOTONIC` time, in nanoseconds;
 //! - `f` + 2 bytes (little-endian u16 length) + that many bytes of UTF-8: the renewal failed,
-//!   and why.
+//!   and why;
+//! - `s` + 2 bytes (little-endian u16 length) + that many bytes of UTF-8: the renewal's answer
+//!   says the holder was superseded by the run named (PROTOCOL §18) — not a loss: the lease
+//!   stays watched, and the supervisor hands out one notice (`Watched::take_superseded`).
 //!
 //! Each frame is one `write(2)` of at most 515 bytes, below `PIPE_BUF`, so frames
 //! never interleave or tear. The deadline is measured from the *send* time of the last answered
@@ -47,16 +50,26 @@ pub(crate) fn report_ok(fd: BorrowedFd<'_>, sent: Duration) {
 
 /// Report that renewing failed, and why.
 pub(crate) fn report_failed(fd: BorrowedFd<'_>, why: &str) {
-    let mut end = why.len().min(WHY_MAX);
-    while !why.is_char_boundary(end) {
+    let _ = nix::unistd::write(fd, &text_frame(b'f', why));
+}
+
+/// Report that the holder was superseded by run `by` (once).
+pub(crate) fn report_superseded(fd: BorrowedFd<'_>, by: &str) {
+    let _ = nix::unistd::write(fd, &text_frame(b's', by));
+}
+
+/// A frame of `tag`, a little-endian u16 length and `text` cut to [`WHY_MAX`] bytes.
+fn text_frame(tag: u8, text: &str) -> Vec<u8> {
+    let mut end = text.len().min(WHY_MAX);
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let text = &why.as_bytes()[..end];
+    let text = &text.as_bytes()[..end];
     let mut frame = Vec::with_capacity(3 + text.len());
-    frame.push(b'f');
+    frame.push(tag);
     frame.extend_from_slice(&(text.len() as u16).to_le_bytes());
     frame.extend_from_slice(text);
-    let _ = nix::unistd::write(fd, &frame);
+    frame
 }
 
 /// What the run hands the supervisor to watch.
@@ -77,6 +90,10 @@ pub(crate) struct Watched {
     /// Bytes of a frame not complete yet (cannot happen with atomic writes; kept for safety).
     partial: Vec<u8>,
     failed: Option<String>,
+    /// The run that superseded the holder, until taken (PROTOCOL §18).
+    superseded: Option<String>,
+    /// Whether a superseded notice was handed out already (it is handed out once).
+    superseded_told: bool,
 }
 
 impl Watched {
@@ -85,6 +102,8 @@ impl Watched {
             lease,
             partial: Vec::new(),
             failed: None,
+            superseded: None,
+            superseded_told: false,
         }
     }
 
@@ -128,16 +147,20 @@ impl Watched {
                     self.lease.last_ok = self.lease.last_ok.max(sent);
                     at += 9;
                 }
-                b'f' if data.len() >= at + 3 => {
+                tag @ (b'f' | b's') if data.len() >= at + 3 => {
                     let len = usize::from(u16::from_le_bytes([data[at + 1], data[at + 2]]));
                     if data.len() < at + 3 + len {
                         break;
                     }
-                    let why = String::from_utf8_lossy(&data[at + 3..at + 3 + len]).into_owned();
-                    self.failed.get_or_insert(why);
+                    let text = String::from_utf8_lossy(&data[at + 3..at + 3 + len]).into_owned();
+                    if tag == b'f' {
+                        self.failed.get_or_insert(text);
+                    } else if !self.superseded_told {
+                        self.superseded.get_or_insert(text);
+                    }
                     at += 3 + len;
                 }
-                b'o' | b'f' => break, // incomplete: wait for the rest
+                b'o' | b'f' | b's' => break, // incomplete: wait for the rest
                 _ => {
                     // Not our framing: treat the lease as lost rather than guess.
                     self.failed
@@ -147,6 +170,13 @@ impl Watched {
             }
         }
         self.partial = data[at..].to_vec();
+    }
+
+    /// The run that superseded the holder, once (later reports of it are ignored).
+    pub(crate) fn take_superseded(&mut self) -> Option<String> {
+        let by = self.superseded.take()?;
+        self.superseded_told = true;
+        Some(by)
     }
 
     /// The log line's text when the lease is lost as of `now`: a reported failure, or the
@@ -227,6 +257,21 @@ mod tests {
             .lost(t)
             .expect("closed")
             .contains("(the heartbeat stopped)"));
+    }
+
+    #[test]
+    fn a_supersede_notice_is_handed_out_once_and_keeps_the_lease() {
+        let (mut w, tx) = watched(5000);
+        let t = Duration::from_secs(100);
+        report_superseded(tx.as_fd(), "r-new");
+        report_ok(tx.as_fd(), t + Duration::from_millis(10));
+        report_superseded(tx.as_fd(), "r-new");
+        w.take_reports();
+        assert_eq!(w.take_superseded().as_deref(), Some("r-new"));
+        assert!(w.lost(t + Duration::from_millis(20)).is_none());
+        report_superseded(tx.as_fd(), "r-newer");
+        w.take_reports();
+        assert_eq!(w.take_superseded(), None);
     }
 
     #[test]

@@ -137,8 +137,10 @@ pub(crate) fn pids_of_dead_run(id: &str) -> Vec<i32> {
             let rest = std::str::from_utf8(v.strip_prefix(token_prefix.as_bytes())?).ok()?;
             core_of_token_tail(rest)
         });
+        // A zombie core is dead too: under an init that does not reap (some containers) a
+        // dead core can stay a zombie, and its leftovers must not be taken for a live run's.
         if let Some((core_pid, core_start)) = core {
-            if start_time(core_pid) != Some(core_start) {
+            if !core_alive(core_pid, core_start) {
                 out.push(pid);
             }
         }

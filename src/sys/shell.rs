@@ -98,8 +98,7 @@ pub(crate) fn run_shell(
             break None;
         }
         // Funnel events stay queued: a teardown is never cut short by a second signal.
-        let events = sup.wait(end.map(until), None);
-        sup.queue(events);
+        sup.pause_for(end.map(until));
     };
     let outcome = match status {
         Some(code) => Outcome::Exited(code),

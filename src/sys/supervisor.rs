@@ -27,7 +27,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getppid, Pid};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// A started child. Its process group is its own (its pid); nothing else owns it.
@@ -79,6 +79,8 @@ pub(crate) struct Supervisor {
     exited: HashMap<i32, i32>,
     /// The lease watched in every wait, until it is lost (one `LockLost`) or ended.
     lease: Option<Watched>,
+    /// The write end of the last-will pipe to the front (a core under a front only).
+    will: Option<OwnedFd>,
 }
 
 impl Supervisor {
@@ -97,6 +99,24 @@ impl Supervisor {
             queued,
             exited: HashMap::new(),
             lease: None,
+            will: None,
+        }
+    }
+
+    /// The pipe [`Supervisor::leave_will`] writes to (set by the front/core split).
+    pub(crate) fn set_will(&mut self, tx: OwnedFd) {
+        self.will = Some(tx);
+    }
+
+    /// Tell the front what to do should this core be killed (a SIGKILL cannot be caught: the
+    /// front, its parent, is the one left to act). One line, written whole (well under
+    /// `PIPE_BUF`); a later will replaces an earlier one. Without a front, nothing.
+    pub(crate) fn leave_will(&mut self, line: &str) {
+        let Some(tx) = &self.will else { return };
+        let mut bytes = line.replace('\n', " ").into_bytes();
+        bytes.push(b'\n');
+        if let Err(e) = nix::unistd::write(tx, &bytes) {
+            crate::output::debug("front", &format!("cannot leave the core's will: {e}"));
         }
     }
 
@@ -225,6 +245,21 @@ impl Supervisor {
         if readable {
             watched.take_reports();
         }
+        // A newer run of the holder's group (on any host) superseded it (PROTOCOL §18): the
+        // same end as a local cancel-older's SIGTERM, through the funnel, once. The lease is
+        // still watched: the lock is held through the teardown.
+        if let Some(by) = watched.take_superseded() {
+            crate::output::emit(
+                crate::output::Level::Info,
+                "superseded",
+                &format!(
+                    "superseded by run {by} of this run's group (cancel-older in the cluster) — \
+                     tearing down as for SIGTERM"
+                ),
+                &[("by", by.into())],
+            );
+            events.push(Event::Signal(Sig::Term));
+        }
         if let Some(text) = watched.lost(lease::mono_now()) {
             crate::output::emit(
                 crate::output::Level::Error,
@@ -245,7 +280,17 @@ impl Supervisor {
     /// Wait up to `timeout` while busy with something that must not be interrupted (killing
     /// a tree, a teardown): children are reaped, funnel events are queued for later.
     pub(crate) fn pause(&mut self, timeout: Duration) {
-        let events = self.wait(Some(timeout), None);
+        self.pause_for(Some(timeout));
+    }
+
+    /// [`pause`](Self::pause) up to `timeout` (`None`: until a signal or a child's exit).
+    /// The events already queued are set aside while it blocks: `wait` hands queued events
+    /// back at once, so without that a pause with anything queued (a second SIGTERM during
+    /// a teardown) would return at once and its caller would spin.
+    pub(crate) fn pause_for(&mut self, timeout: Option<Duration>) {
+        let earlier = std::mem::take(&mut self.queued);
+        let events = self.wait(timeout, None);
+        self.queued = earlier;
         self.queue(events);
     }
 

@@ -46,8 +46,10 @@ impl Here {
     }
 }
 
-/// How often a run waiting for another host's confirmation looks at the row.
+/// How often a run waiting for another host's confirmation looks at the row: first after
+/// `CONFIRM_POLL_FIRST`, doubling up to `CONFIRM_POLL`.
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
+const CONFIRM_POLL_FIRST: Duration = Duration::from_millis(2);
 
 /// What the holder does with another run's row of its app (pure: unit-tested).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,15 +243,29 @@ impl Reaper<'_> {
         Ok(())
     }
 
-    /// Wait up to `confirm` for the dead run's host to kill its leftovers (its row `cleaned`
-    /// or gone), with one line either way. Funnel events meanwhile are queued (the caller acts
-    /// on them after) and end the wait.
+    /// Wait up to `confirm` for the dead run's host to kill its leftovers — its front at once
+    /// (the row's `leftovers_killed`, D77), or its next sweep (the row `cleaned` or gone) —
+    /// with one line either way. Funnel events meanwhile are queued (the caller acts on them
+    /// after) and end the wait.
     fn await_leftovers(&mut self, s: &mut Session, row: &Row, confirm: Duration) {
         let until = Instant::now() + confirm;
         let (id, host) = (&row.run_id, &row.host);
+        let mut poll = CONFIRM_POLL_FIRST;
         loop {
-            match runs::state_of(s, id) {
-                Ok(Some(st)) if st == runs::REAPED => {}
+            match runs::confirmation_of(s, id) {
+                // Killed by its front: the row stays `reaped` for its host's next sweep, which
+                // settles the run's record there (removing it now would leave a `running`
+                // record with no row, which that host would reap a second time).
+                Ok(Some((st, true))) if st == runs::REAPED => {
+                    output::emit(
+                        output::Level::Info,
+                        "leftovers",
+                        &format!("leftovers of run {id} on host {host} killed"),
+                        &[("run_id", id.clone().into()), ("host", host.clone().into())],
+                    );
+                    return;
+                }
+                Ok(Some((st, false))) if st == runs::REAPED => {}
                 Ok(_) => {
                     drop(runs::remove(s, id));
                     output::emit(
@@ -265,9 +281,11 @@ impl Reaper<'_> {
             if Instant::now() >= until || self.sup.stop_requested() {
                 break;
             }
-            // A poll interval, not an ordering: the row is looked at again after it.
+            // A poll interval, not an ordering: the row is looked at again after it. Short at
+            // first — a front confirms within milliseconds — then backing off.
             self.sup
-                .pause(CONFIRM_POLL.min(until.saturating_duration_since(Instant::now())));
+                .pause(poll.min(until.saturating_duration_since(Instant::now())));
+            poll = (poll * 2).min(CONFIRM_POLL);
         }
         output::emit(
             output::Level::Warn,
