@@ -99,13 +99,8 @@ impl Claimed {
         let mut parked: Vec<TicketWait> = Vec::new();
         let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
         let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
-        if cancel_older && self.ctx.spec.group.is_none() {
-            // Otherwise the policy waits silently, and the operator wonders why.
-            output::warn(
-                "cancel-older",
-                "--on-busy cancel-older: this run has no group (no --group, no CI run \
-                 detected) — nothing to cancel, waiting",
-            );
+        if cancel_older {
+            self.warn_if_no_group();
         }
         let mut next_look = Instant::now();
         loop {
@@ -409,4 +404,19 @@ fn wait_on(queue: &Queue, pred: &Entry) -> Result<Blocked, Stop> {
             None => Blocked::Nothing,
         },
     )
+}
+
+impl Claimed {
+    /// `--on-busy cancel-older` without a group, once, as the wait begins (both waits: the
+    /// host's queue and the cluster's): otherwise the policy waits silently, and the operator
+    /// wonders why.
+    pub(super) fn warn_if_no_group(&self) {
+        if self.ctx.spec.group.is_none() {
+            output::warn(
+                "cancel-older",
+                "--on-busy cancel-older: this run has no group (no --group, no CI run \
+                 detected) — nothing to cancel, waiting",
+            );
+        }
+    }
 }

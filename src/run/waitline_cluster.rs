@@ -85,6 +85,7 @@ impl Claimed {
                 self.refuse_over_max_queue(app, &mut busy)?;
                 self.note_queued();
                 if cancel_older {
+                    self.warn_if_no_group();
                     self.supersede_older_in_cluster(&mut busy)?;
                 }
             }
