@@ -459,6 +459,28 @@ fn parse(cols: Vec<Option<String>>) -> Option<Row> {
     })
 }
 
+/// A row for unit tests of what the layers above do with rows: run `r`'s row of `a.test` on
+/// host `h`, boot `b`, pid 1, nothing optional set.
+#[cfg(test)]
+pub(crate) fn sample_row(state: &str, alive: bool) -> Row {
+    Row {
+        run_id: "r".into(),
+        app: "a.test".into(),
+        host: "h".into(),
+        boot_id: "b".into(),
+        pid: 1,
+        pid_start: 1,
+        state: state.into(),
+        group: None,
+        ci_link: None,
+        teardown: None,
+        fence: None,
+        age: 0.0,
+        held_for: None,
+        session_alive: alive,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

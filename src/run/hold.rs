@@ -403,19 +403,7 @@ mod tests {
     fn row(id: &str, state: &str, alive: bool) -> Row {
         Row {
             run_id: id.into(),
-            app: "a.test".into(),
-            host: "h".into(),
-            boot_id: "b".into(),
-            pid: 1,
-            pid_start: 1,
-            state: state.into(),
-            group: None,
-            ci_link: None,
-            teardown: None,
-            fence: None,
-            age: 0.0,
-            held_for: None,
-            session_alive: alive,
+            ..crate::cluster::runs::sample_row(state, alive)
         }
     }
 

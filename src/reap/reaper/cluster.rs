@@ -252,31 +252,26 @@ impl Reaper<'_> {
         let (id, host) = (&row.run_id, &row.host);
         let mut poll = CONFIRM_POLL_FIRST;
         loop {
-            match runs::confirmation_of(s, id) {
-                // Killed by its front: the row stays `reaped` for its host's next sweep, which
-                // settles the run's record there (removing it now would leave a `running`
-                // record with no row, which that host would reap a second time).
-                Ok(Some((st, true))) if st == runs::REAPED => {
-                    output::emit(
-                        output::Level::Info,
-                        "leftovers",
-                        &format!("leftovers of run {id} on host {host} killed"),
-                        &[("run_id", id.clone().into()), ("host", host.clone().into())],
-                    );
-                    return;
-                }
-                Ok(Some((st, false))) if st == runs::REAPED => {}
+            let confirmed = match runs::confirmation_of(s, id) {
+                Ok(Some((st, killed))) if st == runs::REAPED => killed,
+                // Cleaned by its host's sweep (or gone): the row goes.
                 Ok(_) => {
                     drop(runs::remove(s, id));
-                    output::emit(
-                        output::Level::Info,
-                        "leftovers",
-                        &format!("leftovers of run {id} on host {host} killed"),
-                        &[("run_id", id.clone().into()), ("host", host.clone().into())],
-                    );
-                    return;
+                    true
                 }
                 Err(_) => break,
+            };
+            // Killed by its front, the row stays `reaped` for its host's next sweep, which
+            // settles the run's record there (removing it now would leave a `running` record
+            // with no row, which that host would reap a second time).
+            if confirmed {
+                output::emit(
+                    output::Level::Info,
+                    "leftovers",
+                    &format!("leftovers of run {id} on host {host} killed"),
+                    &[("run_id", id.clone().into()), ("host", host.clone().into())],
+                );
+                return;
             }
             if Instant::now() >= until || self.sup.stop_requested() {
                 break;
@@ -384,20 +379,8 @@ mod tests {
 
     fn row(state: &str, host: &str, alive: bool) -> Row {
         Row {
-            run_id: "r".into(),
-            app: "a.test".into(),
             host: host.into(),
-            boot_id: "b".into(),
-            pid: 1,
-            pid_start: 1,
-            state: state.into(),
-            group: None,
-            ci_link: None,
-            teardown: None,
-            fence: None,
-            age: 0.0,
-            held_for: None,
-            session_alive: alive,
+            ..runs::sample_row(state, alive)
         }
     }
 
