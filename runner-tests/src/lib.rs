@@ -94,7 +94,7 @@ pub use wait::{
     count_lines, poll_some, poll_some_every, poll_until, read_json, read_pids, wait_count,
     wait_file, wait_line, wait_pids, wait_some, wait_until,
 };
-pub use waiters::{app_queue, app_waiters, wait_app_queue, wait_app_waiters};
+pub use waiters::{app_lock_waiters, app_queue, app_waiters, wait_app_queue, wait_app_waiters};
 
 /// Default bound for every wait in the suite: generous, because a loaded CI host is slow, and
 /// a wait only takes this long when the test is failing anyway.

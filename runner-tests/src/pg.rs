@@ -300,6 +300,38 @@ pub fn waiting_counts(row: &str) -> (usize, usize) {
     )
 }
 
+/// The class of the cluster queue's ticket locks, `'tque'` (two-key advisory locks
+/// `(TICKET_CLASS, ticket_key)`, PROTOCOL §15 "Under a cluster").
+pub const TICKET_CLASS: u32 = 0x7471_7565;
+
+/// The SQL condition that a row `r` of `tether.runs` is a live entry of `app`'s cluster queue:
+/// it has a `ticket`, and its ticket lock is granted in this database (a row with a ticket but
+/// no such lock is a dead waiter's). (`app` is a test's domain: no quote in it.)
+pub fn live_entry_sql(app: &str) -> String {
+    format!(
+        "r.app = '{app}' AND r.ticket IS NOT NULL AND EXISTS ( \
+           SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = {TICKET_CLASS} AND l.objid = r.ticket_key::oid AND l.objsubid = 2)"
+    )
+}
+
+/// The SQL whose one row names the runs queued for `app` in the cluster's queue (its live
+/// entries, [`live_entry_sql`]) in queue order — ticket names compared bytewise — separated by
+/// spaces; read it with [`queue_ids`].
+pub fn queue_sql(app: &str) -> String {
+    format!(
+        "SELECT coalesce(string_agg(r.run_id, ' ' ORDER BY r.ticket COLLATE \"C\"), '') \
+         FROM tether.runs r WHERE {}",
+        live_entry_sql(app)
+    )
+}
+
+/// The run ids of [`queue_sql`]'s output, in queue order.
+pub fn queue_ids(row: &str) -> Vec<String> {
+    row.split_whitespace().map(str::to_owned).collect()
+}
+
 /// A cluster URL on 127.0.0.1 where nothing listens (a port taken from the kernel and released),
 /// and its port: a database that is down.
 pub fn refused_url() -> (String, u16) {

@@ -5,26 +5,29 @@
 //! - **Host mode** (no cluster): a waiting run is a tether core blocked in the kernel's `flock`
 //!   of the app's lockfile ([`crate::flock_waiters`]), and the queue is the host's ticket queue
 //!   ([`crate::queue_tickets`], PROTOCOL §15).
-//! - **Cluster mode** (the switch's server lives): a run waits in PostgreSQL's queue for the
-//!   app's advisory lock first and takes the host's flock only once granted (D69), holding no
-//!   ticket. A waiting run is then a core whose session is in `pg_locks` with `granted = false`
-//!   on the app's key, or — when something of this host holds the flock (a janitor's reap, a
-//!   test's own [`crate::hold_lock`]) — a core that holds the cluster lock and is blocked in the
-//!   kernel's `flock`. Both are counted; the flock's waiter is the head of the queue.
+//! - **Cluster mode** (the switch's server lives): the queue is tether's own on the server
+//!   (PROTOCOL §15 "Under a cluster"): a queued run is a row of `tether.runs` for the app with a
+//!   `ticket` whose ticket lock (two-key advisory lock `(0x74717565 'tque', ticket_key)`) is
+//!   granted — a row with a ticket but no such lock is a dead waiter's and is not counted — in
+//!   the order of the tickets' names compared bytewise (`ORDER BY ticket COLLATE "C"`), mapped to
+//!   its core by the row's `pid` (rows of this host only: the `host` column is this UTS
+//!   namespace's host name). Besides those, as before the cluster queue: a run that holds the
+//!   cluster lock and is blocked in the kernel's `flock` (a janitor's reap, a test's own
+//!   [`crate::hold_lock`] holds it) — the head — and a session waiting for the app's key in
+//!   `pg_locks` without a ticket (a run reaping a dead run of that app) are counted too.
 //!
-//! A waiting session is mapped back to its tether core through the socket: the backend's
-//! `client_port` (`pg_stat_activity`) names the core's end of the TCP connection in
-//! `/proc/net/tcp`, whose inode is an fd of the core (looked for among the processes named
-//! `tether`; a waiting run has started no command that could share it). A session that cannot be mapped
-//! yet (its connection still being set up or torn down) makes the probe answer "not yet", never
-//! a wrong pid. Cores that do not mention the sandbox (another sandbox of the same test process
-//! shares the server) are not counted.
+//! A session waiting for the app's key is mapped back to its tether core through the socket:
+//! the backend's `client_port` (`pg_stat_activity`) names the core's end of the TCP connection
+//! in `/proc/net/tcp`, whose inode is an fd of the core (looked for among the processes named
+//! `tether`; a waiting run has started no command that could share it). A session that cannot be
+//! mapped yet (its connection still being set up or torn down) makes the probe answer "not
+//! yet", never a wrong pid. Cores that do not mention the sandbox (another sandbox of the same
+//! test process shares the server) are not counted, whether found by their row or their socket.
 //!
-//! PostgreSQL's `pg_locks` lists waiters in hash order, not queue order; the position of a
-//! waiter is the number of sessions it waits behind, `cardinality(pg_blocking_pids(pid))` (the
-//! holder and every earlier waiter: PostgreSQL's manual counts a waiter ahead in the lock's
-//! queue whose request conflicts as a "soft" blocker, and exclusive advisory requests all
-//! conflict).
+//! [`app_lock_waiters`] names the runs waiting on the app lock itself — the head of the queue:
+//! the kernel's `flock` on one host; with a cluster, also the sessions waiting in `pg_locks` for
+//! the app's key (the head's wait is bounded by a 200 ms `lock_timeout` and retried, so a probe
+//! may miss it for a moment: poll it).
 
 use std::collections::HashMap;
 use std::fs;
@@ -57,16 +60,9 @@ fn key_halves(app: &str) -> (u64, u64) {
 /// after an error (the server restarted or another server is the switch's now).
 static CONNECTION: Mutex<Option<(u16, postgres::Client)>> = Mutex::new(None);
 
-/// The client ports of the sessions waiting in `pg`'s queue for `app`'s key, in queue order;
-/// `None` when the server cannot be asked right now.
-fn pg_waiting_ports(pg: &Postgres, app: &str) -> Option<Vec<u16>> {
-    let (hi, lo) = key_halves(app);
-    let sql = format!(
-        "SELECT s.client_port FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
-         WHERE l.locktype = 'advisory' AND NOT l.granted \
-         AND l.classid = {hi} AND l.objid = {lo} AND l.objsubid = 1 \
-         ORDER BY cardinality(pg_blocking_pids(l.pid)), l.waitstart, l.pid"
-    );
+/// The rows `sql` answers on the fixture's connection to `pg`, each as its columns' text
+/// (`None` for NULL); `None` when the server cannot be asked right now.
+fn query(pg: &Postgres, sql: &str) -> Option<Vec<Vec<Option<String>>>> {
     let mut slot = CONNECTION
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -84,7 +80,7 @@ fn pg_waiting_ports(pg: &Postgres, app: &str) -> Option<Vec<u16>> {
         *slot = Some((pg.port(), client));
     }
     let (_, client) = slot.as_mut()?;
-    let Ok(messages) = client.simple_query(&sql) else {
+    let Ok(messages) = client.simple_query(sql) else {
         *slot = None;
         return None;
     };
@@ -92,11 +88,68 @@ fn pg_waiting_ports(pg: &Postgres, app: &str) -> Option<Vec<u16>> {
         messages
             .iter()
             .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                postgres::SimpleQueryMessage::Row(row) => {
+                    Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
+                }
                 _ => None,
             })
+            .collect(),
+    )
+}
+
+/// The client ports of the sessions waiting in `pg`'s lock table for `app`'s key (the app lock
+/// itself, not a ticket), fewest blockers first; `None` when the server cannot be asked now.
+fn pg_waiting_ports(pg: &Postgres, app: &str) -> Option<Vec<u16>> {
+    let (hi, lo) = key_halves(app);
+    let sql = format!(
+        "SELECT s.client_port FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted \
+         AND l.classid = {hi} AND l.objid = {lo} AND l.objsubid = 1 \
+         ORDER BY cardinality(pg_blocking_pids(l.pid)), l.waitstart, l.pid"
+    );
+    Some(
+        query(pg, &sql)?
+            .into_iter()
             // A unix-socket session has no port (NULL): not one of tether's.
-            .filter_map(|port| port.parse::<u16>().ok())
+            .filter_map(|row| row.into_iter().next().flatten()?.parse::<u16>().ok())
+            .collect(),
+    )
+}
+
+/// The cluster queue's SQL for `app`: its live entries ([`crate::pg::live_entry_sql`]) in
+/// queue order, as `(pid, host)`.
+fn ticket_rows_sql(app: &str) -> String {
+    format!(
+        "SELECT r.pid, r.host FROM tether.runs r WHERE {} ORDER BY r.ticket COLLATE \"C\"",
+        crate::pg::live_entry_sql(app)
+    )
+}
+
+/// This UTS namespace's host name, as tether writes it into a row's `host`.
+fn this_host() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The cores of this sandbox queued for `app` in the cluster's queue, in queue order (see the
+/// module doc); `None` when the server cannot be asked right now. Before any run made the
+/// schema there is no queue.
+fn pg_ticket_cores(sb: &Sandbox, pg: &Postgres, app: &str) -> Option<Vec<i32>> {
+    let made = query(pg, "SELECT to_regclass('tether.runs') IS NOT NULL")?;
+    if made.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("t") {
+        return Some(Vec::new());
+    }
+    let here = this_host();
+    Some(
+        query(pg, &ticket_rows_sql(app))?
+            .into_iter()
+            .filter_map(|row| {
+                let mut cols = row.into_iter();
+                let pid = cols.next().flatten()?.parse::<i32>().ok()?;
+                let host = cols.next().flatten()?;
+                (host == here && sb.mentions(pid)).then_some(pid)
+            })
             .collect(),
     )
 }
@@ -221,38 +274,56 @@ fn pg_waiting_cores(sb: &Sandbox, pg: &Postgres, app: &str) -> Option<Vec<i32>> 
     Some(cores.into_iter().filter(|&pid| sb.mentions(pid)).collect())
 }
 
-/// The runs of `sb` waiting for `app` right now, as their cores' pids, head first; `None` when
-/// the picture is not readable yet (retry). Host mode: the cores blocked in the kernel's
-/// `flock` of the app. Cluster mode: those, then the cores queued in PostgreSQL.
-fn blocked_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
-    let mut cores = flock_waiters(sb.lock_path(app));
-    if let Some(pg) = sb.cluster() {
-        for pid in pg_waiting_cores(sb, pg, app)? {
-            if !cores.contains(&pid) {
-                cores.push(pid);
-            }
-        }
-    }
-    Some(cores)
-}
-
-/// The runs of `sb` queued for `app`, as their cores' pids in queue order; `None` when not
-/// readable yet. Host mode: the host queue's tickets (PROTOCOL §15) — whose head is the one
-/// blocked in `flock` — plus a flock waiter that holds no ticket. Cluster mode: as
-/// [`app_waiters`] (there is no host queue; the server's is the queue).
-fn queued_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
-    if sb.cluster().is_some() {
-        return blocked_now(sb, app);
-    }
-    let mut cores: Vec<i32> = queue_tickets(sb.lock_dir(), app)
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .collect();
-    for pid in flock_waiters(sb.lock_path(app)) {
+/// Pushes the pids of `more` not in `cores` yet, in their order.
+fn push_new(cores: &mut Vec<i32>, more: impl IntoIterator<Item = i32>) {
+    for pid in more {
         if !cores.contains(&pid) {
             cores.push(pid);
         }
     }
+}
+
+/// The runs of `sb` waiting on `app`'s lock itself right now, as their cores' pids: blocked in
+/// the kernel's `flock`, then (cluster mode) waiting in `pg_locks` for the app's key. `None`
+/// when the picture is not readable yet (retry).
+fn on_the_lock_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
+    let mut cores = flock_waiters(sb.lock_path(app));
+    if let Some(pg) = sb.cluster() {
+        push_new(&mut cores, pg_waiting_cores(sb, pg, app)?);
+    }
+    Some(cores)
+}
+
+/// The runs of `sb` waiting for `app` right now, as their cores' pids, head first; `None` when
+/// the picture is not readable yet (retry). Host mode: the cores blocked in the kernel's
+/// `flock` of the app. Cluster mode: as [`queued_now`] (every queued run waits).
+fn blocked_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
+    if sb.cluster().is_some() {
+        return queued_now(sb, app);
+    }
+    Some(flock_waiters(sb.lock_path(app)))
+}
+
+/// The runs of `sb` queued for `app`, as their cores' pids in queue order; `None` when not
+/// readable yet. Host mode: the host queue's tickets (PROTOCOL §15) — whose head is the one
+/// blocked in `flock` — plus a flock waiter that holds no ticket. Cluster mode: a run blocked
+/// in the `flock` (it holds the cluster lock: the head), the cluster queue's live entries in
+/// ticket order, then the sessions waiting for the app's key without a ticket.
+fn queued_now(sb: &Sandbox, app: &str) -> Option<Vec<i32>> {
+    let mut cores = Vec::new();
+    if let Some(pg) = sb.cluster() {
+        push_new(&mut cores, flock_waiters(sb.lock_path(app)));
+        push_new(&mut cores, pg_ticket_cores(sb, pg, app)?);
+        push_new(&mut cores, pg_waiting_cores(sb, pg, app)?);
+        return Some(cores);
+    }
+    push_new(
+        &mut cores,
+        queue_tickets(sb.lock_dir(), app)
+            .into_iter()
+            .map(|(_, pid)| pid),
+    );
+    push_new(&mut cores, flock_waiters(sb.lock_path(app)));
     Some(cores)
 }
 
@@ -265,8 +336,8 @@ fn step(sb: &Sandbox) -> Duration {
 }
 
 /// The runs of `sb` really waiting for `app` now — blocked in the kernel's `flock` of the app,
-/// or (cluster mode) queued in PostgreSQL for its lock — as their cores' pids, head first.
-/// Touches nothing. See the module doc.
+/// or (cluster mode) queued in the cluster's queue or waiting for the app's key — as their
+/// cores' pids, head first. Touches nothing. See the module doc.
 pub fn app_waiters(sb: &Sandbox, app: &str) -> Vec<i32> {
     poll_some_every(Duration::from_secs(5), step(sb), || blocked_now(sb, app)).unwrap_or_default()
 }
@@ -311,4 +382,13 @@ pub fn wait_app_queue(sb: &Sandbox, app: &str, n: usize, timeout: Duration) -> V
             sb.cluster().is_some()
         )
     })
+}
+
+/// The runs of `sb` waiting on `app`'s lock itself now — the head of the queue, blocked in the
+/// kernel's `flock` of the app or (cluster mode) in `pg_locks` for the app's key — as their
+/// cores' pids. A snapshot (a cluster head's wait is retried every 200 ms): poll it. Touches
+/// nothing.
+pub fn app_lock_waiters(sb: &Sandbox, app: &str) -> Vec<i32> {
+    poll_some_every(Duration::from_secs(5), step(sb), || on_the_lock_now(sb, app))
+        .unwrap_or_default()
 }
