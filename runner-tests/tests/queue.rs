@@ -4,19 +4,23 @@
 //!
 //! Orderings are never hoped for: each waiter is started only once the one before it is proven
 //! queued (its ticket exists and its core holds the ticket's flock, from `/proc/locks`; under
-//! a cluster, its session waits in PostgreSQL's queue: [`runner_tests::app_queue`]); every
-//! command appends its run id to one `O_APPEND` log, which is the acquisition order.
+//! a cluster, its row in `tether.runs` has a ticket whose ticket lock its session holds:
+//! [`runner_tests::app_queue`]); every command appends its run id to one `O_APPEND` log, which
+//! is the acquisition order.
 //!
-//! With the cluster switch (`.ci/run`'s second pass) the cases a cluster offers run too — FIFO,
-//! a SIGKILLed waiter, `--max-queue`; the rest are left out by name there (DECISIONS D79).
+//! With the cluster switch (`.ci/run`'s second pass) every case runs too: the cluster queue
+//! (PROTOCOL §15 "Under a cluster") offers them all. Where a case looks at the queue's
+//! machinery rather than its order — who waits on the app lock itself, what `tether status`
+//! lists, the holder in the waiting line — it asks [`runner_tests::app_queue`] and
+//! [`runner_tests::app_lock_waiters`], which answer in both modes, or reads the cluster's side.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use runner_tests::{
-    app_queue, log_lines, names, queue_tickets, rid, run_dirs, shell_quote, start_held_run, touch,
-    wait_flock_waiters, wait_until, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    app_lock_waiters, app_queue, log_lines, names, queue_tickets, rid, run_dirs, shell_quote,
+    start_held_run, touch, wait_until, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
 };
 
 /// Processes that keep both cores busy; killed when dropped.
@@ -83,9 +87,9 @@ impl<'a> Q<'a> {
     }
 
     /// Start `cmd` and return once the queue has `n` runs, one of them the new run's core
-    /// (one host: `n` live tickets, one held by it; a cluster: `n` sessions waiting in
-    /// PostgreSQL's queue, one of them its): it is queued, behind everyone before it. Returns
-    /// the run and its core's pid.
+    /// (one host: `n` live tickets, one held by it; a cluster: `n` live entries of the cluster
+    /// queue, one of them its row): it is queued, behind everyone before it. Returns the run
+    /// and its core's pid.
     fn enqueue(&self, cmd: TetherCmd<'_>, n: usize) -> (RunningTether, i32) {
         let run = cmd.spawn();
         let core = run.wait_core_pid(TIMEOUT);
@@ -178,9 +182,7 @@ fn twenty_waiters_take_the_app_in_arrival_order_under_load() {
     let _hogs = Hogs::start(2);
     let t0 = Instant::now();
     for trial in 0..20 {
-        // Under a cluster queued runs are not superseded in place (DECISIONS D71): there every
-        // trial is a plain FIFO trial.
-        let supersede = trial % 2 == 1 && sb.cluster().is_none();
+        let supersede = trial % 2 == 1;
         let (got, expected) = fifo_trial(&sb, trial, supersede);
         assert_eq!(got, expected, "trial {trial} (supersede: {supersede})");
     }
@@ -200,12 +202,9 @@ fn a_sigkilled_waiter_leaves_the_queue_and_those_behind_move_up() {
     let w2 = queue[1];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(w2), Signal::SIGKILL)
         .expect("killing w2's core");
-    if sb.cluster().is_none() {
-        // w3 says its new place as soon as it sees it (a cluster's waiting line has no
-        // position, CLI-CONTRACT §25).
-        runs[2].wait_line("position 2 of 2", TIMEOUT);
-    }
-    // Under a cluster: w2's session leaves the server's queue when its connection dies.
+    // w3 says its new place as soon as it sees it.
+    runs[2].wait_line("position 2 of 2", TIMEOUT);
+    // Under a cluster: w2's ticket lock goes with its session, and its row is no live entry.
     wait_until("w2 to leave the queue", TIMEOUT, || {
         !app_queue(&sb, &q.app).contains(&w2)
     });
@@ -229,28 +228,37 @@ fn proc_state(pid: i32) -> Option<char> {
 
 /// PROTOCOL §15: a waiter whose core is SIGSTOPped is skipped by the one behind it after the
 /// wait-progress interval, with a line naming it, so the queue moves; once continued it takes
-/// back its place in front of those still waiting.
+/// back its place in front of those still waiting. Under a cluster "stopped" is seen from the
+/// server: the stopped waiter stops looking at the queue (its row's `looked` gets old).
 #[test]
 fn a_stopped_waiter_is_skipped_after_the_bound_and_retakes_its_place_when_continued() {
     let sb = Sandbox::new();
     let q = Q::new(&sb, "stopped.example.org");
     let (_, holder) = q.hold("h", &[]);
-    let every: &[&str] = &["--wait-progress-interval", "300ms"];
+    // The bound; a cluster waiter looks every 200 ms, and one that has not looked for the
+    // bound is skipped: well above that, so that a loaded machine skips nobody by mistake.
+    let every: &[&str] = &["--wait-progress-interval", "1s"];
     let (ids, mut runs) = q.queue(0, &[("w1", every), ("w2", every)]);
-    let tickets = queue_tickets(sb.lock_dir(), &q.app);
-    let (core1, core2) = (tickets[0].1, tickets[1].1);
+    let queue = app_queue(&sb, &q.app);
+    assert_eq!(queue.len(), 2, "{queue:?}");
+    let (core1, core2) = (queue[0], queue[1]);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(core1), Signal::SIGSTOP).expect("SIGSTOP");
     let line = runs[1].wait_line("skipping it", TIMEOUT);
     let named = format!("run {} ahead in the queue is stopped", ids[0]);
     assert!(line.contains(&named), "{line}");
     // w2 now waits on the app lock itself, as the head does.
     wait_until("w2 to wait on the app lock", TIMEOUT, || {
-        runner_tests::flock_waiters(sb.lock_path(&q.app)).contains(&core2)
+        app_lock_waiters(&sb, &q.app).contains(&core2)
     });
     assert_eq!(proc_state(core1), Some('T'), "w1 is still stopped");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(core1), Signal::SIGCONT).expect("SIGCONT");
     wait_until("w1 to run again", TIMEOUT, || {
         proc_state(core1).is_some_and(|s| s != 'T')
+    });
+    // Continued, w1 is the head again and waits on the app lock itself (one host: it never
+    // left the kernel's flock; a cluster: it looked at the queue again — it counts again).
+    wait_until("w1 to wait on the app lock again", TIMEOUT, || {
+        app_lock_waiters(&sb, &q.app).contains(&core1)
     });
     q.release(holder, 0);
     all_pass(&mut runs);
@@ -319,10 +327,7 @@ fn supersede_takes_the_place_of_the_foremost_queued_run_it_replaced() {
             .assert_code(143)
             .assert_stderr_contains("result=superseded");
     }
-    let order: Vec<i32> = queue_tickets(sb.lock_dir(), &q.app)
-        .iter()
-        .map(|t| t.1)
-        .collect();
+    let order = app_queue(&sb, &q.app);
     assert_eq!(order.len(), 3, "{order:?}");
     assert_eq!(order.get(1), Some(&core3), "a3 is second, where a1 was");
     q.release(holder, 0);
@@ -385,8 +390,16 @@ fn newest_first_serves_the_latest_arrival_first() {
     let (_, holder) = q.hold("h", &[]);
     let newest: &[&str] = &["--queue-order", "newest-first"];
     let (mut ids, mut runs) = q.queue(0, &[("w1", newest), ("w2", newest), ("w3", newest)]);
+    let cores: Vec<i32> = runs.iter().map(|r| r.wait_core_pid(TIMEOUT)).collect();
+    assert_eq!(
+        app_queue(&sb, &q.app),
+        [cores[2], cores[1], cores[0]],
+        "the queue is newest first"
+    );
     // The newest is the head: it alone waits on the app lock.
-    wait_flock_waiters(sb.lock_path(&q.app), 1, TIMEOUT);
+    wait_until("the newest alone to wait on the app lock", TIMEOUT, || {
+        app_lock_waiters(&sb, &q.app) == [cores[2]]
+    });
     q.release(holder, 0);
     all_pass(&mut runs);
     ids.reverse();
@@ -395,18 +408,28 @@ fn newest_first_serves_the_latest_arrival_first() {
 
 /// Issue 17 item 4, CLI-CONTRACT §13 and §16: the waiting line says the position and who is
 /// ahead; `tether status` (text and `--json`) lists the waiters in queue order with run id,
-/// group, pid and waiting time.
+/// group, pid and waiting time — the host's QUEUE, or under a cluster its CLUSTER section (the
+/// holder named with its host, §27).
 #[test]
 fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
     let sb = Sandbox::new();
+    let cluster = sb.cluster().is_some();
     let q = Q::new(&sb, "visible.example.org");
     let (h, holder) = q.hold("h", &[]);
     let (ids, mut runs) = q.queue(0, &[("w1", &["--group", "g1"]), ("w2", &[])]);
-    let tickets = queue_tickets(sb.lock_dir(), &q.app);
+    let queue = app_queue(&sb, &q.app);
+    assert_eq!(queue.len(), 2, "{queue:?}");
     let (w1, w2) = (&ids[0], &ids[1]);
     let line = runs[1].wait_line("position 2 of 2", TIMEOUT);
+    // Under a cluster the holder may be on another host: the line names it.
+    let on_host = if cluster {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("host name");
+        format!(" on host {}", host.trim())
+    } else {
+        String::new()
+    };
     let prefix = format!(
-        "tether: app lock {}: position 2 of 2 — held by run {h} (pid {}, ",
+        "tether: app lock {}: position 2 of 2 — held by run {h}{on_host} (pid {}, ",
         q.app, holder.core
     );
     assert!(line.starts_with(&prefix), "{line}");
@@ -420,38 +443,83 @@ fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
     let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("status JSON");
     let a = &v["apps"][0];
     assert_eq!(a["run_id"], h.as_str());
-    let queue = a["queue"].as_array().expect("queue array");
-    let got: Vec<(i64, &str, Option<&str>, i64)> = queue
-        .iter()
-        .map(|w| {
-            (
-                w["position"].as_i64().unwrap_or(0),
-                w["run_id"].as_str().unwrap_or(""),
-                w["group"].as_str(),
-                w["pid"].as_i64().unwrap_or(0),
-            )
-        })
-        .collect();
+    // (position, run id, group, pid) of each waiter listed, in the listed order.
+    let (listed, want_pids): (Vec<(i64, &str, Option<&str>, i64)>, _) = if cluster {
+        let entry = v["cluster"]
+            .as_array()
+            .and_then(|c| c.iter().find(|e| e["app"] == q.app.as_str()))
+            .unwrap_or_else(|| panic!("no cluster entry for {}: {v:#}", q.app));
+        assert_eq!(entry["holder"]["run_id"], h.as_str(), "{v:#}");
+        let waiters = entry["waiters"].as_array().expect("waiters array");
+        assert!(
+            waiters.iter().all(|w| w["age_s"].as_u64().is_some()),
+            "{waiters:?}"
+        );
+        let listed = waiters
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    i as i64 + 1,
+                    w["run_id"].as_str().unwrap_or(""),
+                    w["group"].as_str(),
+                    w["pid"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        (listed, queue.clone())
+    } else {
+        let tickets: Vec<i32> = queue_tickets(sb.lock_dir(), &q.app)
+            .iter()
+            .map(|t| t.1)
+            .collect();
+        let waiters = a["queue"].as_array().expect("queue array");
+        assert!(
+            waiters.iter().all(|w| w["waiting_s"].as_u64().is_some()),
+            "{waiters:?}"
+        );
+        let listed = waiters
+            .iter()
+            .map(|w| {
+                (
+                    w["position"].as_i64().unwrap_or(0),
+                    w["run_id"].as_str().unwrap_or(""),
+                    w["group"].as_str(),
+                    w["pid"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        (listed, tickets)
+    };
     let want = [
-        (1, w1.as_str(), Some("g1"), i64::from(tickets[0].1)),
-        (2, w2.as_str(), None, i64::from(tickets[1].1)),
+        (1, w1.as_str(), Some("g1"), i64::from(want_pids[0])),
+        (2, w2.as_str(), None, i64::from(want_pids[1])),
     ];
-    assert_eq!(got, want);
-    assert!(
-        queue.iter().all(|w| w["waiting_s"].as_u64().is_some()),
-        "{queue:?}"
-    );
+    assert_eq!(listed, want, "{v:#}");
     let text = sb.tether_status().run();
-    let rows: Vec<&str> = text
-        .stdout
-        .lines()
-        .skip_while(|l| *l != "QUEUE")
-        .skip(2)
-        .take(2)
-        .collect();
-    let first = rows[0].contains(&format!(" 1    {w1}")) && rows[0].contains(" g1 ");
-    assert!(first, "{}", text.stdout);
-    assert!(rows[1].contains(&format!(" 2    {w2}")), "{}", text.stdout);
+    if cluster {
+        // CLUSTER: APP ROLE RUN HOST PID FOR CI, the waiters' role `waiter <n>`.
+        let rows: Vec<Vec<&str>> = text
+            .stdout
+            .lines()
+            .skip_while(|l| *l != "CLUSTER")
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|cells| cells.get(1) == Some(&"waiter"))
+            .collect();
+        let got: Vec<(&str, &str)> = rows.iter().map(|c| (c[2], c[3])).collect();
+        assert_eq!(got, [("1", w1.as_str()), ("2", w2.as_str())], "{}", text.stdout);
+    } else {
+        let rows: Vec<&str> = text
+            .stdout
+            .lines()
+            .skip_while(|l| *l != "QUEUE")
+            .skip(2)
+            .take(2)
+            .collect();
+        let first = rows[0].contains(&format!(" 1    {w1}")) && rows[0].contains(" g1 ");
+        assert!(first, "{}", text.stdout);
+        assert!(rows[1].contains(&format!(" 2    {w2}")), "{}", text.stdout);
+    }
     q.release(holder, 0);
     all_pass(&mut runs);
 }
