@@ -88,9 +88,11 @@ fn query(pg: &Postgres, sql: &str) -> Option<Vec<Vec<Option<String>>>> {
         messages
             .iter()
             .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => {
-                    Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
-                }
+                postgres::SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_owned))
+                        .collect(),
+                ),
                 _ => None,
             })
             .collect(),
@@ -137,7 +139,12 @@ fn this_host() -> String {
 /// schema there is no queue.
 fn pg_ticket_cores(sb: &Sandbox, pg: &Postgres, app: &str) -> Option<Vec<i32>> {
     let made = query(pg, "SELECT to_regclass('tether.runs') IS NOT NULL")?;
-    if made.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("t") {
+    if made
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        != Some("t")
+    {
         return Some(Vec::new());
     }
     let here = this_host();
@@ -389,6 +396,8 @@ pub fn wait_app_queue(sb: &Sandbox, app: &str, n: usize, timeout: Duration) -> V
 /// cores' pids. A snapshot (a cluster head's wait is retried every 200 ms): poll it. Touches
 /// nothing.
 pub fn app_lock_waiters(sb: &Sandbox, app: &str) -> Vec<i32> {
-    poll_some_every(Duration::from_secs(5), step(sb), || on_the_lock_now(sb, app))
-        .unwrap_or_default()
+    poll_some_every(Duration::from_secs(5), step(sb), || {
+        on_the_lock_now(sb, app)
+    })
+    .unwrap_or_default()
 }

@@ -1,10 +1,13 @@
-//! Issue 16 §2 and issue 17 under a cluster: the order of waiters across hosts, and what the
-//! host queue's options do with a cluster configured (PROTOCOL §15 "Under a cluster").
+//! Issue 16 §2 and issue 17 under a cluster: the order of waiters across hosts, and the host
+//! queue's options across hosts (PROTOCOL §15 "Under a cluster": tether's own queue on the
+//! server — tickets on the rows of `tether.runs`, each held by its waiter's ticket lock).
 //!
 //! A "host" is its own lock dir, runs dir and host name (`unshare --uts`): their flocks are
-//! separate kernel objects, so the only queue they share is PostgreSQL's. Each arrival is
-//! started only once the one before it is seen *waiting in PostgreSQL* (`pg_locks`, not
-//! granted, its session named after its run id), so the arrival order is known exactly.
+//! separate kernel objects, so the only queue they share is the cluster's. Each arrival is
+//! started only once the ones before it are seen *queued on the server* — the app's live queue
+//! entries (rows with a ticket whose ticket lock is granted), read in queue order
+//! ([`runner_tests::pg::queue_sql`]) — so the arrival order, and each arrival's place, is known
+//! exactly.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -54,9 +57,18 @@ fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> Tet
         .env(PASSWORD_ENV, PASSWORD)
 }
 
-/// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
-fn pg_waiting(pg: &Postgres, id: &str) -> (usize, usize) {
-    runner_tests::pg::waiting_counts(&pg.psql(&runner_tests::pg::waiting_sql(id)))
+/// The runs queued for `app` on the server, in queue order (its live queue entries).
+fn pg_queue(pg: &Postgres, app: &str) -> Vec<String> {
+    runner_tests::pg::queue_ids(&pg.psql(&runner_tests::pg::queue_sql(app)))
+}
+
+/// The order the app's commands ran in: each appends `<name> <host name>` to `order`.
+fn note(order: &Path, name: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("echo \"{name} $(hostname)\" >> {}", shell_quote(order)),
+    ]
 }
 
 /// Two hosts whose runs wait for one app, and a third whose run holds it.
@@ -69,8 +81,8 @@ struct World<'a> {
 }
 
 /// A holder on `w.holder_host` keeps `app` while `arrivals` (host index, name) start one by
-/// one, each only once the previous ones wait in PostgreSQL; then the holder ends. Returns the
-/// order the arrivals' commands ran in, as `<name> <host name>` lines.
+/// one, each only once it is queued on the server behind the previous ones; then the holder
+/// ends. Returns the order the arrivals' commands ran in, as `<name> <host name>` lines.
 fn arrivals_in_order(
     w: &World,
     app: &str,
@@ -101,6 +113,7 @@ fn arrivals_in_order(
     wait_file(&started, TIMEOUT);
     let q = shell_quote(&order);
     let mut waiters: Vec<RunningTether> = Vec::new();
+    let mut ids = Vec::new();
     for (n, (h, name)) in arrivals.iter().enumerate() {
         let id = rid(sb, &format!("{name}-{trial}"));
         waiters.push(
@@ -108,10 +121,11 @@ fn arrivals_in_order(
                 .command(["sh", "-c", &format!("echo \"{name} $(hostname)\" >> {q}")])
                 .spawn(),
         );
+        ids.push(id);
         wait_until(
-            &format!("{name} waits in PostgreSQL behind {n} others (trial {trial})"),
+            &format!("{name} queued on the server behind {n} others (trial {trial})"),
             TIMEOUT,
-            || pg_waiting(pg, &id) == (n + 1, 1),
+            || pg_queue(pg, app) == ids,
         );
     }
     touch(&release);
@@ -224,8 +238,8 @@ fn cluster_lock_is_taken_before_the_hosts_flock() {
     let mut run_b = run_on(&sb, &b, &cfg, app, &id_b)
         .command(["sh", "-c", &format!("echo b >> {q}")])
         .spawn();
-    wait_until("B waits in PostgreSQL", TIMEOUT, || {
-        pg_waiting(&pg, &id_b) == (1, 1)
+    wait_until("B queued on the server", TIMEOUT, || {
+        pg_queue(&pg, app) == [id_b.clone()]
     });
     assert_eq!(log_lines(&log), Vec::<String>::new(), "nobody ran yet");
     touch(&release);
@@ -239,8 +253,9 @@ fn cluster_lock_is_taken_before_the_hosts_flock() {
     );
 }
 
+/// `--max-queue` counts the cluster's queue — the runs of every host — not this host's.
 #[test]
-fn cluster_max_queue_counts_the_waiters_in_postgresql() {
+fn cluster_max_queue_counts_the_runs_queued_on_every_host() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
@@ -263,8 +278,8 @@ fn cluster_max_queue_counts_the_waiters_in_postgresql() {
     // One waiter, on the other host: the host's own tickets could not have counted it.
     let id_w = rid(&sb, "w");
     let mut waiter = run_on(&sb, &b, &cfg, app, &id_w).command(["true"]).spawn();
-    wait_until("the waiter waits in PostgreSQL", TIMEOUT, || {
-        pg_waiting(&pg, &id_w) == (1, 1)
+    wait_until("the waiter queued on the server", TIMEOUT, || {
+        pg_queue(&pg, app) == [id_w.clone()]
     });
     let ran = sb.mark("ran");
     let out = run_on(&sb, &a, &cfg, app, &rid(&sb, "over"))
@@ -277,6 +292,7 @@ fn cluster_max_queue_counts_the_waiters_in_postgresql() {
         "app lock max.test: 1 run already waiting (--max-queue 1) — giving up",
     );
     assert!(!ran.exists(), "the refused run ran nothing\n{out}");
+    assert_eq!(pg_queue(&pg, app), [id_w.as_str()], "nothing else queued");
     // --max-queue 2 lets it in behind the one waiter.
     let id_in = rid(&sb, "in");
     let mut second = run_on(&sb, &a, &cfg, app, &id_in)
@@ -284,8 +300,8 @@ fn cluster_max_queue_counts_the_waiters_in_postgresql() {
         .arg("2")
         .command(["true"])
         .spawn();
-    wait_until("the second waiter waits in PostgreSQL", TIMEOUT, || {
-        pg_waiting(&pg, &id_in) == (2, 1)
+    wait_until("the second waiter queued behind the first", TIMEOUT, || {
+        pg_queue(&pg, app) == [id_w.clone(), id_in.clone()]
     });
     touch(&release);
     holder.wait_exit(TIMEOUT).assert_code(0);
@@ -300,29 +316,61 @@ fn cluster_max_queue_counts_the_waiters_in_postgresql() {
     }
 }
 
+/// `--queue-order newest-first` across hosts (no longer refused with a cluster): a1 of host a
+/// queues oldest-first, then b1 and b2 of host b newest-first — each in front of everyone
+/// queued before it — and the app goes to b2, b1, a1.
 #[test]
-fn cluster_refuses_newest_first_naming_the_option() {
+fn cluster_newest_first_serves_the_latest_arrival_first_across_hosts() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
-    let a = host(&sb, "host-a");
-    let ran = sb.mark("ran");
-    let out = run_on(&sb, &a, &cfg, "newest.test", &rid(&sb, "n"))
-        .arg("--queue-order")
-        .arg("newest-first")
-        .command(["touch", &ran.display().to_string()])
-        .run();
-    out.assert_code(125);
-    out.assert_stderr_contains(
-        "queue order newest-first (--queue-order, queue_order) is not available with a cluster",
-    );
-    assert!(!ran.exists(), "nothing ran\n{out}");
-    assert_eq!(run_dirs(&a.runs), Vec::<String>::new(), "nothing is left");
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "newest.test";
+    let order = sb.mark("order");
+    let started = sb.mark("started");
+    let release = sb.mark("release");
+    let mut holder = run_on(&sb, &a, &cfg, app, &rid(&sb, "holder"))
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(&release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    let newest: &[&str] = &["--queue-order", "newest-first"];
+    let mut waiters = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for (h, name, extra) in [(&a, "a1", &[][..]), (&b, "b1", newest), (&b, "b2", newest)] {
+        let id = rid(&sb, name);
+        waiters.push(
+            run_on(&sb, h, &cfg, app, &id)
+                .args(extra)
+                .command(note(&order, name))
+                .spawn(),
+        );
+        // a1 into an empty queue; each newest-first run in front of everyone queued before it.
+        ids.insert(0, id);
+        wait_until(&format!("{name} queued at its place"), TIMEOUT, || {
+            pg_queue(&pg, app) == ids
+        });
+    }
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    for w in &mut waiters {
+        w.wait_exit(TIMEOUT).assert_code(0);
+    }
     assert_eq!(
-        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name <> '' AND backend_type = 'client backend' AND application_name <> 'psql'"),
-        "0",
-        "refused before connecting"
+        log_lines(&order),
+        ["b2 host-b", "b1 host-b", "a1 host-a"],
+        "the newest first, across hosts; the oldest-first run last"
     );
+    for h in [&a, &b] {
+        assert_eq!(run_dirs(&h.runs), Vec::<String>::new(), "nothing is left");
+    }
 }
 
 #[test]
@@ -349,27 +397,29 @@ fn cluster_waiter_sigkilled_in_the_middle_leaves_the_queue_by_itself() {
         .spawn();
     wait_file(&started, TIMEOUT);
     let mut waiters = Vec::new();
-    for (n, (h, name)) in [(&b, "W1"), (&a, "W2"), (&b, "W3")].into_iter().enumerate() {
+    let mut ids = Vec::new();
+    for (h, name) in [(&b, "W1"), (&a, "W2"), (&b, "W3")] {
         let id = rid(&sb, name);
         waiters.push(
             run_on(&sb, h, &cfg, app, &id)
                 .command(["sh", "-c", &format!("echo {name} >> {q}")])
                 .spawn(),
         );
-        wait_until(&format!("{name} waits in PostgreSQL"), TIMEOUT, || {
-            pg_waiting(&pg, &id) == (n + 1, 1)
+        ids.push(id);
+        wait_until(&format!("{name} queued on the server"), TIMEOUT, || {
+            pg_queue(&pg, app) == ids
         });
     }
-    // The middle waiter's core dies: its session closes and the server drops it from the queue.
+    // The middle waiter's core dies: its session closes, its ticket lock with it, and its row
+    // is no live queue entry any more.
     let core = waiters[1].wait_core_pid(TIMEOUT);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(core),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("SIGKILL the middle waiter's core");
-    let id_w3 = rid(&sb, "W3");
-    wait_until("the killed waiter left PostgreSQL's queue", TIMEOUT, || {
-        pg_waiting(&pg, &id_w3) == (2, 1)
+    wait_until("the killed waiter left the queue", TIMEOUT, || {
+        pg_queue(&pg, app) == [ids[0].clone(), ids[2].clone()]
     });
     touch(&release);
     holder.wait_exit(TIMEOUT).assert_code(0);
@@ -414,4 +464,342 @@ fn cluster_cancel_older_cancels_a_holder_of_the_group_on_this_host() {
     newer.assert_stderr_contains("cancelling older run");
     older.wait_exit(TIMEOUT).assert_code(143);
     assert!(ran.exists(), "the newer run ran once the older one let go");
+}
+
+/// A holder of `app` on host `h` (run id `id`) that keeps it until `release` exists; returns
+/// once its command runs.
+fn hold_on(
+    sb: &Sandbox,
+    h: &Host,
+    cfg: &Path,
+    app: &str,
+    id: &str,
+    release: &Path,
+) -> RunningTether {
+    let started = sb.mark(&format!("{id}-started"));
+    let t = run_on(sb, h, cfg, app, id)
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "touch {}; {}",
+                shell_quote(&started),
+                sh_wait_for(&shell_quote(release))
+            ),
+        ])
+        .spawn();
+    wait_file(&started, TIMEOUT);
+    t
+}
+
+/// `tether status` on host `h` (its dirs, its host name) with the cluster config `cfg`.
+fn status_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path) -> TetherCmd<'a> {
+    sb.tether_status()
+        .wrapped(on_host(&h.name))
+        .no_sandbox_dirs()
+        .arg("--lock-dir")
+        .arg(&h.lock)
+        .arg("--runs-dir")
+        .arg(&h.runs)
+        .arg("--config")
+        .arg(cfg)
+        .env(PASSWORD_ENV, PASSWORD)
+}
+
+/// Issue 17 item 4 across hosts (CLI-CONTRACT §13, §27): the waiting line names the run's
+/// position in the cluster's queue, the holder with its host, and the runs ahead of it on
+/// every host; `tether status --json` on either host lists the cluster's waiters in queue
+/// order, each with its host and pid.
+#[test]
+fn cluster_waiting_line_and_status_name_the_positions_across_hosts() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "places.test";
+    let release = sb.mark("release");
+    let h_id = rid(&sb, "H");
+    let mut holder = hold_on(&sb, &a, &cfg, app, &h_id, &release);
+    let h_core = holder.wait_core_pid(TIMEOUT);
+    let mut waiters = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    let arrivals = [(&b, "W1"), (&a, "W2"), (&b, "W3")];
+    for (h, name) in arrivals {
+        let id = rid(&sb, name);
+        // The line is said again every interval: W1 and W2 say their place in the longer
+        // queue within 2 s of W3's arrival.
+        waiters.push(
+            run_on(&sb, h, &cfg, app, &id)
+                .env("TETHER_WAIT_PROGRESS_INTERVAL", "2s")
+                .command(["true"])
+                .spawn(),
+        );
+        ids.push(id);
+        wait_until(&format!("{name} queued on the server"), TIMEOUT, || {
+            pg_queue(&pg, app) == ids
+        });
+    }
+    let cores: Vec<i32> = waiters.iter().map(|w| w.wait_core_pid(TIMEOUT)).collect();
+    let held_by = format!("held by run {h_id} on host host-a (pid {h_core}, ");
+    for (k, w) in waiters.iter_mut().enumerate() {
+        let line = w.wait_line(&format!("position {} of 3 — ", k + 1), TIMEOUT);
+        let prefix = format!(
+            "tether: app lock {app}: position {} of 3 — {held_by}",
+            k + 1
+        );
+        assert!(line.starts_with(&prefix), "{line}");
+        assert!(line.ends_with(" — waiting"), "{line}");
+        // `; ahead: run W1 (waiting …), run W2 (waiting …) — waiting`: in queue order.
+        let named: Vec<&str> = line
+            .split_once("; ahead: ")
+            .map(|(_, rest)| {
+                rest.split(", ")
+                    .filter_map(|e| e.strip_prefix("run ")?.split(" (waiting ").next())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            named,
+            ids[..k],
+            "the runs ahead of W{}, in order: {line}",
+            k + 1
+        );
+    }
+    let hosts = ["host-b", "host-a", "host-b"];
+    for h in [&a, &b] {
+        let st = status_on(&sb, h, &cfg).arg("--json").run();
+        st.assert_code(0);
+        let v: serde_json::Value =
+            serde_json::from_str(&st.stdout).unwrap_or_else(|e| panic!("{e}\n{st}"));
+        let entry = v["cluster"]
+            .as_array()
+            .and_then(|c| c.iter().find(|e| e["app"] == app))
+            .unwrap_or_else(|| panic!("no cluster entry for {app} on {}\n{st}", h.name));
+        assert_eq!(
+            (
+                entry["holder"]["run_id"].as_str(),
+                entry["holder"]["host"].as_str()
+            ),
+            (Some(h_id.as_str()), Some("host-a")),
+            "{st}"
+        );
+        let listed: Vec<(String, String, i64)> = entry["waiters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no waiters\n{st}"))
+            .iter()
+            .map(|w| {
+                (
+                    w["run_id"].as_str().unwrap_or_default().to_owned(),
+                    w["host"].as_str().unwrap_or_default().to_owned(),
+                    w["pid"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, i64)> = (0..3)
+            .map(|k| (ids[k].clone(), hosts[k].to_owned(), i64::from(cores[k])))
+            .collect();
+        assert_eq!(
+            listed, want,
+            "status on {} lists the queue in order\n{st}",
+            h.name
+        );
+    }
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    for w in &mut waiters {
+        w.wait_exit(TIMEOUT).assert_code(0);
+    }
+}
+
+/// Sessions named `id` waiting (not granted) for the app lock itself — a one-key advisory
+/// lock (`objsubid = 1`), not a ticket: the head of the cluster's queue.
+fn waits_on_the_app_lock(pg: &Postgres, id: &str) -> bool {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1 \
+         AND s.application_name = '{id}'"
+    )) == "1"
+}
+
+/// PROTOCOL §15 across hosts: a waiter whose core is SIGSTOPped (on host b) stops looking at
+/// the queue; after the wait-progress interval the run behind it (on host a) skips it, with a
+/// `queue-skip` line naming it, and waits on the app lock as the head; continued before the
+/// holder ends, the stopped run counts again and goes first.
+#[test]
+fn cluster_a_stopped_waiter_is_skipped_and_goes_first_again_when_continued() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "stopped.test";
+    let order = sb.mark("order");
+    let release = sb.mark("release");
+    let mut holder = hold_on(&sb, &a, &cfg, app, &rid(&sb, "H"), &release);
+    let mut waiters = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for (h, name) in [(&b, "W1"), (&a, "W2")] {
+        let id = rid(&sb, name);
+        waiters.push(
+            run_on(&sb, h, &cfg, app, &id)
+                .env("TETHER_WAIT_PROGRESS_INTERVAL", "1s")
+                .command(note(&order, name))
+                .spawn(),
+        );
+        ids.push(id);
+        wait_until(&format!("{name} queued on the server"), TIMEOUT, || {
+            pg_queue(&pg, app) == ids
+        });
+    }
+    wait_until("W1, the head, waits on the app lock", TIMEOUT, || {
+        waits_on_the_app_lock(&pg, &ids[0])
+    });
+    let core1 = waiters[0].wait_core_pid(TIMEOUT);
+    let pid1 = nix::unistd::Pid::from_raw(core1);
+    let stopped_at = std::time::Instant::now();
+    nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP W1's core");
+    let line = waiters[1].wait_line("skipping it", TIMEOUT);
+    let waited = stopped_at.elapsed();
+    assert!(line.contains("tether: warning: "), "{line}");
+    assert!(
+        line.contains(&format!("run {} ", ids[0])),
+        "the line names W1: {line}"
+    );
+    // It looked last at most 200 ms before the stop; skipped only once that is 1 s old.
+    assert!(
+        waited >= std::time::Duration::from_millis(800),
+        "skipped {waited:?} after the stop, before the interval: {line}"
+    );
+    wait_until("W2 waits on the app lock as the head", TIMEOUT, || {
+        waits_on_the_app_lock(&pg, &ids[1])
+    });
+    assert_eq!(pg_queue(&pg, app), ids, "W1 keeps its place while skipped");
+    nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT W1's core");
+    // Continued, W1 looks at the queue again, counts again and is the head once more.
+    wait_until("W1 waits on the app lock again", TIMEOUT, || {
+        waits_on_the_app_lock(&pg, &ids[0])
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    let done: Vec<_> = waiters.iter_mut().map(|w| w.wait_exit(TIMEOUT)).collect();
+    done[0].assert_code(0).assert_stderr_lacks("skipping it");
+    done[1].assert_code(0);
+    assert_eq!(
+        done[1].stderr_lines("skipping it").len(),
+        1,
+        "one queue-skip line per stop\n{}",
+        done[1]
+    );
+    assert_eq!(
+        log_lines(&order),
+        ["W1 host-b", "W2 host-a"],
+        "continued, W1 went first again"
+    );
+}
+
+/// CLI-CONTRACT §7 across hosts: `--max-queue` is counted and the ticket placed under one
+/// server-side lock, so runs of two hosts arriving together never overshoot it: six runs
+/// (three per host, `--max-queue 2`) released at once while a holder holds — exactly two
+/// queue, four exit 75 having run nothing; in each of 3 trials.
+#[test]
+fn cluster_max_queue_never_overshoots_when_two_hosts_arrive_together() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    for trial in 0..3 {
+        let app = format!("t{trial}.together.test");
+        let order = sb.mark(&format!("order-{trial}"));
+        let release = sb.mark(&format!("release-{trial}"));
+        let go = sb.mark(&format!("go-{trial}"));
+        let mut holder = hold_on(
+            &sb,
+            &a,
+            &cfg,
+            &app,
+            &rid(&sb, &format!("H{trial}")),
+            &release,
+        );
+        // Each waits for `go` in its UTS namespace, then execs tether: six starts at once.
+        let wrapper = |name: &str| -> Vec<String> {
+            let mut w = on_host(name);
+            w[4] = format!(
+                "hostname \"$0\" && {} && exec \"$@\"",
+                sh_wait_for(&shell_quote(&go))
+            );
+            w
+        };
+        let mut runs: Vec<(String, RunningTether)> = (0..6)
+            .map(|k| {
+                let h = if k % 2 == 0 { &a } else { &b };
+                let name = format!("R{k}");
+                let id = rid(&sb, &format!("{name}-{trial}"));
+                let t = run_on(&sb, h, &cfg, &app, &id)
+                    .wrapped(wrapper(&h.name))
+                    .args(["--max-queue", "2"])
+                    .command(note(&order, &name))
+                    .spawn();
+                (id, t)
+            })
+            .collect();
+        touch(&go);
+        // Every arrival either queued or gave up.
+        let mut refused = Vec::new();
+        wait_until(
+            &format!("all six queued or refused (trial {trial})"),
+            TIMEOUT,
+            || {
+                for (id, t) in &mut runs {
+                    if !refused.iter().any(|(r, _)| r == id) {
+                        if let Some(f) = t.try_wait_exit(std::time::Duration::ZERO) {
+                            refused.push((id.clone(), f));
+                        }
+                    }
+                }
+                refused.len() + pg_queue(&pg, &app).len() >= 6
+            },
+        );
+        let queued = pg_queue(&pg, &app);
+        assert_eq!(
+            (queued.len(), refused.len()),
+            (2, 4),
+            "trial {trial}: two queued ({queued:?}), four refused: {:?}",
+            refused
+                .iter()
+                .map(|(id, f)| format!("{id}: {f}"))
+                .collect::<Vec<_>>()
+        );
+        for (_, f) in &refused {
+            f.assert_code(75)
+                .assert_stderr_contains("2 runs already waiting (--max-queue 2) — giving up");
+        }
+        assert!(log_lines(&order).is_empty(), "nothing ran while held");
+        touch(&release);
+        holder.wait_exit(TIMEOUT).assert_code(0);
+        for (id, t) in &mut runs {
+            if queued.contains(id) {
+                t.wait_exit(TIMEOUT).assert_code(0);
+            }
+        }
+        // The two queued ran, in their queue order; the refused ones ran nothing.
+        let name_of = |id: &String| -> String {
+            let k = runs.iter().position(|(r, _)| r == id).unwrap_or(usize::MAX);
+            format!("R{k}")
+        };
+        let ran: Vec<String> = log_lines(&order)
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+            .collect();
+        let want: Vec<String> = queued.iter().map(name_of).collect();
+        assert_eq!(
+            ran, want,
+            "trial {trial}: the two queued ran, in queue order"
+        );
+        assert_eq!(
+            pg.psql(&format!(
+                "SELECT count(*) FROM tether.runs WHERE app = '{app}'"
+            )),
+            "0",
+            "no row is left"
+        );
+    }
 }

@@ -406,6 +406,9 @@ fn newest_first_serves_the_latest_arrival_first() {
     assert_eq!(q.order(), ids);
 }
 
+/// A waiter as `tether status --json` lists it: (position, run id, group, pid).
+type Listed<'a> = (i64, &'a str, Option<&'a str>, i64);
+
 /// Issue 17 item 4, CLI-CONTRACT §13 and §16: the waiting line says the position and who is
 /// ahead; `tether status` (text and `--json`) lists the waiters in queue order with run id,
 /// group, pid and waiting time — the host's QUEUE, or under a cluster its CLUSTER section (the
@@ -443,8 +446,7 @@ fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
     let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("status JSON");
     let a = &v["apps"][0];
     assert_eq!(a["run_id"], h.as_str());
-    // (position, run id, group, pid) of each waiter listed, in the listed order.
-    let (listed, want_pids): (Vec<(i64, &str, Option<&str>, i64)>, _) = if cluster {
+    let (listed, want_pids): (Vec<Listed>, _) = if cluster {
         let entry = v["cluster"]
             .as_array()
             .and_then(|c| c.iter().find(|e| e["app"] == q.app.as_str()))
@@ -507,7 +509,12 @@ fn the_queue_is_visible_in_the_waiting_line_and_in_status() {
             .filter(|cells| cells.get(1) == Some(&"waiter"))
             .collect();
         let got: Vec<(&str, &str)> = rows.iter().map(|c| (c[2], c[3])).collect();
-        assert_eq!(got, [("1", w1.as_str()), ("2", w2.as_str())], "{}", text.stdout);
+        assert_eq!(
+            got,
+            [("1", w1.as_str()), ("2", w2.as_str())],
+            "{}",
+            text.stdout
+        );
     } else {
         let rows: Vec<&str> = text
             .stdout
