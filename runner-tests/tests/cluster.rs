@@ -52,8 +52,8 @@ fn cluster_check_creates_the_schema_once_then_finds_it() {
     assert_eq!(
         created,
         vec![format!(
-            "tether: cluster: created schema tether, table tether.runs, sequence tether.fence \
-             on {} (127.0.0.1:{})",
+            "tether: cluster: created schema tether, table tether.runs, sequence tether.fence, \
+             sequence tether.ticket on {} (127.0.0.1:{})",
             pg.url(),
             pg.port()
         )],
@@ -61,8 +61,8 @@ fn cluster_check_creates_the_schema_once_then_finds_it() {
     );
     assert_eq!(
         tether_objects(&pg),
-        "S:fence,r:runs,i:runs_app,i:runs_pkey",
-        "the schema holds the runs table (and its indexes) and the fence sequence"
+        "S:fence,r:runs,i:runs_app,i:runs_pkey,S:ticket",
+        "the schema holds the runs table (and its indexes) and the fence and ticket sequences"
     );
     let cols = pg.psql(
         "SELECT string_agg(column_name, ',' ORDER BY ordinal_position) \
@@ -71,7 +71,7 @@ fn cluster_check_creates_the_schema_once_then_finds_it() {
     assert_eq!(
         cols,
         "run_id,app,host,boot_id,pid,pid_start,state,teardown,ci_link,fence,heartbeat,started,\
-         grp,acquired,leftovers_killed,superseded_by"
+         grp,acquired,leftovers_killed,superseded_by,ticket,ticket_key,looked"
     );
     let out = &first.stdout;
     assert!(
@@ -98,7 +98,10 @@ fn cluster_check_creates_the_schema_once_then_finds_it() {
         second.stderr, "",
         "an existing schema is verified silently\n{second}"
     );
-    assert_eq!(tether_objects(&pg), "S:fence,r:runs,i:runs_app,i:runs_pkey");
+    assert_eq!(
+        tether_objects(&pg),
+        "S:fence,r:runs,i:runs_app,i:runs_pkey,S:ticket"
+    );
 }
 
 #[test]
@@ -122,8 +125,8 @@ fn cluster_check_names_what_an_alien_schema_lacks() {
     );
     assert_eq!(
         tether_objects(&pg),
-        "S:fence,r:runs,i:runs_pkey",
-        "only the missing sequence was added; the table was not touched"
+        "S:fence,r:runs,i:runs_pkey,S:ticket",
+        "only the missing sequences were added; the table was not touched"
     );
 }
 

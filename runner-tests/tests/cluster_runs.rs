@@ -649,8 +649,10 @@ fn an_older_runs_table_is_migrated_once() {
         "{first}"
     );
     first.assert_stderr_contains(
-        "cluster: created column tether.runs.grp, column tether.runs.acquired, column \
-         tether.runs.leftovers_killed, column tether.runs.superseded_by, nullable tether.runs.fence on",
+        "cluster: created sequence tether.ticket, column tether.runs.grp, column \
+         tether.runs.acquired, column tether.runs.leftovers_killed, column \
+         tether.runs.superseded_by, column tether.runs.ticket, column tether.runs.ticket_key, \
+         column tether.runs.looked, nullable tether.runs.fence on",
     );
     assert_eq!(
         pg.psql(

@@ -106,7 +106,7 @@ fn report(
     out.push_str(&line(
         "schema",
         format!(
-            "tether ok (table tether.runs, {} columns; sequence tether.fence)",
+            "tether ok (table tether.runs, {} columns; sequences tether.fence, tether.ticket)",
             schema::RUN_COLUMNS.len()
         ),
     ));

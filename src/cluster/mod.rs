@@ -4,6 +4,7 @@
 //! `state`, whose lock backend will use it.
 
 pub(crate) mod check;
+pub(crate) mod queue;
 pub(crate) mod runs;
 pub(crate) mod schema;
 pub(crate) mod session;

@@ -109,10 +109,11 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
 /// leaves as `superseded`, having run nothing. One statement, so a mark and this update are
 /// ordered by the row's lock: a mark after it finds the row `running` (the holder's heartbeat
 /// sees it), a mark before it makes it update nothing.
-pub(crate) fn mark_running_sql(run_id: &str, fence: &str) -> String {
+/// `also`: a further condition (` AND …`), the queued run's head check.
+pub(crate) fn mark_running_sql(run_id: &str, fence: &str, also: &str) -> String {
     format!(
         "UPDATE tether.runs SET state = '{RUNNING}', fence = {fence}, acquired = now(), \
-         heartbeat = now() WHERE run_id = {} AND superseded_by IS NULL RETURNING 1",
+         heartbeat = now() WHERE run_id = {} AND superseded_by IS NULL{also} RETURNING 1",
         lit(run_id)
     )
 }
@@ -169,28 +170,6 @@ pub(crate) fn superseded_looked_up(
     })
 }
 
-/// `--on-busy cancel-older` across hosts: [`mark_superseded`], then [`cancel_wait`] for each
-/// victim marked `waiting` (advisory key `key`). A failure to cancel is said, not fatal: the
-/// marked waiter leaves when it is granted (its `running` update sees the mark).
-pub(crate) fn supersede(
-    s: &mut Session,
-    app: &str,
-    group: &str,
-    me: &str,
-    key: i64,
-) -> Result<Vec<Victim>> {
-    let victims = mark_superseded(s, app, group, me)?;
-    for v in victims.iter().filter(|v| v.state == WAITING) {
-        if let Err(e) = cancel_wait(s, &v.run_id, key) {
-            crate::output::warn(
-                "cancelling",
-                &format!("cannot cancel the wait of run {}: {}", v.run_id, e.message),
-            );
-        }
-    }
-    Ok(victims)
-}
-
 /// An older run of a group that a newer run marked superseded (PROTOCOL §18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Victim {
@@ -198,61 +177,6 @@ pub(crate) struct Victim {
     /// `waiting` or `running` when it was marked.
     pub(crate) state: String,
     pub(crate) host: String,
-}
-
-/// `--on-busy cancel-older` across hosts, step 1: mark every live older run of `group` in
-/// `app` — `waiting` or `running`, started strictly before `me`'s row, with a session named
-/// after it (a row without one is a dead run's: the reaper's business) — as superseded by
-/// `me`. Committed on its own (autocommit) before any waiter is cancelled, so a waiter whose
-/// wait fails always finds the mark if it was meant (D81).
-pub(crate) fn mark_superseded(
-    s: &mut Session,
-    app: &str,
-    group: &str,
-    me: &str,
-) -> Result<Vec<Victim>> {
-    let rows = s.rows(&format!(
-        "UPDATE tether.runs r SET superseded_by = {me} \
-         WHERE r.app = {app} AND r.grp = {group} AND r.run_id <> {me} \
-         AND r.state IN ('{WAITING}', '{RUNNING}') AND r.superseded_by IS NULL \
-         AND r.started < (SELECT started FROM tether.runs WHERE run_id = {me}) \
-         AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = r.run_id) \
-         RETURNING r.run_id, r.state, r.host",
-        me = lit(me),
-        app = lit(app),
-        group = lit(group),
-    ))?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| {
-            let mut it = r.into_iter();
-            Some(Victim {
-                run_id: it.next()??,
-                state: it.next()??,
-                host: it.next()??,
-            })
-        })
-        .collect())
-}
-
-/// Step 2: cancel the lock wait of a marked waiter — `pg_cancel_backend` on the backend named
-/// after it (`application_name` = run id) only while that backend waits, not granted, for
-/// advisory lock `key`: a backend that was granted meanwhile is left alone (its fence
-/// statements see the mark), so a holder's heartbeat is never cancelled. Whether a wait was
-/// cancelled.
-pub(crate) fn cancel_wait(s: &mut Session, run_id: &str, key: i64) -> Result<bool> {
-    let k = key as u64;
-    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
-    let rows = s.rows(&format!(
-        "SELECT pg_cancel_backend(a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
-         WHERE a.application_name = {} AND l.locktype = 'advisory' AND NOT l.granted \
-         AND l.objsubid = 1 AND l.classid = {hi} AND l.objid = {lo} \
-         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        lit(run_id)
-    ))?;
-    Ok(rows
-        .iter()
-        .any(|r| r.first().and_then(|c| c.as_deref()) == Some("t")))
 }
 
 /// Remove the row of `run_id`.
@@ -380,10 +304,12 @@ pub(crate) fn of_host(s: &mut Session, host: &str, state: &str) -> Result<Vec<Ro
     )
 }
 
-/// The run holding advisory lock `key` and the runs waiting for it (by `waitstart`, PG ≥ 14),
-/// from `pg_locks` joined with `pg_stat_activity` (`application_name` = run id) and the rows.
-/// A session with no row (not a tether run, or its row gone) is left out.
-pub(crate) fn line_of(s: &mut Session, key: i64) -> Result<(Option<Row>, Vec<Row>)> {
+/// The run holding `app`'s lock (advisory lock `key`) and the runs waiting for it in queue
+/// order: the live places of the app's queue (PROTOCOL §15 "Under a cluster"), then any
+/// session waiting for the key without a place (a run reaping a dead run of another app) by
+/// `waitstart`. From `pg_locks` joined with `pg_stat_activity` (`application_name` = run id)
+/// and the rows; a session with no row (not a tether run, or its row gone) is left out.
+pub(crate) fn line_of(s: &mut Session, app: &str, key: i64) -> Result<(Option<Row>, Vec<Row>)> {
     let k = key as u64;
     let (hi, lo) = (k >> 32, k & 0xffff_ffff);
     let rows = s.rows(&format!(
@@ -392,7 +318,7 @@ pub(crate) fn line_of(s: &mut Session, key: i64) -> Result<(Option<Row>, Vec<Row
          WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.classid = {hi} AND l.objid = {lo} \
          ORDER BY l.granted DESC, l.waitstart NULLS LAST"
     ))?;
-    let ids: Vec<(bool, String)> = rows
+    let mut ids: Vec<(bool, String)> = rows
         .into_iter()
         .filter_map(|r| {
             let mut it = r.into_iter();
@@ -400,6 +326,18 @@ pub(crate) fn line_of(s: &mut Session, key: i64) -> Result<(Option<Row>, Vec<Row
             Some((granted, it.next()??))
         })
         .collect();
+    let queued: Vec<String> = super::queue::parse_entries(s.rows(&super::queue::live_sql(app))?)
+        .into_iter()
+        .map(|e| e.run_id)
+        .collect();
+    // Places first, in queue order; a key waiter that also has a place is listed once.
+    let key_waiters: Vec<(bool, String)> = ids
+        .drain(..)
+        .filter(|(g, id)| *g || !queued.contains(id))
+        .collect();
+    let mut ids: Vec<(bool, String)> = key_waiters.iter().filter(|(g, _)| *g).cloned().collect();
+    ids.extend(queued.into_iter().map(|id| (false, id)));
+    ids.extend(key_waiters.into_iter().filter(|(g, _)| !*g));
     if ids.is_empty() {
         return Ok((None, Vec::new()));
     }

@@ -1,5 +1,6 @@
 //! What tether keeps in the cluster's database: the schema `tether` with the table `runs` (one
-//! row per cluster run, issue 16 §3) and the sequence `fence` (the fencing tokens, §5).
+//! row per cluster run, issue 16 §3), the sequence `fence` (the fencing tokens, §5) and the
+//! sequence `ticket` (the cluster queue's numbers, issue 17).
 //! Created on first use, idempotently, under a transaction-scoped advisory lock so that two
 //! tethers starting at once do not race each other's `CREATE` (PROTOCOL.md, "Cluster").
 
@@ -50,11 +51,26 @@ pub(crate) const RUN_COLUMNS: &[(&str, &str, &str)] = &[
     // one; set once by the newer run, read by the run itself (its heartbeat, or its failed
     // wait), never cleared while the run lives.
     ("superseded_by", "text", "text"),
+    // Issue 17's queue under a cluster (PROTOCOL §15 "Under a cluster"): the run's place in
+    // its app's queue (NULL: not queued; names compare bytewise), the key of the ticket lock its
+    // session holds while it stands there, and when it last looked at the queue (a stopped
+    // waiter's grows old, and the runs behind it skip it).
+    ("ticket", "text", "text"),
+    ("ticket_key", "integer", "integer"),
+    ("looked", "timestamp with time zone", "timestamptz"),
 ];
 
 /// Columns a schema made before PROTOCOL §17 lacks: `ensure` adds them (their declarations are
 /// in [`RUN_COLUMNS`]).
-const ADDED_COLUMNS: &[&str] = &["grp", "acquired", "leftovers_killed", "superseded_by"];
+const ADDED_COLUMNS: &[&str] = &[
+    "grp",
+    "acquired",
+    "leftovers_killed",
+    "superseded_by",
+    "ticket",
+    "ticket_key",
+    "looked",
+];
 
 /// Make what is missing; returns what was created (empty: everything was there).
 pub(crate) fn ensure(s: &mut Session) -> Result<Vec<&'static str>> {
@@ -75,13 +91,14 @@ fn create_missing(s: &mut Session) -> Result<Vec<&'static str>> {
     let row = s.rows(
         "SELECT to_regnamespace('tether') IS NOT NULL, \
                 to_regclass('tether.runs') IS NOT NULL, \
-                to_regclass('tether.fence') IS NOT NULL",
+                to_regclass('tether.fence') IS NOT NULL, \
+                to_regclass('tether.ticket') IS NOT NULL",
     )?;
     let have: Vec<bool> = row
         .first()
         .map(|r| r.iter().map(|v| v.as_deref() == Some("t")).collect())
         .unwrap_or_default();
-    let [schema, runs, fence] = have[..] else {
+    let [schema, runs, fence, ticket] = have[..] else {
         return Err(Error::tether(format!(
             "cluster {}: cannot read the catalog",
             s.server
@@ -109,6 +126,11 @@ fn create_missing(s: &mut Session) -> Result<Vec<&'static str>> {
         s.execute("CREATE SEQUENCE tether.fence AS bigint MINVALUE 1")
             .map_err(|e| explain(e, "sequence tether.fence"))?;
         made.push("sequence tether.fence");
+    }
+    if !ticket {
+        s.execute("CREATE SEQUENCE tether.ticket AS bigint MINVALUE 1")
+            .map_err(|e| explain(e, "sequence tether.ticket"))?;
+        made.push("sequence tether.ticket");
     }
     if runs {
         migrate(s, &mut made)?;
@@ -151,6 +173,9 @@ fn migrate(s: &mut Session, made: &mut Vec<&'static str>) -> Result<()> {
                 "grp" => "column tether.runs.grp",
                 "leftovers_killed" => "column tether.runs.leftovers_killed",
                 "superseded_by" => "column tether.runs.superseded_by",
+                "ticket" => "column tether.runs.ticket",
+                "ticket_key" => "column tether.runs.ticket_key",
+                "looked" => "column tether.runs.looked",
                 _ => "column tether.runs.acquired",
             });
         }
@@ -197,9 +222,11 @@ pub(crate) fn verify(s: &mut Session) -> Result<()> {
             Some(_) => {}
         }
     }
-    let seq = s.value("SELECT to_regclass('tether.fence') IS NOT NULL")?;
-    if seq != "t" {
-        wrong.push("sequence tether.fence is missing".into());
+    for seq in ["fence", "ticket"] {
+        let have = s.value(&format!("SELECT to_regclass('tether.{seq}') IS NOT NULL"))?;
+        if have != "t" {
+            wrong.push(format!("sequence tether.{seq} is missing"));
+        }
     }
     if wrong.is_empty() {
         Ok(())

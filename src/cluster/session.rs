@@ -183,6 +183,16 @@ impl Session {
             .map_err(|e| self.error("statement failed", &e))
     }
 
+    /// Run `sql`, whose lock waits are bounded by `lock_timeout`: `Ok(false)` when a wait
+    /// timed out (SQLSTATE 55P03, the statements after it not run), `Ok(true)` when all ran.
+    pub(crate) fn execute_bounded(&mut self, sql: &str) -> Result<bool> {
+        match self.client.batch_execute(sql) {
+            Ok(()) => Ok(true),
+            Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => Ok(false),
+            Err(e) => Err(self.error("statement failed", &e)),
+        }
+    }
+
     /// Run statements for their effect; a failure as one line without the server (the
     /// heartbeat's report, whose log line names the server itself).
     pub(crate) fn execute_quiet(&mut self, sql: &str) -> std::result::Result<(), String> {

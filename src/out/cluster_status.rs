@@ -73,7 +73,11 @@ pub(crate) fn collect(target: &ClusterTarget) -> Result<Vec<ClusterApp>> {
         let Ok(domain) = Domain::parse(&app) else {
             continue;
         };
-        let (holder, waiters) = runs::line_of(&mut s, crate::state::cluster_lock::key(&domain))?;
+        let (holder, waiters) = runs::line_of(
+            &mut s,
+            domain.as_str(),
+            crate::state::cluster_lock::key(&domain),
+        )?;
         let dead = rows
             .iter()
             .filter(|r| r.app == app && !r.session_alive)

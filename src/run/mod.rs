@@ -30,6 +30,7 @@ mod supervise;
 mod teardown;
 mod waitline;
 mod waitline_cluster;
+mod waitline_cluster_say;
 mod waitline_say;
 
 pub(crate) use args::RunArgs;

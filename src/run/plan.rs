@@ -118,13 +118,6 @@ impl Plan {
             .target(cfg)?
             .map(|t| bound_connect(t, args.lock_timeout));
         let queue_order = settings.queue_order(args.queue_order);
-        if cluster.is_some() && queue_order == QueueOrder::NewestFirst {
-            // The cluster's queue is PostgreSQL's lock queue: arrival order only (D71).
-            return Err(Error::tether(
-                "queue order newest-first (--queue-order, queue_order) is not available with a \
-                 cluster: runs wait in the cluster's queue in arrival order (oldest-first)",
-            ));
-        }
         let group = args
             .group
             .or_else(|| ci.as_ref().and_then(CiInfo::default_group));

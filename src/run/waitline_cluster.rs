@@ -1,37 +1,65 @@
-//! Step 4 for the run's own app with a cluster configured (issue 16 §2, PROTOCOL §15 "Under a
-//! cluster"): the run waits in PostgreSQL's lock queue for the app — one queue for the runs of
-//! every host, granted in arrival order — and not in this host's tickets, which would let only
-//! one run per host into that queue at a time (and so interleave the hosts, D69).
+//! Step 4 for the run's own app with a cluster configured (issue 17 under a cluster, PROTOCOL
+//! §15 "Under a cluster", DECISIONS D84): the host queue's semantics on the cluster's server,
+//! for the runs of every host at once — a place (`ticket`) taken under the app's counter lock
+//! in arrival order (or its reverse, `--queue-order newest-first`), the wait on the nearest
+//! live place ahead, the head's wait on the app lock and its "still the head?" check at the
+//! grant, `--max-queue` counted under the counter lock, supersede in place, the stopped-waiter
+//! skip, and the waiting line with the position.
 //!
-//! What the host queue's options mean here (D71): `--max-queue N` counts the sessions waiting
-//! in `pg_locks` for the app's key; `--queue-order newest-first` is refused when the run is
-//! planned. `--on-busy cancel-older` supersedes every older run of the group on every host
-//! (PROTOCOL §18, D81–D82): on arrival the run marks their rows (`superseded_by`) and cancels
-//! the lock waits of the marked waiters; a marked waiter leaves as `superseded` (143, nothing
-//! run), a marked holder hears it from its heartbeat and tears down as for SIGTERM. The new
-//! run keeps its own arrival place in the server's queue (D82: PostgreSQL cannot hand a place
-//! to another session). The race it closes: a failed wait is taken for a supersede only when
-//! the run's own row carries the mark — a statement timeout or an operator's cancel is not.
+//! Every wait is one slice long ([`queue::WAIT_SLICE`], `lock_timeout` on the server): between
+//! two slices the waiter looks at the queue on its own session — it is seen (`looked`: a
+//! stopped waiter's grows old and the runs behind skip it), learns whether it was superseded,
+//! and says its position. The blocking statements run on a helper thread that only talks to
+//! the server and writes a pipe (D4/D43); the core keeps answering its funnel.
 
 use super::claim::Claimed;
 use super::finish::{announce_acquired, describe_holder};
+use super::waitline_cluster_say::Line;
 use super::Stop;
-use crate::config::OnBusy;
+use crate::cluster::queue::{self, Entry};
+use crate::cluster::session::Session;
+use crate::config::duration;
+use crate::config::{OnBusy, QueueOrder};
 use crate::ident::names::Domain;
 use crate::output;
-use crate::state::applock::{AppLock, Attempt};
-use crate::state::cluster_lock::into_error;
+use crate::state::applock::{AppLock, Attempt, Head, HeadWait};
+use crate::state::cluster_lock::{into_error, key, Spot, TicketWait};
+use crate::sys::signals::{until, Event};
 use crate::sys::supervisor::Supervisor;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How soon an arrival tries the app's counter lock again when another arrival has it.
+const RETRY: Duration = Duration::from_millis(2);
 
 fn lock_failed(what: &str, e: std::io::Error) -> Stop {
     Stop::Fail(into_error(e, what))
 }
 
+fn queue_failed(e: crate::error::Error) -> Stop {
+    Stop::Fail(e)
+}
+
+/// What a queued run is blocked on, one slice at a time.
+enum Blocked {
+    /// The place ahead of ours.
+    Ticket(TicketWait),
+    /// The app itself: we are the head.
+    Head(Box<HeadWait>),
+}
+
+impl Blocked {
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Blocked::Ticket(w) => w.raw_fd(),
+            Blocked::Head(w) => w.ready_fd(),
+        }
+    }
+}
+
 impl Claimed {
-    /// Take the lock of the run's own app in PostgreSQL's queue, then the host's flock. A
-    /// failure of the wait or of the grant's statements is a supersede when, and only when,
-    /// the run's row names the run that superseded it (PROTOCOL §18).
+    /// Take the lock of the run's own app in the cluster's queue, then the host's flock. A
+    /// failure of a wait or of the grant's statements is a supersede when, and only when, the
+    /// run's row names the run that superseded it (PROTOCOL §18).
     pub(super) fn acquire_in_cluster(
         &mut self,
         app: &Domain,
@@ -60,68 +88,139 @@ impl Claimed {
     ) -> Result<AppLock, Stop> {
         let locks = self.ctx.app_locks.clone();
         let started = Instant::now();
-        let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
-        let mut first = true;
-        loop {
-            let mut busy = match locks
+        let session = loop {
+            let busy = match locks
                 .try_acquire(app)
                 .map_err(|e| lock_failed("app lock", e))?
             {
-                Attempt::Held(l) => {
-                    if !first {
-                        announce_acquired(app, started);
-                    }
-                    return Ok(l);
-                }
+                Attempt::Held(l) => return Ok(l),
                 Attempt::Busy(b) => b,
             };
-            if first {
-                if self.ctx.spec.on_busy == OnBusy::Fail {
-                    let holder = describe_holder(busy.holder(), busy.holder_pid());
-                    return Err(Stop::Busy(format!(
-                        "app lock {app}: held by {holder} — --on-busy fail, giving up"
-                    )));
-                }
-                self.refuse_over_max_queue(app, &mut busy)?;
-                self.note_queued();
-                if cancel_older {
-                    self.warn_if_no_group();
-                    self.supersede_older_in_cluster(&mut busy)?;
+            if self.ctx.spec.on_busy == OnBusy::Fail {
+                let holder = describe_holder(busy.holder(), busy.holder_pid());
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: held by {holder} — --on-busy fail, giving up"
+                )));
+            }
+            if self.ctx.spec.max_queue == Some(0) {
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: busy and --max-queue 0 — giving up"
+                )));
+            }
+            match busy.into_cluster_session() {
+                Ok(session) => break session,
+                // The cluster lock is ours, this host's flock is busy (a janitor's probe, a
+                // tether without a cluster): wait for the flock alone.
+                Err(busy) => {
+                    if let Some(held) = self.wait_busy(app, *busy, started, false, sup)? {
+                        return Ok(held);
+                    }
                 }
             }
-            first = false;
-            // The plain wait: its waiter thread waits in PostgreSQL's queue, then for the flock.
-            if let Some(held) = self.wait_busy(app, busy, started, cancel_older, sup)? {
-                return Ok(held);
+        };
+        self.note_queued();
+        if self.ctx.spec.on_busy == OnBusy::CancelOlder {
+            self.warn_if_no_group();
+        }
+        let (session, spot) = self.take_place(app, session, sup)?;
+        self.wait_in_place(app, session, spot, started, sup)
+    }
+
+    /// Register in the app's queue under its counter lock (PROTOCOL §15 "Under a cluster"):
+    /// `--max-queue`, the runs of our group we supersede, and our place.
+    fn take_place(
+        &mut self,
+        app: &Domain,
+        mut session: Session,
+        sup: &mut Supervisor,
+    ) -> Result<(Session, Spot), Stop> {
+        let me = self.ctx.spec.run_id.to_string();
+        let reg = loop {
+            match queue::register_read(&mut session, app.as_str(), key(app)) {
+                Ok(Some(reg)) => break reg,
+                Ok(None) => {
+                    let events = sup.wait(Some(RETRY), None);
+                    super::act_on(events, &self.ctx)?;
+                }
+                Err(e) => return Err(queue_failed(e)),
+            }
+        };
+        let group = match self.ctx.spec.on_busy {
+            OnBusy::CancelOlder => self.ctx.spec.group.clone(),
+            _ => None,
+        };
+        let of_group = |g: &Option<String>, id: &str| {
+            group.is_some() && g.as_deref() == group.as_deref() && id != me
+        };
+        let queued: Vec<&Entry> = reg
+            .entries
+            .iter()
+            .filter(|e| of_group(&e.group, &e.run_id))
+            .collect();
+        let holder = reg
+            .holder
+            .as_ref()
+            .filter(|h| of_group(&h.group, &h.run_id));
+        // The runs we replace are leaving: they do not count.
+        let waiting = reg.entries.len() - queued.len();
+        if let Some(max) = self.ctx.spec.max_queue {
+            if waiting >= max as usize {
+                let _ = queue::register_abandon(&mut session);
+                let runs = if waiting == 1 { "run" } else { "runs" };
+                return Err(Stop::Busy(format!(
+                    "app lock {app}: {waiting} {runs} already waiting (--max-queue {max}) — \
+                     giving up"
+                )));
             }
         }
-    }
-    /// `--on-busy cancel-older` across hosts, on arrival (PROTOCOL §18): every live older run
-    /// of our group, on any host, marked and — if queued — its wait cancelled; each said in a
-    /// `cancelling` line, and remembered so that the holder check of this host does not
-    /// signal a marked holder a second time (its heartbeat tells it).
-    fn supersede_older_in_cluster(
-        &mut self,
-        busy: &mut crate::state::applock::BusyLock,
-    ) -> Result<(), Stop> {
-        let Some(group) = self.ctx.spec.group.clone() else {
-            return Ok(());
+        let taken: Vec<String> = reg.entries.iter().map(|e| e.ticket.clone()).collect();
+        let ticket = queue::place(
+            reg.n,
+            self.ctx.spec.queue_order == QueueOrder::NewestFirst,
+            holder.is_some(),
+            queued.first().map(|e| e.ticket.as_str()),
+            &taken,
+        );
+        let spot = Spot {
+            ticket,
+            key: queue::ticket_key(reg.n),
+            skip_after: self.ctx.spec.wait_progress,
         };
-        let victims = busy
-            .supersede_in_cluster(&group)
-            .map_err(|e| lock_failed("cancel-older", e))?
-            .unwrap_or_default();
-        for v in victims {
-            let queued = if v.state == crate::cluster::runs::WAITING {
-                " queued"
+        let victims: Vec<String> = holder
+            .map(|h| h.run_id.clone())
+            .into_iter()
+            .chain(queued.iter().map(|e| e.run_id.clone()))
+            .collect();
+        let marked = queue::register_write(&mut session, &me, (&spot.ticket, spot.key), &victims)
+            .map_err(queue_failed)?;
+        // Cancelled only now: a victim that leaves at once cannot let anyone in before our
+        // place stands in its place.
+        let waiters: Vec<String> = marked
+            .iter()
+            .filter(|v| v.state == crate::cluster::runs::WAITING)
+            .map(|v| v.run_id.clone())
+            .collect();
+        if let Err(e) = queue::cancel_waits(&mut session, &waiters) {
+            output::warn(
+                "cancelling",
+                &format!(
+                    "cannot cancel the waits of the runs superseded: {}",
+                    e.message
+                ),
+            );
+        }
+        let group = group.unwrap_or_default();
+        for v in marked {
+            let (queued, place) = if v.state == crate::cluster::runs::WAITING {
+                (" queued", " — taking its place")
             } else {
-                ""
+                ("", "")
             };
             output::emit(
                 output::Level::Info,
                 "cancelling",
                 &format!(
-                    "cancelling older{queued} run {} of group {group} on host {}",
+                    "cancelling older{queued} run {} of group {group} on host {}{place}",
                     v.run_id, v.host
                 ),
                 &[
@@ -132,34 +231,91 @@ impl Claimed {
             );
             self.cancelled.insert(v.run_id);
         }
-        Ok(())
+        Ok((session, spot))
     }
 
-    /// `--max-queue N` under a cluster: the runs already waiting in PostgreSQL's queue for the
-    /// app, counted in `pg_locks` (D71: two runs arriving at once may both pass the count).
-    fn refuse_over_max_queue(
-        &self,
+    /// Wait in our place until we are the head and the app is ours (PROTOCOL §15 "Under a
+    /// cluster"), within `--lock-timeout` counted from `started`.
+    fn wait_in_place(
+        &mut self,
         app: &Domain,
-        busy: &mut crate::state::applock::BusyLock,
-    ) -> Result<(), Stop> {
-        let Some(max) = self.ctx.spec.max_queue else {
-            return Ok(());
-        };
-        if max == 0 {
-            return Err(Stop::Busy(format!(
-                "app lock {app}: busy and --max-queue 0 — giving up"
-            )));
+        mut session: Session,
+        spot: Spot,
+        started: Instant,
+        sup: &mut Supervisor,
+    ) -> Result<AppLock, Stop> {
+        let locks = self.ctx.app_locks.clone();
+        let me = self.ctx.spec.run_id.to_string();
+        let mut line = Line::new(app.clone(), self.ctx.spec.wait_progress);
+        let give_up = self.ctx.spec.lock_timeout.map(|t| started + t);
+        let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
+        loop {
+            let look = queue::look(&mut session, &me, app.as_str()).map_err(queue_failed)?;
+            if let Some(by) = look.superseded_by {
+                return Err(Stop::Superseded(by));
+            }
+            let Some(mine) = look.entries.iter().position(|e| e.ticket == spot.ticket) else {
+                return Err(Stop::Fail(crate::error::Error::tether(format!(
+                    "app lock {app}: our place in the cluster's queue is gone"
+                ))));
+            };
+            let ahead = &look.entries[..mine];
+            line.track_stopped(ahead);
+            if line.wants_to_say(mine + 1) {
+                line.say(mine + 1, look.entries.len(), look.holder.as_ref(), ahead);
+            }
+            if cancel_older {
+                // A holder of our group on this host whose row was not marked (PROTOCOL §18).
+                let (meta, pid) = locks.holder_now(app);
+                self.cancel_holder_if_same_group(meta, pid);
+            }
+            let blocked = match line.not_skipped(ahead).last() {
+                Some(pred) => Blocked::Ticket(
+                    TicketWait::start(session, pred.ticket_key)
+                        .map_err(|e| lock_failed("app queue", e))?,
+                ),
+                None => Blocked::Head(Box::new(
+                    locks
+                        .head_wait(session, app, spot.clone())
+                        .map_err(|e| lock_failed("app lock", e))?,
+                )),
+            };
+            // The slice ends by itself; meanwhile the funnel is answered.
+            loop {
+                let timeout = give_up.map(until);
+                let events = sup.wait(timeout, Some(blocked.fd()));
+                let ready = events.contains(&Event::Ready);
+                super::act_on(events, &self.ctx)?;
+                if give_up.is_some_and(|g| Instant::now() >= g) {
+                    return Err(Stop::Busy(format!(
+                        "app lock {app}: still held after --lock-timeout {} — giving up",
+                        duration::canonical(self.ctx.spec.lock_timeout.unwrap_or_default())
+                    )));
+                }
+                if ready {
+                    break;
+                }
+            }
+            session = match blocked {
+                Blocked::Ticket(w) => {
+                    let (mut s, left) = w.finish().map_err(|e| lock_failed("app queue", e))?;
+                    if let Err(e) = left {
+                        // A cancel: a supersede if our row says so, asked on our own session.
+                        if let Ok(Some(by)) = crate::cluster::runs::superseded_by(&mut s, &me) {
+                            return Err(Stop::Superseded(by));
+                        }
+                        return Err(lock_failed("app queue", e));
+                    }
+                    s
+                }
+                Blocked::Head(w) => match w.finish().map_err(|e| lock_failed("app lock", e))? {
+                    Head::Held(held) => {
+                        announce_acquired(app, started);
+                        return Ok(*held);
+                    }
+                    Head::Again(s) => s,
+                },
+            };
         }
-        let waiting = busy
-            .cluster_waiters()
-            .map_err(|e| lock_failed("app lock", e))?
-            .unwrap_or(0);
-        if waiting >= max as usize {
-            let runs = if waiting == 1 { "run" } else { "runs" };
-            return Err(Stop::Busy(format!(
-                "app lock {app}: {waiting} {runs} already waiting (--max-queue {max}) — giving up"
-            )));
-        }
-        Ok(())
     }
 }

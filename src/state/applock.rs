@@ -5,11 +5,11 @@
 //! fence, *and then* that flock (the order and why it cannot deadlock: PROTOCOL §14, D69–D70).
 //! The run's life cycle does not know which one it holds.
 
-use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait};
+use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait, HeadWaited, Spot};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
-use crate::cluster::runs::{self, NewRow, Victim};
+use crate::cluster::runs::{self, NewRow};
 use crate::cluster::session::Session;
 use crate::config::cluster::ClusterTarget;
 use crate::ident::names::Domain;
@@ -341,7 +341,77 @@ impl AppLock {
     }
 }
 
+/// The head of the app's queue on the cluster, waiting one slice for the app (PROTOCOL §15
+/// "Under a cluster").
+pub(crate) struct HeadWait(ClusterWait);
+
+/// How a [`HeadWait`] ended.
+pub(crate) enum Head {
+    /// The app is ours, and the run was still the head.
+    Held(Box<AppLock>),
+    /// Look at the queue again: the session, still holding the run's place.
+    Again(Session),
+}
+
+impl HeadWait {
+    /// Readable once the slice is over.
+    pub(crate) fn ready_fd(&self) -> RawFd {
+        self.0.raw_fd()
+    }
+
+    pub(crate) fn finish(self) -> io::Result<Head> {
+        Ok(match self.0.finish_queued()? {
+            HeadWaited::Held(both) => {
+                let (held, hold) = *both;
+                Head::Held(Box::new(AppLock {
+                    held,
+                    cluster: Some(hold),
+                }))
+            }
+            HeadWaited::Again(session) => Head::Again(session),
+        })
+    }
+}
+
+impl AppLocks {
+    /// The head of `app`'s cluster queue (`spot`: its place) waits one slice for the app on
+    /// `session`, then for this host's flock. Only for the run's own app on a cluster.
+    pub(crate) fn head_wait(
+        &self,
+        session: Session,
+        app: &Domain,
+        spot: Spot,
+    ) -> io::Result<HeadWait> {
+        let Backend::Cluster { cluster, dir } = &self.backend else {
+            return Err(io::Error::other(
+                "internal: a cluster queue without a cluster",
+            ));
+        };
+        let row = cluster
+            .row_for(app)
+            .ok_or_else(|| io::Error::other("internal: a cluster queue for another app"))?;
+        let wait = ClusterWait::start_head(
+            session,
+            app,
+            (dir.clone(), app_lock_name(app)),
+            (row.clone(), cluster.target.timing),
+            spot,
+        )?;
+        Ok(HeadWait(wait))
+    }
+}
+
 impl BusyLock {
+    /// The run's own session when the app is held or queued for on the cluster: the session
+    /// the run stands in the app's queue with (PROTOCOL §15 "Under a cluster"). Otherwise (the
+    /// cluster lock is ours, this host's flock is busy; or no cluster) the busy lock back.
+    pub(crate) fn into_cluster_session(self) -> Result<Session, Box<BusyLock>> {
+        match self.busy {
+            Busy::Remote { session, .. } => Ok(session),
+            busy => Err(Box::new(BusyLock { busy, ..self })),
+        }
+    }
+
     /// The holder's metadata, for the waiting line and `cancel-older`: a holder on this host
     /// from its lockfile; one on another host from its row (host, run id, pid, when it took
     /// the lock — nothing else of it is known here, and nothing of it is acted on).
@@ -349,32 +419,6 @@ impl BusyLock {
         match &self.busy {
             Busy::Local(file) | Busy::LocalAfterCluster { file, .. } => record::read_meta(file),
             Busy::Remote { holder, .. } => holder.as_deref().cloned(),
-        }
-    }
-
-    /// How many runs wait in PostgreSQL's queue for this app right now (`--max-queue` under a
-    /// cluster, PROTOCOL §15); `None` when the wait is not PostgreSQL's.
-    pub(crate) fn cluster_waiters(&mut self) -> io::Result<Option<usize>> {
-        match &mut self.busy {
-            Busy::Remote { session, .. } => {
-                super::cluster_lock::waiters(session, &self.app).map(Some)
-            }
-            Busy::Local(_) | Busy::LocalAfterCluster { .. } => Ok(None),
-        }
-    }
-
-    /// `--on-busy cancel-older` across hosts (PROTOCOL §18): mark the group's older runs and
-    /// cancel the marked waiters' waits, on the run's own session before it waits. `None` when
-    /// the wait is not PostgreSQL's.
-    pub(crate) fn supersede_in_cluster(&mut self, group: &str) -> io::Result<Option<Vec<Victim>>> {
-        match (&mut self.busy, &self.backend) {
-            (Busy::Remote { session, .. }, Backend::Cluster { cluster, .. }) => {
-                let key = super::cluster_lock::key(&self.app);
-                runs::supersede(session, self.app.as_str(), group, &cluster.run_id, key)
-                    .map(Some)
-                    .map_err(io::Error::other)
-            }
-            _ => Ok(None),
         }
     }
 
@@ -477,7 +521,7 @@ impl WaitingLock {
 /// The run holding `app`'s cluster lock, as lock metadata for the waiting line (PROTOCOL §17);
 /// `None` when it cannot be told (no row, a query failure: the line says "unknown").
 fn remote_holder(session: &mut Session, app: &Domain) -> Option<LockMeta> {
-    let (holder, _) = runs::line_of(session, super::cluster_lock::key(app)).ok()?;
+    let (holder, _) = runs::line_of(session, app.as_str(), super::cluster_lock::key(app)).ok()?;
     let h = holder?;
     let held = h.held_for.unwrap_or(h.age).max(0.0) as u64;
     Some(LockMeta {

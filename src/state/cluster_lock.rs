@@ -19,6 +19,7 @@
 //! out, so the command is still forked from a single-threaded core.
 
 use super::heartbeat::Heartbeat;
+use crate::cluster::queue;
 use crate::cluster::runs::{self, NewRow};
 use crate::cluster::schema;
 use crate::cluster::session::Session;
@@ -194,8 +195,13 @@ pub(crate) fn into_error(e: io::Error, what: &str) -> Error {
 /// The advisory-lock key of an app: FNV-1a (64 bits) of its domain. Two apps that collide only
 /// serialise with each other — the safe direction.
 pub(crate) fn key(app: &Domain) -> i64 {
+    key_of(app.as_str())
+}
+
+/// [`key`] of an app's name as a row holds it.
+pub(crate) fn key_of(app: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in app.as_str().bytes() {
+    for b in app.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -261,58 +267,129 @@ impl ClusterLocks {
         self.row.as_ref().filter(|r| r.app == app.as_str())
     }
 
-    /// Try the cluster lock of `app` on `session` once: the hold, or the session back.
+    /// Try the cluster lock of `app` on `session` once: the hold, or the session back. For
+    /// the run's own app a free lock with a live place in the app's queue is the queue's
+    /// (PROTOCOL §15 "Under a cluster"): it is let go at once and the run queues.
     pub(crate) fn try_lock(
         &self,
         mut session: Session,
         app: &Domain,
     ) -> io::Result<Result<ClusterHold, Session>> {
-        let got = session
-            .value(&format!("SELECT pg_try_advisory_lock({})", key(app)))
-            .map_err(io_err)?;
+        let k = key(app);
+        let got = match self.row_for(app) {
+            Some(row) => {
+                let sets = session
+                    .result_sets(&format!(
+                        "SELECT pg_try_advisory_lock({k}); SELECT count(*) FROM ({}) q",
+                        queue::live_sql(&row.app)
+                    ))
+                    .map_err(io_err)?;
+                let first = |i: usize| {
+                    sets.get(i)
+                        .and_then(|set| set.first())
+                        .and_then(|r| r.first().cloned().flatten())
+                        .unwrap_or_default()
+                };
+                let (got, queued) = (first(0) == "t", first(1) != "0");
+                if got && queued {
+                    session
+                        .execute(&format!("SELECT pg_advisory_unlock({k})"))
+                        .map_err(io_err)?;
+                    return Ok(Err(session));
+                }
+                if got {
+                    "t".to_owned()
+                } else {
+                    String::new()
+                }
+            }
+            None => session
+                .value(&format!("SELECT pg_try_advisory_lock({k})"))
+                .map_err(io_err)?,
+        };
         if got == "t" {
             let own = self.row_for(app).map(|r| (r, self.target.timing));
-            Ok(Ok(fence(session, own)?))
+            match fence(session, own, None)? {
+                Fenced::Held(hold) => Ok(Ok(hold)),
+                Fenced::NotHead(session) => Ok(Err(session)),
+            }
         } else {
             Ok(Err(session))
         }
     }
 }
 
+/// What drawing the fence came to: the hold, or — for a queued run whose head check failed
+/// (a live, unskipped place now stands ahead of its own) — the session back, the app lock
+/// already let go on it, the run's place kept.
+enum Fenced {
+    Held(ClusterHold),
+    NotHead(Session),
+}
+
+/// A run's place in its app's queue on the cluster (PROTOCOL §15 "Under a cluster"): its
+/// ticket, the key of the ticket lock its session holds, and after how long without a look a
+/// waiter ahead of it is skipped (the wait-progress interval).
+#[derive(Debug, Clone)]
+pub(crate) struct Spot {
+    pub(crate) ticket: String,
+    pub(crate) key: i32,
+    pub(crate) skip_after: std::time::Duration,
+}
+
 /// Draw the fence for a lock just taken on `session`; for the run's own app (`own`: its row
 /// and fence timing) in the same round trip (DECISIONS D80): mark its row `running` with the
-/// fence, bound the session's statements for the heartbeat (`statement_timeout`, PROTOCOL
-/// §16), and read the app's rows for the reconcile — one message, which the server runs as
-/// one implicit transaction after the grant.
-fn fence(mut session: Session, own: Option<(&NewRow, FenceTiming)>) -> io::Result<ClusterHold> {
+/// fence — for a queued run (`spot`) only if it is still the head, leaving the queue in the
+/// same message — bound the session's statements for the heartbeat (`statement_timeout`,
+/// PROTOCOL §16), and read the app's rows for the reconcile: one message, which the server runs
+/// as one implicit transaction after the grant.
+fn fence(
+    mut session: Session,
+    own: Option<(&NewRow, FenceTiming)>,
+    spot: Option<&Spot>,
+) -> io::Result<Fenced> {
     let Some((row, timing)) = own else {
         let text = session
             .value("SELECT nextval('tether.fence')")
             .map_err(io_err)?;
         let fence = parse_fence(&session, &text)?;
-        return Ok(hold_of(session, fence, None, None));
+        return Ok(Fenced::Held(hold_of(session, fence, None, None)));
     };
     let sent = crate::sys::lease::mono_now();
-    let sets = session
-        .result_sets(&own_sql(row, &timing))
+    let mut sets = session
+        .result_sets(&own_sql(row, &timing, spot))
         .map_err(io_err)?;
     let bad = |what: &str| io_err(Error::tether(format!("cluster {}: {what}", session.server)));
-    let mut sets = sets.into_iter();
-    let (Some(fenced), Some(_set), Some(rows), None) =
-        (sets.next(), sets.next(), sets.next(), sets.next())
-    else {
+    // The fence, [leaving the queue: two], the SET, the rows.
+    let expected = if spot.is_some() { 5 } else { 3 };
+    if sets.len() != expected {
         return Err(bad("the acquisition's statements did not all answer"));
-    };
-    let first = fenced.into_iter().next().unwrap_or_default();
+    }
+    let rows = sets.pop().unwrap_or_default();
+    let first = sets
+        .into_iter()
+        .next()
+        .and_then(|set| set.into_iter().next())
+        .unwrap_or_default();
     let mut cols = first.into_iter();
     let text = cols.next().flatten().ok_or_else(|| bad("no fence drawn"))?;
     let marked_running = cols.next().flatten().as_deref() != Some("0");
     let fence = parse_fence(&session, &text)?;
-    // Our row not marked `running`: a newer run of the group superseded us while we waited
-    // (PROTOCOL §18) — asked now, on our own session, before it closes.
     if !marked_running {
+        // A newer run of the group superseded us while we waited (PROTOCOL §18) — asked now,
+        // on our own session, before it closes.
         if let Ok(Some(by)) = runs::superseded_by(&mut session, &row.run_id) {
             return Err(io_err(runs::superseded_error(&session, &row.run_id, &by)));
+        }
+        // Not the head any more: the lock goes back to the queue, our place stays.
+        if spot.is_some() {
+            session
+                .execute(&format!(
+                    "SET statement_timeout = 0; SELECT pg_advisory_unlock({})",
+                    key_of(&row.app)
+                ))
+                .map_err(io_err)?;
+            return Ok(Fenced::NotHead(session));
         }
     }
     let rows = runs::parse_rows(rows);
@@ -320,24 +397,35 @@ fn fence(mut session: Session, own: Option<(&NewRow, FenceTiming)>) -> io::Resul
         rows: Some(rows),
         bounded_at: Some(sent),
     };
-    Ok(hold_of(
+    Ok(Fenced::Held(hold_of(
         session,
         fence,
         Some(row.run_id.clone()),
         Some(Box::new(acquired)),
-    ))
+    )))
 }
 
 /// The acquisition's one round trip for the run's own app (see [`fence`]). The fence is drawn
 /// once (a volatile CTE is evaluated once) and the row update runs whether or not the row is
-/// there (how many rows it marked comes back beside the fence: none for a superseded run);
-/// `statement_timeout` comes after the statements that must not be bounded by it.
-fn own_sql(row: &NewRow, timing: &FenceTiming) -> String {
+/// there (how many rows it marked comes back beside the fence: none for a superseded run, or
+/// for a queued run that is no longer the head); `statement_timeout` comes after the
+/// statements that must not be bounded by it.
+fn own_sql(row: &NewRow, timing: &FenceTiming, spot: Option<&Spot>) -> String {
+    let (head_check, leave) = match spot {
+        Some(spot) => (
+            format!(
+                " AND {}",
+                queue::none_ahead_sql(&row.app, &spot.ticket, spot.skip_after)
+            ),
+            format!("{}; ", queue::leave_on_grant_sql(&row.run_id, spot.key)),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
         "WITH f AS (SELECT nextval('tether.fence') AS v), u AS ({}) \
-         SELECT v, (SELECT count(*) FROM u) FROM f; \
+         SELECT v, (SELECT count(*) FROM u) FROM f; {leave}\
          SET statement_timeout = {}; {}",
-        runs::mark_running_sql(&row.run_id, "(SELECT v FROM f)"),
+        runs::mark_running_sql(&row.run_id, "(SELECT v FROM f)", &head_check),
         timing.self_fence.as_millis().max(1),
         runs::of_app_sql(&row.app)
     )
@@ -369,37 +457,36 @@ fn hold_of(
     }
 }
 
-/// The number of sessions waiting in PostgreSQL's queue for `app`'s lock right now (not
-/// granted), from `pg_locks`: `--max-queue` under a cluster. An advisory lock on a bigint key
-/// shows as `classid` = its high 32 bits, `objid` = its low 32 bits, `objsubid` = 1.
-pub(crate) fn waiters(session: &mut Session, app: &Domain) -> io::Result<usize> {
-    let k = key(app) as u64;
-    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
-    let sql = format!(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = {hi} AND objid = {lo} AND objsubid = 1"
-    );
-    let text = session.value(&sql).map_err(io_err)?;
-    text.parse::<usize>().map_err(|_| {
-        io_err(Error::tether(format!(
-            "cluster {}: the waiter count {text:?} is not a number",
-            session.server
-        )))
-    })
-}
-
 /// A wait for the cluster lock (unless this run holds it already) and then the host's flock of
-/// the app, on a helper thread that does nothing else and says it is done on a pipe.
+/// the app, on a helper thread that does nothing else and says it is done on a pipe. A queued
+/// run's head waits one slice at a time ([`queue::WAIT_SLICE`]) and looks at the queue between
+/// two slices.
 pub(crate) struct ClusterWait {
     /// Boxed: a wait is moved around while it lasts.
     row: Option<Box<NewRow>>,
     /// The run's fence timing, with `row` (the acquisition's round trip bounds the session).
     timing: Option<FenceTiming>,
+    /// The run's place in the app's queue: the wait is one slice, and the grant checks that
+    /// the run is still the head.
+    spot: Option<Spot>,
     done_rx: OwnedFd,
-    handle: JoinHandle<(Option<Session>, io::Result<HeldLock>)>,
+    /// The session back, and the flock — `None` when the slice ended without the lock.
+    handle: Option<JoinHandle<WaitEnd>>,
     /// The cluster lock when it was ours before the wait began (only the flock is waited for).
     hold: Option<ClusterHold>,
+}
+
+/// What a wait's thread gives back: the session, and the flock — `None` when the slice ended
+/// without the lock.
+type WaitEnd = (Option<Session>, io::Result<Option<HeldLock>>);
+
+/// How a queued head's wait ended (see [`ClusterWait::finish_queued`]).
+pub(crate) enum HeadWaited {
+    /// The app is ours: the flock and the cluster hold (boxed: large next to a session).
+    Held(Box<(HeldLock, ClusterHold)>),
+    /// Not this time (the slice ended, or someone stands ahead now): the session, still
+    /// holding the run's place.
+    Again(Session),
 }
 
 impl ClusterWait {
@@ -412,13 +499,33 @@ impl ClusterWait {
         name: String,
         row: Option<(NewRow, FenceTiming)>,
     ) -> io::Result<Self> {
-        Self::spawn(Some(session), Some(app), dir, name, None, row)
+        Self::spawn(Some(session), Some(app), dir, name, None, row, None)
+    }
+
+    /// The head of the app's queue waits one slice for `app`, then for the flock (PROTOCOL
+    /// §15 "Under a cluster").
+    pub(crate) fn start_head(
+        session: Session,
+        app: &Domain,
+        (dir, name): (Dir, String),
+        row: (NewRow, FenceTiming),
+        spot: Spot,
+    ) -> io::Result<Self> {
+        Self::spawn(
+            Some(session),
+            Some(app),
+            dir,
+            name,
+            None,
+            Some(row),
+            Some(spot),
+        )
     }
 
     /// The cluster lock is ours (`hold`); wait for the host's flock only (a janitor's probe or a
     /// tether without a cluster has it: both let go without waiting for anything).
     pub(crate) fn flock_after(hold: ClusterHold, dir: Dir, name: String) -> io::Result<Self> {
-        Self::spawn(None, None, dir, name, Some(hold), None)
+        Self::spawn(None, None, dir, name, Some(hold), None, None)
     }
 
     fn spawn(
@@ -428,19 +535,31 @@ impl ClusterWait {
         name: String,
         hold: Option<ClusterHold>,
         row: Option<(NewRow, FenceTiming)>,
+        spot: Option<Spot>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let sql = app.map(|a| format!("SELECT pg_advisory_lock({})", key(a)));
+        let sliced = spot.is_some();
+        let sql = app.map(|a| {
+            if sliced {
+                queue::wait_app_sql(key(a))
+            } else {
+                format!("SELECT pg_advisory_lock({})", key(a))
+            }
+        });
         let handle = std::thread::Builder::new()
             .name("cluster-wait".into())
             .spawn(move || {
                 let mut session = session;
-                let queued = match (&mut session, &sql) {
-                    (Some(s), Some(sql)) => s.execute(sql).map_err(io_err),
-                    _ => Ok(()),
+                let granted = match (&mut session, &sql) {
+                    (Some(s), Some(sql)) => s.execute_bounded(sql).map_err(io_err),
+                    _ => Ok(true),
                 };
                 // The flock only once the cluster lock is ours: never the other way round.
-                let result = queued.and_then(|()| lock::lock_blocking(&dir, &name));
+                let result = match granted {
+                    Ok(true) => lock::lock_blocking(&dir, &name).map(Some),
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                };
                 let _ = nix::unistd::write(&tx, b"x");
                 (session, result)
             })?;
@@ -448,8 +567,9 @@ impl ClusterWait {
         Ok(ClusterWait {
             row,
             timing,
+            spot,
             done_rx: rx,
-            handle,
+            handle: Some(handle),
             hold,
         })
     }
@@ -458,27 +578,103 @@ impl ClusterWait {
         self.done_rx.as_raw_fd()
     }
 
-    /// Join the thread (finished once `raw_fd` is readable): the flock, and the cluster hold
-    /// with its fence (drawn now, on the core, for a lock the thread waited for).
-    pub(crate) fn finish(self) -> io::Result<(HeldLock, ClusterHold)> {
+    /// Join the thread (finished once `raw_fd` is readable): the session and the flock. A
+    /// failed wait (a cancel) is a supersede only if the row says so (PROTOCOL §18): asked on
+    /// the run's own session before it closes — a row without a session may be deleted by the
+    /// next holder at once.
+    fn join(&mut self) -> io::Result<WaitEnd> {
         let (mut session, result) = self
             .handle
+            .take()
+            .ok_or_else(|| io::Error::other("cluster lock wait joined twice"))?
             .join()
             .map_err(|_| io::Error::other("cluster lock wait thread panicked"))?;
-        // A failed wait (a cancel) is a supersede only if the row says so (PROTOCOL §18):
-        // asked on the run's own session before it closes — a row without a session may be
-        // deleted by the next holder at once.
         if let (Err(_), Some(s), Some(row)) = (&result, session.as_mut(), self.row.as_deref()) {
             if let Ok(Some(by)) = runs::superseded_by(s, &row.run_id) {
                 return Err(io_err(runs::superseded_error(s, &row.run_id, &by)));
             }
         }
-        let held = result?;
-        let hold = match (self.hold, session) {
+        Ok((session, result))
+    }
+
+    /// Join the thread (finished once `raw_fd` is readable): the flock, and the cluster hold
+    /// with its fence (drawn now, on the core, for a lock the thread waited for).
+    pub(crate) fn finish(mut self) -> io::Result<(HeldLock, ClusterHold)> {
+        let (session, result) = self.join()?;
+        let held =
+            result?.ok_or_else(|| io::Error::other("cluster lock wait ended without the lock"))?;
+        let hold = match (self.hold.take(), session) {
             (Some(hold), _) => hold,
-            (None, Some(session)) => fence(session, self.row.as_deref().zip(self.timing))?,
+            (None, Some(session)) => {
+                match fence(session, self.row.as_deref().zip(self.timing), None)? {
+                    Fenced::Held(hold) => hold,
+                    Fenced::NotHead(_) => {
+                        return Err(io::Error::other("cluster lock wait: not queued"))
+                    }
+                }
+            }
             (None, None) => return Err(io::Error::other("cluster lock wait without a session")),
         };
         Ok((held, hold))
+    }
+
+    /// [`finish`](Self::finish) for the head of the app's queue: the lock when the slice got it
+    /// and the run is still the head; else the session, to look at the queue again.
+    pub(crate) fn finish_queued(mut self) -> io::Result<HeadWaited> {
+        let (session, result) = self.join()?;
+        let session =
+            session.ok_or_else(|| io::Error::other("cluster lock wait without a session"))?;
+        let Some(held) = result? else {
+            return Ok(HeadWaited::Again(session));
+        };
+        match fence(
+            session,
+            self.row.as_deref().zip(self.timing),
+            self.spot.as_ref(),
+        )? {
+            Fenced::Held(hold) => Ok(HeadWaited::Held(Box::new((held, hold)))),
+            Fenced::NotHead(session) => {
+                held.release();
+                Ok(HeadWaited::Again(session))
+            }
+        }
+    }
+}
+
+/// A queued run's wait, one slice long, for the run ahead of it to leave its place (PROTOCOL
+/// §15 "Under a cluster"), on a helper thread that only talks to the server and writes a pipe.
+pub(crate) struct TicketWait {
+    done_rx: OwnedFd,
+    handle: JoinHandle<(Session, io::Result<bool>)>,
+}
+
+impl TicketWait {
+    /// Wait on the ticket lock `key` of the run ahead.
+    pub(crate) fn start(mut session: Session, key: i32) -> io::Result<Self> {
+        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let sql = queue::wait_ticket_sql(key);
+        let handle = std::thread::Builder::new()
+            .name("cluster-queue".into())
+            .spawn(move || {
+                let left = session.execute_bounded(&sql).map_err(io_err);
+                let _ = nix::unistd::write(&tx, b"x");
+                (session, left)
+            })?;
+        Ok(TicketWait {
+            done_rx: rx,
+            handle,
+        })
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.done_rx.as_raw_fd()
+    }
+
+    /// The session back (once `raw_fd` is readable), and whether the run ahead left (`false`:
+    /// the slice ended first). A failed wait keeps its session, for the supersede question.
+    pub(crate) fn finish(self) -> io::Result<(Session, io::Result<bool>)> {
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("cluster queue wait thread panicked"))
     }
 }
