@@ -540,32 +540,42 @@ fn cluster_waiting_line_and_status_name_the_positions_across_hosts() {
         });
     }
     let cores: Vec<i32> = waiters.iter().map(|w| w.wait_core_pid(TIMEOUT)).collect();
-    let held_by = format!("held by run {h_id} on host host-a (pid {h_core}, ");
+    let hosts = ["host-b", "host-a", "host-b"];
+    // A run or holder of another host is named with it (` on host <h>`), one of this host's
+    // without.
+    let on = |of: &str, seen_from: &str| {
+        if of == seen_from {
+            String::new()
+        } else {
+            format!(" on host {of}")
+        }
+    };
     for (k, w) in waiters.iter_mut().enumerate() {
         let line = w.wait_line(&format!("position {} of 3 — ", k + 1), TIMEOUT);
         let prefix = format!(
-            "tether: app lock {app}: position {} of 3 — {held_by}",
-            k + 1
+            "tether: app lock {app}: position {} of 3 — held by run {h_id}{} (pid {h_core}, ",
+            k + 1,
+            on("host-a", hosts[k])
         );
         assert!(line.starts_with(&prefix), "{line}");
         assert!(line.ends_with(" — waiting"), "{line}");
-        // `; ahead: run W1 (waiting …), run W2 (waiting …) — waiting`: in queue order.
-        let named: Vec<&str> = line
+        // `; ahead: run W1 on host host-b (waiting …), run W2 (waiting …) — waiting`: the runs
+        // ahead in queue order, each with its host when not this one.
+        let ahead: Vec<&str> = line
             .split_once("; ahead: ")
-            .map(|(_, rest)| {
-                rest.split(", ")
-                    .filter_map(|e| e.strip_prefix("run ")?.split(" (waiting ").next())
-                    .collect()
-            })
+            .map(|(_, rest)| rest.split("), ").collect())
             .unwrap_or_default();
-        assert_eq!(
-            named,
-            ids[..k],
-            "the runs ahead of W{}, in order: {line}",
-            k + 1
-        );
+        assert_eq!(ahead.len(), k, "the runs ahead of W{}: {line}", k + 1);
+        for (j, e) in ahead.iter().enumerate() {
+            let want = format!("run {}{} (waiting ", ids[j], on(hosts[j], hosts[k]));
+            assert!(
+                e.starts_with(&want),
+                "W{} names W{} as {want:?}: {line}",
+                k + 1,
+                j + 1
+            );
+        }
     }
-    let hosts = ["host-b", "host-a", "host-b"];
     for h in [&a, &b] {
         let st = status_on(&sb, h, &cfg).arg("--json").run();
         st.assert_code(0);
