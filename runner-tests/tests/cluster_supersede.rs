@@ -1,14 +1,15 @@
 //! Issue 17 across hosts: `--on-busy cancel-older` under a cluster supersedes every older run
-//! of the group on every host (PROTOCOL §18, DECISIONS D81–D82) — the holder tears down once
-//! (exit 143, as a local cancel-older holder), the queued ones leave as `superseded` (143,
-//! nothing run), runs of other groups keep their order, and the new run keeps its own arrival
-//! place. A cancel of a waiter's statement that is not a supersede (no mark on its row) never
-//! makes it leave as `superseded`.
+//! of the group on every host, in place (PROTOCOL §15 "Under a cluster", §18) — the holder
+//! tears down once (exit 143, as a local cancel-older holder), the queued ones leave as
+//! `superseded` (143, nothing run), runs of other groups keep their order, and the new run
+//! takes the place of what it replaced: the head when it replaced the holder, else the place of
+//! the foremost queued run it replaced. A cancel of a waiter's statement that is not a
+//! supersede (no mark on its row) never makes it leave as `superseded`.
 //!
 //! A "host" is its own lock dir, runs dir and host name (`unshare --uts`), as in
-//! `cluster_queue.rs`: the only queue the hosts share is PostgreSQL's. Each arrival is started
-//! only once the ones before it are seen waiting in PostgreSQL (`pg_locks`), so the arrival
-//! order is known exactly.
+//! `cluster_queue.rs`: the only queue the hosts share is the cluster's. Each arrival is started
+//! only once the ones before it are seen queued on the server (the app's live queue entries in
+//! queue order, [`runner_tests::pg::queue_sql`]), so the arrival order is known exactly.
 
 use std::fs;
 use std::path::Path;
@@ -36,9 +37,9 @@ fn run_on<'a>(sb: &'a Sandbox, h: &Host, cfg: &Path, app: &str, id: &str) -> Tet
     h.dirs.run(sb, cfg, app, id).wrapped(on_host(&h.name))
 }
 
-/// Sessions waiting (not granted) for an advisory lock: all of them, and those named `id`.
-fn pg_waiting(pg: &Postgres, id: &str) -> (usize, usize) {
-    runner_tests::pg::waiting_counts(&pg.psql(&runner_tests::pg::waiting_sql(id)))
+/// The runs queued for `app` on the server, in queue order (its live queue entries).
+fn pg_queue(pg: &Postgres, app: &str) -> Vec<String> {
+    runner_tests::pg::queue_ids(&pg.psql(&runner_tests::pg::queue_sql(app)))
 }
 
 /// A holder on `h` that keeps `app` until the file `<id>-never` appears or a cancel ends it (it
@@ -80,8 +81,52 @@ fn note(order: &Path, name: &str) -> Vec<String> {
     ]
 }
 
+/// Queue one run per `(host, name, group)` of `arrivals`, each started once the ones before it
+/// are queued on the server in arrival order; their commands note `<name> <host>` in `order`.
+fn queue_runs(
+    sb: &Sandbox,
+    pg: &Postgres,
+    cfg: &Path,
+    app: &str,
+    order: &Path,
+    arrivals: &[(&Host, &str, &str)],
+) -> Vec<(String, RunningTether)> {
+    let mut queued: Vec<(String, RunningTether)> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    for (h, name, group) in arrivals {
+        let id = rid(sb, name);
+        let t = run_on(sb, h, cfg, app, &id)
+            .args(["--group", group])
+            .command(note(order, name))
+            .spawn();
+        ids.push(id.clone());
+        wait_until(
+            &format!(
+                "{name} queued on the server behind {} others",
+                ids.len() - 1
+            ),
+            TIMEOUT,
+            || pg_queue(pg, app) == ids,
+        );
+        queued.push((id, t));
+    }
+    queued
+}
+
+/// A queued run that was superseded: 143, `result=superseded`, no teardown, ran nothing.
+fn assert_superseded(f: &runner_tests::Finished, by: &str) {
+    f.assert_code(143).assert_stderr_contains(&format!(
+        "superseded by run {by} of this run's group while queued"
+    ));
+    assert_eq!(f.summary_field("result"), Some("superseded"), "{f}");
+    assert_eq!(f.summary_field("teardown"), Some("none"), "{f}");
+}
+
+/// Holder A0 (group A, host a); queued A1 (host b), B1 (host a), A2 (host b), B2 (host a); a
+/// new A3 of group A on host b with cancel-older replaces the holder and both queued A runs and
+/// takes the head: A0 torn down once, A1 and A2 gone having run nothing, then A3, B1, B2.
 #[test]
-fn cluster_cancel_older_supersedes_the_groups_older_runs_on_every_host() {
+fn cluster_cancel_older_supersedes_the_groups_runs_on_every_host_and_takes_the_head() {
     let sb = Sandbox::new();
     let pg = Postgres::start();
     let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
@@ -92,49 +137,21 @@ fn cluster_cancel_older_supersedes_the_groups_older_runs_on_every_host() {
     let holder_id = rid(&sb, "A0");
     let mut holder = holder(&sb, &a, &cfg, app, &holder_id, "pr-A", &td);
 
-    // Queued across both hosts, groups A, B, A, B, each seen waiting before the next starts.
+    // Queued across both hosts, groups A, B, A, B.
     let arrivals = [
-        (&b, "QA1", "pr-A"),
-        (&a, "QB1", "pr-B"),
-        (&a, "QA2", "pr-A"),
-        (&b, "QB2", "pr-B"),
+        (&b, "A1", "pr-A"),
+        (&a, "B1", "pr-B"),
+        (&b, "A2", "pr-A"),
+        (&a, "B2", "pr-B"),
     ];
-    let mut queued: Vec<(String, RunningTether)> = Vec::new();
-    for (n, (h, name, group)) in arrivals.iter().enumerate() {
-        let id = rid(&sb, name);
-        let t = run_on(&sb, h, &cfg, app, &id)
-            .args(["--group", group])
-            .command(note(&order, name))
-            .spawn();
-        wait_until(
-            &format!("{name} waits in PostgreSQL behind {n} others"),
-            TIMEOUT,
-            || pg_waiting(&pg, &id) == (n + 1, 1),
-        );
-        queued.push((id, t));
-    }
+    let queued = queue_runs(&sb, &pg, &cfg, app, &order, &arrivals);
 
     // The new run of group A, on host b.
-    let new_id = rid(&sb, "NEW");
-    let newer = run_on(&sb, &b, &cfg, app, &new_id)
+    let new_id = rid(&sb, "A3");
+    let mut newer = run_on(&sb, &b, &cfg, app, &new_id)
         .args(["--group", "pr-A", "--on-busy", "cancel-older"])
-        .command(note(&order, "NEW"))
-        .run();
-    newer.assert_code(0);
-    newer.assert_stderr_contains(&format!(
-        "cancelling older run {holder_id} of group pr-A on host host-a"
-    ));
-    for (i, host) in [(0, "host-b"), (2, "host-a")] {
-        newer.assert_stderr_contains(&format!(
-            "cancelling older queued run {} of group pr-A on host {host}",
-            queued[i].0
-        ));
-    }
-    assert_eq!(
-        newer.stderr_lines("cancelling older").len(),
-        3,
-        "only the three older runs of group A are cancelled\n{newer}"
-    );
+        .command(note(&order, "A3"))
+        .spawn();
 
     // The holder: torn down once, as a local cancel-older's SIGTERM would.
     let h = holder.wait_exit(TIMEOUT);
@@ -153,23 +170,36 @@ fn cluster_cancel_older_supersedes_the_groups_older_runs_on_every_host() {
         finished.push((id, t.wait_exit(TIMEOUT)));
     }
     for i in [0, 2] {
-        let (_, f) = &finished[i];
-        f.assert_code(143).assert_stderr_contains(&format!(
-            "superseded by run {new_id} of this run's group while queued"
-        ));
-        assert_eq!(f.summary_field("result"), Some("superseded"), "{f}");
-        assert_eq!(f.summary_field("teardown"), Some("none"), "{f}");
+        assert_superseded(&finished[i].1, &new_id);
     }
     for i in [1, 3] {
-        let (_, f) = &finished[i];
-        f.assert_code(0).assert_stderr_lacks("superseded");
+        finished[i]
+            .1
+            .assert_code(0)
+            .assert_stderr_lacks("superseded");
     }
+    let newer = newer.wait_exit(TIMEOUT);
+    newer.assert_code(0);
+    newer.assert_stderr_contains(&format!(
+        "cancelling older run {holder_id} of group pr-A on host host-a"
+    ));
+    for (i, host) in [(0, "host-b"), (2, "host-b")] {
+        newer.assert_stderr_contains(&format!(
+            "cancelling older queued run {} of group pr-A on host {host}",
+            finished[i].0
+        ));
+    }
+    assert_eq!(
+        newer.stderr_lines("cancelling older").len(),
+        3,
+        "only the three older runs of group A are cancelled\n{newer}"
+    );
 
-    // B runs in their order, then the new run in its own arrival place (D82).
+    // The new run took the holder's place, the head; the B runs kept their order.
     assert_eq!(
         log_lines(&order),
-        ["QB1 host-a", "QB2 host-b", "NEW host-b"],
-        "the B runs kept their order, the superseded ones ran nothing, the new run came last"
+        ["A3 host-b", "B1 host-a", "B2 host-a"],
+        "A3 first (the head), then the B runs in their order; A1 and A2 ran nothing"
     );
     assert_eq!(
         pg.psql("SELECT count(*) FROM tether.runs"),
@@ -183,6 +213,64 @@ fn cluster_cancel_older_supersedes_the_groups_older_runs_on_every_host() {
             "no run dir is left"
         );
     }
+}
+
+/// As above with a holder of group B: B0 holds (host a), queued A1 (host b), B1 (host a), A2
+/// (host b), B2 (host a); A3 (host b) replaces A1 and A2 and takes A1's place — the foremost
+/// it replaced: the queue reads A3, B1, B2 while B0, untouched, still holds; then B0, A3, B1,
+/// B2 run in that order.
+#[test]
+fn cluster_cancel_older_takes_the_place_of_the_foremost_queued_run_it_replaced() {
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let (a, b) = (host(&sb, "host-a"), host(&sb, "host-b"));
+    let app = "xplace.test";
+    let td = sb.mark("td.log");
+    let order = sb.mark("order");
+    let holder_id = rid(&sb, "B0");
+    let mut holder = holder(&sb, &a, &cfg, app, &holder_id, "pr-B", &td);
+    let arrivals = [
+        (&b, "A1", "pr-A"),
+        (&a, "B1", "pr-B"),
+        (&b, "A2", "pr-A"),
+        (&a, "B2", "pr-B"),
+    ];
+    let mut queued = queue_runs(&sb, &pg, &cfg, app, &order, &arrivals);
+    let new_id = rid(&sb, "A3");
+    let mut newer = run_on(&sb, &b, &cfg, app, &new_id)
+        .args(["--group", "pr-A", "--on-busy", "cancel-older"])
+        .command(note(&order, "A3"))
+        .spawn();
+    for i in [0, 2] {
+        let f = queued[i].1.wait_exit(TIMEOUT);
+        assert_superseded(&f, &new_id);
+    }
+    let (b1, b2) = (queued[1].0.clone(), queued[3].0.clone());
+    wait_until("the queue to read A3, B1, B2", TIMEOUT, || {
+        pg_queue(&pg, app) == [new_id.clone(), b1.clone(), b2.clone()]
+    });
+    assert!(holder.is_running(), "the holder of group B is untouched");
+    assert!(log_lines(&td).is_empty(), "no teardown of B0 yet");
+    // B0 lets go (its command's wait ends: a normal exit).
+    fs::write(sb.mark(&format!("{holder_id}-never")), "").expect("release the holder");
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    assert_eq!(log_lines(&td), ["td exited"], "B0's own teardown, once");
+    let newer = newer.wait_exit(TIMEOUT);
+    newer.assert_code(0);
+    assert_eq!(
+        newer.stderr_lines("cancelling older").len(),
+        2,
+        "only the two queued A runs are cancelled, not B0\n{newer}"
+    );
+    for i in [1, 3] {
+        queued[i].1.wait_exit(TIMEOUT).assert_code(0);
+    }
+    assert_eq!(
+        log_lines(&order),
+        ["A3 host-b", "B1 host-a", "B2 host-a"],
+        "A3 in A1's place, then the B runs in their order"
+    );
 }
 
 #[test]
@@ -201,16 +289,25 @@ fn cluster_a_cancelled_wait_without_a_mark_is_not_a_supersede() {
         .args(["--group", "pr-1"])
         .command(note(&ran, "W"))
         .spawn();
-    wait_until("W waits in PostgreSQL", TIMEOUT, || {
-        pg_waiting(&pg, &wid) == (1, 1)
+    wait_until("W queued on the server", TIMEOUT, || {
+        pg_queue(&pg, app) == [wid.as_str()]
     });
 
-    // An operator's (or a statement timeout's) cancel: no mark on W's row.
-    let cancelled = pg.psql(&format!(
-        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = '{wid}'"
-    ));
-    assert_eq!(cancelled, "t", "W's backend was cancelled");
-    let w = waiter.wait_exit(TIMEOUT);
+    // An operator's (or a statement timeout's) cancel: no mark on W's row. W's waits are
+    // sliced (200 ms each, a look between): a cancel that lands between two statements does
+    // nothing, so it is sent again until W ends.
+    let mut cancels = 0;
+    let w = loop {
+        let cancelled = pg.psql(&format!(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = '{wid}'"
+        ));
+        cancels += 1;
+        if let Some(w) = waiter.try_wait_exit(std::time::Duration::from_millis(100)) {
+            break w;
+        }
+        assert_ne!(cancelled, "f", "W's backend may be cancelled");
+        assert!(cancels < 300, "W still waits after {cancels} cancels");
+    };
     // Not a supersede: the failure it was before supersedes existed (125, the statement's
     // error), never 143.
     w.assert_code(125).assert_stderr_lacks("superseded");
@@ -246,18 +343,14 @@ fn cluster_a_marked_waiter_granted_before_its_cancel_leaves_superseded() {
     let order = sb.mark("order");
     let holder_id = rid(&sb, "H");
     let mut holder = holder(&sb, &a, &cfg, app, &holder_id, "pr-1", &td);
-    let mut waiters = Vec::new();
-    for (n, (h, name)) in [(&b, "W1"), (&a, "W2")].into_iter().enumerate() {
-        let id = rid(&sb, name);
-        let t = run_on(&sb, h, &cfg, app, &id)
-            .args(["--group", "pr-1"])
-            .command(note(&order, name))
-            .spawn();
-        wait_until(&format!("{name} waits in PostgreSQL"), TIMEOUT, || {
-            pg_waiting(&pg, &id) == (n + 1, 1)
-        });
-        waiters.push((id, t));
-    }
+    let waiters = queue_runs(
+        &sb,
+        &pg,
+        &cfg,
+        app,
+        &order,
+        &[(&b, "W1", "pr-1"), (&a, "W2", "pr-1")],
+    );
     let w1 = waiters[0].0.clone();
     pg.psql(&format!(
         "UPDATE tether.runs SET superseded_by = 'someone-newer' WHERE run_id = '{w1}'"
