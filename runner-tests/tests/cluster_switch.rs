@@ -102,10 +102,10 @@ fn cluster_switch_server_stops_with_the_last_sandbox() {
 
 /// The fixture's one count of the runs waiting for an app (`runner_tests::waiters`, DECISIONS
 /// D79) names the waiting runs' cores in queue order in both passes: the host's tickets without
-/// the switch, PostgreSQL's queue (mapped back to the cores through their sockets) with it;
-/// `app_waiters` names the head, blocked in the kernel's flock or in the server. With the
-/// switch, a run of another sandbox sharing the server and waiting for the same app's key is
-/// not counted as this sandbox's.
+/// the switch, the cluster queue's rows (their live tickets, in order, by their `pid`) with it;
+/// `app_waiters` names the head, blocked in the kernel's flock or queued on the server. With
+/// the switch, a run of another sandbox sharing the server and queued for the same app is not
+/// counted as this sandbox's.
 #[test]
 fn the_waiters_fixture_names_the_waiting_cores_in_queue_order() {
     use runner_tests::{
@@ -136,7 +136,7 @@ fn the_waiters_fixture_names_the_waiting_cores_in_queue_order() {
     let head = wait_app_waiters(&sb, app, 1, TIMEOUT);
     assert_eq!(head.first(), Some(&core1), "the head waits: {head:?}");
     if cluster_switch() {
-        // Both wait in the server (D69): the holder's run holds the only flock.
+        // Both queue on the server (D69, D84): the holder's run holds the only flock.
         assert_eq!(wait_app_waiters(&sb, app, 2, TIMEOUT), [core1, core2]);
         let other = Sandbox::new();
         let mut w3 = other
