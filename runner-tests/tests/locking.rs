@@ -208,7 +208,7 @@ fn waiting_line_names_holder_and_repeats() {
     waiter.wait_count("— waiting", 2, Duration::from_secs(10));
     assert!(
         !app_waiters(&sb, app).is_empty(),
-        "still blocked (in the kernel, or in PostgreSQL's queue under a cluster)"
+        "still blocked (in the kernel, or in the cluster's queue under a cluster)"
     );
 
     touch(&release);
@@ -217,14 +217,10 @@ fn waiting_line_names_holder_and_repeats() {
     f.assert_code(0);
     let lines = f.stderr_lines("— waiting");
     assert!(lines.len() >= 2, "at least two waiting lines\n{f}");
-    // Under a cluster the waiting line has no position yet (CLI-CONTRACT §25).
-    let position = if sb.cluster().is_some() {
-        ""
-    } else {
-        "position 1 of 1 — "
-    };
+    // The position in the queue — the host's, or under a cluster the cluster's (PROTOCOL §15
+    // "Under a cluster"); the holder is of this host, so no host is named.
     let held_by =
-        format!("tether: app lock {app}: {position}held by run {holder_id} (pid {core}, ");
+        format!("tether: app lock {app}: position 1 of 1 — held by run {holder_id} (pid {core}, ");
     for line in &lines {
         assert!(
             line.starts_with(&held_by) && line.ends_with(") — waiting"),
