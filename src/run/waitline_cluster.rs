@@ -22,8 +22,9 @@ use crate::config::duration;
 use crate::config::{OnBusy, QueueOrder};
 use crate::ident::names::Domain;
 use crate::output;
-use crate::state::applock::{AppLock, Attempt, Head, HeadWait};
-use crate::state::cluster_lock::{into_error, key, Spot, TicketWait};
+use crate::state::applock::{AppLock, Attempt};
+use crate::state::cluster_lock::{into_error, key, Spot};
+use crate::state::cluster_wait::{Head, HeadWait, TicketWait};
 use crate::sys::signals::{until, Event};
 use crate::sys::supervisor::Supervisor;
 use std::time::{Duration, Instant};
@@ -191,8 +192,11 @@ impl Claimed {
             .into_iter()
             .chain(queued.iter().map(|e| e.run_id.clone()))
             .collect();
-        let marked = queue::register_write(&mut session, &me, (&spot.ticket, spot.key), &victims)
-            .map_err(queue_failed)?;
+        let mut marked =
+            queue::register_write(&mut session, &me, (&spot.ticket, spot.key), &victims)
+                .map_err(queue_failed)?;
+        // Said in the order they stood: the holder, then the queue.
+        marked.sort_by_key(|v| victims.iter().position(|id| id == &v.run_id));
         // Cancelled only now: a victim that leaves at once cannot let anyone in before our
         // place stands in its place.
         let waiters: Vec<String> = marked
