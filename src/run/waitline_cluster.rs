@@ -6,7 +6,7 @@
 //! grant, `--max-queue` counted under the counter lock, supersede in place, the stopped-waiter
 //! skip, and the waiting line with the position.
 //!
-//! Every wait is one slice long ([`queue::WAIT_SLICE`], `lock_timeout` on the server): between
+//! Every wait is one slice long ([`queue::wait_slice`], `lock_timeout` on the server): between
 //! two slices the waiter looks at the queue on its own session — it is seen (`looked`: a
 //! stopped waiter's grows old and the runs behind skip it), learns whether it was superseded,
 //! and says its position. The blocking statements run on a helper thread that only talks to
@@ -275,7 +275,7 @@ impl Claimed {
             }
             let blocked = match line.not_skipped(ahead).last() {
                 Some(pred) => Blocked::Ticket(
-                    TicketWait::start(session, pred.ticket_key)
+                    TicketWait::start(session, pred.ticket_key, &spot)
                         .map_err(|e| lock_failed("app queue", e))?,
                 ),
                 None => Blocked::Head(Box::new(

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 
 /// A wait for the cluster lock (unless this run holds it already) and then the host's flock of
 /// the app, on a helper thread that does nothing else and says it is done on a pipe. A queued
-/// run's head waits one slice at a time ([`queue::WAIT_SLICE`]) and looks at the queue between
+/// run's head waits one slice at a time ([`queue::wait_slice`]) and looks at the queue between
 /// two slices.
 pub(crate) struct ClusterWait {
     /// Boxed: a wait is moved around while it lasts.
@@ -100,10 +100,10 @@ impl ClusterWait {
         spot: Option<Spot>,
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let sliced = spot.is_some();
+        let slice = spot.as_ref().map(|s| queue::wait_slice(s.skip_after));
         let sql = app.map(|a| {
-            if sliced {
-                queue::wait_app_sql(key(a))
+            if let Some(slice) = slice {
+                queue::wait_app_sql(key(a), slice)
             } else {
                 format!("SELECT pg_advisory_lock({})", key(a))
             }
@@ -211,10 +211,10 @@ pub(crate) struct TicketWait {
 }
 
 impl TicketWait {
-    /// Wait on the ticket lock `key` of the run ahead.
-    pub(crate) fn start(mut session: Session, key: i32) -> io::Result<Self> {
+    /// Wait on the ticket lock `key` of the run ahead (one slice, from our `spot`'s skip bound).
+    pub(crate) fn start(mut session: Session, key: i32, spot: &Spot) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let sql = queue::wait_ticket_sql(key);
+        let sql = queue::wait_ticket_sql(key, queue::wait_slice(spot.skip_after));
         let handle = std::thread::Builder::new()
             .name("cluster-queue".into())
             .spawn(move || {
