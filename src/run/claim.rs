@@ -55,6 +55,7 @@ impl Plan {
             Ok(t) => t,
             Err(stop) => return Err(Aborted::from_ctx(ctx, stop)),
         };
+        fault_pause("TETHER_FAULT_PAUSE_BEFORE_CLAIM");
         let claim = match rundir::claim(&ctx.runs_dir, &ctx.spec.run_id) {
             Ok(c) => c,
             Err(e) => return Err(Aborted::from_ctx(ctx, Stop::Fail(e))),

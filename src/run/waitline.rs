@@ -229,7 +229,9 @@ impl Claimed {
     /// the older runs of our group under `--on-busy cancel-older`.
     fn take_ticket(&mut self, app: &Domain, sup: &mut Supervisor) -> Result<(Queue, Ticket), Stop> {
         let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
-        let (queue, ticket, (holder, victims)) = numbered(&self.ctx, app, sup, |entries| {
+        let count =
+            self.ctx.spec.max_queue.is_some() || (cancel_older && self.ctx.spec.group.is_some());
+        let (queue, ticket, (holder, victims)) = numbered(&self.ctx, app, sup, count, |entries| {
             if cancel_older {
                 describe_in_kernel(entries);
             }
@@ -398,18 +400,23 @@ pub(super) fn arrival_ticket(
             return Ok(None);
         }
     }
-    let (queue, ticket, ()) = numbered(ctx, app, sup, |_| (Placement::Arrival, 0, ()))?;
+    let count = spec.max_queue.is_some();
+    let (queue, ticket, ()) = numbered(ctx, app, sup, count, |_| (Placement::Arrival, 0, ()))?;
     Ok(Some((queue, ticket)))
 }
 
 /// Count the queue and take a ticket under the counter's flock (PROTOCOL §15), retrying the
 /// counter every [`RETRY`] while answering the funnel. `plan` sees the live tickets and says
 /// where ours goes and how many of them are leaving (superseded: not counted for
-/// `--max-queue`), plus what the caller acts on once the ticket stands.
+/// `--max-queue`), plus what the caller acts on once the ticket stands. `count`: the live
+/// tickets are needed (`--max-queue`, a supersede); otherwise `plan` sees none and the counter
+/// is held only to number the ticket and place it — a handful of calls instead of one open
+/// and try-lock per waiting run, so arrivals seldom find it taken (D83).
 fn numbered<T>(
     ctx: &Ctx,
     app: &Domain,
     sup: &mut Supervisor,
+    count: bool,
     mut plan: impl FnMut(&mut [Entry]) -> (Placement, usize, T),
 ) -> Result<(Queue, Ticket, T), Stop> {
     let meta = &ctx.record.meta;
@@ -443,7 +450,10 @@ fn numbered<T>(
             Err(e) => return Err(fail("app queue", e)),
         };
         if let Some(counter) = counter {
-            let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
+            let mut entries = match count {
+                true => queue.live().map_err(|e| fail("app queue", e))?,
+                false => Vec::new(),
+            };
             let (at, leaving, then) = plan(&mut entries);
             // The runs we replace are leaving: they do not count.
             let waiting = entries.len() - leaving;
