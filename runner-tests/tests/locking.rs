@@ -732,6 +732,49 @@ fn reusing_a_dead_run_id_while_the_app_is_busy_keeps_its_record_for_the_reap() {
     wait_all_gone(&pids, Duration::from_secs(5));
 }
 
+/// PROTOCOL §15, "Why it cannot deadlock" (DECISIONS D83): a run that finds its app busy takes
+/// its ticket on arrival; when its claim then turns up a dead run of *another* app under its run
+/// id, it leaves its app's queue before it waits for that app's lock to reap it — it never
+/// stands in one app's queue while waiting for another app — and queues again afterwards.
+#[test]
+fn an_arriving_run_waits_to_reap_a_dead_run_of_another_app_outside_its_queue() {
+    let sb = Sandbox::new();
+    let (dead_app, app) = ("dead.example.org", "arrival.example.org");
+    let reused = rid(&sb, "reused");
+    let log = sb.mark("teardown.log");
+    let teardown = format!(
+        "echo \"$TETHER_REASON $TETHER_RUN_ID\" >> {}",
+        shell_quote(&log)
+    );
+    let pids = kill_core_of_tree_run(&sb, dead_app, &reused, &teardown, false);
+    let dead_app_held = runner_tests::hold_lock(sb.lock_path(dead_app));
+    let release = sb.fresh_mark("release");
+    let mut holder = start_held_run(&sb, app, &rid(&sb, "holder"), &release, |c| c);
+    let script = format!("echo \"cmd $TETHER_RUN_ID\" >> {}", shell_quote(&log));
+    let mut run = sb
+        .tether_run()
+        .app(app)
+        .run_id(&reused)
+        .teardown(&teardown)
+        .command(["sh", "-c", &script])
+        .spawn();
+    let core = wait_app_waiters(&sb, dead_app, 1, TIMEOUT)[0];
+    assert_eq!(core, run.wait_core_pid(TIMEOUT));
+    assert!(
+        !runner_tests::app_queue(&sb, app).contains(&core),
+        "queued for {app} while waiting for {dead_app}"
+    );
+    drop(dead_app_held);
+    wait_until("the run to queue again", TIMEOUT, || {
+        runner_tests::app_queue(&sb, app).contains(&core)
+    });
+    touch(&release);
+    holder.run.wait_exit(TIMEOUT).assert_code(0);
+    let f = run.wait_exit(TIMEOUT);
+    assert_reaped_once_before_the_command(&f, &log, dead_app, &reused, format!("exited {reused}"));
+    wait_all_gone(&pids, Duration::from_secs(5));
+}
+
 #[test]
 fn reusing_a_dead_run_id_of_the_same_app_reaps_it_once_first() {
     reusing_a_dead_run_id_reaps_it_first(false);

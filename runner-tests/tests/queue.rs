@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use runner_tests::{
     app_lock_waiters, app_queue, log_lines, names, queue_tickets, rid, run_dirs, shell_quote,
-    start_held_run, touch, wait_until, HeldRun, RunningTether, Sandbox, Signal, TetherCmd, TIMEOUT,
+    start_held_run, touch, wait_file, wait_until, HeldRun, RunningTether, Sandbox, Signal,
+    TetherCmd, TIMEOUT,
 };
 
 /// Processes that keep both cores busy; killed when dropped.
@@ -187,6 +188,53 @@ fn twenty_waiters_take_the_app_in_arrival_order_under_load() {
         assert_eq!(got, expected, "trial {trial} (supersede: {supersede})");
     }
     eprintln!("20 trials took {:?}", t0.elapsed());
+}
+
+/// PROTOCOL §15, "Arrival" (DECISIONS D83): a run without a group that finds its app busy
+/// stands in the queue from its start, before its run dir is claimed — so the runs are served
+/// in the order they were started, not in the order their start-ups happened to finish. A run
+/// with a group takes its ticket only once its `queued` record exists (a superseding run
+/// verifies a queued one by it). Under a cluster no run takes a host ticket (D69).
+#[test]
+fn a_run_arriving_at_a_busy_app_is_queued_before_its_run_dir_is_claimed() {
+    let sb = Sandbox::new();
+    let q = Q::new(&sb, "arrival.fifo.example.org");
+    let (_, holder) = q.hold("h", &[]);
+    let (plain, grouped) = (rid(&sb, "plain"), rid(&sb, "grouped"));
+    let mut runs = Vec::new();
+    for (id, extra, early) in [
+        (&plain, &[][..], true),
+        (&grouped, &["--group", "G"][..], false),
+    ] {
+        let pause = sb.fresh_mark("before-claim");
+        let mut waiting = pause.clone().into_os_string();
+        waiting.push(".waiting");
+        let run = q
+            .run(id)
+            .args(extra)
+            .env("TETHER_FAULT_PAUSE_BEFORE_CLAIM", &pause)
+            .spawn();
+        wait_file(PathBuf::from(waiting), TIMEOUT);
+        let core = run.wait_core_pid(TIMEOUT);
+        let ticketed = queue_tickets(sb.lock_dir(), &q.app)
+            .iter()
+            .any(|&(_, pid)| pid == core);
+        assert_eq!(
+            ticketed,
+            early && sb.cluster().is_none(),
+            "run {id} {extra:?}: a host ticket before its claim"
+        );
+        assert!(!sb.run_dir(id).exists(), "run {id}: no run dir yet");
+        touch(&pause);
+        // Queued (its claim done, waiting) before the next one starts.
+        wait_until("the run to wait", TIMEOUT, || {
+            app_queue(&sb, &q.app).contains(&core) && sb.run_dir(id).exists()
+        });
+        runs.push(run);
+    }
+    q.release(holder, 0);
+    all_pass(&mut runs);
+    assert_eq!(q.order(), [plain, grouped]);
 }
 
 /// PROTOCOL §15: a waiter SIGKILLed in the middle of the queue leaves it by itself (the kernel

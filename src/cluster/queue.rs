@@ -56,12 +56,14 @@ pub(crate) struct Entry {
 /// `pg_locks` rows of this database only.
 const THIS_DATABASE: &str = "(SELECT oid FROM pg_database WHERE datname = current_database())";
 
-/// The condition "row `r` holds a live place": a ticket, and its ticket lock granted.
+/// The condition "row `r` holds a live place": a ticket, and its ticket lock granted. The
+/// subquery is not correlated, so `pg_locks` (which takes every lock partition's lock to read
+/// the lock table) is read once per statement, not once per row.
 fn live(r: &str) -> String {
     format!(
-        "{r}.ticket IS NOT NULL AND EXISTS (SELECT 1 FROM pg_locks l WHERE \
-         l.locktype = 'advisory' AND l.granted AND l.classid = {TICKET_CLASS} \
-         AND l.objid = {r}.ticket_key AND l.objsubid = 2 AND l.database = {THIS_DATABASE})"
+        "{r}.ticket IS NOT NULL AND {r}.ticket_key::oid IN (SELECT l.objid FROM pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {TICKET_CLASS} \
+         AND l.objsubid = 2 AND l.database = {THIS_DATABASE})"
     )
 }
 
@@ -195,24 +197,28 @@ pub(crate) fn look_sql(me: &str, app: &str) -> String {
 }
 
 /// How long one wait of a queued run blocks in the server before it looks again (`SET LOCAL
-/// lock_timeout`): the same interval as the host queue's look.
-pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(200);
+/// lock_timeout`): the host queue's look interval, or a third of the skip bound when that is
+/// shorter (a waiter must look several times within the bound, or the runs behind it would
+/// take it for stopped), never under 20 ms.
+pub(crate) fn wait_slice(skip_after: Duration) -> Duration {
+    (skip_after / 3).clamp(Duration::from_millis(20), Duration::from_millis(200))
+}
 
-/// Wait (at most [`WAIT_SLICE`]) for the waiter ahead, whose ticket lock is `key`, to leave:
-/// a shared lock, let go of at once — waiters behind one place wait for it together.
-pub(crate) fn wait_ticket_sql(key: i32) -> String {
+/// Wait (at most `slice`) for the waiter ahead, whose ticket lock is `key`, to leave: a shared
+/// lock, let go of at once — waiters behind one place wait for it together.
+pub(crate) fn wait_ticket_sql(key: i32, slice: Duration) -> String {
     format!(
         "SET LOCAL lock_timeout = {}; SELECT pg_advisory_lock_shared({TICKET_CLASS}, {key}); \
          SELECT pg_advisory_unlock_shared({TICKET_CLASS}, {key})",
-        WAIT_SLICE.as_millis()
+        slice.as_millis()
     )
 }
 
-/// The head's wait (at most [`WAIT_SLICE`]) for the app lock `app_key`.
-pub(crate) fn wait_app_sql(app_key: i64) -> String {
+/// The head's wait (at most `slice`) for the app lock `app_key`.
+pub(crate) fn wait_app_sql(app_key: i64, slice: Duration) -> String {
     format!(
         "SET LOCAL lock_timeout = {}; SELECT pg_advisory_lock({app_key})",
-        WAIT_SLICE.as_millis()
+        slice.as_millis()
     )
 }
 
@@ -398,6 +404,19 @@ mod tests {
             all,
             vec![&head, &newest, &a, &behind_a, &behind_a_again, &b]
         );
+    }
+
+    #[test]
+    fn a_waiter_looks_at_least_three_times_within_the_skip_bound() {
+        assert_eq!(
+            wait_slice(Duration::from_secs(60)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            wait_slice(Duration::from_millis(300)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(wait_slice(Duration::ZERO), Duration::from_millis(20));
     }
 
     #[test]

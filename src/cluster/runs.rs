@@ -87,7 +87,7 @@ pub(crate) fn insert_waiting(s: &mut Session, r: &NewRow) -> Result<()> {
          boot_id = EXCLUDED.boot_id, pid = EXCLUDED.pid, pid_start = EXCLUDED.pid_start, \
          state = EXCLUDED.state, grp = EXCLUDED.grp, ci_link = EXCLUDED.ci_link, \
          teardown = EXCLUDED.teardown, fence = NULL, acquired = NULL, heartbeat = now(), \
-         superseded_by = CASE WHEN tether.runs.pid = EXCLUDED.pid \
+         ticket = NULL, ticket_key = NULL, looked = NULL, superseded_by = CASE WHEN tether.runs.pid = EXCLUDED.pid \
          AND tether.runs.pid_start = EXCLUDED.pid_start THEN tether.runs.superseded_by END",
         lit(&r.run_id),
         lit(&r.app),

@@ -8,6 +8,7 @@ use super::{Ctx, Stop};
 use crate::error::Error;
 use crate::output;
 use crate::state::applock::AppLock;
+use crate::state::queue::{Queue, Ticket};
 use crate::state::record::RunRecord;
 use crate::state::rundir::{self, RunDir};
 use crate::state::slots::Slot;
@@ -32,6 +33,8 @@ pub(super) struct Claimed {
     pub(super) queued_noted: bool,
     /// Run ids this run has already asked to cancel (each is signalled once).
     pub(super) cancelled: HashSet<String>,
+    /// The ticket taken as the run arrived, before the claim (`waitline::arrival_ticket`).
+    pub(super) early: Option<(Queue, Ticket)>,
 }
 
 impl Plan {
@@ -46,6 +49,13 @@ impl Plan {
         if let Err(stop) = super::check_funnel(sup, &ctx) {
             return Err(Aborted::from_ctx(ctx, stop));
         }
+        // A busy app: in its queue at once, in arrival order (PROTOCOL §15). Left on any
+        // abort below (the ticket goes with the `Claimed`, or with this frame).
+        let early = match super::waitline::arrival_ticket(&ctx, sup) {
+            Ok(t) => t,
+            Err(stop) => return Err(Aborted::from_ctx(ctx, stop)),
+        };
+        fault_pause("TETHER_FAULT_PAUSE_BEFORE_CLAIM");
         let claim = match rundir::claim(&ctx.runs_dir, &ctx.spec.run_id) {
             Ok(c) => c,
             Err(e) => return Err(Aborted::from_ctx(ctx, Stop::Fail(e))),
@@ -59,6 +69,7 @@ impl Plan {
             slot: None,
             queued_noted: false,
             cancelled: HashSet::new(),
+            early,
         };
         fault_pause("TETHER_FAULT_PAUSE_AFTER_CLAIM");
         match claimed.settle_claim(claim.dead, sup) {
@@ -75,6 +86,9 @@ impl Claimed {
                 // Reaped under our own app lock in step 5.
                 self.own_dead = Some(dead);
             } else {
+                // It waits for that app's lock: never while standing in our app's queue
+                // (PROTOCOL §15, "Why it cannot deadlock"). It queues again afterwards.
+                self.early = None;
                 self.reap_own_dead_of_other_app(dead, sup)?;
             }
         }

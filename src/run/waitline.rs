@@ -6,7 +6,7 @@
 use super::claim::Claimed;
 use super::finish::{announce_acquired, describe_holder};
 use super::waitline_say::Line;
-use super::Stop;
+use super::{Ctx, Stop};
 use crate::config::duration;
 use crate::config::OnBusy;
 use crate::error::Error;
@@ -17,7 +17,7 @@ use crate::state::queue::{
     describe, describe_in_kernel, Entry, Placement, Queue, Ticket, TicketInfo, TicketWait,
 };
 use crate::state::record::LockMeta;
-use crate::state::{record, rundir};
+use crate::state::{lock, record, rundir};
 use crate::sys::safe_fs::Dir;
 use crate::sys::signals::{until, Event, Sig};
 use crate::sys::supervisor::Supervisor;
@@ -66,33 +66,21 @@ impl Claimed {
             return self.acquire_in_cluster(app, sup);
         }
         let started = Instant::now();
-        // Uncontended: a free lock and nobody queued. A free lock with a queue is the queue's.
-        match locks
-            .try_acquire(app)
-            .map_err(|e| lock_failed("app lock", e))?
-        {
-            Attempt::Held(l) => {
-                let queue = locks.queue(app, false).map_err(|e| fail("app queue", e))?;
-                let waiting = match &queue {
-                    Some(q) => q.live().map_err(|e| fail("app queue", e))?.len(),
-                    None => 0,
-                };
-                if waiting == 0 {
-                    return Ok(l);
+        let (queue, ticket) = match self.early.take() {
+            // In the queue since the run began (`arrival_ticket`): now visible as `queued`.
+            Some(taken) => {
+                self.note_queued();
+                taken
+            }
+            None => {
+                if let Some(held) = self.try_uncontended(&locks, app)? {
+                    return Ok(held);
                 }
-                l.release();
-                self.refuse_if_fail(app, &format!("{waiting} runs waiting"))?;
+                // The record first: a newer run of our group verifies us by it (PROTOCOL §15).
+                self.note_queued();
+                self.take_ticket(app, sup)?
             }
-            // The holder is described (a read of /proc/locks) only for the refusal.
-            Attempt::Busy(b) if self.ctx.spec.on_busy == OnBusy::Fail => {
-                let holder = describe_holder(b.holder(), b.holder_pid());
-                self.refuse_if_fail(app, &format!("held by {holder}"))?;
-            }
-            Attempt::Busy(_) => {}
-        }
-        // The record first: a newer run of our group verifies us by it (PROTOCOL §15).
-        self.note_queued();
-        let (queue, ticket) = self.take_ticket(app, sup)?;
+        };
         let mut line = Line::new(app.clone(), self.ctx.spec.wait_progress);
         let mut blocked = Blocked::Nothing;
         // Waits abandoned for a skipped (stopped) waiter ahead: kept so their pipes stay open.
@@ -194,6 +182,39 @@ impl Claimed {
         }
     }
 
+    /// Uncontended: a free lock and nobody queued. A free lock with a queue is the queue's.
+    /// `Ok(None)`: the run queues (unless `--on-busy fail` gave up).
+    fn try_uncontended(
+        &self,
+        locks: &crate::state::applock::AppLocks,
+        app: &Domain,
+    ) -> Result<Option<AppLock>, Stop> {
+        match locks
+            .try_acquire(app)
+            .map_err(|e| lock_failed("app lock", e))?
+        {
+            Attempt::Held(l) => {
+                let queue = locks.queue(app, false).map_err(|e| fail("app queue", e))?;
+                let waiting = match &queue {
+                    Some(q) => q.live().map_err(|e| fail("app queue", e))?.len(),
+                    None => 0,
+                };
+                if waiting == 0 {
+                    return Ok(Some(l));
+                }
+                l.release();
+                self.refuse_if_fail(app, &format!("{waiting} runs waiting"))?;
+            }
+            // The holder is described (a read of /proc/locks) only for the refusal.
+            Attempt::Busy(b) if self.ctx.spec.on_busy == OnBusy::Fail => {
+                let holder = describe_holder(b.holder(), b.holder_pid());
+                self.refuse_if_fail(app, &format!("held by {holder}"))?;
+            }
+            Attempt::Busy(_) => {}
+        }
+        Ok(None)
+    }
+
     /// `--on-busy fail`: give up instead of queueing.
     fn refuse_if_fail(&self, app: &Domain, why: &str) -> Result<(), Stop> {
         if self.ctx.spec.on_busy == OnBusy::Fail {
@@ -204,71 +225,28 @@ impl Claimed {
         Ok(())
     }
 
-    /// Count the queue and take a ticket under the counter's flock (`--max-queue`).
+    /// Count the queue and take a ticket under the counter's flock (`--max-queue`), replacing
+    /// the older runs of our group under `--on-busy cancel-older`.
     fn take_ticket(&mut self, app: &Domain, sup: &mut Supervisor) -> Result<(Queue, Ticket), Stop> {
-        let meta = &self.ctx.record.meta;
-        let info = TicketInfo {
-            run_id: meta.run_id.clone(),
-            pid: meta.pid,
-            pid_start: meta.pid_start,
-            group: self.ctx.spec.group.clone(),
-            since: record::unix_now(),
-        };
-        if self.ctx.spec.max_queue == Some(0) {
-            // Checked before the queue is made: a refused run leaves nothing behind.
-            return Err(Stop::Busy(format!(
-                "app lock {app}: busy and --max-queue 0 — giving up"
-            )));
-        }
-        let open = || {
-            let q = self.ctx.app_locks.queue(app, true);
-            q.map_err(|e| fail("app queue", e))?
-                .ok_or_else(|| fail("app queue", "vanished"))
-        };
-        let mut queue = open()?;
-        loop {
-            let counter = match queue.try_counter() {
-                Ok(c) => c,
-                // The janitor removed the empty queue meanwhile: make it again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    queue = open()?;
-                    continue;
-                }
-                Err(e) => return Err(fail("app queue", e)),
-            };
-            if let Some(counter) = counter {
-                let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
-                if self.ctx.spec.on_busy == OnBusy::CancelOlder {
-                    describe_in_kernel(&mut entries);
-                }
-                let (at, holder, victims) = self.supersede_plan(app, &entries);
-                // The runs we replace are leaving: they do not count.
-                let waiting = entries.len() - victims.len();
-                if let Some(max) = self.ctx.spec.max_queue {
-                    if waiting >= max as usize {
-                        let runs = if waiting == 1 { "run" } else { "runs" };
-                        return Err(Stop::Busy(format!(
-                            "app lock {app}: {waiting} {runs} already waiting (--max-queue \
-                             {max}) — giving up"
-                        )));
-                    }
-                }
-                let ticket = counter
-                    .take(&queue, &info, self.ctx.spec.queue_order, at)
-                    .map_err(|e| fail("app queue", e))?;
-                // Signalled only now: a victim that leaves at once cannot let anyone in before
-                // our ticket stands in its place.
-                if let Some(meta) = holder {
-                    self.cancel_holder(meta);
-                }
-                for (victim, dir) in victims {
-                    self.supersede(&victim, &dir);
-                }
-                return Ok((queue, ticket));
+        let cancel_older = self.ctx.spec.on_busy == OnBusy::CancelOlder;
+        let count =
+            self.ctx.spec.max_queue.is_some() || (cancel_older && self.ctx.spec.group.is_some());
+        let (queue, ticket, (holder, victims)) = numbered(&self.ctx, app, sup, count, |entries| {
+            if cancel_older {
+                describe_in_kernel(entries);
             }
-            let events = sup.wait(Some(RETRY), None);
-            super::act_on(events, &self.ctx)?;
+            let (at, holder, victims) = self.supersede_plan(app, entries);
+            (at, victims.len(), (holder, victims))
+        })?;
+        // Signalled only now: a victim that leaves at once cannot let anyone in before our
+        // ticket stands in its place.
+        if let Some(meta) = holder {
+            self.cancel_holder(meta);
         }
+        for (victim, dir) in victims {
+            self.supersede(&victim, &dir);
+        }
+        Ok((queue, ticket))
     }
 
     /// `--on-busy cancel-older` on arrival (PROTOCOL §15): the older runs of our group we
@@ -381,17 +359,135 @@ impl Claimed {
     }
 }
 
-/// Still the head: no live, unskipped ticket ahead of ours.
-fn is_head(queue: &Queue, ticket: &Ticket, line: &Line) -> Result<bool, Stop> {
-    let mut entries = queue.live().map_err(|e| fail("app queue", e))?;
-    if line.skips_any() {
-        describe(&mut entries);
+/// The ticket of a run that arrives at a busy app (PROTOCOL §15, "Arrival"), taken right
+/// after the plan — before the run dir is claimed, the cgroup made and the spares created — so
+/// that the queue's order is close to the order in which the runs were started, as a plain
+/// `flock` would have them, and not the order in which their start-up happened to finish.
+///
+/// Only for a run that can neither supersede nor be superseded (no group: a superseding run
+/// verifies a queued victim by its record, which exists only once the run dir is claimed), that
+/// would queue anyway (`--on-busy wait` or `cancel-older`, a queue allowed), on this host's
+/// queue (no cluster). `None`: not such a run, or the app is free with nobody queued — the run
+/// then tries the lock once claimed, as before. A run whose claim turns up a dead run of
+/// another app leaves the queue before it waits for that app's lock (`Claimed::settle_claim`).
+pub(super) fn arrival_ticket(
+    ctx: &Ctx,
+    sup: &mut Supervisor,
+) -> Result<Option<(Queue, Ticket)>, Stop> {
+    let spec = &ctx.spec;
+    if ctx.app_locks.is_cluster()
+        || spec.group.is_some()
+        || spec.on_busy == OnBusy::Fail
+        || spec.max_queue == Some(0)
+    {
+        return Ok(None);
     }
-    let me = entries
-        .iter()
-        .position(|e| e.name == ticket.name())
-        .unwrap_or(entries.len());
-    Ok(line.not_skipped(&entries[..me]).is_empty())
+    let app = &spec.app;
+    // A probe, not a take: a free lock is let go at once (the run takes it once claimed).
+    let busy = match lock::open_existing(&ctx.lock_dir, lock::app_lock_name(app)) {
+        Ok(file) => matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        // Never made (or tidied away): free.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(fail("app lock", e)),
+    };
+    if !busy {
+        let queued = match ctx.app_locks.queue(app, false) {
+            Ok(Some(q)) => !q.live().map_err(|e| fail("app queue", e))?.is_empty(),
+            Ok(None) => false,
+            Err(e) => return Err(fail("app queue", e)),
+        };
+        if !queued {
+            return Ok(None);
+        }
+    }
+    let count = spec.max_queue.is_some();
+    let (queue, ticket, ()) = numbered(ctx, app, sup, count, |_| (Placement::Arrival, 0, ()))?;
+    Ok(Some((queue, ticket)))
+}
+
+/// Count the queue and take a ticket under the counter's flock (PROTOCOL §15), retrying the
+/// counter every [`RETRY`] while answering the funnel. `plan` sees the live tickets and says
+/// where ours goes and how many of them are leaving (superseded: not counted for
+/// `--max-queue`), plus what the caller acts on once the ticket stands. `count`: the live
+/// tickets are needed (`--max-queue`, a supersede); otherwise `plan` sees none and the counter
+/// is held only to number the ticket and place it — a handful of calls instead of one open
+/// and try-lock per waiting run, so arrivals seldom find it taken (D83).
+fn numbered<T>(
+    ctx: &Ctx,
+    app: &Domain,
+    sup: &mut Supervisor,
+    count: bool,
+    mut plan: impl FnMut(&mut [Entry]) -> (Placement, usize, T),
+) -> Result<(Queue, Ticket, T), Stop> {
+    let meta = &ctx.record.meta;
+    let info = TicketInfo {
+        run_id: meta.run_id.clone(),
+        pid: meta.pid,
+        pid_start: meta.pid_start,
+        group: ctx.spec.group.clone(),
+        since: record::unix_now(),
+    };
+    if ctx.spec.max_queue == Some(0) {
+        // Checked before the queue is made: a refused run leaves nothing behind.
+        return Err(Stop::Busy(format!(
+            "app lock {app}: busy and --max-queue 0 — giving up"
+        )));
+    }
+    let open = || {
+        let q = ctx.app_locks.queue(app, true);
+        q.map_err(|e| fail("app queue", e))?
+            .ok_or_else(|| fail("app queue", "vanished"))
+    };
+    let mut queue = open()?;
+    loop {
+        let counter = match queue.try_counter() {
+            Ok(c) => c,
+            // The janitor removed the empty queue meanwhile: make it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                queue = open()?;
+                continue;
+            }
+            Err(e) => return Err(fail("app queue", e)),
+        };
+        if let Some(counter) = counter {
+            let mut entries = match count {
+                true => queue.live().map_err(|e| fail("app queue", e))?,
+                false => Vec::new(),
+            };
+            let (at, leaving, then) = plan(&mut entries);
+            // The runs we replace are leaving: they do not count.
+            let waiting = entries.len() - leaving;
+            if let Some(max) = ctx.spec.max_queue {
+                if waiting >= max as usize {
+                    let runs = if waiting == 1 { "run" } else { "runs" };
+                    return Err(Stop::Busy(format!(
+                        "app lock {app}: {waiting} {runs} already waiting (--max-queue \
+                         {max}) — giving up"
+                    )));
+                }
+            }
+            let ticket = counter
+                .take(&queue, &info, ctx.spec.queue_order, at)
+                .map_err(|e| fail("app queue", e))?;
+            return Ok((queue, ticket, then));
+        }
+        let events = sup.wait(Some(RETRY), None);
+        super::act_on(events, ctx)?;
+    }
+}
+
+/// Still the head: no live, unskipped ticket ahead of ours. Only the tickets ahead are looked
+/// at: this runs on the handoff's path, between the grant and the command.
+fn is_head(queue: &Queue, ticket: &Ticket, line: &Line) -> Result<bool, Stop> {
+    let mut ahead = queue
+        .live_before(ticket.name())
+        .map_err(|e| fail("app queue", e))?;
+    if line.skips_any() {
+        describe(&mut ahead);
+    }
+    // A ticket that no longer stands is in nobody's order: not the head (the wait then fails
+    // on it, as it does when the queue is read without it).
+    Ok(ticket.in_place() && line.not_skipped(&ahead).is_empty())
 }
 
 fn wait_on(queue: &Queue, pred: &Entry) -> Result<Blocked, Stop> {

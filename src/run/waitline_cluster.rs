@@ -6,7 +6,7 @@
 //! grant, `--max-queue` counted under the counter lock, supersede in place, the stopped-waiter
 //! skip, and the waiting line with the position.
 //!
-//! Every wait is one slice long ([`queue::WAIT_SLICE`], `lock_timeout` on the server): between
+//! Every wait is one slice long ([`queue::wait_slice`], `lock_timeout` on the server): between
 //! two slices the waiter looks at the queue on its own session — it is seen (`looked`: a
 //! stopped waiter's grows old and the runs behind skip it), learns whether it was superseded,
 //! and says its position. The blocking statements run on a helper thread that only talks to
@@ -22,8 +22,9 @@ use crate::config::duration;
 use crate::config::{OnBusy, QueueOrder};
 use crate::ident::names::Domain;
 use crate::output;
-use crate::state::applock::{AppLock, Attempt, Head, HeadWait};
-use crate::state::cluster_lock::{into_error, key, Spot, TicketWait};
+use crate::state::applock::{AppLock, Attempt};
+use crate::state::cluster_lock::{into_error, key, Spot};
+use crate::state::cluster_wait::{Head, HeadWait, TicketWait};
 use crate::sys::signals::{until, Event};
 use crate::sys::supervisor::Supervisor;
 use std::time::{Duration, Instant};
@@ -191,8 +192,11 @@ impl Claimed {
             .into_iter()
             .chain(queued.iter().map(|e| e.run_id.clone()))
             .collect();
-        let marked = queue::register_write(&mut session, &me, (&spot.ticket, spot.key), &victims)
-            .map_err(queue_failed)?;
+        let mut marked =
+            queue::register_write(&mut session, &me, (&spot.ticket, spot.key), &victims)
+                .map_err(queue_failed)?;
+        // Said in the order they stood: the holder, then the queue.
+        marked.sort_by_key(|v| victims.iter().position(|id| id == &v.run_id));
         // Cancelled only now: a victim that leaves at once cannot let anyone in before our
         // place stands in its place.
         let waiters: Vec<String> = marked
@@ -271,7 +275,7 @@ impl Claimed {
             }
             let blocked = match line.not_skipped(ahead).last() {
                 Some(pred) => Blocked::Ticket(
-                    TicketWait::start(session, pred.ticket_key)
+                    TicketWait::start(session, pred.ticket_key, &spot)
                         .map_err(|e| lock_failed("app queue", e))?,
                 ),
                 None => Blocked::Head(Box::new(

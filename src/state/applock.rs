@@ -5,7 +5,8 @@
 //! fence, *and then* that flock (the order and why it cannot deadlock: PROTOCOL §14, D69–D70).
 //! The run's life cycle does not know which one it holds.
 
-use super::cluster_lock::{ClusterHold, ClusterLocks, ClusterWait, HeadWaited, Spot};
+use super::cluster_lock::{cluster_holder, remote_holder, ClusterHold, ClusterLocks, Spot};
+use super::cluster_wait::{ClusterWait, HeadWait};
 use super::lock::{self, app_lock_name, HeldLock, TryLock, Waiter};
 use super::queue::Queue;
 use super::record::{self, LockMeta};
@@ -251,6 +252,14 @@ impl AppLocks {
 }
 
 impl AppLock {
+    /// The lock a cluster wait got: this host's flock and the cluster hold.
+    pub(super) fn of_cluster(held: HeldLock, hold: ClusterHold) -> AppLock {
+        AppLock {
+            held,
+            cluster: Some(hold),
+        }
+    }
+
     /// Where the lock lives, for messages.
     pub(crate) fn path(&self) -> PathBuf {
         self.held.path()
@@ -341,38 +350,6 @@ impl AppLock {
     }
 }
 
-/// The head of the app's queue on the cluster, waiting one slice for the app (PROTOCOL §15
-/// "Under a cluster").
-pub(crate) struct HeadWait(ClusterWait);
-
-/// How a [`HeadWait`] ended.
-pub(crate) enum Head {
-    /// The app is ours, and the run was still the head.
-    Held(Box<AppLock>),
-    /// Look at the queue again: the session, still holding the run's place.
-    Again(Session),
-}
-
-impl HeadWait {
-    /// Readable once the slice is over.
-    pub(crate) fn ready_fd(&self) -> RawFd {
-        self.0.raw_fd()
-    }
-
-    pub(crate) fn finish(self) -> io::Result<Head> {
-        Ok(match self.0.finish_queued()? {
-            HeadWaited::Held(both) => {
-                let (held, hold) = *both;
-                Head::Held(Box::new(AppLock {
-                    held,
-                    cluster: Some(hold),
-                }))
-            }
-            HeadWaited::Again(session) => Head::Again(session),
-        })
-    }
-}
-
 impl AppLocks {
     /// The head of `app`'s cluster queue (`spot`: its place) waits one slice for the app on
     /// `session`, then for this host's flock. Only for the run's own app on a cluster.
@@ -397,7 +374,7 @@ impl AppLocks {
             (row.clone(), cluster.target.timing),
             spot,
         )?;
-        Ok(HeadWait(wait))
+        Ok(HeadWait::of(wait))
     }
 }
 
@@ -516,33 +493,4 @@ impl WaitingLock {
             }
         }
     }
-}
-
-/// The run holding `app`'s cluster lock, as lock metadata for the waiting line (PROTOCOL §17);
-/// `None` when it cannot be told (no row, a query failure: the line says "unknown").
-fn remote_holder(session: &mut Session, app: &Domain) -> Option<LockMeta> {
-    let (holder, _) = runs::line_of(session, app.as_str(), super::cluster_lock::key(app)).ok()?;
-    let h = holder?;
-    let held = h.held_for.unwrap_or(h.age).max(0.0) as u64;
-    Some(LockMeta {
-        version: record::VERSION,
-        app: h.app,
-        run_id: h.run_id,
-        pid: h.pid,
-        pid_start: h.pid_start,
-        host: h.host,
-        started_at: record::unix_now().saturating_sub(held),
-        state: record::State::Running,
-        run_dir: String::new(),
-        cgroup: None,
-        ci: None,
-        token: None,
-    })
-}
-
-/// The cluster's holder of `app`, looked up on a session of its own (`<run id>.look`, so it is
-/// never taken for the run's own session). `None` on any failure.
-fn cluster_holder(cluster: &ClusterLocks, app: &Domain) -> Option<LockMeta> {
-    let mut s = Session::connect(&cluster.target, &format!("{}.look", cluster.run_id)).ok()?;
-    remote_holder(&mut s, app)
 }

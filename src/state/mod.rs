@@ -2,6 +2,7 @@
 
 pub(crate) mod applock;
 pub(crate) mod cluster_lock;
+pub(crate) mod cluster_wait;
 pub(crate) mod dirs;
 pub(crate) mod heartbeat;
 pub(crate) mod lock;

@@ -200,8 +200,19 @@ impl Queue {
     /// The live tickets in queue order. A ticket whose flock we can take is a dead waiter's:
     /// it is unlinked on the way (identity-checked, while we hold it).
     pub(crate) fn live(&self) -> io::Result<Vec<Entry>> {
+        self.live_where(|_| true)
+    }
+
+    /// The live tickets ahead of the ticket `name` (sorting before it), in queue order: all the
+    /// head check needs, right after the app lock was granted — one open and try-lock per run
+    /// ahead, none for the runs behind (D83).
+    pub(crate) fn live_before(&self, name: &str) -> io::Result<Vec<Entry>> {
+        self.live_where(|n| n < name)
+    }
+
+    fn live_where(&self, wanted: impl Fn(&str) -> bool) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
-        for name in self.ticket_names()? {
+        for name in self.ticket_names()?.into_iter().filter(|n| wanted(n)) {
             let file = match lock::open_existing(&self.dir, &name) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -410,6 +421,11 @@ impl Ticket {
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
+
+    /// Our ticket still stands under its name (nobody removed or replaced it).
+    pub(crate) fn in_place(&self) -> bool {
+        identity_matches(&self.file, &self.dir, &self.name)
+    }
 }
 
 impl Drop for Ticket {
@@ -500,6 +516,40 @@ mod tests {
             left,
             [std::ffi::OsString::from(COUNTER)],
             "no ticket, no tmp file"
+        );
+    }
+
+    #[test]
+    fn the_tickets_ahead_are_those_that_sort_before_ours() {
+        let (_t, q) = queue();
+        let take = |id: &str, order, at| {
+            let counter = q.try_counter().unwrap().unwrap();
+            counter.take(&q, &info(id), order, at).unwrap()
+        };
+        let a = take("a", QueueOrder::OldestFirst, Placement::Arrival);
+        let b = take("b", QueueOrder::OldestFirst, Placement::Arrival);
+        let c = take("c", QueueOrder::OldestFirst, Placement::Arrival);
+        let names = |v: Vec<Entry>| v.into_iter().map(|e| e.name).collect::<Vec<_>>();
+        assert!(q.live_before(a.name()).unwrap().is_empty());
+        assert_eq!(
+            names(q.live_before(c.name()).unwrap()),
+            [a.name(), b.name()]
+        );
+        let h = take("h", QueueOrder::OldestFirst, Placement::Head);
+        let b2 = take(
+            "b2",
+            QueueOrder::OldestFirst,
+            Placement::After(b.name().into()),
+        );
+        assert_eq!(names(q.live_before(a.name()).unwrap()), [h.name()]);
+        assert_eq!(
+            names(q.live_before(c.name()).unwrap()),
+            [h.name(), a.name(), b.name(), b2.name()]
+        );
+        drop(b);
+        assert_eq!(
+            names(q.live_before(c.name()).unwrap()),
+            [h.name(), a.name(), b2.name()]
         );
     }
 
