@@ -69,6 +69,11 @@ fn same_app_runs_never_overlap() {
         .map(|id| (id.to_string(), run(id)))
         .collect();
     wait_app_queue(&sb, app, 3, TIMEOUT);
+    // A run stands in the queue from its arrival (its ticket comes before its run dir claim,
+    // D83) and says its waiting line a moment later: each says it while r0 still holds.
+    for (_, waiter) in &mut waiters {
+        waiter.wait_line("— waiting", TIMEOUT);
+    }
 
     let mut order: Vec<String> = Vec::new();
     for k in 0..4 {
