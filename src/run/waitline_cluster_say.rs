@@ -3,15 +3,13 @@
 //! is ahead, said when the position changes and every interval; and the waiters ahead that have
 //! not looked at the queue for the interval (stopped), skipped until they look again.
 
+use super::waitline_say::{say_line, waiting_for, AHEAD_SHOWN};
 use crate::cluster::queue::{Entry, Holder};
 use crate::config::duration::{self, human_secs};
 use crate::ident::names::Domain;
 use crate::output;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-
-/// Runs named after `ahead:` in the waiting line; more are counted.
-const AHEAD_SHOWN: usize = 3;
 
 pub(super) struct Line {
     app: Domain,
@@ -91,43 +89,19 @@ impl Line {
             ),
             None => "free, being handed over".into(),
         };
-        let mut text = format!(
+        let text = format!(
             "app lock {}: position {position} of {total} — {holder}",
             self.app
         );
-        if !ahead.is_empty() {
-            let mut names: Vec<String> = ahead
-                .iter()
-                .take(AHEAD_SHOWN)
-                .map(|e| {
-                    let skipped = if self.stopped(e) {
-                        ", stopped, skipped"
-                    } else {
-                        ""
-                    };
-                    format!(
-                        "{} (waiting {}{skipped})",
-                        run_of(e),
-                        human_secs(e.waited.max(0.0) as u64)
-                    )
-                })
-                .collect();
-            if ahead.len() > AHEAD_SHOWN {
-                names.push(format!("and {} more", ahead.len() - AHEAD_SHOWN));
-            }
-            text.push_str(&format!("; ahead: {}", names.join(", ")));
-        }
-        text.push_str(" — waiting");
-        output::emit(
-            output::Level::Info,
-            "waiting",
-            &text,
-            &[
-                ("app", self.app.as_str().into()),
-                ("position", position.into()),
-                ("queued", total.into()),
-            ],
-        );
+        let names: Vec<String> = ahead
+            .iter()
+            .take(AHEAD_SHOWN)
+            .map(|e| {
+                let waited = human_secs(e.waited.max(0.0) as u64);
+                waiting_for(&run_of(e), &waited, self.stopped(e))
+            })
+            .collect();
+        say_line(&self.app, text, (&names, ahead.len()), (position, total));
     }
 }
 

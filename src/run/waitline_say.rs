@@ -11,9 +11,6 @@ use crate::state::record::{self, State};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Runs named after `ahead:` in the waiting line; more are counted.
-const AHEAD_SHOWN: usize = 3;
-
 /// The waiting line and what it remembers: the position last said, when to repeat it, and
 /// which waiters ahead were seen stopped since when.
 pub(super) struct Line {
@@ -110,46 +107,63 @@ impl Line {
             }
             _ => "free, being handed over".into(),
         };
-        let mut text = format!(
+        let text = format!(
             "app lock {}: position {position} of {total} — {holder}",
             self.app
         );
-        if !ahead.is_empty() {
-            let now = record::unix_now();
-            let mut names: Vec<String> = ahead
-                .iter()
-                .take(AHEAD_SHOWN)
-                .map(|e| {
-                    let waited = e
-                        .info
-                        .as_ref()
-                        .map(|i| human_secs(now.saturating_sub(i.since)))
-                        .unwrap_or_else(|| "?".into());
-                    let skipped = if self.stopped.get(&e.name).is_some_and(|s| s.1) {
-                        ", stopped, skipped"
-                    } else {
-                        ""
-                    };
-                    format!("{} (waiting {waited}{skipped})", run_of(e))
-                })
-                .collect();
-            if ahead.len() > AHEAD_SHOWN {
-                names.push(format!("and {} more", ahead.len() - AHEAD_SHOWN));
-            }
-            text.push_str(&format!("; ahead: {}", names.join(", ")));
-        }
-        text.push_str(" — waiting");
-        output::emit(
-            output::Level::Info,
-            "waiting",
-            &text,
-            &[
-                ("app", self.app.as_str().into()),
-                ("position", position.into()),
-                ("queued", total.into()),
-            ],
-        );
+        let now = record::unix_now();
+        let names: Vec<String> = ahead
+            .iter()
+            .take(AHEAD_SHOWN)
+            .map(|e| {
+                let waited = e
+                    .info
+                    .as_ref()
+                    .map(|i| human_secs(now.saturating_sub(i.since)))
+                    .unwrap_or_else(|| "?".into());
+                let skipped = self.stopped.get(&e.name).is_some_and(|s| s.1);
+                waiting_for(&run_of(e), &waited, skipped)
+            })
+            .collect();
+        say_line(&self.app, text, (&names, ahead.len()), (position, total));
     }
+}
+
+/// Runs named after `ahead:` in a waiting line; more are counted.
+pub(super) const AHEAD_SHOWN: usize = 3;
+
+/// One run ahead in a waiting line: `run <id> (waiting <t>[, stopped, skipped])`.
+pub(super) fn waiting_for(run: &str, waited: &str, skipped: bool) -> String {
+    let skipped = if skipped { ", stopped, skipped" } else { "" };
+    format!("{run} (waiting {waited}{skipped})")
+}
+
+/// Say a waiting line (CLI-CONTRACT §13): `text` (its beginning, up to the holder), the first
+/// [`AHEAD_SHOWN`] runs ahead named (`names`, of `ahead` in all), `— waiting`.
+pub(super) fn say_line(
+    app: &Domain,
+    mut text: String,
+    (names, ahead): (&[String], usize),
+    (position, total): (usize, usize),
+) {
+    if ahead > 0 {
+        let mut names = names.to_vec();
+        if ahead > AHEAD_SHOWN {
+            names.push(format!("and {} more", ahead - AHEAD_SHOWN));
+        }
+        text.push_str(&format!("; ahead: {}", names.join(", ")));
+    }
+    text.push_str(" — waiting");
+    output::emit(
+        output::Level::Info,
+        "waiting",
+        &text,
+        &[
+            ("app", app.as_str().into()),
+            ("position", position.into()),
+            ("queued", total.into()),
+        ],
+    );
 }
 
 /// `run <id>`, or what is known of a ticket that is not tether's.
