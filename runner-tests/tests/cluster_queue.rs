@@ -813,3 +813,107 @@ fn cluster_max_queue_never_overshoots_when_two_hosts_arrive_together() {
         );
     }
 }
+
+/// Resumes a stopped PostgreSQL backend when dropped (a failing test must not leave the
+/// server unable to stop).
+struct Stopped(nix::unistd::Pid);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Whether a signal `sig` is pending for the whole process `pid` (`ShdPnd` in its status).
+fn signal_pending(pid: i32, sig: nix::sys::signal::Signal) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig as i32 - 1)) != 0)
+}
+
+/// PROTOCOL §15 "Under a cluster", DECISIONS D85: PostgreSQL can grant a waiter the app lock in
+/// the instant its slice's `lock_timeout` fires and still fail the statement (the error path
+/// keeps the grant), and a session-level lock outlives the failed statement. Made to happen on
+/// purpose: W1, the head, is waiting on the app lock when its backend is stopped; W2
+/// (`--queue-order newest-first`) takes the head's place in front of it; the holder ends, so
+/// the server grants the app lock to W1's stopped backend; once the backend's lock timeout is
+/// pending, it is continued — it fails the statement, holding the lock. W1 must see that it
+/// holds the app lock and hand it on (it is no longer the head): W2 runs, then W1. (A W1 that
+/// took the failure at its word kept the app while it waited behind W2, which waited for it:
+/// neither ever ran.)
+#[test]
+fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
+    use nix::sys::signal::{kill, Signal};
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: stopping a PostgreSQL backend (user postgres) needs root");
+        return;
+    }
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let a = host(&sb, "host-a");
+    let app = "granted-late.test";
+    let order = sb.mark("order");
+    let release = sb.mark("release");
+    let mut holder = hold_on(&sb, &a, &cfg, app, &rid(&sb, "H"), &release);
+    let (id1, id2) = (rid(&sb, "W1"), rid(&sb, "W2"));
+    let mut w1 = run_on(&sb, &a, &cfg, app, &id1)
+        .command(note(&order, "W1"))
+        .spawn();
+    wait_until("W1 queued on the server", TIMEOUT, || {
+        pg_queue(&pg, app) == [id1.clone()]
+    });
+    let backend: i32 = pg
+        .psql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = '{id1}'"
+        ))
+        .parse()
+        .expect("W1's backend pid");
+    // Stop the backend while it waits in a slice (one that ended just before the stop is
+    // continued, and the next slice caught).
+    let stopped = loop {
+        wait_until("W1, the head, waits on the app lock", TIMEOUT, || {
+            waits_on_the_app_lock(&pg, &id1)
+        });
+        let pid = nix::unistd::Pid::from_raw(backend);
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP W1's backend");
+        let stopped = Stopped(pid);
+        if waits_on_the_app_lock(&pg, &id1) {
+            break stopped;
+        }
+    };
+    let mut w2 = run_on(&sb, &a, &cfg, app, &id2)
+        .args(["--queue-order", "newest-first"])
+        .command(note(&order, "W2"))
+        .spawn();
+    wait_until("W2 queued in front of W1", TIMEOUT, || {
+        pg_queue(&pg, app) == [id2.clone(), id1.clone()]
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    wait_until(
+        "the app lock granted to W1's stopped backend",
+        TIMEOUT,
+        || {
+            pg.psql(&format!(
+                "SELECT count(*) FROM pg_locks WHERE pid = {backend} AND locktype = 'advisory' \
+             AND granted AND objsubid = 1"
+            )) == "1"
+        },
+    );
+    wait_until("W1's lock timeout pending in its backend", TIMEOUT, || {
+        signal_pending(backend, Signal::SIGALRM)
+    });
+    drop(stopped);
+    let bound = std::time::Duration::from_secs(30);
+    w2.wait_exit(bound).assert_code(0);
+    w1.wait_exit(bound).assert_code(0);
+    assert_eq!(
+        log_lines(&order),
+        ["W2 host-a", "W1 host-a"],
+        "W1 handed the app lock on to the head"
+    );
+}

@@ -56,14 +56,15 @@ pub(crate) struct Entry {
 /// `pg_locks` rows of this database only.
 const THIS_DATABASE: &str = "(SELECT oid FROM pg_database WHERE datname = current_database())";
 
-/// The condition "row `r` holds a live place": a ticket, and its ticket lock granted. The
+/// The condition "row `r` holds a live place": a ticket, and its ticket lock granted (held
+/// exclusively: a waiter behind it holds it shared for an instant once it is let go). The
 /// subquery is not correlated, so `pg_locks` (which takes every lock partition's lock to read
 /// the lock table) is read once per statement, not once per row.
 fn live(r: &str) -> String {
     format!(
         "{r}.ticket IS NOT NULL AND {r}.ticket_key::oid IN (SELECT l.objid FROM pg_locks l \
          WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {TICKET_CLASS} \
-         AND l.objsubid = 2 AND l.database = {THIS_DATABASE})"
+         AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.database = {THIS_DATABASE})"
     )
 }
 
@@ -212,6 +213,41 @@ pub(crate) fn wait_ticket_sql(key: i32, slice: Duration) -> String {
          SELECT pg_advisory_unlock_shared({TICKET_CLASS}, {key})",
         slice.as_millis()
     )
+}
+
+/// This session's granted advisory lock `(classid, objid, objsubid)` in `mode`, as a
+/// `pg_locks` condition.
+fn own_lock(classid: u32, objid: u32, objsubid: u8, mode: &str) -> String {
+    format!(
+        "l.pid = pg_backend_pid() AND l.locktype = 'advisory' AND l.granted \
+         AND l.classid = {classid} AND l.objid = {objid} AND l.objsubid = {objsubid} \
+         AND l.mode = '{mode}'"
+    )
+}
+
+/// After a slice ended by its `lock_timeout`: whether the app lock `app_key` was granted
+/// anyway (DECISIONS D85). PostgreSQL can grant a waiter its lock in the instant the timeout
+/// fires and still fail the statement — the error path keeps the grant — and a session-level
+/// lock outlives the failed statement. A waiter that took the failure at its word would hold
+/// the app unknowingly, and could go on to wait behind a run that waits for it.
+pub(crate) fn granted_anyway(s: &mut Session, app_key: i64) -> Result<bool> {
+    let k = app_key as u64;
+    let held = s.value(&format!(
+        "SELECT count(*) FROM pg_locks l WHERE {}",
+        own_lock((k >> 32) as u32, k as u32, 1, "ExclusiveLock")
+    ))?;
+    Ok(held != "0")
+}
+
+/// [`granted_anyway`] for a wait on the place ahead (ticket lock `key`, shared): a shared lock
+/// granted as the slice ended is let go (the run ahead left — `true`).
+pub(crate) fn left_anyway(s: &mut Session, key: i32) -> Result<bool> {
+    let let_go = s.value(&format!(
+        "SELECT count(pg_advisory_unlock_shared({TICKET_CLASS}, {key})) FROM pg_locks l \
+         WHERE {}",
+        own_lock(TICKET_CLASS as u32, key as u32, 2, "ShareLock")
+    ))?;
+    Ok(let_go != "0")
 }
 
 /// The head's wait (at most `slice`) for the app lock `app_key`.

@@ -101,6 +101,7 @@ impl ClusterWait {
     ) -> io::Result<Self> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let slice = spot.as_ref().map(|s| queue::wait_slice(s.skip_after));
+        let app_key = app.map(key);
         let sql = app.map(|a| {
             if let Some(slice) = slice {
                 queue::wait_app_sql(key(a), slice)
@@ -112,8 +113,13 @@ impl ClusterWait {
             .name("cluster-wait".into())
             .spawn(move || {
                 let mut session = session;
-                let granted = match (&mut session, &sql) {
-                    (Some(s), Some(sql)) => s.execute_bounded(sql).map_err(io_err),
+                let granted = match (&mut session, &sql, app_key) {
+                    (Some(s), Some(sql), Some(k)) => match s.execute_bounded(sql) {
+                        // The slice ended: the lock may have been granted all the same (D85).
+                        Ok(false) => queue::granted_anyway(s, k),
+                        other => other,
+                    }
+                    .map_err(io_err),
                     _ => Ok(true),
                 };
                 // The flock only once the cluster lock is ours: never the other way round.
@@ -218,7 +224,12 @@ impl TicketWait {
         let handle = std::thread::Builder::new()
             .name("cluster-queue".into())
             .spawn(move || {
-                let left = session.execute_bounded(&sql).map_err(io_err);
+                let left = match session.execute_bounded(&sql) {
+                    // The slice ended: the place ahead may have been let go all the same (D85).
+                    Ok(false) => queue::left_anyway(&mut session, key),
+                    other => other,
+                }
+                .map_err(io_err);
                 let _ = nix::unistd::write(&tx, b"x");
                 (session, left)
             })?;
