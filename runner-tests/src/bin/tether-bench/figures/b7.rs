@@ -24,6 +24,9 @@ pub const ABOUT: &str = "\
 pub enum Base {
     Stamp,
     Tether,
+    /// `tether run --app X_w -- flock L stamp ...`: the same tether work outside the lock as
+    /// the queue's runs, only the command ordered by plain flock.
+    FlockInside,
 }
 
 pub struct Trial {
@@ -79,6 +82,15 @@ pub fn b7_trial(
                             Side::Tether => {
                                 let id = format!("b7-{trial}-{w}-{i}");
                                 ctx.tether_run(dirs, log, (app, &id), &[], &stamp)
+                            }
+                            Side::Base if base == Base::FlockInside => {
+                                let (app, id) = (
+                                    format!("b13-w{w}.bench.localhost"),
+                                    format!("b13-{trial}-{w}-{i}"),
+                                );
+                                let mut inner: Vec<OsString> = vec!["flock".into(), os(flock_lock)];
+                                inner.extend(stamp.iter().cloned());
+                                ctx.tether_run(dirs, log, (&app, &id), &[], &inner)
                             }
                             Side::Base if base == Base::Tether => {
                                 let (app, id) = (
