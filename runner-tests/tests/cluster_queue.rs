@@ -834,6 +834,60 @@ fn signal_pending(pid: i32, sig: nix::sys::signal::Signal) -> bool {
         .is_some_and(|mask| mask & (1 << (sig as i32 - 1)) != 0)
 }
 
+/// The pid of the backend of the session named `id` (a run's own session).
+fn backend_of(pg: &Postgres, id: &str) -> i32 {
+    pg.psql(&format!(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = '{id}'"
+    ))
+    .parse()
+    .unwrap_or_else(|e| panic!("the backend of {id}: {e}"))
+}
+
+/// The advisory locks of backend `pid` in `pg_locks`: how many with `objsubid` (1: an app's
+/// key, 2: a ticket lock), `mode`, and granted or not.
+fn backend_locks(pg: &Postgres, pid: i32, objsubid: u8, mode: &str, granted: bool) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory' \
+         AND objsubid = {objsubid} AND mode = '{mode}' AND granted = {granted}"
+    ))
+    .parse()
+    .unwrap_or(usize::MAX)
+}
+
+/// SIGSTOP backend `pid` while it waits in a slice (`waiting()` true before and after the
+/// stop: one whose slice ended just before it is continued, and the next slice caught).
+fn stop_mid_wait(pid: i32, what: &str, waiting: impl Fn() -> bool) -> Stopped {
+    loop {
+        wait_until(what, TIMEOUT, &waiting);
+        let p = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP a backend");
+        let stopped = Stopped(p);
+        if waiting() {
+            return stopped;
+        }
+    }
+}
+
+/// Continue the stopped backend `pid` once the server has granted it a lock (`granted()`) and
+/// its slice's `lock_timeout` is pending (SIGALRM, the earliest of its timers): it then fails
+/// its statement with 55P03 while holding the lock (DECISIONS D85).
+fn continue_granted_as_it_times_out(stopped: Stopped, granted: impl Fn() -> bool) {
+    let pid = stopped.0.as_raw();
+    wait_until("the lock granted to the stopped backend", TIMEOUT, granted);
+    wait_until("the backend's lock timeout pending", TIMEOUT, || {
+        signal_pending(pid, nix::sys::signal::Signal::SIGALRM)
+    });
+    drop(stopped);
+}
+
+fn skip_without_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("SKIPPED: stopping a PostgreSQL backend (user postgres) needs root");
+    }
+    !root
+}
+
 /// PROTOCOL §15 "Under a cluster", DECISIONS D85: PostgreSQL can grant a waiter the app lock in
 /// the instant its slice's `lock_timeout` fires and still fail the statement (the error path
 /// keeps the grant), and a session-level lock outlives the failed statement. Made to happen on
@@ -846,9 +900,7 @@ fn signal_pending(pid: i32, sig: nix::sys::signal::Signal) -> bool {
 /// neither ever ran.)
 #[test]
 fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
-    use nix::sys::signal::{kill, Signal};
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: stopping a PostgreSQL backend (user postgres) needs root");
+    if skip_without_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -866,25 +918,10 @@ fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
     wait_until("W1 queued on the server", TIMEOUT, || {
         pg_queue(&pg, app) == [id1.clone()]
     });
-    let backend: i32 = pg
-        .psql(&format!(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = '{id1}'"
-        ))
-        .parse()
-        .expect("W1's backend pid");
-    // Stop the backend while it waits in a slice (one that ended just before the stop is
-    // continued, and the next slice caught).
-    let stopped = loop {
-        wait_until("W1, the head, waits on the app lock", TIMEOUT, || {
-            waits_on_the_app_lock(&pg, &id1)
-        });
-        let pid = nix::unistd::Pid::from_raw(backend);
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP W1's backend");
-        let stopped = Stopped(pid);
-        if waits_on_the_app_lock(&pg, &id1) {
-            break stopped;
-        }
-    };
+    let backend = backend_of(&pg, &id1);
+    let stopped = stop_mid_wait(backend, "W1, the head, waits on the app lock", || {
+        waits_on_the_app_lock(&pg, &id1)
+    });
     let mut w2 = run_on(&sb, &a, &cfg, app, &id2)
         .args(["--queue-order", "newest-first"])
         .command(note(&order, "W2"))
@@ -894,20 +931,9 @@ fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
     });
     touch(&release);
     holder.wait_exit(TIMEOUT).assert_code(0);
-    wait_until(
-        "the app lock granted to W1's stopped backend",
-        TIMEOUT,
-        || {
-            pg.psql(&format!(
-                "SELECT count(*) FROM pg_locks WHERE pid = {backend} AND locktype = 'advisory' \
-             AND granted AND objsubid = 1"
-            )) == "1"
-        },
-    );
-    wait_until("W1's lock timeout pending in its backend", TIMEOUT, || {
-        signal_pending(backend, Signal::SIGALRM)
+    continue_granted_as_it_times_out(stopped, || {
+        backend_locks(&pg, backend, 1, "ExclusiveLock", true) == 1
     });
-    drop(stopped);
     let bound = std::time::Duration::from_secs(30);
     w2.wait_exit(bound).assert_code(0);
     w1.wait_exit(bound).assert_code(0);
@@ -916,4 +942,76 @@ fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
         ["W2 host-a", "W1 host-a"],
         "W1 handed the app lock on to the head"
     );
+}
+
+/// D85 for a wait on the place ahead: W1 waits (shared) on the ticket lock of W0, the head;
+/// W1's backend is stopped mid-wait; the holder ends, W0 takes the app and leaves the queue, so
+/// the server grants W0's ticket lock to W1's stopped backend; continued once its lock timeout
+/// is pending, the backend fails the statement holding it. W1 must let it go: once W1 waits on
+/// the app lock as the head, its backend holds no shared ticket lock — only its own place's
+/// (a kept one would make W0's ticket look taken for the rest of W1's run). Then W0 and W1 run
+/// in order.
+#[test]
+fn cluster_place_ahead_granted_as_a_slice_times_out_is_let_go() {
+    if skip_without_root() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let pg = Postgres::start();
+    let cfg = write_config(&sb, "cluster.yml", &pg.config_block());
+    let a = host(&sb, "host-a");
+    let app = "left-late.test";
+    let order = sb.mark("order");
+    let (release, release0) = (sb.mark("release"), sb.mark("release-w0"));
+    let mut holder = hold_on(&sb, &a, &cfg, app, &rid(&sb, "H"), &release);
+    let (id0, id1) = (rid(&sb, "W0"), rid(&sb, "W1"));
+    let w0_started = sb.mark("w0-started");
+    let mut w0 = run_on(&sb, &a, &cfg, app, &id0)
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "echo \"W0 $(hostname)\" >> {}; touch {}; {}",
+                shell_quote(&order),
+                shell_quote(&w0_started),
+                sh_wait_for(&shell_quote(&release0))
+            ),
+        ])
+        .spawn();
+    wait_until("W0 queued on the server", TIMEOUT, || {
+        pg_queue(&pg, app) == [id0.clone()]
+    });
+    let mut w1 = run_on(&sb, &a, &cfg, app, &id1)
+        .command(note(&order, "W1"))
+        .spawn();
+    wait_until("W1 queued behind W0", TIMEOUT, || {
+        pg_queue(&pg, app) == [id0.clone(), id1.clone()]
+    });
+    let backend = backend_of(&pg, &id1);
+    let stopped = stop_mid_wait(backend, "W1 waits on W0's place", || {
+        backend_locks(&pg, backend, 2, "ShareLock", false) == 1
+    });
+    touch(&release);
+    holder.wait_exit(TIMEOUT).assert_code(0);
+    wait_file(&w0_started, TIMEOUT);
+    continue_granted_as_it_times_out(stopped, || {
+        backend_locks(&pg, backend, 2, "ShareLock", true) == 1
+    });
+    wait_until("W1 waits on the app lock as the head", TIMEOUT, || {
+        waits_on_the_app_lock(&pg, &id1)
+    });
+    assert_eq!(
+        backend_locks(&pg, backend, 2, "ShareLock", true),
+        0,
+        "W1 let go of W0's ticket lock"
+    );
+    assert_eq!(
+        backend_locks(&pg, backend, 2, "ExclusiveLock", true),
+        1,
+        "W1 holds its own place"
+    );
+    touch(&release0);
+    w0.wait_exit(TIMEOUT).assert_code(0);
+    w1.wait_exit(TIMEOUT).assert_code(0);
+    assert_eq!(log_lines(&order), ["W0 host-a", "W1 host-a"]);
 }
