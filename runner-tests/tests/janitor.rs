@@ -736,8 +736,8 @@ fn run_started_during_a_reap_waits_for_it() {
         .teardown(teardown_logger(&log))
         .command(["sh", "-c", &format!("touch {}", shell_quote(&cmd_started))])
         .spawn();
-    // Blocked in the kernel behind the janitor's flock; under a cluster possibly in
-    // PostgreSQL's queue behind the janitor's cluster lock (D69).
+    // Blocked in the kernel behind the janitor's flock; under a cluster possibly in the
+    // server's queue behind the janitor's cluster lock (D84).
     let waiters = runner_tests::wait_app_waiters(&sb, app, 1, TIMEOUT);
     assert_eq!(waiters, vec![new.wait_core_pid(TIMEOUT)]);
     new.wait_line("— waiting", TIMEOUT);
@@ -1481,7 +1481,7 @@ fn status_shows_holders_waiters_and_run_dirs_without_touching_them() {
         })
         .collect();
     // Both queue (PROTOCOL §15); the head alone waits on the app lock itself. Under a cluster
-    // both wait in PostgreSQL's queue (D69) and nothing waits in the host's lock table.
+    // both wait in the server's queue (D84) and nothing waits in the host's lock table.
     let queue = runner_tests::wait_app_queue(&sb, app, 2, TIMEOUT);
     let cluster = sb.cluster().is_some();
     let waiting = if cluster {

@@ -93,7 +93,7 @@ fn same_app_runs_never_overlap() {
             !order.contains(&holder),
             "{holder} ran twice (log {lines:?})"
         );
-        // Everyone else is queued (PROTOCOL §15; under a cluster in PostgreSQL's queue, D69)
+        // Everyone else is queued (PROTOCOL §15; under a cluster in the server's queue, D84)
         // while `holder` runs, and nobody started.
         if k < 3 {
             wait_app_queue(&sb, app, 3 - k, TIMEOUT);
@@ -481,8 +481,8 @@ fn busy_app_with_on_busy_fail_or_lock_timeout_exits_75_and_runs_nothing() {
             ["counter"]
         );
     } else {
-        // Under a cluster the run waited in PostgreSQL's queue, not the host's (D69): it took
-        // no ticket, and its session left the server's queue when it gave up.
+        // Under a cluster the run waited in the server's queue, not the host's (D84): it took
+        // no host ticket, and its place on the server ended with its session when it gave up.
         assert_eq!(names(&sb.lock_dir()), [format!("app-{app}.lock")]);
         assert_eq!(app_waiters(&sb, app), Vec::<i32>::new(), "still queued");
     }

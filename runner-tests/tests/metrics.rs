@@ -122,7 +122,7 @@ fn prometheus_exposition_shows_a_held_app_its_waiter_a_dead_run_and_the_journal(
     if sb.cluster().is_none() {
         assert_eq!(get(&m, &app("tether_app_waiters", busy)), 1.0);
     } else {
-        // Under a cluster the waiter stands in the server's queue, not the host's (D69): the
+        // Under a cluster the waiter stands in the server's queue, not the host's (D84): the
         // cluster's families count it (CLI-CONTRACT §27).
         assert_eq!(get(&m, &app("tether_cluster_lock_held", busy)), 1.0);
         assert_eq!(get(&m, &app("tether_cluster_waiters", busy)), 1.0);

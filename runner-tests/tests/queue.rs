@@ -194,7 +194,7 @@ fn twenty_waiters_take_the_app_in_arrival_order_under_load() {
 /// stands in the queue from its start, before its run dir is claimed — so the runs are served
 /// in the order they were started, not in the order their start-ups happened to finish. A run
 /// with a group takes its ticket only once its `queued` record exists (a superseding run
-/// verifies a queued one by it). Under a cluster no run takes a host ticket (D69).
+/// verifies a queued one by it). Under a cluster no run takes a host ticket (its place is on the server, D84).
 #[test]
 fn a_run_arriving_at_a_busy_app_is_queued_before_its_run_dir_is_claimed() {
     let sb = Sandbox::new();

@@ -154,8 +154,8 @@ impl AppLocks {
     /// Try once to take the lock of `app` (created if missing). With a cluster: the cluster
     /// lock, then the flock; an unreachable server is an error (class kept: see
     /// [`cluster_lock::into_error`](super::cluster_lock::into_error)). A cluster lock with
-    /// waiters queued for it is busy even between two holders: PostgreSQL does not let a try
-    /// pass its waiters (D69).
+    /// a live place in the app's queue is busy even between two holders: the free lock is the
+    /// queue's head's (D84), and PostgreSQL does not let a try pass a waiting head.
     pub(crate) fn try_acquire(&self, app: &Domain) -> io::Result<Attempt> {
         let busy = |busy| {
             Attempt::Busy(BusyLock {

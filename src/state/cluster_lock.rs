@@ -2,10 +2,10 @@
 //! connection the run's core owns for the whole run, taken **before** the host's `flock` of the
 //! same app, and a fencing token from the sequence `tether.fence` (PROTOCOL.md §14).
 //!
-//! Why the cluster lock comes first (DECISIONS D69): a run waits in PostgreSQL's lock queue
-//! holding nothing of the app, so every waiter of every host stands in one queue, and the
-//! server grants it in arrival order — FIFO across hosts. Taken the other way round, the host's
-//! flock let only one run per host into PostgreSQL's queue at a time.
+//! Why the cluster lock comes first (DECISIONS D69, D84): a run waits in the app's queue on the
+//! server holding nothing of the app, so every waiter of every host stands in one queue, served
+//! in its order. Taken the other way round, the host's flock would let only one run per host
+//! into that queue at a time.
 //!
 //! Why the order cannot deadlock (D70): every cluster run takes the two locks of an app in the
 //! same order (cluster lock, then this host's flock) and holds the locks of one app at a time.
