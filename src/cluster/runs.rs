@@ -356,6 +356,24 @@ pub(crate) fn line_of(s: &mut Session, app: &str, key: i64) -> Result<(Option<Ro
     Ok((holder, waiters))
 }
 
+/// The row of the run holding advisory lock `key` (the session granted it, named after the
+/// run), in one round trip — the waiting line's and `--on-busy fail`'s holder, without the
+/// queue [`line_of`] also reads.
+pub(crate) fn holder_of(s: &mut Session, key: i64) -> Result<Option<Row>> {
+    let k = key as u64;
+    let (hi, lo) = (k >> 32, k & 0xffff_ffff);
+    Ok(select(
+        s,
+        &format!(
+            "{SELECT} WHERE r.run_id IN (SELECT a.application_name FROM pg_locks l \
+             JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' \
+             AND l.granted AND l.objsubid = 1 AND l.classid = {hi} AND l.objid = {lo}) LIMIT 1"
+        ),
+    )?
+    .into_iter()
+    .next())
+}
+
 fn select(s: &mut Session, sql: &str) -> Result<Vec<Row>> {
     Ok(s.rows(sql)?.into_iter().filter_map(parse).collect())
 }

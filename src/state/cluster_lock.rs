@@ -457,8 +457,7 @@ fn hold_of(
 /// The run holding `app`'s cluster lock, as lock metadata for the waiting line (PROTOCOL §17);
 /// `None` when it cannot be told (no row, a query failure: the line says "unknown").
 pub(super) fn remote_holder(session: &mut Session, app: &Domain) -> Option<LockMeta> {
-    let (holder, _) = runs::line_of(session, app.as_str(), key(app)).ok()?;
-    let h = holder?;
+    let h = runs::holder_of(session, key(app)).ok()??;
     let held = h.held_for.unwrap_or(h.age).max(0.0) as u64;
     Some(LockMeta {
         version: record::VERSION,
