@@ -606,6 +606,17 @@ impl Postgres {
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     }
 
+    /// The pid of the server backend of the session named `id` (a run's own session: its
+    /// `application_name` is the run id). Panics unless there is exactly one.
+    pub fn backend_of(&self, id: &str) -> i32 {
+        let text = self.psql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = '{id}'"
+        ));
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("one backend for {id}, got {text:?}"))
+    }
+
     /// Run SQL as the superuser over the unix socket; the rows, `|`-separated, one a line.
     /// Panics when psql fails.
     pub fn psql(&self, sql: &str) -> String {
@@ -687,5 +698,29 @@ impl Drop for Postgres {
                 eprintln!("runner-tests: keeping {}", dir.keep().display());
             }
         }
+    }
+}
+
+/// A server backend stopped with SIGSTOP (a backend that cannot answer, or one caught in the
+/// middle of a lock wait), continued on drop: a failing test never leaves it stopped, nor the
+/// server unable to stop. Signalling a backend of the `postgres` user needs root.
+pub struct StoppedBackend(pub i32);
+
+impl StoppedBackend {
+    pub fn stop(pid: i32) -> StoppedBackend {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
+        StoppedBackend(pid)
+    }
+}
+
+impl Drop for StoppedBackend {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
     }
 }

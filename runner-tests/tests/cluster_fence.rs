@@ -12,11 +12,11 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
+use runner_tests::pg::{StoppedBackend, PASSWORD, PASSWORD_ENV};
 use runner_tests::{
     dir_host, log_lines, pid_alive, read_pids, rid, sh_wait_for, shell_quote, start_lock_holder,
     thread_names, touch, wait_count, wait_some, wait_until, write_config, Postgres, Sandbox,
-    Signal, TIMEOUT,
+    TIMEOUT,
 };
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -85,32 +85,6 @@ fn wait_queued(pg: &Postgres, id: &str) {
             )) == "1"
         },
     );
-}
-
-/// The server backend of the run `id`'s session.
-fn backend_of(pg: &Postgres, id: &str) -> i32 {
-    let text = pg.psql(&format!(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = '{id}'"
-    ));
-    text.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("one backend for {id}, got {text:?}"))
-}
-
-/// A stopped server backend, continued on drop (a failing test never leaves it stopped).
-struct Stopped(i32);
-
-impl Stopped {
-    fn stop(pid: i32) -> Stopped {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP);
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGCONT);
-    }
 }
 
 /// The line prefix every lock-lost line of `app` on `pg` starts with.
@@ -304,9 +278,9 @@ fn fence_a_silent_server_fences_the_holder_in_time_and_the_lock_moves_only_after
 
         // The holder's backend stops answering; the server's kernel still acknowledges, so
         // only the heartbeat's missing answers can tell.
-        let backend = backend_of(&pg, &id_a);
+        let backend = pg.backend_of(&id_a);
         let t0 = now_ns();
-        let stopped = Stopped::stop(backend);
+        let stopped = StoppedBackend::stop(backend);
         run_a.wait_line("lock-lost:", TIMEOUT);
         drop(stopped);
         let done_a = run_a.wait_exit(TIMEOUT);

@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use runner_tests::pg::{PASSWORD, PASSWORD_ENV};
+use runner_tests::pg::{StoppedBackend, PASSWORD, PASSWORD_ENV};
 use runner_tests::{
     log_lines, on_host, rid, run_dirs, sh_wait_for, shell_quote, touch, wait_file, wait_until,
     write_config, Postgres, RunningTether, Sandbox, TetherCmd, TIMEOUT,
@@ -814,16 +814,6 @@ fn cluster_max_queue_never_overshoots_when_two_hosts_arrive_together() {
     }
 }
 
-/// Resumes a stopped PostgreSQL backend when dropped (a failing test must not leave the
-/// server unable to stop).
-struct Stopped(nix::unistd::Pid);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
 /// Whether a signal `sig` is pending for the whole process `pid` (`ShdPnd` in its status).
 fn signal_pending(pid: i32, sig: nix::sys::signal::Signal) -> bool {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -832,15 +822,6 @@ fn signal_pending(pid: i32, sig: nix::sys::signal::Signal) -> bool {
         .find_map(|l| l.strip_prefix("ShdPnd:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (sig as i32 - 1)) != 0)
-}
-
-/// The pid of the backend of the session named `id` (a run's own session).
-fn backend_of(pg: &Postgres, id: &str) -> i32 {
-    pg.psql(&format!(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = '{id}'"
-    ))
-    .parse()
-    .unwrap_or_else(|e| panic!("the backend of {id}: {e}"))
 }
 
 /// The advisory locks of backend `pid` in `pg_locks`: how many with `objsubid` (1: an app's
@@ -856,12 +837,10 @@ fn backend_locks(pg: &Postgres, pid: i32, objsubid: u8, mode: &str, granted: boo
 
 /// SIGSTOP backend `pid` while it waits in a slice (`waiting()` true before and after the
 /// stop: one whose slice ended just before it is continued, and the next slice caught).
-fn stop_mid_wait(pid: i32, what: &str, waiting: impl Fn() -> bool) -> Stopped {
+fn stop_mid_wait(pid: i32, what: &str, waiting: impl Fn() -> bool) -> StoppedBackend {
     loop {
         wait_until(what, TIMEOUT, &waiting);
-        let p = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP a backend");
-        let stopped = Stopped(p);
+        let stopped = StoppedBackend::stop(pid);
         if waiting() {
             return stopped;
         }
@@ -871,8 +850,8 @@ fn stop_mid_wait(pid: i32, what: &str, waiting: impl Fn() -> bool) -> Stopped {
 /// Continue the stopped backend `pid` once the server has granted it a lock (`granted()`) and
 /// its slice's `lock_timeout` is pending (SIGALRM, the earliest of its timers): it then fails
 /// its statement with 55P03 while holding the lock (DECISIONS D85).
-fn continue_granted_as_it_times_out(stopped: Stopped, granted: impl Fn() -> bool) {
-    let pid = stopped.0.as_raw();
+fn continue_granted_as_it_times_out(stopped: StoppedBackend, granted: impl Fn() -> bool) {
+    let pid = stopped.0;
     wait_until("the lock granted to the stopped backend", TIMEOUT, granted);
     wait_until("the backend's lock timeout pending", TIMEOUT, || {
         signal_pending(pid, nix::sys::signal::Signal::SIGALRM)
@@ -918,7 +897,7 @@ fn cluster_app_lock_granted_as_a_slice_times_out_is_not_kept_unknowingly() {
     wait_until("W1 queued on the server", TIMEOUT, || {
         pg_queue(&pg, app) == [id1.clone()]
     });
-    let backend = backend_of(&pg, &id1);
+    let backend = pg.backend_of(&id1);
     let stopped = stop_mid_wait(backend, "W1, the head, waits on the app lock", || {
         waits_on_the_app_lock(&pg, &id1)
     });
@@ -987,7 +966,7 @@ fn cluster_place_ahead_granted_as_a_slice_times_out_is_let_go() {
     wait_until("W1 queued behind W0", TIMEOUT, || {
         pg_queue(&pg, app) == [id0.clone(), id1.clone()]
     });
-    let backend = backend_of(&pg, &id1);
+    let backend = pg.backend_of(&id1);
     let stopped = stop_mid_wait(backend, "W1 waits on W0's place", || {
         backend_locks(&pg, backend, 2, "ShareLock", false) == 1
     });
