@@ -54,12 +54,17 @@ pub fn log_lines(path: &Path) -> Vec<String> {
 /// The run journal's files, which live in the runs dir beside the run dirs (issue 17).
 pub const JOURNAL_FILES: &[&str] = &[".history.jsonl", ".history.jsonl.1"];
 
+/// The runs dir's pool of record inodes (D88): runs move their record files there instead of
+/// deleting them, and take their spares from there.
+pub const SPARE_POOL: &str = ".spares";
+
 /// The run dirs (and anything else left) in a runs dir, sorted: its entries without the run
-/// journal, which every finished run appends to by design.
+/// journal, which every finished run appends to by design, and the spare pool, which every
+/// run that claimed a run dir gives its record files to.
 pub fn run_dirs(runs_dir: &Path) -> Vec<String> {
     names(runs_dir)
         .into_iter()
-        .filter(|n| !JOURNAL_FILES.contains(&n.as_str()))
+        .filter(|n| !JOURNAL_FILES.contains(&n.as_str()) && n != SPARE_POOL)
         .collect()
 }
 

@@ -10,3 +10,4 @@ pub(crate) mod queue;
 pub(crate) mod record;
 pub(crate) mod rundir;
 pub(crate) mod slots;
+pub(crate) mod spares;

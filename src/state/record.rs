@@ -234,7 +234,10 @@ pub(crate) fn write_record_into_spare(
     record: &RunRecord,
 ) -> io::Result<()> {
     let file = dir.open_file(spare, OFlag::O_WRONLY, 0)?;
-    file.write_all_at(&render(record)?, 0)?;
+    let text = render(record)?;
+    file.write_all_at(&text, 0)?;
+    // A spare from the pool (D88) may hold a longer record of an ended run: cut it off.
+    file.set_len(text.len() as u64)?;
     drop(file);
     swap_in(dir, spare).map(|_| ())
 }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::ident::names::RunId;
 use crate::state::lock::{self, HeldLock, TryLock};
 use crate::state::record::{self, RunRecord};
+use crate::state::spares::Pool;
 use crate::sys::safe_fs::{same_file, Dir, ReadError};
 use std::io;
 use std::path::PathBuf;
@@ -48,6 +49,9 @@ pub(crate) struct RunDir {
     spares: std::collections::VecDeque<String>,
     /// How many spares were ever made (the next one's number).
     spares_made: usize,
+    /// The runs dir's pool of record inodes (D88): opened by the first `prepare_spares`;
+    /// `None` before, for adopted dirs, and when the pool cannot be used.
+    pool: Option<Pool>,
 }
 
 /// What claiming found.
@@ -198,6 +202,7 @@ impl RunDir {
             lock: Some(lock),
             spares: Default::default(),
             spares_made: 0,
+            pool: None,
         }
     }
 
@@ -235,11 +240,21 @@ impl RunDir {
     /// Make the spares for the record writes under the app lock, so that no file is created in
     /// the run dir once the run holds the app: inode creation is the slow part of a record
     /// write (DECISIONS D21), and the handoff between two runs of an app waits for two writes.
+    /// A spare comes from the runs dir's pool when it has one (D88: no inode created).
     pub(crate) fn prepare_spares(&mut self, count: usize) -> io::Result<()> {
+        if self.pool.is_none() && self.spares.len() < count {
+            self.pool = Pool::open(&self.runs);
+        }
         while self.spares.len() < count {
             let spare = format!("{SPARE_PREFIX}{}", self.spares_made);
             self.spares_made += 1;
-            record::create_spare(&self.dir, &spare)?;
+            let pooled = self
+                .pool
+                .as_ref()
+                .is_some_and(|p| p.take(&self.dir, &spare));
+            if !pooled {
+                record::create_spare(&self.dir, &spare)?;
+            }
             self.spares.push_back(spare);
         }
         Ok(())
@@ -282,9 +297,15 @@ impl RunDir {
         if let Some(l) = self.lock.take() {
             l.release();
         }
+        // The record files go back to the pool on removal (D88): `run.json` and every spare.
+        let records = std::iter::once(record::RECORD_FILE.to_owned())
+            .chain((0..self.spares_made).map(|n| format!("{SPARE_PREFIX}{n}")))
+            .collect();
         result.map(|()| Retired {
             runs: self.runs.clone(),
             name: retired,
+            records,
+            pool: self.pool.take(),
         })
     }
 
@@ -304,6 +325,9 @@ impl RunDir {
 pub(crate) struct Retired {
     runs: Dir,
     name: String,
+    /// Its record files, for the pool (empty for a dir the run did not prepare itself).
+    records: Vec<String>,
+    pool: Option<Pool>,
 }
 
 impl Retired {
@@ -311,7 +335,17 @@ impl Retired {
         self.runs.join(&self.name)
     }
 
+    /// Delete it; its record files go to the pool first, while it has room (D88).
     pub(crate) fn remove(self) -> io::Result<()> {
+        if let Some(pool) = &self.pool {
+            if let Ok(dir) = self.runs.open_dir(&self.name) {
+                for name in &self.records {
+                    if dir.stat_at(name).is_ok() && !pool.put(&dir, name) {
+                        break;
+                    }
+                }
+            }
+        }
         self.runs.remove_tree(&self.name)
     }
 }

@@ -5,7 +5,22 @@ use std::collections::HashMap;
 
 /// `/proc/<pid>/stat` fields after the command name (which may contain spaces and parens).
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    use std::io::Read;
+    // One read into a buffer the whole line fits in (~300 bytes, a few hundred more at most):
+    // `read_to_string` would stat the file (size 0) and grow its buffer from 32 bytes, six
+    // reads for one line, and a queued run reads a line per run ahead of it.
+    let mut buf = [0u8; 4096];
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
     let close = text.rfind(')')?;
     Some(
         text[close + 1..]

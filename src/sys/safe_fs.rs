@@ -302,6 +302,24 @@ impl Dir {
         .map_err(errno)
     }
 
+    /// `renameat2(RENAME_NOREPLACE)` from this directory into `to_dir`: `EEXIST` instead of
+    /// replacing what is there.
+    pub(crate) fn rename_noreplace(
+        &self,
+        from: impl AsRef<OsStr>,
+        to_dir: &Dir,
+        to: impl AsRef<OsStr>,
+    ) -> io::Result<()> {
+        fcntl::renameat2(
+            self.fd.as_fd(),
+            from.as_ref(),
+            to_dir.fd.as_fd(),
+            to.as_ref(),
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(errno)
+    }
+
     pub(crate) fn unlink(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         unistd::unlinkat(self.fd.as_fd(), name.as_ref(), UnlinkatFlags::NoRemoveDir).map_err(errno)
     }
