@@ -789,3 +789,59 @@ fn reusing_a_dead_run_id_of_the_same_app_reaps_it_once_first() {
 fn reusing_a_dead_run_id_for_another_app_reaps_it_once_first() {
     reusing_a_dead_run_id_reaps_it_first(true);
 }
+
+/// D88: a run gives its record inodes to the runs dir's pool (`.spares/`, 0700) when it retires
+/// its dir, and the next run writes its record into one of them instead of creating an inode;
+/// that record is the new run's alone (nothing of the old one left after it).
+#[test]
+fn record_inodes_are_recycled_through_the_runs_dir_pool() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let sb = Sandbox::new();
+    let app = "pool.example.org";
+    // A long first record (its teardown command), so a shorter one written over it would show.
+    sb.tether_run()
+        .app(app)
+        .teardown(format!("true {}", "x".repeat(2000)))
+        .command(["true"])
+        .run()
+        .assert_code(0);
+    let pool = sb.runs_dir().join(".spares");
+    let meta = fs::metadata(&pool).expect("the pool exists after a run");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    let pooled: Vec<u64> = fs::read_dir(&pool)
+        .expect("listing the pool")
+        .flatten()
+        .map(|e| e.metadata().expect("a pool entry").ino())
+        .collect();
+    // run.json plus the spares of `queued`-less run with a teardown: `running`, `tearing-down`,
+    // `clean`.
+    assert!(pooled.len() >= 3, "pooled: {pooled:?}");
+    assert_eq!(run_dirs(&sb.runs_dir()), Vec::<String>::new());
+
+    let seen = sb.mark("seen");
+    let id = rid(&sb, "second");
+    sb.tether_run()
+        .app(app)
+        .run_id(&id)
+        .command([
+            "sh",
+            "-c",
+            &format!(
+                "stat -c %i \"$TETHER_RUN_DIR/run.json\" > {0}.tmp && cat \"$TETHER_RUN_DIR/run.json\" >> {0}.tmp && mv {0}.tmp {0}",
+                shell_quote(&seen)
+            ),
+        ])
+        .run()
+        .assert_code(0);
+    let text = fs::read_to_string(&seen).expect("the command's note");
+    let (ino, record) = text.split_once('\n').expect("inode, then the record");
+    let ino: u64 = ino.trim().parse().expect("an inode number");
+    assert!(
+        pooled.contains(&ino),
+        "the second run's record {ino} is not one of the pooled inodes {pooled:?}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(record).expect("the whole file is one record, no old tail");
+    assert_eq!(record["run_id"], id.as_str());
+    assert_eq!(record["state"], "running");
+}

@@ -30,18 +30,15 @@ use std::io;
 /// The pool's directory in the runs dir (dot names are never runs: reconcile, janitor and
 /// status skip them).
 pub(crate) const POOL_DIR: &str = ".spares";
-/// How many inodes the pool keeps at most (its slots are named `0` … `63`).
-pub(crate) const SLOTS: usize = 64;
-/// How many slots one take or put tries before it gives up (creates or deletes instead).
-const PROBES: usize = 8;
+/// How many inodes the pool keeps at most (its slots are named `0` … `31`).
+pub(crate) const SLOTS: usize = 32;
 
-/// The pool, open.
+/// The pool, open. Takes and puts both go through the slots from `0` up, so the pooled inodes
+/// gather in the low slots and a take finds one within a few probes (an empty slot costs one
+/// `fstatat`); two runs after the same slot: one wins the rename, the other tries the next.
 #[derive(Debug)]
 pub(crate) struct Pool {
     dir: Dir,
-    /// Where this process starts probing: runs that take and put at the same moment spread
-    /// over the slots instead of all trying slot 0.
-    start: usize,
 }
 
 impl Pool {
@@ -64,17 +61,14 @@ impl Pool {
         if st.st_uid != geteuid().as_raw() || st.st_mode & 0o077 != 0 {
             return None;
         }
-        Some(Pool {
-            dir,
-            start: std::process::id() as usize,
-        })
+        Some(Pool { dir })
     }
 
     /// Move a pooled inode into `into` as `name` (which must not exist). False when the pool
-    /// has none to give in the slots tried.
+    /// has none to give.
     pub(crate) fn take(&self, into: &Dir, name: &str) -> bool {
-        for i in 0..PROBES {
-            let slot = ((self.start + i) % SLOTS).to_string();
+        for slot in 0..SLOTS {
+            let slot = slot.to_string();
             match self.dir.stat_at(&slot) {
                 Ok(st) if usable(&st) => {}
                 Ok(_) => {
@@ -94,14 +88,11 @@ impl Pool {
         false
     }
 
-    /// Move `from`/`name` into a free slot. False when the slots tried are all taken (the
-    /// caller deletes it).
+    /// Move `from`/`name` into the lowest free slot. False when the pool is full (the caller
+    /// deletes it).
     pub(crate) fn put(&self, from: &Dir, name: &str) -> bool {
-        for i in 0..PROBES {
-            // Half the pool away from where this process takes: a run that just took from
-            // there finds the slots it emptied to put back into.
-            let slot = ((self.start + SLOTS / 2 + i) % SLOTS).to_string();
-            match from.rename_noreplace(name, &self.dir, &slot) {
+        for slot in 0..SLOTS {
+            match from.rename_noreplace(name, &self.dir, slot.to_string()) {
                 Ok(()) => return true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(_) => return false,
@@ -150,11 +141,8 @@ mod tests {
         let ino = spare(&a, "run.json", "{}");
         assert!(pool.put(&a, "run.json"));
         assert!(!a.join("run.json").exists());
-        // Another process starts probing elsewhere: it still finds the inode.
-        let other = Pool {
-            dir: pool.dir.clone(),
-            start: pool.start + SLOTS / 2,
-        };
+        // Another process (another `Pool` on the same dir) finds it.
+        let other = Pool::open(&runs).unwrap();
         assert!(other.take(&b, "run.json.spare-0"));
         assert_eq!(
             std::fs::metadata(b.join("run.json.spare-0")).unwrap().ino(),
@@ -169,10 +157,7 @@ mod tests {
     #[test]
     fn the_pool_holds_at_most_its_slots_and_a_full_pool_refuses() {
         let (_t, runs) = runs();
-        let pool = Pool {
-            start: 0,
-            ..Pool::open(&runs).unwrap()
-        };
+        let pool = Pool::open(&runs).unwrap();
         runs.create_dir("a", 0o700).unwrap();
         let a = runs.open_dir("a").unwrap();
         let mut put = 0;
@@ -183,21 +168,25 @@ mod tests {
                 put += 1;
             }
         }
-        // One process probes PROBES slots: it fills those, then refuses.
-        assert_eq!(put, PROBES);
+        assert_eq!(put, SLOTS);
         assert_eq!(
             std::fs::read_dir(runs.join(POOL_DIR)).unwrap().count(),
-            PROBES
+            SLOTS
         );
+        // Taking from a full pool frees the lowest slot, and the next put fills it.
+        runs.create_dir("b", 0o700).unwrap();
+        let b = runs.open_dir("b").unwrap();
+        assert!(pool.take(&b, "spare"));
+        assert!(!runs.join(POOL_DIR).join("0").exists());
+        spare(&a, "again", "x");
+        assert!(pool.put(&a, "again"));
+        assert!(runs.join(POOL_DIR).join("0").exists());
     }
 
     #[test]
     fn a_slot_that_is_not_a_private_single_link_file_is_dropped_never_taken() {
         let (_t, runs) = runs();
-        let pool = Pool {
-            start: 0,
-            ..Pool::open(&runs).unwrap()
-        };
+        let pool = Pool::open(&runs).unwrap();
         let pdir = runs.join(POOL_DIR);
         // Slot 0: a symlink; 1: a hard link to a file elsewhere; 2: world-readable; 3: a dir.
         std::os::unix::fs::symlink("/etc/passwd", pdir.join("0")).unwrap();
