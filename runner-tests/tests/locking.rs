@@ -845,3 +845,37 @@ fn record_inodes_are_recycled_through_the_runs_dir_pool() {
     assert_eq!(record["run_id"], id.as_str());
     assert_eq!(record["state"], "running");
 }
+
+/// D90: a run marks its runs dir `FS_TOPDIR_FL` (`chattr +T`), so ext4 spreads run dirs over its
+/// block groups. Skipped, saying so, where the runs dir's filesystem has no inode flags.
+#[test]
+fn a_run_asks_the_filesystem_to_spread_run_dirs() {
+    use std::os::fd::AsRawFd;
+    const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+    let flags = |dir: &Path| -> Option<libc::c_int> {
+        let f = fs::File::open(dir).ok()?;
+        let mut flags: libc::c_int = 0;
+        // SAFETY: FS_IOC_GETFLAGS writes one int to a live local.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+        (rc == 0).then_some(flags)
+    };
+    let sb = Sandbox::new();
+    let runs = sb.runs_dir();
+    fs::create_dir_all(&runs).expect("making the runs dir");
+    let Some(before) = flags(&runs) else {
+        println!(
+            "SKIPPED: {} has no inode flags (FS_IOC_GETFLAGS)",
+            runs.display()
+        );
+        return;
+    };
+    assert_eq!(before & FS_TOPDIR_FL, 0, "a fresh dir is not marked yet");
+    sb.tether_run()
+        .app("spread.example.org")
+        .command(["true"])
+        .run()
+        .assert_code(0);
+    let after = flags(&runs).expect("flags after the run");
+    assert_ne!(after & FS_TOPDIR_FL, 0, "the runs dir is not marked +T");
+    assert_eq!(after & !FS_TOPDIR_FL, before, "no other flag changed");
+}

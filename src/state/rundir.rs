@@ -123,6 +123,9 @@ pub(crate) fn open_trusted(runs: &Dir, name: &str) -> io::Result<Dir> {
 
 /// Claim `<runs dir>/<id>`: create it (or adopt a dead run's) and take its `run.lock`.
 pub(crate) fn claim(runs: &Dir, id: &RunId) -> Result<Claim> {
+    // Run dirs land in block groups spread over the filesystem, each with few recent
+    // deletions for the next allocation to scan past (ext4 without a journal, D90).
+    runs.spread_subdirs();
     let name = id.as_str();
     let path = path_of(runs, id);
     let patience = std::time::Instant::now() + CLAIM_PATIENCE;

@@ -302,6 +302,26 @@ impl Dir {
         .map_err(errno)
     }
 
+    /// Ask ext2/3/4 to spread this directory's subdirectories over the filesystem's block
+    /// groups (`FS_TOPDIR_FL`, what `chattr +T` sets: the Orlov allocator then treats it as the
+    /// top of a hierarchy). Best effort, and a no-op once set: another filesystem, or a
+    /// directory we may not change, keeps what it has (DECISIONS D90).
+    pub(crate) fn spread_subdirs(&self) {
+        const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+        let fd = self.fd.as_raw_fd();
+        // The kernel reads and writes an `int` for these, whatever the request's encoded size.
+        let mut flags: libc::c_int = 0;
+        // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, to a live local.
+        if unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+            return;
+        }
+        if flags & FS_TOPDIR_FL == 0 {
+            flags |= FS_TOPDIR_FL;
+            // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, from a live local.
+            unsafe { libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags) };
+        }
+    }
+
     /// `renameat2(RENAME_NOREPLACE)` from this directory into `to_dir`: `EEXIST` instead of
     /// replacing what is there.
     pub(crate) fn rename_noreplace(
