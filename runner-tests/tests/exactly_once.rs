@@ -112,6 +112,74 @@ fn core_killed_while_cleaning_up_after_its_teardown_without_cgroup() {
     core_killed_while_cleaning_up_after_its_teardown(false);
 }
 
+/// Item 1 in its narrowest window (D91): the core is SIGKILLed when its record says `clean` but
+/// its lock metadata does not yet, while the teardown's TERM-ignoring leftover still runs. The
+/// next run of the app finds the metadata unclean and the record clean: it runs no second
+/// teardown, and it kills what that teardown left before it removes the run dir. Before D91 it
+/// removed the dir alone, and nothing could find the leftover afterwards (the stress run's one
+/// failure of `core_killed_while_cleaning_up_after_its_teardown_without_cgroup`, whose SIGKILL
+/// can land in this window).
+fn core_killed_between_clean_record_and_clean_metadata(cgroup: bool) {
+    let sb = Sandbox::new();
+    let app = "window.example.org";
+    let id = rid(&sb, "window");
+    let log = sb.mark("td.log");
+    let bg = sb.mark("bg.ready");
+    let pause = sb.mark("pause");
+    let teardown = format!(
+        "{}; {} --ready {} & {}",
+        logger(&log),
+        shell_quote(helper_bin!("ignore-term")),
+        shell_quote(&bg),
+        sh_wait_for(&shell_quote(&bg))
+    );
+    let mut run = run_cmd(&sb, app, &id, cgroup)
+        .teardown(&teardown)
+        .env("TETHER_FAULT_PAUSE_CLEAN_RECORD_BEFORE_META", &pause)
+        .command(["true"])
+        .spawn();
+    let core = run.wait_core_pid(TIMEOUT);
+    let leftover = wait_pids(&bg, TIMEOUT)[0];
+    wait_file(pause.with_extension("waiting"), TIMEOUT);
+    sigkill(core);
+    run.wait_exit(TIMEOUT);
+    assert_eq!(
+        sb.run_record(&id).map(|r| r["state"].clone()),
+        Some("clean".into()),
+        "the record at the pause"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(sb.lock_path(app)).expect("reading the lock metadata"))
+            .expect("lock metadata");
+    assert_ne!(meta["state"], "clean", "the metadata at the pause: {meta}");
+    assert!(pid_alive(leftover), "the leftover died with the core");
+
+    let next = run_cmd(&sb, app, &rid(&sb, "next"), cgroup)
+        .command(["true"])
+        .run();
+    next.assert_code(0);
+    assert!(
+        poll_pid_gone(leftover, TIMEOUT),
+        "the next run left the teardown's leftover alive\n{next}"
+    );
+    assert_eq!(
+        log_lines(&log),
+        [format!("exited {id} {app}")],
+        "a second teardown ran\n{next}"
+    );
+    assert!(!sb.run_dir(&id).exists(), "the run dir stays\n{next}");
+}
+
+#[test]
+fn core_killed_between_clean_record_and_clean_metadata_without_cgroup() {
+    core_killed_between_clean_record_and_clean_metadata(false);
+}
+
+#[test]
+fn core_killed_between_clean_record_and_clean_metadata_with_cgroup() {
+    core_killed_between_clean_record_and_clean_metadata(true);
+}
+
 /// Item 1 at a fault-injection point: the core paused after its teardown command exited 0
 /// (and after its leftovers were killed), before the run dir is retired, and SIGKILLed there.
 /// Lock metadata and record both say `clean`: neither the next run nor the janitor runs the

@@ -236,6 +236,10 @@ fn write_state(dir: &mut RunDir, app_lock: Option<&AppLock>, record: &RunRecord)
             &format!("cannot write {}: {e}", dir.record_path().display()),
         );
     }
+    if record.meta.state == State::Clean {
+        // The record says `clean`, the lock metadata not yet (the suite dies here, D91).
+        crate::sys::fault::fault_pause("TETHER_FAULT_PAUSE_CLEAN_RECORD_BEFORE_META");
+    }
     if let Some(lock) = app_lock {
         write_meta(lock, &record.meta);
     }

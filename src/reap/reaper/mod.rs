@@ -325,6 +325,12 @@ impl Reaper<'_> {
         );
         let state = plan.state;
         if plan.what == Reap::Nothing {
+            // Its record says `clean` but it is dead and named by the lock metadata: it died
+            // after its teardown command, while killing what that left running (or before the
+            // metadata said so). No teardown again, but what carries its marks is killed before
+            // its dir goes, as the janitor does for such a run dir (D91): once the dir is gone
+            // nothing could find them any more.
+            self.kill_leftovers(&dead.meta);
             finish_dir(dead.dir, dead.remove_dir);
             return Ok(());
         }
