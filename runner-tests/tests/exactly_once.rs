@@ -50,6 +50,18 @@ fn janitor(sb: &Sandbox) -> TetherCmd<'_> {
 // ---------------------------------------------------------------------------------------------
 // 1. the double teardown
 
+/// A teardown that logs, then leaves a TERM-ignoring process behind (it writes `bg` once it
+/// runs, and the teardown exits only after that).
+fn teardown_leaving_a_leftover(log: &Path, bg: &Path) -> String {
+    format!(
+        "{}; {} --ready {} & {}",
+        logger(log),
+        shell_quote(helper_bin!("ignore-term")),
+        shell_quote(bg),
+        sh_wait_for(&shell_quote(bg))
+    )
+}
+
 /// Item 1: the core is SIGKILLed after its teardown command exited 0, while it is still
 /// killing what the teardown left (a TERM-ignoring background process holds that window open
 /// for the 2 s grace). The record already says `clean`: the next run of the app does not reap
@@ -61,13 +73,7 @@ fn core_killed_while_cleaning_up_after_its_teardown(cgroup: bool) {
     let id = rid(&sb, "once");
     let log = sb.mark("td.log");
     let bg = sb.mark("bg.ready");
-    let teardown = format!(
-        "{}; {} --ready {} & {}",
-        logger(&log),
-        shell_quote(helper_bin!("ignore-term")),
-        shell_quote(&bg),
-        sh_wait_for(&shell_quote(&bg))
-    );
+    let teardown = teardown_leaving_a_leftover(&log, &bg);
     let mut run = run_cmd(&sb, app, &id, cgroup)
         .teardown(&teardown)
         .command(["true"])
@@ -126,13 +132,7 @@ fn core_killed_between_clean_record_and_clean_metadata(cgroup: bool) {
     let log = sb.mark("td.log");
     let bg = sb.mark("bg.ready");
     let pause = sb.mark("pause");
-    let teardown = format!(
-        "{}; {} --ready {} & {}",
-        logger(&log),
-        shell_quote(helper_bin!("ignore-term")),
-        shell_quote(&bg),
-        sh_wait_for(&shell_quote(&bg))
-    );
+    let teardown = teardown_leaving_a_leftover(&log, &bg);
     let mut run = run_cmd(&sb, app, &id, cgroup)
         .teardown(&teardown)
         .env("TETHER_FAULT_PAUSE_CLEAN_RECORD_BEFORE_META", &pause)

@@ -276,14 +276,7 @@ impl Dir {
 
     /// Swap two entries of this directory atomically (`renameat2(RENAME_EXCHANGE)`).
     pub(crate) fn exchange(&self, a: impl AsRef<OsStr>, b: impl AsRef<OsStr>) -> io::Result<()> {
-        fcntl::renameat2(
-            self.fd.as_fd(),
-            a.as_ref(),
-            self.fd.as_fd(),
-            b.as_ref(),
-            RenameFlags::RENAME_EXCHANGE,
-        )
-        .map_err(errno)
+        self.renameat2(a.as_ref(), self, b.as_ref(), RenameFlags::RENAME_EXCHANGE)
     }
 
     /// `renameat` from this directory into `to_dir` (which may be this one).
@@ -330,14 +323,22 @@ impl Dir {
         to_dir: &Dir,
         to: impl AsRef<OsStr>,
     ) -> io::Result<()> {
-        fcntl::renameat2(
-            self.fd.as_fd(),
+        self.renameat2(
             from.as_ref(),
-            to_dir.fd.as_fd(),
+            to_dir,
             to.as_ref(),
             RenameFlags::RENAME_NOREPLACE,
         )
-        .map_err(errno)
+    }
+
+    fn renameat2(
+        &self,
+        from: &OsStr,
+        to_dir: &Dir,
+        to: &OsStr,
+        flags: RenameFlags,
+    ) -> io::Result<()> {
+        fcntl::renameat2(self.fd.as_fd(), from, to_dir.fd.as_fd(), to, flags).map_err(errno)
     }
 
     pub(crate) fn unlink(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
